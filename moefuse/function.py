@@ -1,0 +1,243 @@
+"""The portable fallback: MoEFFN as a model-local ONNX function of standard ops.
+
+onnxruntime inlines a model-local function when no kernel is registered for its op, so a model
+that carries this function runs in any onnxruntime; with the moefuse library loaded, the
+registered kernel wins. The body is specialized for one node configuration (attributes and which
+optional inputs are present): an ONNX function cannot branch on an attribute string or on the
+absence of an input. Nodes of different configurations in one model get distinct function
+overloads.
+
+The body computes every expert densely on every token, in float32: X [T, D] against all of w1
+at once ([E, T, N1]), the activation, a multiplication by the routing weights (zero for experts
+not chosen) and one [T, E*I] x [E*I, D] product for the down projection and the combine. Weight
+re-layouts (Transpose, Reshape, Cast of initializers) are constant-folded by onnxruntime at
+session creation, so they cost nothing per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .spec import DOMAIN, INPUT_NAMES, OP_TYPE, MoEFFNAttrs, attribute_names
+
+MIN_OPSET = 18
+_F = TensorProto.FLOAT
+_ZERO = helper.make_tensor("zero", _F, [1], [0.0])
+_ONE = helper.make_tensor("one", _F, [1], [1.0])
+
+
+class _Body:
+    """A tiny SSA builder for function bodies."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
+        names = [f"_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
+        self._n += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = f"_const{self._n}"
+        self._n += 1
+        self.nodes.append(helper.make_node(
+            "Constant", [], [name], value=onnx.numpy_helper.from_array(arr, name)))
+        return name
+
+    def ints(self, *values) -> str:
+        return self.const(list(values), np.int64)
+
+
+def config_key(attrs: MoEFFNAttrs, present: Iterable[str]) -> str:
+    """A stable id of a node configuration: what the function body depends on."""
+    text = repr(sorted(attrs.to_onnx().items())) + "|" + ",".join(
+        n for n in INPUT_NAMES if n in set(present))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_OPSET,
+                   overload: str = "") -> onnx.FunctionProto:
+    """The MoEFFN function for one configuration. ``present`` names the inputs the node sets."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the MoEFFN fallback function needs opset >= {MIN_OPSET}, got {opset}")
+    present = set(present)
+    b = _Body()
+    op = b.op
+    in_out = attrs.weight_layout == "in_out"
+
+    def f32(name):
+        return op("Cast", name, to=_F)
+
+    def proj3(name):  # stored [E, a, b] -> float32 [E, in, out]
+        w = f32(name)
+        return w if in_out else op("Transpose", w, perm=[0, 2, 1])
+
+    def proj2(name):  # stored [a, b] -> float32 [in, out]
+        w = f32(name)
+        return w if in_out else op("Transpose", w, perm=[1, 0])
+
+    def glu(h, up):
+        """The expert activation on the first projection h (last axis = features)."""
+        if not attrs.gated:
+            return act(h)
+        if up is None:
+            if attrs.gate_up_layout == "interleaved":
+                gate = op("Slice", h, b.ints(0), b.ints(2**62), b.ints(-1), b.ints(2))
+                up = op("Slice", h, b.ints(1), b.ints(2**62), b.ints(-1), b.ints(2))
+            else:  # halves
+                width = op("Shape", h, start=-1)
+                half = op("Div", width, b.ints(2))
+                gate = op("Slice", h, b.ints(0), half, b.ints(-1))
+                up = op("Slice", h, half, width, b.ints(-1))
+        else:
+            gate = h
+        if attrs.clamp_limit > 0:
+            lim = attrs.clamp_limit
+            gate = op("Min", gate, b.const(lim))
+            up = op("Clip", up, b.const(-lim), b.const(lim))
+        if attrs.up_offset:
+            up = op("Add", up, b.const(attrs.up_offset))
+        return op("Mul", act(gate), up)
+
+    def act(v):
+        name = attrs.activation
+        if name == "silu":
+            z = v if attrs.activation_alpha == 1.0 else op("Mul", v, b.const(attrs.activation_alpha))
+            return op("Mul", v, op("Sigmoid", z))
+        if name == "gelu":
+            e = op("Erf", op("Mul", v, b.const(1.0 / np.sqrt(2.0))))
+            return op("Mul", op("Mul", v, b.const(0.5)), op("Add", e, b.const(1.0)))
+        if name == "gelu_tanh":
+            cube = op("Mul", op("Mul", v, v), v)
+            inner = op("Add", v, op("Mul", cube, b.const(0.044715)))
+            t = op("Tanh", op("Mul", inner, b.const(np.sqrt(2.0 / np.pi))))
+            return op("Mul", op("Mul", v, b.const(0.5)), op("Add", t, b.const(1.0)))
+        if name == "relu":
+            return op("Relu", v)
+        if name == "identity":
+            return v
+        raise ValueError(f"unknown activation '{name}'")
+
+    # ---- tokens as rows ----
+    x = op("Flatten", f32("X"), axis=-1)                     # [T, D]
+
+    # ---- routing: dense weights R [T, E] (zero where not chosen) ----
+    k = b.ints(attrs.k)
+    if attrs.routing == "precomputed":
+        ids = op("Flatten", op("Cast", "topk_ids", to=TensorProto.INT64), axis=-1)   # [T, k]
+        vals = op("Flatten", f32("topk_weights"), axis=-1)
+        experts = op("Shape", "w1", start=0, end=1)
+        zeros = op("ConstantOfShape", op("Concat", op("Shape", x, start=0, end=1), experts, axis=0),
+                   value=_ZERO)
+    else:
+        logits = op("Flatten", f32("router_logits"), axis=-1)  # [T, E]
+        zeros = op("ConstantOfShape", op("Shape", logits),
+                   value=_ZERO)
+        if attrs.routing == "softmax_topk":
+            probs = op("Softmax", logits, axis=-1)
+            vals, ids = op("TopK", probs, k, outputs=2, axis=-1)
+        elif attrs.routing == "topk_softmax":
+            top, ids = op("TopK", logits, k, outputs=2, axis=-1)
+            vals = op("Softmax", top, axis=-1)
+        else:  # sigmoid_topk
+            scores = op("Sigmoid", logits)
+            choice = scores
+            if "selection_bias" in present:
+                choice = op("Add", scores, f32("selection_bias"))
+            if attrs.n_group > 1:
+                choice = _group_limited(b, choice, attrs.n_group, attrs.topk_group)
+            _, ids = op("TopK", choice, k, outputs=2, axis=-1)
+            vals = op("GatherElements", scores, ids, axis=1)
+        if attrs.normalize_topk and attrs.routing != "topk_softmax":
+            vals = op("Div", vals, op("ReduceSum", vals, b.ints(-1), keepdims=1))
+    if attrs.routed_scaling_factor != 1.0:
+        vals = op("Mul", vals, b.const(attrs.routed_scaling_factor))
+    route = op("ScatterElements", zeros, ids, vals, axis=1, reduction="add")       # [T, E]
+    route_e = op("Unsqueeze", op("Transpose", route, perm=[1, 0]), b.ints(-1))     # [E, T, 1]
+
+    # ---- routed experts, dense over E ----
+    if attrs.weight_on_input:
+        ones = op("ConstantOfShape", op("Shape", vals), value=_ONE)
+        chosen = op("ScatterElements", zeros, ids, ones, axis=1, reduction="max")
+        xin = op("Mul", route_e, x)                                                 # [E, T, D]
+        scale_e = op("Unsqueeze", op("Transpose", chosen, perm=[1, 0]), b.ints(-1))
+        combine = chosen
+    else:
+        xin = x
+        scale_e, combine = route_e, route
+    h = op("MatMul", xin, proj3("w1"))                                              # [E, T, N1]
+    if "b1" in present:
+        h = op("Add", h, op("Unsqueeze", f32("b1"), b.ints(1)))
+    up = None
+    if "w3" in present:
+        up = op("MatMul", xin, proj3("w3"))
+        if "b3" in present:
+            up = op("Add", up, op("Unsqueeze", f32("b3"), b.ints(1)))
+    a = op("Mul", glu(h, up), scale_e)                                              # [E, T, I]
+    w2 = proj3("w2")                                                                # [E, I, D]
+    e_times_i = op("ReduceProd", op("Shape", w2, start=0, end=2), keepdims=1)
+    a_rows = op("Reshape", op("Transpose", a, perm=[1, 0, 2]),
+                op("Concat", op("Shape", x, start=0, end=1), e_times_i, axis=0))   # [T, E*I]
+    w2_rows = op("Reshape", w2, op("Concat", e_times_i, op("Shape", w2, start=2), axis=0))
+    y = op("MatMul", a_rows, w2_rows)                                               # [T, D]
+    if "b2" in present:
+        y = op("Add", y, op("MatMul", combine, f32("b2")))
+
+    # ---- shared expert ----
+    if "shared_w1" in present:
+        sh = op("MatMul", x, proj2("shared_w1"))
+        s_up = op("MatMul", x, proj2("shared_w3")) if "shared_w3" in present else None
+        s_out = op("MatMul", glu(sh, s_up), proj2("shared_w2"))
+        if "shared_gate" in present:
+            g = op("Sigmoid", op("MatMul", x, op("Unsqueeze", f32("shared_gate"), b.ints(1))))
+            s_out = op("Mul", s_out, g)
+        y = op("Add", y, s_out)
+
+    y = op("Reshape", y, op("Shape", "X"), allowzero=1)
+    b.nodes.append(helper.make_node("CastLike", [y, "X"], ["Y"]))
+    return helper.make_function(
+        DOMAIN, OP_TYPE, list(INPUT_NAMES), ["Y"], b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(attribute_names()),
+        doc_string=f"moefuse MoEFFN v1 fallback (config {config_key(attrs, present)})",
+        **({"overload": overload} if overload else {}),
+    )
+
+
+def _group_limited(b: _Body, choice: str, n_group: int, topk_group: int) -> str:
+    """Mask to -inf the experts outside the topk_group best groups (see reference._mask_groups)."""
+    op = b.op
+    shape = op("Shape", choice)
+    # Explicit [T, G, E/G] with allowzero=1: onnxruntime would otherwise fold the dims into a
+    # [0, G, -1] that cannot reshape an empty batch.
+    tokens = op("Shape", choice, start=0, end=1)
+    group_size = op("Div", op("Shape", choice, start=1), b.ints(n_group))
+    grouped = op("Reshape", choice, op("Concat", tokens, b.ints(n_group), group_size, axis=0),
+                 allowzero=1)                                                  # [T, G, E/G]
+    top = op("Min", group_size, b.ints(2))
+    best, _ = op("TopK", grouped, top, outputs=2, axis=-1)
+    group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)                 # [T, G]
+    _, keep = op("TopK", group_scores, b.ints(topk_group), outputs=2, axis=-1)
+    gzeros = op("ConstantOfShape", op("Shape", group_scores),
+                value=_ZERO)
+    ones = op("ConstantOfShape", op("Shape", keep), value=_ONE)
+    gmask = op("ScatterElements", gzeros, keep, ones, axis=1)                   # [T, G]
+    emask = op("Reshape", op("Expand", op("Unsqueeze", gmask, b.ints(-1)),
+                             op("Shape", grouped)), shape)                      # [T, E]
+    keep_mask = op("Greater", emask, b.const(0.5))
+    return op("Where", keep_mask, choice, b.const(-np.inf))
+
+
+def opset_of(model: onnx.ModelProto) -> Optional[int]:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None

@@ -1,0 +1,108 @@
+"""The embedded ONNX function, run by stock onnxruntime, against reference.py.
+
+Every trait combination of the spec: routing mode x expert kind x biases x shared expert, for
+[T, D] and [B, S, D] inputs and T in {1, 3, E + 5}.
+"""
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from cases import ALL, D, E, case
+from moefuse import MoEFFNAttrs, make_moeffn_model
+from moefuse.reference import moeffn
+from moefuse.runtime import run
+from moefuse.synthetic import feeds, random_inputs
+
+
+def session(model):
+    onnx.checker.check_model(model, full_check=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def check(attrs, opts, inter, biases, shared, rank, dtype=np.float32, rtol=1e-5, atol=1e-6,
+          experts=E, token_counts=(1, 3, E + 5)):
+    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, D, inter, experts, biases=biases,
+                         shared_inter=8 if shared else 0,
+                         shared_gate=shared and opts.get("shared_gate", False),
+                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=1)
+    sess = session(make_moeffn_model(attrs, base))
+    for t in token_counts:
+        lead = (t,) if rank == 2 else (2, t)
+        fresh = random_inputs(attrs, lead, D, inter, experts, dtype=dtype, seed=100 + t,
+                              selection_bias=False)
+        inputs = dict(base, **feeds(fresh))
+        got = run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        want = moeffn(attrs, **inputs)
+        assert got.shape == want.shape == inputs["X"].shape
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                   rtol=rtol, atol=atol,
+                                   err_msg=f"{attrs} T={t} rank={rank}")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("biases", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("routing,experts", ALL, ids=[f"{r}-{e}" for r, e in ALL])
+def test_trait_matrix_float32(routing, experts, biases, shared):
+    attrs, opts, inter = case(routing, experts)
+    for rank in (2, 3):
+        check(attrs, opts, inter, biases, shared, rank)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-2), (ml_dtypes.bfloat16, 8e-2)],
+                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("precomputed", "relu_plain")])
+def test_half_precision(routing, experts, dtype, tol):
+    # The reference upcasts to float32 and rounds once at the end; the fallback does the same,
+    # so the outputs agree to the output type's precision (a few ulps of the rounding).
+    attrs, opts, inter = case(routing, experts)
+    check(attrs, opts, inter, True, True, 2, dtype=dtype, rtol=tol, atol=tol)
+
+
+def test_k_equals_e():
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves", k=E)
+    check(attrs, opts, inter, True, True, 2)
+
+
+def test_single_expert():
+    attrs = MoEFFNAttrs(k=1)
+    check(attrs, {}, 8, True, False, 2, experts=1)
+    check(attrs.replace(routing="sigmoid_topk"), {}, 8, False, True, 3, experts=1)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_empty_batch(rank):
+    attrs, opts, inter = case("sigmoid_grouped", "swiglu_halves")
+    inputs = random_inputs(attrs, (1, 2) if rank == 3 else 2, D, inter, E, selection_bias=True)
+    sess = session(make_moeffn_model(attrs, inputs))
+    empty = {n: a[:, :0] if rank == 3 else a[:0] for n, a in feeds(inputs).items()}
+    got = sess.run(None, empty)[0]
+    assert got.shape == empty["X"].shape
+    assert moeffn(attrs, **dict(inputs, **empty)).shape == empty["X"].shape
+
+
+def test_two_configurations_in_one_model_use_overloads():
+    from onnx import helper
+
+    from moefuse import add_moeffn
+
+    a1, a2 = MoEFFNAttrs(k=2), MoEFFNAttrs(k=3, activation="gelu")
+    inputs = random_inputs(a1, 5, D, 8, E)
+    model = make_moeffn_model(a1, inputs)
+    model.graph.value_info.append(helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT,
+                                                                ["T", D]))
+    model.graph.output[0].name = "Z"
+    add_moeffn(model, {n: ("Y" if n == "X" else n) for n in inputs}, "Z", a2, name="second")
+    assert len({f.overload for f in model.functions}) == 2
+    got = session(model).run(None, feeds(inputs))[0]
+    weights = {n: a for n, a in inputs.items() if n != "X"}
+    want = moeffn(a2, moeffn(a1, **inputs), **weights)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
