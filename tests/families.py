@@ -53,69 +53,72 @@ def _linear_logits(weight, bias=None):
     return lambda x: x @ w.T + (0 if b is None else b)
 
 
-def mixtral(seed=0):
+def mixtral(seed=0, impl="eager"):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     cfg = MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=6,
-                        num_experts_per_tok=2)
+                        num_experts_per_tok=2, experts_implementation=impl)
     return _randomize(MixtralSparseMoeBlock(cfg), seed)
 
 
-def qwen3_moe(seed=0):
+def qwen3_moe(seed=0, impl="eager"):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     cfg = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
-                         num_experts_per_tok=3, norm_topk_prob=True)
+                         num_experts_per_tok=3, norm_topk_prob=True,
+                         experts_implementation=impl)
     return _randomize(Qwen3MoeSparseMoeBlock(cfg), seed)
 
 
-def olmoe(seed=0):
+def olmoe(seed=0, impl="eager"):
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
     cfg = OlmoeConfig(hidden_size=32, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=False)
+                      norm_topk_prob=False, experts_implementation=impl)
     return _randomize(OlmoeSparseMoeBlock(cfg), seed)
 
 
-def qwen2_moe(seed=0):
+def qwen2_moe(seed=0, impl="eager"):
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     cfg = Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6,
                          num_experts_per_tok=2, shared_expert_intermediate_size=24,
-                         norm_topk_prob=False)
+                         norm_topk_prob=False, experts_implementation=impl)
     return _randomize(Qwen2MoeSparseMoeBlock(cfg), seed)
 
 
-def gpt_oss(seed=0):
+def gpt_oss(seed=0, impl="eager"):
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
     cfg = GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4,
-                       num_experts_per_tok=2)
+                       num_experts_per_tok=2, experts_implementation=impl)
     module = _randomize(GptOssMLP(cfg), seed)
     return module
 
 
-def deepseek_v3(seed=0):
+def deepseek_v3(seed=0, impl="eager"):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     cfg = DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
                            num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
-                           routed_scaling_factor=2.5, norm_topk_prob=True)
+                           routed_scaling_factor=2.5, norm_topk_prob=True,
+                           experts_implementation=impl)
     return _randomize(DeepseekV3MoE(cfg), seed)
 
 
-def llama4(seed=0):
+def llama4(seed=0, impl="eager"):
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     cfg = Llama4TextConfig(hidden_size=32, intermediate_size=16, intermediate_size_mlp=24,
-                           num_local_experts=4, num_experts_per_tok=1)
+                           num_local_experts=4, num_experts_per_tok=1,
+                           experts_implementation=impl)
     return _randomize(Llama4TextMoe(cfg), seed)
 
 

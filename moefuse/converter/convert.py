@@ -1,0 +1,251 @@
+"""Convert a model: find candidates, lift and verify each, rewrite the ones that verified."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..builder import attach_functions, make_node
+from ..function import MIN_OPSET, opset_of
+from ..spec import MoEFFNAttrs, validate_arrays
+from .graph import GraphIndex
+from .lift import Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, region_nodes
+from .region import Candidate, NearMiss, find_candidates
+from .verify import probes as run_probes
+
+MAX_HYPOTHESES = 4000
+
+
+@dataclass
+class Block:
+    """One MoE block found in a model: lifted and verified, or refused (a near miss)."""
+
+    name: str
+    converted: bool
+    reason: str = ""
+    attrs: Optional[MoEFFNAttrs] = None
+    experts: int = 0
+    hidden: int = 0
+    inter: int = 0
+    x: str = ""
+    logits: str = ""
+    output: str = ""
+    nodes_removed: int = 0
+    weights_reused: int = 0
+    weights_relaid: int = 0
+    max_error: Optional[float] = None
+    traits: list = field(default_factory=list)
+    # private to the rewrite
+    _hypothesis: Optional[Hypothesis] = field(default=None, repr=False)
+    _region: list = field(default_factory=list, repr=False)
+    _flatten_output: bool = field(default=False, repr=False)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        out["attrs"] = None if self.attrs is None else dataclasses.asdict(self.attrs)
+        return out
+
+
+def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
+    t = [attrs.routing + ("" if attrs.routing in ("topk_softmax", "precomputed")
+                          else ("+norm" if attrs.normalize_topk else ""))]
+    t.append(f"k={attrs.k}")
+    if attrs.n_group > 1:
+        t.append(f"groups {attrs.topk_group}/{attrs.n_group}")
+    if "selection_bias" in operands:
+        t.append("selection bias")
+    if attrs.routed_scaling_factor != 1.0:
+        t.append(f"scale {attrs.routed_scaling_factor:g}")
+    act = attrs.activation + ("" if attrs.activation_alpha == 1.0 else f"(α={attrs.activation_alpha:g})")
+    t.append(f"{'gated ' + act + ' ' + attrs.gate_up_layout if attrs.gated else act}")
+    if attrs.clamp_limit:
+        t.append(f"clamp {attrs.clamp_limit:g}")
+    if attrs.up_offset:
+        t.append(f"up+{attrs.up_offset:g}")
+    if "b1" in operands or "b2" in operands:
+        t.append("expert biases")
+    if "shared_w1" in operands:
+        t.append("shared expert" + (" (gated)" if "shared_gate" in operands else ""))
+    if attrs.weight_on_input:
+        t.append("weight on input")
+    return t
+
+
+def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
+    """Try the candidate's possible outputs, latest first; return the first that verifies."""
+    reasons = []
+    for end in cand.ends:
+        nodes = region_nodes(g, cand, end)
+        try:
+            probes = run_probes(g, cand, end)
+        except Exception as exc:  # noqa: BLE001 - a block that does not run on its own
+            reasons.append(f"{end}: the block does not run on its own ({_short(exc)})")
+            continue
+        if probes[0].y.size != probes[0].x.size:
+            reasons.append(f"{end}: output size differs from the block input's")
+            continue
+        scales = [s for s in _scalars(block_constants(g, nodes)) if s > 0]
+        best = None
+        tried = 0
+        try:
+            for h in hypotheses(g, cand, nodes):
+                tried += 1
+                if tried > MAX_HYPOTHESES:
+                    break
+                ok, detail, h2 = check(h, probes, scales)
+                if ok:
+                    best = (h2, detail)
+                    break
+        except Refusal as exc:
+            reasons.append(str(exc))
+            continue
+        if best is None:
+            reasons.append(f"{end}: none of {tried} readings of the block matches its output "
+                           f"when run")
+            continue
+        h, detail = best
+        arrays = {n: op.array() for n, op in h.operands.items()}
+        size = validate_arrays(h.attrs, {"X": probes[0].x, "router_logits": probes[0].logits,
+                                         **arrays})
+        err = max(_rel_err(h, p, arrays) for p in probes)
+        block = Block(name=cand.name, converted=True, attrs=h.attrs, experts=size.experts,
+                      hidden=size.hidden, inter=size.inter, x=cand.x, logits=cand.logits,
+                      output=end, max_error=err, traits=traits_of(h.attrs, h.operands),
+                      _hypothesis=h, _region=nodes)
+        block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
+        block.weights_relaid = sum(1 for op in h.operands.values() if not op.reused)
+        block._flatten_output = probes[0].y.ndim != probes[0].x.ndim
+        return block
+    return Block(name=cand.name, converted=False, reason="; ".join(reasons) or "no candidate output",
+                 x=cand.x, logits=cand.logits, experts=cand.experts, hidden=cand.hidden or 0)
+
+
+def _rel_err(h, p, arrays) -> float:
+    from ..reference import moeffn
+
+    ref = moeffn(h.attrs, p.x, p.logits, **arrays).astype(np.float32)
+    y = p.y.reshape(ref.shape).astype(np.float32)
+    return float(np.max(np.abs(ref - y)) / (np.max(np.abs(y)) + 1e-30)) if y.size else 0.0
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:200]
+
+
+def analyze(model: onnx.ModelProto, base_dir: str = "",
+            progress: Optional[Callable[[str], None]] = None) -> tuple[GraphIndex, list[Block]]:
+    """Find and verify every MoE block; the model is not changed."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - keep going with the declared shapes
+        inferred = model
+    g = GraphIndex(inferred, base_dir)
+    blocks = []
+    found = list(find_candidates(g))
+    for n, cand in enumerate(found):
+        if isinstance(cand, NearMiss):
+            blocks.append(Block(name=cand.where, converted=False, reason=cand.reason))
+            continue
+        if progress:
+            progress(f"block {n + 1}/{len(found)}: {cand.name}")
+        blocks.append(lift_candidate(g, cand))
+    return g, blocks
+
+
+def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block]) -> onnx.ModelProto:
+    """Replace every converted block by one MoEFFN node. Unrelated nodes are untouched."""
+    opset = opset_of(model)
+    if opset is None or opset < MIN_OPSET:
+        raise Refusal(f"the model imports opset {opset}; converted models need opset >= "
+                      f"{MIN_OPSET} for the embedded MoEFFN function")
+    nodes = list(g.nodes)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    removed: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    used_names = set(g.producer) | set(g.initializers) | g.graph_inputs
+    for b in blocks:
+        if not b.converted:
+            continue
+        h = b._hypothesis
+        node_name = _unique(f"{b.name or 'moe'}/MoEFFN", used_names)
+        inputs = {"X": b.x}
+        if h.attrs.routing != "precomputed":
+            inputs["router_logits"] = b.logits
+        for name, op in h.operands.items():
+            if op.reused:
+                inputs[name] = op.ref.tensor
+            else:
+                tensor_name = _unique(f"{node_name}.{name}", used_names)
+                from ..builder import tensor_from_array
+
+                new_inits.append(tensor_from_array(op.array(), tensor_name))
+                inputs[name] = tensor_name
+        out = b.output
+        new_nodes = []
+        if b._flatten_output:
+            tmp = _unique(f"{node_name}/Y", used_names)
+            new_nodes.append(make_node(inputs, tmp, h.attrs, node_name))
+            new_nodes.append(helper.make_node("Flatten", [tmp], [out], axis=-1,
+                                              name=f"{node_name}/Flatten"))
+        else:
+            new_nodes.append(make_node(inputs, out, h.attrs, node_name))
+        producer = g.producer[out]
+        replace[producer] = new_nodes
+        region = set(b._region)
+        dead = _dead_after(g, region, producer, keep_inputs=set(inputs.values()))
+        removed |= dead
+        b.nodes_removed = len(dead)
+    out_nodes = []
+    for i, node in enumerate(nodes):
+        if i in replace:
+            out_nodes.extend(replace[i])
+        elif i not in removed:
+            out_nodes.append(node)
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.node[:]
+    result.graph.node.extend(out_nodes)
+    consumed = {t for n in out_nodes for t in n.input} | g.graph_outputs
+    kept = [t for t in result.graph.initializer if t.name in consumed or t.name in g.graph_inputs]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
+    result.graph.initializer.extend(new_inits)
+    produced = {o for n in out_nodes for o in n.output}
+    kept_vi = [v for v in result.graph.value_info if v.name in produced]
+    del result.graph.value_info[:]
+    result.graph.value_info.extend(kept_vi)
+    attach_functions(result)
+    return result
+
+
+def _dead_after(g: GraphIndex, region: set[int], producer: int, keep_inputs: set[str]) -> set[int]:
+    """Region nodes left with no consumer once ``producer`` is replaced."""
+    dead = {producer}
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(region, reverse=True):
+            if i in dead:
+                continue
+            outs = [o for o in g.nodes[i].output if o]
+            if any(o in g.graph_outputs or o in keep_inputs for o in outs):
+                continue
+            if all(c in dead for o in outs for c in g.consumers.get(o, [])):
+                dead.add(i)
+                changed = True
+    return dead
+
+
+def _unique(name: str, used: set) -> str:
+    out, n = name, 1
+    while out in used:
+        n += 1
+        out = f"{name}_{n}"
+    used.add(out)
+    return out

@@ -1,0 +1,421 @@
+"""Lifting a candidate block to MoEFFN: hypotheses from the block's constants, proof by execution.
+
+The block's constants say which tensors can be expert weights (rank-3 stacks whose first dim is
+E), biases ([E, n]), a selection bias ([E] on the routing path), a shared expert (matrices
+multiplied with X outside the routing), and scalars (clamp limits, alpha, scaling factors). The
+ops on the path from the logits to the top-k and in the experts narrow the routing mode and the
+activation. Every consistent reading is a hypothesis; the block itself is run in onnxruntime on
+random inputs and the first hypothesis whose reference output matches is the lifted node.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..reference import moeffn
+from ..spec import MoEFFNAttrs, MoEFFNError, validate_arrays
+from .graph import GraphIndex, np_dtype, to_array
+from .region import Candidate
+
+
+@dataclass
+class ConstRef:
+    """A constant the block reads: its graph tensor and, when it is one, the initializer."""
+
+    tensor: str
+    first_use: int
+    consumer: onnx.NodeProto
+    g: GraphIndex = field(repr=False)
+    _value: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def shape(self):
+        return tuple(self.g.shapes.get(self.tensor) or self.value().shape)
+
+    @property
+    def initializer(self) -> Optional[str]:
+        return self.tensor if self.tensor in self.g.initializers else None
+
+    def value(self) -> np.ndarray:
+        if self._value is None:
+            if self.tensor in self.g.initializers:
+                self._value = self.g.read_initializer(self.tensor)
+            else:
+                self._value = evaluate_constant(self.g, self.tensor)
+        return self._value
+
+
+@dataclass
+class Operand:
+    """One MoEFFN input in a hypothesis: a constant, transposed (last two axes) or not."""
+
+    ref: ConstRef
+    swap: bool = False
+    reshape: Optional[tuple] = None
+
+    def array(self) -> np.ndarray:
+        a = self.ref.value()
+        if self.swap:
+            a = np.swapaxes(a, -1, -2)
+        if self.reshape is not None:
+            a = a.reshape(self.reshape)
+        return np.ascontiguousarray(a)
+
+    @property
+    def reused(self) -> bool:
+        return self.ref.initializer is not None and not self.swap and self.reshape is None
+
+
+@dataclass
+class Hypothesis:
+    attrs: MoEFFNAttrs
+    operands: dict  # input name -> Operand
+
+
+def evaluate_constant(g: GraphIndex, tensor: str) -> np.ndarray:
+    """Value of a tensor computed from constants only (e.g. Transpose of an initializer)."""
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = sorted(g.ancestors([tensor]))
+    needed = {i for n in nodes for i in g.nodes[n].input if i in g.initializers}
+    inits = [_loaded(g, name) for name in sorted(needed)]
+    graph = helper.make_graph([g.nodes[i] for i in nodes], "const", [],
+                              [helper.make_tensor_value_info(tensor, 0, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=g.model.opset_import,
+                              ir_version=g.model.ir_version)
+    return ReferenceEvaluator(model).run(None, {})[0]
+
+
+def _loaded(g: GraphIndex, name: str) -> onnx.TensorProto:
+    init = g.initializers[name]
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        from .graph import _load_external
+
+        return _load_external(init, g.base_dir)
+    return init
+
+
+# ---------------------------------------------------------------------------------------------
+# the block's region and its constants
+
+
+def region_nodes(g: GraphIndex, cand: Candidate, end: str) -> list[int]:
+    """Nodes computing ``end`` from the block input, minus the router projection."""
+    block = g.ancestors([end], stop=[cand.x])
+    router = g.ancestors([cand.logits], stop=[cand.x])
+    return sorted(block - router)
+
+
+def block_constants(g: GraphIndex, nodes: list[int]) -> list[ConstRef]:
+    refs: dict[str, ConstRef] = {}
+    inside = set(nodes)
+    for i in nodes:
+        node = g.nodes[i]
+        for t in node.input:
+            if not t or t in refs or not g.is_constant(t):
+                continue
+            producer = g.producer.get(t)
+            if producer is not None and producer in inside:
+                continue
+            refs[t] = ConstRef(t, i, node, g)
+    return sorted(refs.values(), key=lambda r: r.first_use)
+
+
+def _scalars(refs: list[ConstRef]) -> list[float]:
+    out = []
+    for r in refs:
+        shape = r.shape
+        if int(np.prod(shape, dtype=np.int64)) == 1:
+            v = r.value()
+            if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16":
+                f = float(np.asarray(v, dtype=np.float32).reshape(-1)[0])
+                if np.isfinite(f) and f not in out:
+                    out.append(f)
+    return out
+
+
+def _ops(g: GraphIndex, nodes) -> set[str]:
+    return {g.nodes[i].op_type for i in nodes}
+
+
+# ---------------------------------------------------------------------------------------------
+# hypotheses
+
+
+def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hypothesis]:
+    E, D = cand.experts, cand.hidden
+    refs = block_constants(g, nodes)
+    routing_set = cand.routing_nodes
+    expert_nodes = [i for i in nodes if i not in routing_set]
+    ops_routing = _ops(g, routing_set)
+    ops_experts = _ops(g, expert_nodes)
+    scalars = _scalars(refs)
+
+    stacks = [r for r in refs if len(r.shape) == 3 and r.shape[0] == E]
+    biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E and r not in stacks]
+    sel_bias = [r for r in refs if r.shape == (E,) and r.first_use in routing_set]
+    shared_mats = [r for r in refs if len(r.shape) == 2 and r not in biases
+                   and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
+                   and _is_b_operand(r)]
+
+    if len(stacks) not in (2, 3):
+        raise Refusal(f"expected 2 or 3 stacked expert weight tensors [E={E}, ., .] in the "
+                      f"block, found {len(stacks)}" +
+                      (f": {', '.join(f'{r.tensor} {list(r.shape)}' for r in stacks)}" if stacks
+                       else ""))
+
+    k = _topk_k(g, cand)
+    routings = list(_routing_options(g, cand, ops_routing, scalars, sel_bias))
+    experts = list(_expert_options(stacks, biases, ops_experts, scalars, D))
+    shared = list(_shared_options(shared_mats, D))
+    for (r_attrs, r_ops), (e_attrs, e_ops), (s_layout, s_ops), woi in itertools.product(
+            routings, experts, shared, (0, 1)):
+        if woi and k != 1 and r_attrs.get("routing") != "sigmoid_topk":
+            continue
+        attrs = MoEFFNAttrs(k=k, weight_on_input=woi, **r_attrs, **e_attrs)
+        operands = {**r_ops, **e_ops}
+        for name, (ref, orient) in s_ops.items():
+            want = attrs.weight_layout
+            if name == "shared_gate":
+                operands[name] = Operand(ref, reshape=(D,))
+            else:
+                operands[name] = Operand(ref, swap=(orient != want))
+        yield Hypothesis(attrs, operands)
+
+
+class Refusal(Exception):
+    """A candidate the lifter cannot read; the message is the near-miss reason."""
+
+
+def _is_b_operand(r: ConstRef) -> bool:
+    return len(r.consumer.input) > 1 and r.consumer.input[1] == r.tensor
+
+
+def _orientation(r: ConstRef) -> str:
+    """How a 2-D weight is stored relative to its product: in_out for x @ W."""
+    node = r.consumer
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        return "out_in"
+    return "in_out"
+
+
+def _topk_k(g: GraphIndex, cand: Candidate) -> int:
+    node = g.nodes[cand.anchor]
+    if node.op_type == "ArgMax":
+        return 1
+    k = g.constant_value(node.input[1])
+    if k is None:
+        raise Refusal("the router's top-k has a K that is not a constant")
+    return int(np.asarray(k).reshape(-1)[0])
+
+
+def _routing_options(g, cand, ops, scalars, sel_bias):
+    """Routing readings, most likely first. The scaling factor is fitted later."""
+    E = cand.experts
+    extra_topks = [i for i in cand.routing_nodes
+                   if g.nodes[i].op_type == "TopK" and i != cand.anchor]
+    if "Sigmoid" in ops or not ({"Softmax"} & ops):
+        bias_opts = [{}]
+        if sel_bias:
+            bias_opts = [{"selection_bias": Operand(sel_bias[0])}]
+        group_opts = [dict()]
+        if extra_topks:
+            group_opts = []
+            ks = sorted({int(np.asarray(g.constant_value(g.nodes[i].input[1])).reshape(-1)[0])
+                         for i in extra_topks if g.constant_value(g.nodes[i].input[1]) is not None})
+            for n_group in _divisors(E):
+                if n_group == 1:
+                    continue
+                for topk_group in ks:
+                    if 1 <= topk_group <= n_group:
+                        group_opts.append(dict(n_group=n_group, topk_group=topk_group))
+        for norm in (1, 0):
+            for gopt in group_opts:
+                for bopt in bias_opts:
+                    yield dict(routing="sigmoid_topk", normalize_topk=norm, **gopt), dict(bopt)
+    if "Softmax" in ops or not ops - {"TopK"}:
+        yield dict(routing="softmax_topk", normalize_topk=1), {}
+        yield dict(routing="softmax_topk", normalize_topk=0), {}
+        yield dict(routing="topk_softmax"), {}
+
+
+def _divisors(n: int):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+_ACTIVATION_EVIDENCE = [("Sigmoid", "silu"), ("Erf", "gelu"), ("Tanh", "gelu_tanh"),
+                        ("Relu", "relu"), ("Gelu", "gelu"), ("Gelu", "gelu_tanh"),
+                        ("HardSigmoid", "silu")]
+
+
+def _expert_options(stacks, biases, ops, scalars, D):
+    activations = [a for op, a in _ACTIVATION_EVIDENCE if op in ops] + ["identity"]
+    activations = list(dict.fromkeys(activations))
+    if len(stacks) == 3:
+        orders = [(stacks[0], stacks[1], stacks[2]), (stacks[1], stacks[0], stacks[2])]
+    else:
+        orders = [(stacks[0], None, stacks[1])]
+    clamp_opts = [0.0]
+    if {"Clip", "Min"} & ops:
+        clamp_opts = [s for s in scalars if s > 0] + [0.0]
+    alpha_opts = [1.0] + [s for s in scalars if s not in (1.0, 0.0) and s > 0]
+    offset_opts = [0.0] + ([1.0] if 1.0 in scalars else [])
+    for w1, w3, w2 in orders:
+        for layout in ("out_in", "in_out"):
+            n1_in, n1 = (w1.shape[2], w1.shape[1]) if layout == "out_in" else w1.shape[1:]
+            inter = w2.shape[2] if layout == "out_in" else w2.shape[1]
+            if n1_in != D:
+                continue
+            if w3 is not None:
+                gate_opts = [(1, "separate")] if n1 == inter else []
+            elif n1 == 2 * inter:
+                gate_opts = [(1, "halves"), (1, "interleaved")]
+            elif n1 == inter:
+                gate_opts = [(0, "halves")]
+            else:
+                gate_opts = []
+            for gated, gul in gate_opts:
+                base = {"w1": Operand(w1), "w2": Operand(w2)}
+                if w3 is not None:
+                    base["w3"] = Operand(w3)
+                for bias_ops in _bias_options(biases, n1, inter, D, w3 is not None):
+                    for act in activations:
+                        alphas = alpha_opts if act == "silu" else [1.0]
+                        clamps = clamp_opts if gated else [0.0]
+                        offsets = offset_opts if gated else [0.0]
+                        for alpha, clamp, offset in itertools.product(alphas, clamps, offsets):
+                            attrs = dict(activation=act, gated=gated, gate_up_layout=gul,
+                                         weight_layout=layout, activation_alpha=alpha,
+                                         clamp_limit=clamp, up_offset=offset)
+                            yield attrs, {**base, **bias_ops}
+
+
+def _bias_options(biases, n1, inter, D, separate):
+    by_width: dict[int, list] = {}
+    for b in biases:
+        by_width.setdefault(b.shape[1], []).append(b)
+    b1 = by_width.get(n1, [])
+    b2 = [b for b in by_width.get(D, []) if b not in b1[:1]] or by_width.get(D, [])
+    if not biases:
+        yield {}
+        return
+    ops = {}
+    if b1:
+        ops["b1"] = Operand(b1[0])
+    if b2:
+        cand = [b for b in b2 if b is not ops.get("b1", Operand(None)).ref]
+        if cand:
+            ops["b2"] = Operand(cand[-1])
+    if separate:
+        b3 = [b for b in by_width.get(inter, []) if b is not ops.get("b1", Operand(None)).ref]
+        if b3:
+            ops["b3"] = Operand(b3[0])
+    yield ops
+
+
+def _shared_options(mats, D):
+    """Readings of the shared-expert matrices: (layout-independent) operand options."""
+    if not mats:
+        yield None, {}
+        return
+    oriented = []
+    for r in mats:
+        orient = _orientation(r)
+        n_in, n_out = r.shape if orient == "in_out" else r.shape[::-1]
+        oriented.append((r, orient, n_in, n_out))
+    gate = [o for o in oriented if o[2] == D and o[3] == 1]
+    ups = [o for o in oriented if o[2] == D and o[3] != 1]
+    downs = [o for o in oriented if o[3] == D and o[2] != D]
+    if not downs:
+        downs = [o for o in oriented if o[3] == D and o not in ups[:1]]
+    if not ups or not downs:
+        yield None, {}
+        return
+    down = downs[-1]
+    base = {"shared_w2": (down[0], down[1])}
+    if gate:
+        base["shared_gate"] = (gate[0][0], gate[0][1])
+    if len(ups) >= 2:
+        for a, b in ((ups[0], ups[1]), (ups[1], ups[0])):
+            yield "separate", {**base, "shared_w1": (a[0], a[1]), "shared_w3": (b[0], b[1])}
+    else:
+        yield "fused", {**base, "shared_w1": (ups[0][0], ups[0][1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# proof by execution
+
+
+@dataclass
+class Probe:
+    x: np.ndarray
+    logits: np.ndarray
+    y: np.ndarray
+
+
+def tolerance(dtype) -> float:
+    name = np.dtype(dtype).name
+    return {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}.get(name, 1e-4)
+
+
+def check(h: Hypothesis, probes: list[Probe], scale_options: list[float]) -> tuple[bool, str, Hypothesis]:
+    """Does hypothesis h reproduce every probe? Fits routed_scaling_factor among scale_options."""
+    arrays = {n: op.array() for n, op in h.operands.items()}
+    attrs = h.attrs
+    first = probes[0]
+    try:
+        validate_arrays(attrs, {"X": first.x, "router_logits": first.logits, **arrays})
+    except MoEFFNError as exc:
+        return False, f"inconsistent: {exc}", h
+    worst = 0.0
+    for scale in ([1.0] + [s for s in scale_options if s != 1.0]):
+        trial = attrs.replace(routed_scaling_factor=scale)
+        ok, worst = _matches(trial, arrays, probes)
+        if ok:
+            return True, f"max relative error {worst:.2e}", Hypothesis(trial, h.operands)
+    return False, f"max relative error {worst:.2e}", h
+
+
+def _matches(attrs, arrays, probes):
+    worst = 0.0
+    for p in probes:
+        ref = moeffn(attrs, p.x, p.logits, **arrays)
+        y = p.y.reshape(ref.shape) if p.y.size == ref.size else None
+        if y is None:
+            return False, float("inf")
+        ref32, y32 = ref.astype(np.float32), y.astype(np.float32)
+        scale = float(np.max(np.abs(y32))) + 1e-30
+        err = float(np.max(np.abs(ref32 - y32))) / scale if y32.size else 0.0
+        if not np.isfinite(err):
+            return False, float("inf")
+        worst = max(worst, err)
+        if err > tolerance(p.x.dtype):
+            return False, worst
+    return True, worst
+
+
+def probe_shapes(x_shape, experts: int, hidden: int):
+    """Token shapes to test: T = 1, T < E, T > E, and more than one batch row when dynamic."""
+    x_shape = tuple(x_shape[:-1]) + (hidden,)
+    dynamic = [i for i, d in enumerate(x_shape[:-1]) if not isinstance(d, int) or d <= 0]
+    if not dynamic:
+        return [tuple(x_shape)]
+    out = []
+    counts = [1, max(2, experts // 2 - 1), experts + 5]
+    for n in counts:
+        shape = list(x_shape)
+        for j, i in enumerate(dynamic):
+            shape[i] = n if j == len(dynamic) - 1 else 1
+        out.append(tuple(shape))
+    if len(dynamic) >= 2:
+        shape = list(x_shape)
+        for i in dynamic:
+            shape[i] = 3
+        out.append(tuple(shape))
+    return out
