@@ -1,0 +1,48 @@
+"""The converter: find MoE blocks in exported graphs and collapse each into one MoEFFN node.
+
+Pipeline (one module per step):
+  region.py   candidates by dataflow: router top-k anchor, block input, logits, block outputs
+  lift.py     readings of a block as MoEFFN (weights, routing, activation) and their check
+  verify.py   runs a candidate block on its own in onnxruntime (the proof by execution)
+  convert.py  orchestration and the graph rewrite
+  io.py       safe loading and writing of model files (external data, atomic writes)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import onnx
+
+from .convert import Block, analyze, rewrite
+
+
+@dataclass
+class Conversion:
+    """What ``convert_model`` did."""
+
+    model: Optional[onnx.ModelProto]  # the converted model, or None when nothing was rewritten
+    blocks: list = field(default_factory=list)
+
+    @property
+    def converted(self) -> list:
+        return [b for b in self.blocks if b.converted]
+
+    @property
+    def near_misses(self) -> list:
+        return [b for b in self.blocks if not b.converted]
+
+
+def convert_model(model: onnx.ModelProto, base_dir: str = "", partial: bool = False,
+                  progress: Optional[Callable[[str], None]] = None) -> Conversion:
+    """Convert every verified MoE block. All-or-nothing unless ``partial``: if any block found
+    fails to verify, ``model`` is None and the blocks explain why."""
+    g, blocks = analyze(model, base_dir, progress)
+    converted = [b for b in blocks if b.converted]
+    if not converted or (not partial and len(converted) != len(blocks)):
+        return Conversion(None, blocks)
+    return Conversion(rewrite(model, g, blocks), blocks)
+
+
+__all__ = ["Block", "Conversion", "convert_model", "analyze", "rewrite"]

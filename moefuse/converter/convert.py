@@ -150,7 +150,8 @@ def analyze(model: onnx.ModelProto, base_dir: str = "",
     found = list(find_candidates(g))
     for n, cand in enumerate(found):
         if isinstance(cand, NearMiss):
-            blocks.append(Block(name=cand.where, converted=False, reason=cand.reason))
+            if cand.blocking:
+                blocks.append(Block(name=cand.where, converted=False, reason=cand.reason))
             continue
         if progress:
             progress(f"block {n + 1}/{len(found)}: {cand.name}")

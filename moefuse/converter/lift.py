@@ -114,16 +114,13 @@ def region_nodes(g: GraphIndex, cand: Candidate, end: str) -> list[int]:
 
 def block_constants(g: GraphIndex, nodes: list[int]) -> list[ConstRef]:
     refs: dict[str, ConstRef] = {}
-    inside = set(nodes)
     for i in nodes:
         node = g.nodes[i]
+        if all(g.is_constant(t) for t in node.input):
+            continue  # part of a constant computation: its result is what the block reads
         for t in node.input:
-            if not t or t in refs or not g.is_constant(t):
-                continue
-            producer = g.producer.get(t)
-            if producer is not None and producer in inside:
-                continue
-            refs[t] = ConstRef(t, i, node, g)
+            if t and t not in refs and g.is_constant(t):
+                refs[t] = ConstRef(t, i, node, g)
     return sorted(refs.values(), key=lambda r: r.first_use)
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .graph import SHAPE_ONLY_OPS, GraphIndex
+from .graph import GraphIndex
 
 MAX_END_CANDIDATES = 4
 
@@ -42,6 +42,7 @@ class Candidate:
 class NearMiss:
     where: str
     reason: str
+    blocking: bool = True  # False: not an MoE block at all (reported, never blocks a conversion)
 
 
 def _router_projection(g: GraphIndex, start: str):
@@ -74,15 +75,16 @@ def _logits_after_bias(g: GraphIndex, t: str) -> str:
     return t
 
 
+_VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+
+
 def _walk_up_shape_ops(g: GraphIndex, t: str) -> str:
+    """Up through views of the same data (input 0 of Reshape and friends)."""
     while True:
         node = g.node_of(t)
-        if node is None or node.op_type not in SHAPE_ONLY_OPS:
+        if node is None or node.op_type not in _VIEW_OPS or g.is_constant(node.input[0]):
             return t
-        data = [i for i in node.input if i and not g.is_constant(i)]
-        if len(data) != 1:
-            return t
-        t = data[0]
+        t = node.input[0]
 
 
 def _pure_nodes(g: GraphIndex, x: str) -> set[int]:
@@ -109,7 +111,7 @@ def find_candidates(g: GraphIndex):
         if proj is None:
             yield NearMiss(node.name or f"{node.op_type}#{i}",
                            "a top-k with no router projection (MatMul/Gemm by a constant "
-                           "matrix) upstream: not an MoE router")
+                           "matrix) upstream: not an MoE router", blocking=False)
             continue
         logits = _logits_after_bias(g, out)
         by_logits.setdefault(logits, []).append(i)
