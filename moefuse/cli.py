@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 
 import click
 
@@ -15,6 +18,149 @@ def main():
     """Find Mixture-of-Experts blocks in ONNX models, fuse each into one MoEFFN node, run it fast."""
 
 
+def _load(path):
+    from .converter.io import ModelFileError, load
+
+    try:
+        return load(path)
+    except ModelFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _progress(quiet):
+    start = time.time()
+
+    def report(msg):
+        if not quiet:
+            click.echo(f"[{time.time() - start:6.1f}s] {msg}", err=True)
+    return report
+
+
+def _table(blocks) -> str:
+    rows = [("block", "status", "E", "D", "I", "traits", "removed", "weights reused/new", "error")]
+    for b in blocks:
+        rows.append((b.name, "converted" if b.converted else "near miss",
+                     str(b.experts or ""), str(b.hidden or ""), str(b.inter or ""),
+                     ", ".join(b.traits) if b.converted else b.reason,
+                     str(b.nodes_removed) if b.converted else "",
+                     f"{b.weights_reused}/{b.weights_relaid}" if b.converted else "",
+                     f"{b.max_error:.1e}" if b.max_error is not None else ""))
+    widths = [min(max(len(r[i]) for r in rows), 60 if i == 5 else 200) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = []
+        for i, cell in enumerate(r):
+            if i == 5 and len(cell) > widths[i]:
+                cell = cell[: widths[i] - 3] + "..."
+            cells.append(cell.ljust(widths[i]))
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    near = [b for b in blocks if not b.converted]
+    for b in near:
+        lines.append(f"near miss {b.name}: {b.reason}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the converted model (may equal MODEL: written atomically).")
+@click.option("--partial", is_flag=True,
+              help="Convert the blocks that verified even if others did not.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write a JSON report of every block found.")
+@click.option("--check", is_flag=True,
+              help="Run original and converted model on random inputs; print the max error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def convert(model, output, partial, report_path, check, quiet):
+    """Collapse every MoE block of MODEL into one MoEFFN node, proven by execution."""
+    from .converter import convert_model
+    from .converter.io import ModelFileError, check_opset, copy_unchanged, save
+
+    progress = _progress(quiet)
+    proto = _load(model)
+    progress(f"loaded {model}: {len(proto.graph.node)} nodes")
+    try:
+        check_opset(proto, model)
+    except ModelFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    base_dir = os.path.dirname(os.path.abspath(model))
+    result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress)
+    blocks = result.blocks
+    report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
+              "written": False}
+    try:
+        if not blocks:
+            click.echo("no MoE blocks found; the output is a copy of the input")
+            copy_unchanged(model, output)
+            report["written"] = True
+            return
+        click.echo(_table(blocks))
+        if result.model is None:
+            missed = len(result.near_misses)
+            raise click.ClickException(
+                f"{missed} of {len(blocks)} MoE block(s) did not verify; nothing written "
+                f"(--partial converts the {len(result.converted)} that did)")
+        removed = sum(b.nodes_removed for b in result.converted)
+        save(result.model, output, model)
+        report["written"] = True
+        click.echo(f"wrote {output}: {len(result.converted)} MoEFFN node(s), "
+                   f"{len(proto.graph.node)} -> {len(result.model.graph.node)} nodes "
+                   f"({removed} removed)")
+        if check:
+            progress("checking original vs converted on random inputs")
+            err = _check(model, output, proto)
+            report["check_max_relative_error"] = err
+            click.echo(f"check: max relative error {err:.2e} over all outputs")
+    except ModelFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if report_path:
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=2)
+
+
+def _check(original, converted, proto) -> float:
+    from .compare import compare_sessions, session
+
+    return compare_sessions(session(original), session(converted), proto)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model, as_json):
+    """List the MoE candidates of MODEL and the near misses; writes nothing."""
+    from .converter import analyze
+
+    proto = _load(model)
+    _, blocks = analyze(proto, os.path.dirname(os.path.abspath(model)))
+    if as_json:
+        click.echo(json.dumps([b.to_json() for b in blocks], indent=2))
+    elif not blocks:
+        click.echo("no MoE blocks found")
+    else:
+        click.echo(_table(blocks))
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--summary", is_flag=True, help="Print B's structural summary (golden-file form).")
+def diff(a, b, as_json, summary):
+    """Structural diff of two models (op histogram, nodes added/removed, MoEFFN attributes)."""
+    from .diff import diff as diff_models, format_diff, summary as summarize
+
+    ma, mb = _load(a), _load(b)
+    if summary:
+        click.echo(summarize(mb), nl=False)
+        return
+    d = diff_models(ma, mb)
+    click.echo(json.dumps(d, indent=2) if as_json else format_diff(d))
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 def validate(model):
@@ -24,10 +170,7 @@ def validate(model):
     from .builder import _moeffn_nodes, attrs_of, declared_shapes, validate_node
     from .spec import MoEFFNError
 
-    try:
-        proto = onnx.load(model, load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types
-        raise click.ClickException(f"{model}: not a readable ONNX model ({exc})") from None
+    proto = _load(model)
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - keep the declared shapes if inference cannot run
