@@ -24,5 +24,9 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
+# Convert the bundled tiny model, run original and converted, print node counts, error, speed.
+demo: setup
+	$(BIN)/python examples/demo.py
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -36,13 +36,13 @@ def _progress(quiet):
     return report
 
 
-def _table(blocks) -> str:
+def _table(blocks, done: str = "converted") -> str:
     rows = [("block", "status", "E", "D", "I", "traits", "removed", "weights reused/new", "error")]
     for b in blocks:
-        rows.append((b.name, "converted" if b.converted else "near miss",
+        rows.append((b.name, done if b.converted else "near miss",
                      str(b.experts or ""), str(b.hidden or ""), str(b.inter or ""),
                      ", ".join(b.traits) if b.converted else b.reason,
-                     str(b.nodes_removed) if b.converted else "",
+                     str(b.nodes_removed) if b.converted and done == "converted" else "",
                      f"{b.weights_reused}/{b.weights_relaid}" if b.converted else "",
                      f"{b.max_error:.1e}" if b.max_error is not None else ""))
     widths = [min(max(len(r[i]) for r in rows), 60 if i == 5 else 200) for i in range(len(rows[0]))]
@@ -141,7 +141,7 @@ def inspect(model, as_json):
     elif not blocks:
         click.echo("no MoE blocks found")
     else:
-        click.echo(_table(blocks))
+        click.echo(_table(blocks, done="verified"))
 
 
 @main.command()

@@ -128,7 +128,7 @@ def find_candidates(g: GraphIndex):
         experts, d_in = (wshape[0], wshape[1]) if trans_b else (wshape[1], wshape[0])
         cand = Candidate(anchor=anchor, x=x, logits=logits, experts=int(experts),
                          hidden=int(d_in), router_weight=w,
-                         name=_block_name(g, anchor))
+                         name=_block_name(g, anchor, w))
         cand.routing_nodes = g.ancestors([g.nodes[anchor].input[0]], stop=[logits]) | set(anchors)
         pure = _pure_nodes(g, x)
         downstream = g.descendants(g.nodes[anchor].output)
@@ -153,8 +153,12 @@ def find_candidates(g: GraphIndex):
         yield cand
 
 
-def _block_name(g: GraphIndex, anchor: int) -> str:
-    """A readable name for a block: the common prefix of the anchor node's name, if any."""
+def _block_name(g: GraphIndex, anchor: int, router_weight: str) -> str:
+    """A readable name for a block: its router weight's module path when the exporter kept it
+    (model.layers.3.mlp.gate.weight -> model.layers.3.mlp), else the anchor node's scope."""
+    parts = router_weight.split(".")
+    if len(parts) > 2 and parts[-1] in ("weight", "bias"):
+        return ".".join(parts[:-2])
     name = g.nodes[anchor].name
     if name and "/" in name:
         parts = name.strip("/").split("/")
