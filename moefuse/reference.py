@@ -103,7 +103,7 @@ def _mask_groups(choice: np.ndarray, n_group: int, topk_group: int) -> np.ndarra
 
 def _as_in_out(w: np.ndarray, layout: str) -> np.ndarray:
     """A projection as [..., in, out] float32 regardless of storage layout."""
-    w = w.astype(F32)
+    w = w.astype(F32, copy=False)
     return w if layout == "in_out" else np.swapaxes(w, -1, -2)
 
 
@@ -138,7 +138,7 @@ def moeffn(attrs: MoEFFNAttrs, X: np.ndarray, router_logits=None, w1=None, w2=No
                                     shared_gate)))
     sizes = validate_arrays(attrs, inputs, node_name)
     out_dtype = X.dtype
-    x = X.reshape(-1, sizes.hidden).astype(F32)
+    x = X.reshape(-1, sizes.hidden).astype(F32, copy=False)
     tokens = x.shape[0]
     y = np.zeros((tokens, sizes.hidden), dtype=F32)
     if tokens == 0:

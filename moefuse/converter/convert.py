@@ -16,7 +16,7 @@ from ..spec import MoEFFNAttrs, validate_arrays
 from .graph import GraphIndex
 from .lift import Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, region_nodes
 from .region import Candidate, NearMiss, find_candidates
-from .verify import probes as run_probes
+from .verify import probe_block
 
 MAX_HYPOTHESES = 4000
 
@@ -79,13 +79,15 @@ def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
 def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
     """Try the candidate's possible outputs, latest first; return the first that verifies."""
     reasons = []
+    try:
+        all_probes = probe_block(g, cand, cand.ends)
+    except Exception as exc:  # noqa: BLE001 - a block that does not run on its own
+        return Block(name=cand.name, converted=False, x=cand.x, logits=cand.logits,
+                     experts=cand.experts, hidden=cand.hidden or 0,
+                     reason=f"the block does not run on its own ({_short(exc)})")
     for end in cand.ends:
         nodes = region_nodes(g, cand, end)
-        try:
-            probes = run_probes(g, cand, end)
-        except Exception as exc:  # noqa: BLE001 - a block that does not run on its own
-            reasons.append(f"{end}: the block does not run on its own ({_short(exc)})")
-            continue
+        probes = all_probes[end]
         if probes[0].y.size != probes[0].x.size:
             reasons.append(f"{end}: output size differs from the block input's")
             continue
@@ -156,6 +158,7 @@ def analyze(model: onnx.ModelProto, base_dir: str = "",
         if progress:
             progress(f"block {n + 1}/{len(found)}: {cand.name}")
         blocks.append(lift_candidate(g, cand))
+        g.release_arrays()  # keep one block's weights in memory at a time
     return g, blocks
 
 

@@ -51,6 +51,7 @@ class GraphIndex:
             self.shapes[name] = tuple(init.dims)
             self.dtypes[name] = init.data_type
         self._const_cache: dict[str, Optional[np.ndarray]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
         self._is_const: dict[str, bool] = {}
 
     # ---- structure ----
@@ -148,11 +149,18 @@ class GraphIndex:
         return value
 
     def read_initializer(self, name: str) -> np.ndarray:
-        """An initializer's data, reading external data from disk when needed."""
-        init = self.initializers[name]
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            init = _load_external(init, self.base_dir)
-        return to_array(init)
+        """An initializer's data, reading external data from disk when needed. Arrays are
+        cached until :meth:`release_arrays`, so verifying a block reads its weights once."""
+        if name not in self._arrays:
+            init = self.initializers[name]
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                init = _load_external(init, self.base_dir)
+            self._arrays[name] = to_array(init)
+        return self._arrays[name]
+
+    def release_arrays(self) -> None:
+        self._arrays.clear()
+        self._const_cache.clear()
 
     def rank(self, tensor: str) -> Optional[int]:
         s = self.shapes.get(tensor)

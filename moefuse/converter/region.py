@@ -22,7 +22,7 @@ import numpy as np
 
 from .graph import GraphIndex
 
-MAX_END_CANDIDATES = 4
+MAX_END_CANDIDATES = 6
 
 
 @dataclass
@@ -116,10 +116,11 @@ def find_candidates(g: GraphIndex):
         logits = _logits_after_bias(g, out)
         by_logits.setdefault(logits, []).append(i)
         info[logits] = proj
+    inputs = {logits: _walk_up_shape_ops(g, info[logits].input[0]) for logits in by_logits}
     for logits, anchors in by_logits.items():
         proj = info[logits]
         anchor = max(anchors)  # group-limited routing has earlier top-ks on the same logits
-        x = _walk_up_shape_ops(g, proj.input[0])
+        x = inputs[logits]
         w = proj.input[1]
         wshape = g.shapes.get(w)
         trans_b = any(a.name == "transB" and a.i for a in proj.attribute)
@@ -132,6 +133,10 @@ def find_candidates(g: GraphIndex):
         cand.routing_nodes = g.ancestors([g.nodes[anchor].input[0]], stop=[logits]) | set(anchors)
         pure = _pure_nodes(g, x)
         downstream = g.descendants(g.nodes[anchor].output)
+        # A block ends before the next one starts: nothing that reads another block's input.
+        for other_x in set(inputs.values()) - {x}:
+            if g.producer.get(other_x) in downstream:
+                downstream -= g.descendants([other_x])
         ends = []
         for i in sorted(pure & downstream, reverse=True):
             node = g.nodes[i]

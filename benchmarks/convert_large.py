@@ -1,0 +1,146 @@
+"""Converting a large model with external data: wall time and peak memory.
+
+Builds a synthetic 48-layer model (a residual stack of transformers Mixtral MoE blocks exported
+with torch's dynamo exporter, each layer with its own random weights, 128 experts per layer),
+more than 4 GB of weights in one external data file, then runs `moefuse convert` on it in a
+child process and prints the time and the child's peak resident memory.
+
+    python benchmarks/convert_large.py [--dir /tmp/moefuse-large] [--layers 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnx
+from onnx import helper
+
+
+def export_template(experts: int, hidden: int, inter: int, k: int) -> onnx.ModelProto:
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                        num_experts_per_tok=k, experts_implementation="batched_mm")
+    block = MixtralSparseMoeBlock(cfg).eval()
+    path = tempfile.mktemp(suffix=".onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
+        torch.onnx.export(block, (torch.randn(1, 4, hidden),), path, dynamo=True,
+                          input_names=["x"], output_names=["y"], dynamic_shapes=dims,
+                          external_data=False)
+    model = onnx.load(path)
+    os.remove(path)
+    return model
+
+
+def build(out_dir: str, layers: int, experts: int, hidden: int, inter: int, k: int) -> str:
+    """Write the stacked model and its data file; weights are generated layer by layer."""
+    template = export_template(experts, hidden, inter, k)
+    g = template.graph
+    big = {t.name for t in g.initializer if np.prod(t.dims) >= experts * hidden}
+    data_name = "large.onnx.data"
+    nodes, inits = [], []
+    rng = np.random.default_rng(0)
+    offset = 0
+    with open(os.path.join(out_dir, data_name), "wb") as data:
+        h = "hidden_0"
+        for layer in range(layers):
+            rename = {"x": h, "y": f"l{layer}/moe_out"}
+
+            def name(t, layer=layer, rename=rename):
+                return rename.get(t, f"l{layer}/{t}") if t else t
+
+            for node in g.node:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.name = f"l{layer}/{node.name}"
+                copy.input[:] = [name(t) for t in node.input]
+                copy.output[:] = [name(t) for t in node.output]
+                nodes.append(copy)
+            for t in g.initializer:
+                if t.name in big:
+                    arr = (rng.standard_normal(tuple(t.dims), dtype=np.float32)
+                           / np.sqrt(t.dims[-1])).astype(np.float32)
+                    raw = arr.tobytes()
+                    data.write(raw)
+                    ext = onnx.TensorProto(name=name(t.name), data_type=t.data_type,
+                                           dims=t.dims)
+                    ext.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", data_name), ("offset", str(offset)),
+                                       ("length", str(len(raw)))):
+                        e = ext.external_data.add()
+                        e.key, e.value = key, value
+                    offset += len(raw)
+                    inits.append(ext)
+                else:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(t)
+                    copy.name = name(t.name)
+                    inits.append(copy)
+            nxt = f"hidden_{layer + 1}"
+            nodes.append(helper.make_node("Add", [h, f"l{layer}/moe_out"], [nxt],
+                                          name=f"l{layer}/residual"))
+            h = nxt
+    graph = helper.make_graph(
+        nodes, "large_moe_stack",
+        [helper.make_tensor_value_info("hidden_0", onnx.TensorProto.FLOAT, ["batch", "seq", hidden])],
+        [helper.make_tensor_value_info(h, onnx.TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=template.opset_import,
+                              ir_version=min(template.ir_version, 10))
+    path = os.path.join(out_dir, "large.onnx")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default=None, help="where to build the model (default: a temp dir)")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=256)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    args = ap.parse_args()
+    out_dir = args.dir or tempfile.mkdtemp(prefix="moefuse-large-")
+    os.makedirs(out_dir, exist_ok=True)
+    t = time.time()
+    path = build(out_dir, args.layers, args.experts, args.hidden, args.inter, args.k)
+    size = os.path.getsize(os.path.join(out_dir, "large.onnx.data"))
+    print(f"built {path}: {args.layers} layers x {args.experts} experts, "
+          f"{size / 1e9:.2f} GB external data ({time.time() - t:.0f} s)")
+    out = os.path.join(out_dir, "large.moefuse.onnx")
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-m", "moefuse.cli", "convert", path, "-o", out, "-q"],
+                          capture_output=True, text=True)
+    wall = time.time() - t
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(proc.stdout[-1500:])
+    if proc.returncode:
+        print(proc.stderr[-3000:])
+        sys.exit(proc.returncode)
+    n = sum(1 for node in onnx.load(out, load_external_data=False).graph.node
+            if node.op_type == "MoEFFN")
+    print(f"convert: {wall:.1f} s wall, peak resident memory {peak_mb:.0f} MB, "
+          f"{n} MoEFFN nodes; data file size {size / 1e9:.2f} GB left in place")
+    if not args.keep and args.dir is None:
+        import shutil
+
+        shutil.rmtree(out_dir)
+
+
+if __name__ == "__main__":
+    main()
