@@ -122,6 +122,8 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
         block.weights_relaid = sum(1 for op in h.operands.values() if not op.reused)
         block._flatten_output = probes[0].y.ndim != probes[0].x.ndim
+        for op in h.operands.values():
+            op.ref.release()  # the rewrite re-reads only what it re-lays out
         return block
     return Block(name=cand.name, converted=False, reason="; ".join(reasons) or "no candidate output",
                  x=cand.x, logits=cand.logits, experts=cand.experts, hidden=cand.hidden or 0)

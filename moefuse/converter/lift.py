@@ -42,6 +42,9 @@ class ConstRef:
     def initializer(self) -> Optional[str]:
         return self.tensor if self.tensor in self.g.initializers else None
 
+    def release(self) -> None:
+        self._value = None
+
     def value(self) -> np.ndarray:
         if self._value is None:
             if self.tensor in self.g.initializers:
