@@ -1,12 +1,95 @@
-"""Running models in onnxruntime: sessions, and feeding/fetching types numpy lacks (bfloat16)."""
+"""Running models in onnxruntime: sessions, and feeding/fetching types numpy lacks (bfloat16).
+
+``session_options()`` gives onnxruntime session options with moefuse's custom-op library
+registered, so that MoEFFN nodes run on its kernels instead of their embedded fallback function;
+``library_path()`` is where that library is (for onnxruntime's other APIs).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
+
+
+LIBRARY_ENV = "MOEFUSE_LIBRARY"
+
+
+def _library_name() -> str:
+    if sys.platform == "win32":
+        return "moefuse_ops.dll"
+    if sys.platform == "darwin":
+        return "libmoefuse_ops.dylib"
+    return "libmoefuse_ops.so"
+
+
+def library_path() -> str:
+    """Absolute path of moefuse's onnxruntime custom-op library (``libmoefuse_ops.so``).
+
+    ``$MOEFUSE_LIBRARY`` wins when set (e.g. a sanitizer build). Otherwise the library installed
+    in the package (``moefuse/_lib/``) by ``pip install .`` or ``pip install -e .`` is used; an
+    editable install keeps it in site-packages while the Python sources stay in the checkout, so
+    every directory of the package's ``__path__`` is searched, then the installed file list.
+    Raises FileNotFoundError, saying how to build it, when there is none.
+    """
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"${LIBRARY_ENV} points to {override!r}, which is not a file")
+        return str(path.resolve())
+    name = _library_name()
+    import moefuse
+
+    for root in list(getattr(moefuse, "__path__", [])):
+        candidate = Path(root) / "_lib" / name
+        if candidate.is_file():
+            return str(candidate.resolve())
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("moefuse")
+        for f in dist.files or []:
+            if f.name == name:
+                candidate = Path(dist.locate_file(f))
+                if candidate.is_file():
+                    return str(candidate.resolve())
+    except Exception:  # no installed distribution metadata: fall through
+        pass
+    raise FileNotFoundError(
+        f"moefuse's custom-op library ({name}) is not built. Build and install it from the "
+        f"repository root with `pip install .` (or `pip install -e .`, which `make test` runs); "
+        f"it needs CMake >= 3.18, a C++17 compiler and scipy-openblas32. Or point "
+        f"${LIBRARY_ENV} at a built copy.")
+
+
+def _load_blas() -> None:
+    """Load scipy-openblas32's shared library into the process (the library links to it)."""
+    try:
+        import scipy_openblas32  # noqa: F401  (its import loads libscipy_openblas globally)
+    except ImportError:
+        pass  # the library's RUNPATH may still find it
+
+
+def session_options(**options) -> ort.SessionOptions:
+    """``onnxruntime.SessionOptions`` with the moefuse library registered.
+
+    Keyword arguments set SessionOptions attributes, e.g.
+    ``session_options(intra_op_num_threads=2, log_severity_level=3)``.
+    """
+    so = ort.SessionOptions()
+    for key, value in options.items():
+        if not hasattr(so, key):
+            raise TypeError(f"onnxruntime.SessionOptions has no attribute '{key}'")
+        setattr(so, key, value)
+    _load_blas()
+    so.register_custom_ops_library(library_path())
+    return so
 
 
 def _is_bf16(array: np.ndarray) -> bool:

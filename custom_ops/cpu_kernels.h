@@ -1,0 +1,65 @@
+// Inner loops of the CPU kernel, compiled once per x86 vector ISA (AVX-512, AVX2+FMA) plus a
+// portable build, and picked at run time from what the CPU supports (MOEFUSE_CPU_ISA overrides).
+//
+// Weights are prepacked into column chunks of kChunk = 64 output columns: a chunk of a [K, N]
+// projection is a contiguous, 64-byte aligned [K, 64] row-major block (zero padded). A "tile job"
+// multiplies rows of activations by one chunk and applies the epilogue (bias, activation, gating)
+// on the way out, so every output element is produced by exactly one job with a fixed order of
+// summation: results do not depend on the number of threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moefuse {
+namespace cpu {
+
+constexpr int kChunk = 64;      // output columns per packed chunk
+constexpr int kGatedHalf = 32;  // gated chunks hold 32 gate columns then 32 up columns
+
+enum ActKind : int { kActSilu = 0, kActGelu, kActGeluTanh, kActRelu, kActIdentity };
+
+struct ActParams {
+  int kind = kActSilu;
+  float alpha = 1.0f;       // silu: v * sigmoid(alpha v)
+  float clamp_limit = 0.f;  // gated: gate = min(gate, l), up = clip(up, -l, l) when > 0
+  float up_offset = 0.f;    // gated: up + up_offset
+};
+
+enum EpilogueKind : int {
+  kEpiBias = 0,   // out = acc + bias                      (ncols valid columns)
+  kEpiAct = 1,    // out = act(acc + bias)                 (64 columns)
+  kEpiGated = 2,  // out = act(gate) * (up + off)          (32 columns)
+};
+
+struct TileJob {
+  int rows = 0;                    // M
+  int K = 0;                       // reduction length
+  const float* const* a = nullptr; // M row pointers, each K contiguous floats
+  const float* b = nullptr;        // packed chunk [K, 64], 64-byte aligned
+  const float* bias = nullptr;     // 64 floats in chunk column order, or null
+  float* out = nullptr;            // row r written at out + r * ldo
+  int64_t ldo = 0;
+  int ncols = kChunk;              // kEpiBias: valid columns (<= 64)
+  int epilogue = kEpiBias;
+  ActParams act;
+};
+
+struct Kernels {
+  const char* name;
+  void (*tile)(const TileJob& job);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // Activation (no gating) on n values in place; used by the small-I direct path.
+  void (*activate)(float* v, int64_t n, const ActParams& act);
+};
+
+// The best kernels this CPU supports (or the ones MOEFUSE_CPU_ISA=avx512|avx2|generic asks for).
+const Kernels& Select();
+
+// Per-ISA tables (null when not compiled in).
+const Kernels* GenericKernels();
+const Kernels* Avx2Kernels();
+const Kernels* Avx512Kernels();
+
+}  // namespace cpu
+}  // namespace moefuse

@@ -1,0 +1,82 @@
+// AVX-512 build of the inner loops (compiled with -mavx512f -mfma; only called when the CPU
+// reports AVX-512F).
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu_kernels.h"
+
+#if defined(MOEFUSE_HAVE_AVX512)
+#include <immintrin.h>
+
+namespace moefuse {
+namespace cpu {
+namespace {
+
+struct V {
+  using T = __m512;
+  static constexpr int W = 16;
+  static constexpr int MR = 6;  // 6 rows x 4 vectors = 24 accumulators of 32 registers
+  static constexpr int NV = 4;
+  static T Zero() { return _mm512_setzero_ps(); }
+  static T Set1(float v) { return _mm512_set1_ps(v); }
+  static T Load(const float* p) { return _mm512_loadu_ps(p); }
+  static T LoadA(const float* p) { return _mm512_load_ps(p); }
+  static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T Add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T Sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T Mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T Div(T a, T b) { return _mm512_div_ps(a, b); }
+  static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  // vminps/vmaxps return their second operand when either is NaN.
+  static T MinKeepNan(T x, T l) { return _mm512_min_ps(l, x); }
+  static T MaxKeepNan(T x, T l) { return _mm512_max_ps(l, x); }
+  static float ReduceAdd(T v) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, v);
+    float s = 0.0f;
+    for (int i = 0; i < 16; ++i) s += lanes[i];
+    return s;
+  }
+  static void Prefetch(const float*) {}
+  static T Exp(T x) {
+    // e^x = 2^n e^r with n = round(x log2(e)), |r| <= ln(2)/2; e^r by its Taylor series to
+    // degree 7 (truncation < 6e-9 relative). Clamping keeps r finite for +-inf inputs; scalef
+    // then overflows to +inf or underflows to 0. NaN passes through the clamps.
+    x = MinKeepNan(MaxKeepNan(x, Set1(-104.0f)), Set1(89.0f));
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, Set1(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    T r = _mm512_fnmadd_ps(n, Set1(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, Set1(1.428606820309417e-06f), r);
+    T p = Set1(1.0f / 5040.0f);
+    p = Fma(p, r, Set1(1.0f / 720.0f));
+    p = Fma(p, r, Set1(1.0f / 120.0f));
+    p = Fma(p, r, Set1(1.0f / 24.0f));
+    p = Fma(p, r, Set1(1.0f / 6.0f));
+    p = Fma(p, r, Set1(0.5f));
+    p = Fma(p, r, Set1(1.0f));
+    p = Fma(p, r, Set1(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+};
+
+#include "cpu_kernels_impl.h"
+
+const Kernels kTable = {"avx512", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>};
+
+}  // namespace
+
+const Kernels* Avx512Kernels() { return &kTable; }
+
+}  // namespace cpu
+}  // namespace moefuse
+
+#else
+
+namespace moefuse {
+namespace cpu {
+const Kernels* Avx512Kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace moefuse
+
+#endif
