@@ -17,6 +17,7 @@ form                         experts stored as                     combine
 ``geglu_stacked``            stacked [E, 2I, D], [E, D, I]         gathered per (token, k)
 ``flash_rank1``              stacked [E, D] down and up vectors    gathered per (token, k)
 ``dense_onehot``             ModuleList of SwiGLU MLPs             one-hot routing mask, loop
+``dense_onehot_reversed``    the same, looping from the last expert
 ``sparse_loop``              ModuleList of SwiGLU MLPs + shared    where(ids == e), index_add
 ``switch_capacity``          ModuleList of Linear pairs (ReLU)     capacity-limited mask (refuse)
 ``skip_empty_loop``          ModuleList of SwiGLU MLPs             loop skipping unused experts
@@ -105,9 +106,11 @@ class SwitchTop1(nn.Module):
 class GeluTop2(nn.Module):
     """Non-gated GELU experts with biases (``fc2(gelu(fc1(x)))`` as in NLLB-MoE / fairseq),
     softmax over all experts then top-2 without renormalization. Written "compute every expert,
-    then pick": the expert outputs are stacked to ``[T, E, D]`` and the k selected rows gathered
-    with ``torch.gather``; nothing in the graph names an expert index, so the per-expert weights
-    are matched to experts by program order.
+    then pick" on the ``[B, S, D]`` input as it comes (no flattening, so the TorchScript
+    exporter writes each Linear as MatMul + Add): the expert outputs are stacked to
+    ``[B, S, E, D]`` and the k selected rows gathered with ``torch.gather``. Nothing in the
+    graph names an expert index, so the per-expert weights are matched to experts by program
+    order.
 
     Reading: softmax_topk, k=2, normalize_topk=0, gelu, gated=0, b1 and b2, weight lists.
     """
@@ -121,13 +124,12 @@ class GeluTop2(nn.Module):
         _init(self, seed)
 
     def forward(self, x):
-        shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.router(h), dim=-1)
-        top_p, top_i = probs.topk(self.k, dim=-1)
-        every = torch.stack([expert(h) for expert in self.experts], dim=1)  # [T, E, D]
-        picked = torch.gather(every, 1, top_i.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return (picked * top_p.unsqueeze(-1)).sum(dim=1).reshape(shape)
+        probs = torch.softmax(self.router(x), dim=-1)
+        top_p, top_i = probs.topk(self.k, dim=-1)                      # [B, S, k]
+        every = torch.stack([expert(x) for expert in self.experts], dim=-2)  # [B, S, E, D]
+        index = top_i.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
+        picked = torch.gather(every, -2, index)                        # [B, S, k, D]
+        return (picked * top_p.unsqueeze(-1)).sum(dim=-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +208,13 @@ class DenseOneHot(nn.Module):
     SwiGLU experts (gate/up/down Linear, no biases).
 
     Reading: softmax_topk, k=2, normalize_topk=1, gated silu separate, weight lists tied to
-    experts by the constant column each mask slice takes.
+    experts by the constant column each mask slice takes. With ``reverse=True`` the loop runs
+    from the last expert to the first, so program order no longer gives the expert index.
     """
 
-    def __init__(self, d=16, e=4, i=24, k=2, seed=4):
+    def __init__(self, d=16, e=4, i=24, k=2, reverse=False, seed=4):
         super().__init__()
-        self.num_experts, self.k = e, k
+        self.num_experts, self.k, self.reverse = e, k, reverse
         self.router = nn.Linear(d, e, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d, i) for _ in range(e))
         _init(self, seed)
@@ -224,8 +227,9 @@ class DenseOneHot(nn.Module):
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         dense = torch.zeros_like(probs).scatter(1, top_i, top_p)   # [T, E]
         out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            out = out + dense[:, e:e + 1] * expert(h)
+        order = range(self.num_experts - 1, -1, -1) if self.reverse else range(self.num_experts)
+        for e in order:
+            out = out + dense[:, e:e + 1] * self.experts[e](h)
         return out.reshape(shape)
 
 
@@ -243,7 +247,7 @@ class SparseLoop(nn.Module):
     weight lists tied to experts through ``Equal(ids, e)``.
     """
 
-    def __init__(self, d=16, e=4, i=16, k=2, shared_i=24, seed=5):
+    def __init__(self, d=16, e=4, i=20, k=2, shared_i=24, seed=5):
         super().__init__()
         self.num_experts, self.k = e, k
         self.router = nn.Linear(d, e, bias=False)
@@ -349,6 +353,7 @@ FORMS = {
     "geglu_stacked": GeGLUStacked,
     "flash_rank1": FlashRank1,
     "dense_onehot": DenseOneHot,
+    "dense_onehot_reversed": lambda **kw: DenseOneHot(reverse=True, **kw),
     "sparse_loop": SparseLoop,
     "switch_capacity": SwitchCapacity,
     "skip_empty_loop": SkipEmptyLoop,

@@ -20,6 +20,7 @@ from onnx import helper
 
 from ..reference import moeffn
 from ..spec import MoEFFNAttrs, MoEFFNError, validate_arrays
+from . import expert_lists
 from .graph import GraphIndex, np_dtype, to_array
 from .region import Candidate
 
@@ -164,18 +165,29 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
                    and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
                    and _is_b_operand(r)]
 
+    refusal = expert_lists.block_refusal(g, refs, E, nodes, cand.anchor)
+    if refusal:
+        raise Refusal(refusal)
+    readings = [(stacks, biases, shared_mats)]
+    if len(stacks) < 2:  # per-expert matrices or rank-1 rows, stacked (expert_lists.py)
+        lists = expert_lists.readings(g, refs, E, D, nodes, cand.anchor, routing_set)
+        if lists:
+            readings = [(r.stacks, [b for b in biases if b.tensor not in r.used] + r.biases,
+                         [m for m in shared_mats if m.tensor not in r.used]) for r in lists]
+            stacks = lists[0].stacks
     if len(stacks) not in (2, 3):
         raise Refusal(f"expected 2 or 3 stacked expert weight tensors [E={E}, ., .] in the "
                       f"block, found {len(stacks)}" +
                       (f": {', '.join(f'{r.tensor} {list(r.shape)}' for r in stacks)}" if stacks
-                       else ""))
+                       else "") + ", and no per-expert weight matrices for all E experts")
 
     k = _topk_k(g, cand)
     routings = list(_routing_options(g, cand, ops_routing, scalars, sel_bias))
-    experts = list(_expert_options(stacks, biases, ops_experts, scalars, D))
-    shared = list(_shared_options(shared_mats, D))
-    for (r_attrs, r_ops), (e_attrs, e_ops), (s_layout, s_ops), woi in itertools.product(
-            routings, experts, shared, (0, 1)):
+    experts_shared = [(e, s) for st, bi, sm in readings
+                      for e in _expert_options(st, bi, ops_experts, scalars, D)
+                      for s in _shared_options(sm, D)]
+    for (r_attrs, r_ops), ((e_attrs, e_ops), (s_layout, s_ops)), woi in itertools.product(
+            routings, experts_shared, (0, 1)):
         if woi and k != 1 and r_attrs.get("routing") != "sigmoid_topk":
             continue
         attrs = MoEFFNAttrs(k=k, weight_on_input=woi, **r_attrs, **e_attrs)
@@ -191,6 +203,16 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
 
 class Refusal(Exception):
     """A candidate the lifter cannot read; the message is the near-miss reason."""
+
+
+def precheck(g: GraphIndex, cand: Candidate) -> Optional[str]:
+    """Why a candidate must be refused before it is even run, or None: an expert loop the
+    tracer unrolled (its graph may not run on the probes at all) or an expert capacity."""
+    if not cand.ends:
+        return None
+    nodes = region_nodes(g, cand, cand.ends[0])
+    return expert_lists.block_refusal(g, block_constants(g, nodes), cand.experts, nodes,
+                                      cand.anchor)
 
 
 def _is_b_operand(r: ConstRef) -> bool:
