@@ -69,6 +69,14 @@ constexpr int kDirectMaxInter = 4;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Floats rounded up to whole 64-byte lines (packed chunks are read with aligned loads).
+int64_t Lines(int64_t floats) { return CeilDiv(floats, 16) * 16; }
+
+// Floats of one expert's per-call packed weights, each array starting on a 64-byte line.
+int64_t SlotFloats(const FFNGeometry& g) {
+  return Lines(g.W1Size()) + Lines(g.W2Size()) + Lines(g.B1Size()) + Lines(g.B2Size());
+}
+
 // Carves 64-byte aligned sub-buffers out of one allocation.
 class Carver {
  public:
@@ -432,6 +440,16 @@ FFNSource SharedSource(const MoEFFNAttrs& a, const Value* in, int64_t D, int64_t
   return s;
 }
 
+void AssignSlot(const FFNGeometry& g, float* w, FFNView* view, int64_t e) {
+  view->w1[e] = w;
+  w += Lines(g.W1Size());
+  view->w2[e] = w;
+  w += Lines(g.W2Size());
+  view->b1[e] = g.has_b1 ? w : nullptr;
+  w += Lines(g.B1Size());
+  view->b2[e] = g.has_b2 ? w : nullptr;
+}
+
 bool SameGeometry(const FFNGeometry& g, int64_t E, int64_t D, int64_t I) {
   return g.E == E && g.D == D && g.I == I;
 }
@@ -692,8 +710,8 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const size_t o_comb = cv.Add<float>(nblocks * ((f32 ? 0 : D) + direct_tmp));
   // per-call packing: sized after routing (active experts unknown yet): reserve the worst case
   const int64_t max_active = std::min<int64_t>(E, T * K);
-  const int64_t r_pack = routed_packed ? 0 : max_active * (rg.W1Size() + rg.W2Size() + rg.B1Size() + rg.B2Size());
-  const int64_t s_pack = (sview && sview == &shared_call) ? (sview->g.W1Size() + sview->g.W2Size()) : 0;
+  const int64_t r_pack = routed_packed ? 0 : max_active * SlotFloats(rg);
+  const int64_t s_pack = (sview && sview == &shared_call) ? SlotFloats(sview->g) : 0;
   const size_t o_pack = cv.Add<float>(r_pack + s_pack);
 
   Arena* arena = AcquireArena();
@@ -800,11 +818,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
       if (offs[e + 1] == offs[e]) continue;
       groups.push_back(Group{rview, e, offs[e], offs[e + 1] - offs[e]});
       if (!routed_packed) {
-        float* w = pack + slot * (rg.W1Size() + rg.W2Size() + rg.B1Size() + rg.B2Size());
-        routed_call.w1[e] = w;
-        routed_call.w2[e] = w + rg.W1Size();
-        routed_call.b1[e] = rg.has_b1 ? w + rg.W1Size() + rg.W2Size() : nullptr;
-        routed_call.b2[e] = rg.has_b2 ? w + rg.W1Size() + rg.W2Size() + rg.B1Size() : nullptr;
+        AssignSlot(rg, pack + slot * SlotFloats(rg), &routed_call, e);
         ++slot;
       }
     }
@@ -816,11 +830,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     int64_t slot = 0;
     for (int64_t e = 0; e < E; ++e) {
       if (!used[e]) continue;
-      float* w = pack + slot * (rg.W1Size() + rg.W2Size() + rg.B1Size() + rg.B2Size());
-      routed_call.w1[e] = w;
-      routed_call.w2[e] = w + rg.W1Size();
-      routed_call.b1[e] = rg.has_b1 ? w + rg.W1Size() + rg.W2Size() : nullptr;
-      routed_call.b2[e] = rg.has_b2 ? w + rg.W1Size() + rg.W2Size() + rg.B1Size() : nullptr;
+      AssignSlot(rg, pack + slot * SlotFloats(rg), &routed_call, e);
       ++slot;
     }
   }
@@ -830,10 +840,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
       arows[P + t] = act + P * r_ipad + t * s_ipad;
     }
     groups.push_back(Group{sview, 0, P, T});
-    if (sview == &shared_call) {
-      shared_call.w1[0] = pack + r_pack;
-      shared_call.w2[0] = pack + r_pack + shared_call.g.W1Size();
-    }
+    if (sview == &shared_call) AssignSlot(shared_call.g, pack + r_pack, &shared_call, 0);
   }
 
   // C. weight_on_input scaling and per-call packing.

@@ -1,0 +1,378 @@
+"""The CPU kernel of the moefuse custom-op library against reference.py and the embedded fallback.
+
+The same trait matrix as test_fallback_parity.py (routing mode x expert kind x biases x shared
+expert, [T, D] and [B, S, D]), T in {0, 1, 3, E + 5}, float16 / bfloat16, k = E, E = 1, shapes
+that span several packed chunks and row blocks, weights that are not constant initializers,
+the portable code paths, bit-identical results for 1 and 2 threads, and errors that name the
+offending input. Skipped when the library has not been built (pip install -e .).
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cases import ALL, D, E, case
+from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
+from moefuse.reference import moeffn
+from moefuse.runtime import library_path, run, session_options
+from moefuse.synthetic import feeds, random_inputs
+
+try:
+    LIBRARY = library_path()
+except FileNotFoundError as exc:  # pragma: no cover - depends on the build
+    pytest.skip(f"moefuse custom-op library not built: {exc}", allow_module_level=True)
+
+
+def kernel_session(model, threads=1, strip_function=True):
+    """A session on the library. By default the model's fallback functions are removed, so a
+    node that the kernel did not take would fail instead of silently running the fallback."""
+    if strip_function:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.functions[:]
+    so = session_options(intra_op_num_threads=threads, log_severity_level=3)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def fallback_session(model):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def f32(a):
+    return np.asarray(a).astype(np.float32)
+
+
+def check(attrs, opts, inter, biases, shared, rank, dtype=np.float32, rtol=1e-5, atol=1e-6,
+          experts=E, hidden=D, token_counts=(0, 1, 3, E + 5), fallback=True, seed=1):
+    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, hidden, inter, experts, biases=biases,
+                         shared_inter=8 if shared else 0,
+                         shared_gate=shared and opts.get("shared_gate", False),
+                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=seed)
+    model = make_moeffn_model(attrs, base)
+    kern = kernel_session(model)
+    fb = fallback_session(model) if fallback else None
+    for t in token_counts:
+        lead = (max(t, 1),) if rank == 2 else (2, max(t, 1))
+        fresh = feeds(random_inputs(attrs, lead, hidden, inter, experts, dtype=dtype, seed=100 + t))
+        if t == 0:  # empty batches are slices (random_inputs cannot draw ids for no tokens)
+            fresh = {n: a[:0] if rank == 2 else a[:, :0] for n, a in fresh.items()}
+        inputs = dict(base, **fresh)
+        shapes = {"Y": inputs["X"].shape}
+        got = run(kern, feeds(inputs), shapes)[0]
+        want = moeffn(attrs, **inputs)
+        msg = f"{attrs} T={t} rank={rank} dtype={np.dtype(dtype).name}"
+        assert got.shape == want.shape == inputs["X"].shape, msg
+        assert got.dtype == want.dtype, msg
+        np.testing.assert_allclose(f32(got), f32(want), rtol=rtol, atol=atol, err_msg=msg)
+        if fb is not None and t > 0:
+            other = run(fb, feeds(inputs), shapes)[0]
+            np.testing.assert_allclose(f32(got), f32(other), rtol=rtol, atol=atol,
+                                       err_msg="vs fallback " + msg)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("biases", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("routing,experts", ALL, ids=[f"{r}-{e}" for r, e in ALL])
+def test_trait_matrix_float32(routing, experts, biases, shared):
+    attrs, opts, inter = case(routing, experts)
+    for rank in (2, 3):
+        check(attrs, opts, inter, biases, shared, rank)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-2), (ml_dtypes.bfloat16, 8e-2)],
+                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("sigmoid_on_input", "rank1_silu"),
+                                             ("precomputed", "relu_plain")])
+def test_half_precision(routing, experts, dtype, tol):
+    attrs, opts, inter = case(routing, experts)
+    for rank in (2, 3):
+        check(attrs, opts, inter, True, True, rank, dtype=dtype, rtol=tol, atol=tol)
+
+
+def test_k_equals_e():
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves", k=E)
+    check(attrs, opts, inter, True, True, 2)
+    attrs, opts, inter = case("precomputed", "rank1_silu", k=E)
+    check(attrs, opts, inter, True, False, 3)
+
+
+def test_single_expert():
+    attrs = MoEFFNAttrs(k=1)
+    check(attrs, {}, 8, True, False, 2, experts=1)
+    check(attrs.replace(routing="sigmoid_topk"), {}, 8, False, True, 3, experts=1)
+    check(attrs.replace(gated=0, activation="gelu", weight_layout="in_out"), {}, 1, True, True, 2,
+          experts=1)
+
+
+# Shapes that span several packed chunks (hidden > 64, not a multiple of 64; gated I > 32),
+# several row blocks per expert (> 96 rows), and the activations without a case above.
+BIG = [
+    ("swiglu_halves", dict(activation="silu", gate_up_layout="halves")),
+    ("swiglu_interleaved_inout", dict(activation="silu", gate_up_layout="interleaved",
+                                      weight_layout="in_out")),
+    ("gptoss", dict(activation="silu", gate_up_layout="interleaved", activation_alpha=1.702,
+                    clamp_limit=7.0, up_offset=1.0)),
+    ("geglu_erf_separate", dict(activation="gelu", gate_up_layout="separate")),
+    ("gelu_tanh_plain_inout", dict(activation="gelu_tanh", gated=0, weight_layout="in_out")),
+    ("identity_plain", dict(activation="identity", gated=0)),
+    ("rank1_relu", dict(activation="relu", gated=0)),
+]
+
+
+@pytest.mark.parametrize("name,changes", BIG, ids=[n for n, _ in BIG])
+def test_multi_chunk_shapes(name, changes):
+    attrs = MoEFFNAttrs(k=2).replace(**changes)
+    inter = 1 if name.startswith("rank1") else 40
+    experts, hidden, tokens = 3, 136, 250
+    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, shared_inter=72,
+                           shared_gate=True, seed=7)
+    model = make_moeffn_model(attrs, inputs)
+    outs = []
+    for threads in (1, 2):
+        outs.append(kernel_session(model, threads).run(None, feeds(inputs))[0])
+    np.testing.assert_allclose(outs[0], moeffn(attrs, **inputs), rtol=1e-4, atol=2e-5)
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), \
+        "1 and 2 threads must give bit-identical results"
+
+
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("sigmoid_on_input", "rank1_silu"),
+                                             ("precomputed", "gptoss_clamp")])
+def test_threads_bit_identical(routing, experts):
+    attrs, opts, inter = case(routing, experts)
+    inputs = random_inputs(attrs, 200, 96, inter * 5, 8 if routing != "sigmoid_on_input" else 4,
+                           biases=True, shared_inter=40, shared_gate=True,
+                           selection_bias=opts.get("selection_bias", False), seed=3)
+    model = make_moeffn_model(attrs, inputs)
+    got = [kernel_session(model, n).run(None, feeds(inputs))[0] for n in (1, 2, 2)]
+    assert np.array_equal(got[0].view(np.uint32), got[1].view(np.uint32))
+    assert np.array_equal(got[1].view(np.uint32), got[2].view(np.uint32))
+    np.testing.assert_allclose(got[0], moeffn(attrs, **inputs), rtol=1e-4, atol=2e-5)
+
+
+def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every initializer turned into a graph input (not constant)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
+                                                               list(init.dims)))
+    del model.graph.initializer[:]
+    return model
+
+
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("sigmoid_on_input", "rank1_silu")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_weights_not_constant(routing, experts, dtype):
+    attrs, opts, inter = case(routing, experts)
+    inputs = random_inputs(attrs, 2 * E + 3, 80, inter, E, biases=True, shared_inter=40,
+                           shared_gate=True, selection_bias=opts.get("selection_bias", False),
+                           dtype=dtype, seed=5)
+    model = _weights_as_inputs(make_moeffn_model(attrs, inputs))
+    sess = kernel_session(model)
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    for _ in range(2):  # a second call reuses the scratch arena
+        got = sess.run(None, inputs)[0]
+        np.testing.assert_allclose(f32(got), f32(moeffn(attrs, **inputs)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ["generic", "blas", "avx2"])
+def test_portable_code_paths(isa, monkeypatch):
+    """MOEFUSE_CPU_ISA picks the inner loops at kernel creation (if the CPU has them)."""
+    monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
+    for routing, experts in [("softmax_topk_norm", "swiglu_halves"),
+                             ("topk_softmax", "gptoss_clamp"),
+                             ("sigmoid_grouped", "geglu_separate"),
+                             ("precomputed", "relu_plain")]:
+        attrs, opts, inter = case(routing, experts)
+        check(attrs, opts, inter, True, True, 2, token_counts=(1, E + 5), fallback=False)
+    test_multi_chunk_shapes(*BIG[1])
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_empty_batch(rank):
+    for routing, experts in [("sigmoid_grouped", "swiglu_halves"), ("precomputed", "rank1_silu")]:
+        attrs, opts, inter = case(routing, experts)
+        inputs = random_inputs(attrs, (1, 2) if rank == 3 else 2, D, inter, E,
+                               selection_bias=opts.get("selection_bias", False), shared_inter=8)
+        sess = kernel_session(make_moeffn_model(attrs, inputs))
+        empty = {n: a[:, :0] if rank == 3 else a[:0] for n, a in feeds(inputs).items()}
+        got = sess.run(None, empty)[0]
+        assert got.shape == empty["X"].shape
+
+
+def test_nan_stays_in_its_token():
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves")
+    inputs = random_inputs(attrs, 6, D, inter, E, shared_inter=8)
+    inputs["X"][2, 3] = np.nan
+    inputs["router_logits"][4, 1] = np.nan
+    got = kernel_session(make_moeffn_model(attrs, inputs)).run(None, feeds(inputs))[0]
+    want = moeffn(attrs, **inputs)
+    assert np.isnan(got[2]).all() and np.isnan(got[4]).all()
+    ok = [0, 1, 3, 5]
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-6)
+
+
+def _node_ops(sess):
+    trace = sess.end_profiling()
+    try:
+        with open(trace) as f:
+            return {e["args"].get("op_name") for e in json.load(f) if e.get("cat") == "Node"}
+    finally:
+        os.remove(trace)
+
+
+def test_kernel_wins_over_embedded_function(tmp_path):
+    """With the library registered the MoEFFN kernel runs, not the model-local function, also
+    when the model carries function overloads (two configurations in one model)."""
+    a1, a2 = MoEFFNAttrs(k=2), MoEFFNAttrs(k=3, activation="gelu")
+    inputs = random_inputs(a1, 5, D, 8, E)
+    single = make_moeffn_model(a1, inputs)
+    double = make_moeffn_model(a1, inputs)
+    double.graph.value_info.append(helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", D]))
+    double.graph.output[0].name = "Z"
+    add_moeffn(double, {n: ("Y" if n == "X" else n) for n in inputs}, "Z", a2, name="second")
+    assert len({f.overload for f in double.functions}) == 2
+    assert all(n.overload for n in double.graph.node)
+    weights = {n: a for n, a in inputs.items() if n != "X"}
+    wants = [moeffn(a1, **inputs), moeffn(a2, moeffn(a1, **inputs), **weights)]
+    for model, want in zip((single, double), wants):
+        so = session_options(enable_profiling=True, log_severity_level=3,
+                             profile_file_prefix=str(tmp_path / "trace"))
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, feeds(inputs))[0]
+        assert _node_ops(sess) == {"MoEFFN"}
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _raw_model(attrs_dict, arrays, symbolic=None):
+    """A one-node model built without the builder's validation (to feed the kernel bad nodes).
+    ``symbolic`` maps graph-input names to their declared shapes (None: no shape)."""
+    symbolic = symbolic or {}
+    names = ["X", "router_logits", "w1", "w2", "w3", "b1", "b2", "b3", "selection_bias",
+             "topk_ids", "topk_weights"]
+    present = [n for n in names if n in arrays]
+    node = helper.make_node("MoEFFN", [n if n in arrays else "" for n in names[: names.index(present[-1]) + 1]],
+                            ["Y"], domain="moefuse", name="layer0.moe", **attrs_dict)
+    inputs, inits = [], []
+    for n in present:
+        a = arrays[n]
+        if n in ("X", "router_logits", "topk_ids", "topk_weights"):
+            et = helper.np_dtype_to_tensor_dtype(a.dtype)
+            shape = symbolic.get(n, ["T"] + list(a.shape[1:]))
+            inputs.append(helper.make_tensor_value_info(n, et, shape))
+        else:
+            inits.append(numpy_helper.from_array(a, n))
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("moefuse", 1)],
+                             ir_version=10)
+
+
+def _expect_error(model, feed, *fragments):
+    with pytest.raises(Exception) as info:
+        sess = kernel_session(model, strip_function=False)
+        sess.run(None, feed)
+    msg = str(info.value)
+    assert "layer0.moe" in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+    return msg
+
+
+def _valid_arrays(**kw):
+    attrs = MoEFFNAttrs(**kw)
+    return attrs, random_inputs(attrs, 3, D, 8, E)
+
+
+def test_error_bad_weight_shape():
+    attrs, a = _valid_arrays()
+    a["w2"] = a["w2"][:, :, :-2]
+    _expect_error(_raw_model({}, a), feeds(a), "'w2'", "[4, 16, 8]", "got [4, 16, 6]")
+
+
+def test_error_w1_hidden_mismatch():
+    attrs, a = _valid_arrays()
+    a["w1"] = np.ascontiguousarray(a["w1"][:, :, :-1])
+    _expect_error(_raw_model({}, a), feeds(a), "'w1'", "in = D = 16")
+
+
+def test_error_router_logits_expert_count():
+    attrs, a = _valid_arrays()
+    a["router_logits"] = np.ascontiguousarray(a["router_logits"][:, :3])
+    model = _raw_model({}, a, symbolic={"router_logits": ["T", "E"]})
+    _expect_error(model, feeds(a), "'router_logits'", "E=4", "[3, 3]")
+
+
+def test_error_router_logits_token_count():
+    attrs, a = _valid_arrays()
+    model = _raw_model({}, a, symbolic={"router_logits": ["T2", E]})
+    f = feeds(a)
+    f["router_logits"] = np.concatenate([f["router_logits"], f["router_logits"][:1]])
+    _expect_error(model, f, "'router_logits'", "same tokens as X")
+
+
+def test_error_x_rank():
+    attrs, a = _valid_arrays()
+    model = _raw_model({}, a, symbolic={"X": None, "router_logits": None})
+    f = feeds(a)
+    f["X"] = f["X"].reshape(1, 1, 3, D)
+    _expect_error(model, f, "'X'", "rank 2 [T, D] or rank 3 [B, S, D]", "[1, 1, 3, 16]")
+
+
+def test_error_topk_ids_out_of_range():
+    attrs, a = _valid_arrays(routing="precomputed")
+    f = feeds(a)
+    f["topk_ids"] = f["topk_ids"].copy()
+    f["topk_ids"][1, 0] = E
+    _expect_error(_raw_model({"routing": "precomputed"}, a), f, "'topk_ids'", "outside [0, 4)")
+    f["topk_ids"][1, 0] = -1
+    _expect_error(_raw_model({"routing": "precomputed"}, a), f, "'topk_ids'")
+
+
+def test_error_topk_ids_wrong_k():
+    attrs, a = _valid_arrays(routing="precomputed")
+    f = feeds(a)
+    model = _raw_model({"routing": "precomputed"}, a,
+                       symbolic={"topk_ids": ["T", "K"], "topk_weights": ["T", "K"]})
+    f["topk_ids"] = f["topk_ids"][:, :1].copy()
+    f["topk_weights"] = f["topk_weights"][:, :1].copy()
+    _expect_error(model, f, "'topk_ids'", "[..., k] with k=2")
+
+
+def test_error_bad_attribute():
+    attrs, a = _valid_arrays()
+    _expect_error(_raw_model({"routing": "bogus"}, a), feeds(a), "'routing'", "bogus")
+    _expect_error(_raw_model({"k": 9}, a), feeds(a), "'k'=9", "E=4")
+    _expect_error(_raw_model({"gated": 0, "clamp_limit": 3.0}, a), feeds(a), "'clamp_limit'")
+
+
+def test_error_unused_input():
+    attrs, a = _valid_arrays()
+    a["w3"] = a["w1"][:, :8].copy()
+    _expect_error(_raw_model({}, a), feeds(a), "'w3'", "gate_up_layout=separate")
+
+
+def test_error_missing_router_logits():
+    attrs, a = _valid_arrays()
+    del a["router_logits"]
+    _expect_error(_raw_model({}, a), feeds(a), "'router_logits'", "required")
