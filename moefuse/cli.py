@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import click
 
@@ -72,9 +73,14 @@ def _table(blocks, done: str = "converted") -> str:
               help="Write a JSON report of every block found.")
 @click.option("--check", is_flag=True,
               help="Run original and converted model on random inputs; print the max error.")
+@click.option("--target", type=click.Choice(["moefuse", "ort"]), default="moefuse",
+              show_default=True,
+              help="moefuse: MoEFFN nodes (run fast with the moefuse library, anywhere through "
+                   "their embedded function). ort: onnxruntime's com.microsoft.MoE where a block "
+                   "fits it (no library needed), MoEFFN elsewhere.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def convert(model, output, partial, report_path, check, quiet):
-    """Collapse every MoE block of MODEL into one MoEFFN node, proven by execution."""
+def convert(model, output, partial, report_path, check, target, quiet):
+    """Collapse every MoE block of MODEL into one fused node, proven by execution."""
     from .converter import convert_model
     from .converter.io import ModelFileError, check_opset, copy_unchanged, save
 
@@ -86,7 +92,8 @@ def convert(model, output, partial, report_path, check, quiet):
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     base_dir = os.path.dirname(os.path.abspath(model))
-    result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress)
+    result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
+                           target=target)
     blocks = result.blocks
     report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
               "written": False}
@@ -103,11 +110,17 @@ def convert(model, output, partial, report_path, check, quiet):
                 f"{missed} of {len(blocks)} MoE block(s) did not verify; nothing written "
                 f"(--partial converts the {len(result.converted)} that did)")
         removed = sum(b.nodes_removed for b in result.converted)
+        report["blocks"] = [b.to_json() for b in blocks]
         save(result.model, output, model)
         report["written"] = True
-        click.echo(f"wrote {output}: {len(result.converted)} MoEFFN node(s), "
-                   f"{len(proto.graph.node)} -> {len(result.model.graph.node)} nodes "
+        ops = Counter(b.emitted for b in result.converted)
+        click.echo(f"wrote {output}: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+                   + f"; {len(proto.graph.node)} -> {len(result.model.graph.node)} nodes "
                    f"({removed} removed)")
+        for b in result.converted:
+            if b.target_note:
+                click.echo(f"  {b.name}: kept as MoEFFN, does not fit com.microsoft.MoE: "
+                           f"{b.target_note}")
         if check:
             progress("checking original vs converted on random inputs")
             err = _check(model, output, proto)
@@ -159,6 +172,27 @@ def diff(a, b, as_json, summary):
         return
     d = diff_models(ma, mb)
     click.echo(json.dumps(d, indent=2) if as_json else format_diff(d))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--tokens", default="1,16,256", show_default=True,
+              help="Comma-separated token counts (the sequence dim; others take --batch).")
+@click.option("--batch", default=1, show_default=True, help="Batch size when the input has two "
+                                                            "symbolic dims.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", default=0, help="intra-op threads (0: onnxruntime's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def bench(model, tokens, batch, provider, threads, as_json, quiet):
+    """Time MODEL, its MoEFFN version and its com.microsoft.MoE version side by side."""
+    from .bench import bench as run_bench, table, to_json
+
+    counts = [int(t) for t in tokens.split(",") if t.strip()]
+    proto = _load(model)
+    vs = run_bench(proto, os.path.dirname(os.path.abspath(model)), counts, batch, provider,
+                   threads, log=_progress(quiet))
+    click.echo(json.dumps(to_json(vs), indent=2) if as_json else table(vs, counts))
 
 
 @main.command()

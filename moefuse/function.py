@@ -31,22 +31,24 @@ _ZERO = helper.make_tensor("zero", _F, [1], [0.0])
 _ONE = helper.make_tensor("one", _F, [1], [1.0])
 
 
-class _Body:
-    """A tiny SSA builder for function bodies."""
+class Body:
+    """A tiny SSA builder for function bodies (and, with a prefix, for graph snippets)."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = ""):
         self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
         self._n = 0
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
-        names = [f"_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
+        names = [f"{self.prefix}_{op_type.lower()}{self._n}_{i}" for i in range(outputs)]
         self._n += 1
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        node_name = f"{self.prefix}{op_type}_{self._n}" if self.prefix else None
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype=np.float32) -> str:
         arr = np.asarray(value, dtype=dtype)
-        name = f"_const{self._n}"
+        name = f"{self.prefix}_const{self._n}"
         self._n += 1
         self.nodes.append(helper.make_node(
             "Constant", [], [name], value=onnx.numpy_helper.from_array(arr, name)))
@@ -69,7 +71,7 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     if opset < MIN_OPSET:
         raise ValueError(f"the MoEFFN fallback function needs opset >= {MIN_OPSET}, got {opset}")
     present = set(present)
-    b = _Body()
+    b = Body()
     op = b.op
     in_out = attrs.weight_layout == "in_out"
 
@@ -80,51 +82,8 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
         w = f32(name)
         return w if in_out else op("Transpose", w, perm=[0, 2, 1])
 
-    def proj2(name):  # stored [a, b] -> float32 [in, out]
-        w = f32(name)
-        return w if in_out else op("Transpose", w, perm=[1, 0])
-
     def glu(h, up):
-        """The expert activation on the first projection h (last axis = features)."""
-        if not attrs.gated:
-            return act(h)
-        if up is None:
-            if attrs.gate_up_layout == "interleaved":
-                gate = op("Slice", h, b.ints(0), b.ints(2**62), b.ints(-1), b.ints(2))
-                up = op("Slice", h, b.ints(1), b.ints(2**62), b.ints(-1), b.ints(2))
-            else:  # halves
-                width = op("Shape", h, start=-1)
-                half = op("Div", width, b.ints(2))
-                gate = op("Slice", h, b.ints(0), half, b.ints(-1))
-                up = op("Slice", h, half, width, b.ints(-1))
-        else:
-            gate = h
-        if attrs.clamp_limit > 0:
-            lim = attrs.clamp_limit
-            gate = op("Min", gate, b.const(lim))
-            up = op("Clip", up, b.const(-lim), b.const(lim))
-        if attrs.up_offset:
-            up = op("Add", up, b.const(attrs.up_offset))
-        return op("Mul", act(gate), up)
-
-    def act(v):
-        name = attrs.activation
-        if name == "silu":
-            z = v if attrs.activation_alpha == 1.0 else op("Mul", v, b.const(attrs.activation_alpha))
-            return op("Mul", v, op("Sigmoid", z))
-        if name == "gelu":
-            e = op("Erf", op("Mul", v, b.const(1.0 / np.sqrt(2.0))))
-            return op("Mul", op("Mul", v, b.const(0.5)), op("Add", e, b.const(1.0)))
-        if name == "gelu_tanh":
-            cube = op("Mul", op("Mul", v, v), v)
-            inner = op("Add", v, op("Mul", cube, b.const(0.044715)))
-            t = op("Tanh", op("Mul", inner, b.const(np.sqrt(2.0 / np.pi))))
-            return op("Mul", op("Mul", v, b.const(0.5)), op("Add", t, b.const(1.0)))
-        if name == "relu":
-            return op("Relu", v)
-        if name == "identity":
-            return v
-        raise ValueError(f"unknown activation '{name}'")
+        return expert_activation(b, attrs, h, up)
 
     # ---- tokens as rows ----
     x = op("Flatten", f32("X"), axis=-1)                     # [T, D]
@@ -193,13 +152,8 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
 
     # ---- shared expert ----
     if "shared_w1" in present:
-        sh = op("MatMul", x, proj2("shared_w1"))
-        s_up = op("MatMul", x, proj2("shared_w3")) if "shared_w3" in present else None
-        s_out = op("MatMul", glu(sh, s_up), proj2("shared_w2"))
-        if "shared_gate" in present:
-            g = op("Sigmoid", op("MatMul", x, op("Unsqueeze", f32("shared_gate"), b.ints(1))))
-            s_out = op("Mul", s_out, g)
-        y = op("Add", y, s_out)
+        names = {n: n for n in ("shared_w1", "shared_w2", "shared_w3", "shared_gate") if n in present}
+        y = op("Add", y, shared_expert(b, attrs, x, names))
 
     y = op("Reshape", y, op("Shape", "X"), allowzero=1)
     b.nodes.append(helper.make_node("CastLike", [y, "X"], ["Y"]))
@@ -212,7 +166,72 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     )
 
 
-def _group_limited(b: _Body, choice: str, n_group: int, topk_group: int) -> str:
+def activation(b: Body, attrs: MoEFFNAttrs, v: str) -> str:
+    """act(v) in float32 (spec: Experts)."""
+    op, name = b.op, attrs.activation
+    if name == "silu":
+        z = v if attrs.activation_alpha == 1.0 else op("Mul", v, b.const(attrs.activation_alpha))
+        return op("Mul", v, op("Sigmoid", z))
+    if name == "gelu":
+        e = op("Erf", op("Mul", v, b.const(1.0 / np.sqrt(2.0))))
+        return op("Mul", op("Mul", v, b.const(0.5)), op("Add", e, b.const(1.0)))
+    if name == "gelu_tanh":
+        cube = op("Mul", op("Mul", v, v), v)
+        inner = op("Add", v, op("Mul", cube, b.const(0.044715)))
+        t = op("Tanh", op("Mul", inner, b.const(np.sqrt(2.0 / np.pi))))
+        return op("Mul", op("Mul", v, b.const(0.5)), op("Add", t, b.const(1.0)))
+    if name == "relu":
+        return op("Relu", v)
+    if name == "identity":
+        return v
+    raise ValueError(f"unknown activation '{name}'")
+
+
+def expert_activation(b: Body, attrs: MoEFFNAttrs, h: str, up: Optional[str]) -> str:
+    """The expert's activation on the first projection h (features on the last axis); ``up``
+    is the separate up projection when gate and up are stored apart."""
+    op = b.op
+    if not attrs.gated:
+        return activation(b, attrs, h)
+    if up is None:
+        if attrs.gate_up_layout == "interleaved":
+            gate = op("Slice", h, b.ints(0), b.ints(2**62), b.ints(-1), b.ints(2))
+            up = op("Slice", h, b.ints(1), b.ints(2**62), b.ints(-1), b.ints(2))
+        else:  # halves
+            width = op("Shape", h, start=-1)
+            half = op("Div", width, b.ints(2))
+            gate = op("Slice", h, b.ints(0), half, b.ints(-1))
+            up = op("Slice", h, half, width, b.ints(-1))
+    else:
+        gate = h
+    if attrs.clamp_limit > 0:
+        lim = attrs.clamp_limit
+        gate = op("Min", gate, b.const(lim))
+        up = op("Clip", up, b.const(-lim), b.const(lim))
+    if attrs.up_offset:
+        up = op("Add", up, b.const(attrs.up_offset))
+    return op("Mul", activation(b, attrs, gate), up)
+
+
+def shared_expert(b: Body, attrs: MoEFFNAttrs, x: str, names: dict) -> str:
+    """The shared expert on float32 rows x [T, D]; ``names`` maps shared_w1/w2 (and shared_w3,
+    shared_gate when present) to the tensors holding them, stored as the spec says."""
+    op = b.op
+
+    def proj(key):  # stored [a, b] -> float32 [in, out]
+        w = op("Cast", names[key], to=_F)
+        return w if attrs.weight_layout == "in_out" else op("Transpose", w, perm=[1, 0])
+
+    h = op("MatMul", x, proj("shared_w1"))
+    up = op("MatMul", x, proj("shared_w3")) if "shared_w3" in names else None
+    out = op("MatMul", expert_activation(b, attrs, h, up), proj("shared_w2"))
+    if "shared_gate" in names:
+        gate = op("Unsqueeze", op("Cast", names["shared_gate"], to=_F), b.ints(1))
+        out = op("Mul", out, op("Sigmoid", op("MatMul", x, gate)))
+    return out
+
+
+def _group_limited(b: Body, choice: str, n_group: int, topk_group: int) -> str:
     """Mask to -inf the experts outside the topk_group best groups (see reference._mask_groups)."""
     op = b.op
     shape = op("Shape", choice)

@@ -35,14 +35,18 @@ class Conversion:
 
 
 def convert_model(model: onnx.ModelProto, base_dir: str = "", partial: bool = False,
-                  progress: Optional[Callable[[str], None]] = None) -> Conversion:
+                  progress: Optional[Callable[[str], None]] = None,
+                  target: str = "moefuse") -> Conversion:
     """Convert every verified MoE block. All-or-nothing unless ``partial``: if any block found
-    fails to verify, ``model`` is None and the blocks explain why."""
+    fails to verify, ``model`` is None and the blocks explain why. ``target="ort"`` writes
+    onnxruntime's com.microsoft.MoE for the blocks that fit it (see ort_target.py)."""
+    if target not in ("moefuse", "ort"):
+        raise ValueError(f"unknown target {target!r}: expected 'moefuse' or 'ort'")
     g, blocks = analyze(model, base_dir, progress)
     converted = [b for b in blocks if b.converted]
     if not converted or (not partial and len(converted) != len(blocks)):
         return Conversion(None, blocks)
-    return Conversion(rewrite(model, g, blocks), blocks)
+    return Conversion(rewrite(model, g, blocks, target), blocks)
 
 
 __all__ = ["Block", "Conversion", "convert_model", "analyze", "rewrite"]

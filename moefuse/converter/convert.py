@@ -13,6 +13,7 @@ from onnx import helper
 from ..builder import attach_functions, make_node
 from ..function import MIN_OPSET, opset_of
 from ..spec import MoEFFNAttrs, validate_arrays
+from . import ort_ingest, ort_target
 from .graph import GraphIndex
 from .lift import Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, region_nodes
 from .region import Candidate, NearMiss, find_candidates
@@ -40,6 +41,9 @@ class Block:
     weights_relaid: int = 0
     max_error: Optional[float] = None
     traits: list = field(default_factory=list)
+    dtype: str = "float32"
+    emitted: str = ""       # the op written for the block: moefuse.MoEFFN or com.microsoft.MoE
+    target_note: str = ""   # with --target ort: why the block stayed MoEFFN
     # private to the rewrite
     _hypothesis: Optional[Hypothesis] = field(default=None, repr=False)
     _region: list = field(default_factory=list, repr=False)
@@ -122,6 +126,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
         block.weights_relaid = sum(1 for op in h.operands.values() if not op.reused)
         block._flatten_output = probes[0].y.ndim != probes[0].x.ndim
+        block.dtype = np.dtype(probes[0].x.dtype).name
         for op in h.operands.values():
             op.ref.release()  # the rewrite re-reads only what it re-lays out
         return block
@@ -161,11 +166,41 @@ def analyze(model: onnx.ModelProto, base_dir: str = "",
             progress(f"block {n + 1}/{len(found)}: {cand.name}")
         blocks.append(lift_candidate(g, cand))
         g.release_arrays()  # keep one block's weights in memory at a time
+    for i, node in ort_ingest.ort_moe_nodes(g):
+        if progress:
+            progress(f"com.microsoft.MoE node {node.name or i}")
+        blocks.append(ingest_ort_node(g, i, node))
+        g.release_arrays()
     return g, blocks
 
 
-def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block]) -> onnx.ModelProto:
-    """Replace every converted block by one MoEFFN node. Unrelated nodes are untouched."""
+def ingest_ort_node(g: GraphIndex, i: int, node: onnx.NodeProto) -> Block:
+    """A com.microsoft.MoE node read as MoEFFN and verified by running it."""
+    name = node.name or f"com.microsoft.MoE#{i}"
+    try:
+        h, probes, experts, hidden = ort_ingest.lift_node(g, i, node)
+    except Refusal as exc:
+        return Block(name=name, converted=False, reason=f"com.microsoft.MoE: {exc}",
+                     x=node.input[0], logits=node.input[1])
+    arrays = {n: op.array() for n, op in h.operands.items()}
+    size = validate_arrays(h.attrs, {"X": probes[0].x, "router_logits": probes[0].logits,
+                                     **arrays})
+    block = Block(name=name, converted=True, attrs=h.attrs, experts=experts, hidden=hidden,
+                  inter=size.inter, x=node.input[0], logits=node.input[1],
+                  output=node.output[0], max_error=max(_rel_err(h, p, arrays) for p in probes),
+                  traits=["from com.microsoft.MoE"] + traits_of(h.attrs, h.operands),
+                  dtype=np.dtype(probes[0].x.dtype).name, _hypothesis=h, _region=[i])
+    block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
+    for op in h.operands.values():
+        op.ref.release()
+    return block
+
+
+def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
+            target: str = "moefuse") -> onnx.ModelProto:
+    """Replace every converted block by one MoEFFN node (``target="moefuse"``) or, where the
+    block fits it, by onnxruntime's com.microsoft.MoE (``target="ort"``). Unrelated nodes are
+    untouched."""
     opset = opset_of(model)
     if opset is None or opset < MIN_OPSET:
         raise Refusal(f"the model imports opset {opset}; converted models need opset >= "
@@ -179,6 +214,23 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block]) -> onnx.
         if not b.converted:
             continue
         h = b._hypothesis
+        if target == "ort":
+            b.target_note = ort_target.fit(h.attrs, h.operands, b.dtype)
+            if not b.target_note:
+                name = _unique(f"{b.name or 'moe'}/MoE", used_names)
+                arrays = {n: op.array() for n, op in h.operands.items()}
+                new_nodes, inits = ort_target.emit(name, h.attrs, b.x, b.logits, b.output,
+                                                   arrays, lambda t: _unique(t, used_names))
+                new_inits.extend(inits)
+                b.emitted = f"{ort_target.ORT_DOMAIN}.{ort_target.ORT_OP}"
+                b.weights_reused, b.weights_relaid = 0, len(inits)
+                producer = g.producer[b.output]
+                replace[producer] = new_nodes
+                dead = _dead_after(g, set(b._region), producer, keep_inputs={b.x, b.logits})
+                removed |= dead
+                b.nodes_removed = len(dead)
+                continue
+        b.emitted = "moefuse.MoEFFN"
         node_name = _unique(f"{b.name or 'moe'}/MoEFFN", used_names)
         inputs = {"X": b.x}
         if h.attrs.routing != "precomputed":
@@ -226,6 +278,9 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block]) -> onnx.
     kept_vi = [v for v in result.graph.value_info if v.name in produced]
     del result.graph.value_info[:]
     result.graph.value_info.extend(kept_vi)
+    if any(b.emitted.startswith(ort_target.ORT_DOMAIN) for b in blocks) and not any(
+            i.domain == ort_target.ORT_DOMAIN for i in result.opset_import):
+        result.opset_import.append(helper.make_opsetid(ort_target.ORT_DOMAIN, 1))
     attach_functions(result)
     return result
 
