@@ -17,8 +17,10 @@ form                         experts stored as                     combine
 ``geglu_stacked``            stacked [E, 2I, D], [E, D, I]         gathered per (token, k)
 ``flash_rank1``              stacked [E, D] down and up vectors    gathered per (token, k)
 ``dense_onehot``             ModuleList of SwiGLU MLPs             one-hot routing mask, loop
-``dense_onehot_reversed``    the same, looping from the last expert
+``dense_onehot_reversed``    SwiGLU MLPs, biases, up before gate   one-hot mask, last expert 1st
 ``sparse_loop``              ModuleList of SwiGLU MLPs + shared    where(ids == e), index_add
+``sparse_loop_onehot``       ModuleList of SwiGLU MLPs             where(one_hot[e]), index_add_
+``dense_fused_shared``       fused gate/up Linears + gated shared  one-hot weights, loop
 ``switch_capacity``          ModuleList of Linear pairs (ReLU)     capacity-limited mask (refuse)
 ``skip_empty_loop``          ModuleList of SwiGLU MLPs             loop skipping unused experts
                                                                    (trace keeps only the hit ones)
@@ -47,16 +49,24 @@ def _init(module: nn.Module, seed: int) -> nn.Module:
 
 
 class SwiGLU(nn.Module):
-    """A Llama-style gated MLP: down(silu(gate(x)) * up(x))."""
+    """A Llama-style gated MLP: down(silu(gate(x)) * up(x)); optionally with biases and with
+    the up projection computed before the gate (program order is not a reliable guide)."""
 
-    def __init__(self, d: int, i: int):
+    def __init__(self, d: int, i: int, bias: bool = False, up_first: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
-        self.down_proj = nn.Linear(i, d, bias=False)
+        self.up_first = up_first
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.up_first:
+            up = self.up_proj(x)
+            gate = self.gate_proj(x)
+        else:
+            gate = self.gate_proj(x)
+            up = self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +219,16 @@ class DenseOneHot(nn.Module):
 
     Reading: softmax_topk, k=2, normalize_topk=1, gated silu separate, weight lists tied to
     experts by the constant column each mask slice takes. With ``reverse=True`` the loop runs
-    from the last expert to the first, so program order no longer gives the expert index.
+    from the last expert to the first (program order no longer gives the expert index) and the
+    experts have biases and compute their up projection before the gate.
     """
 
     def __init__(self, d=16, e=4, i=24, k=2, reverse=False, seed=4):
         super().__init__()
         self.num_experts, self.k, self.reverse = e, k, reverse
         self.router = nn.Linear(d, e, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(d, i) for _ in range(e))
+        self.experts = nn.ModuleList(SwiGLU(d, i, bias=reverse, up_first=reverse)
+                                     for _ in range(e))
         _init(self, seed)
 
     def forward(self, x):
@@ -267,6 +279,66 @@ class SparseLoop(nn.Module):
             y = expert(h[tok]) * top_s[tok, slot].unsqueeze(-1)
             out = out.index_add(0, tok, y)
         return (out + self.shared(h)).reshape(shape)
+
+
+class SparseLoopOneHot(nn.Module):
+    """transformers' eager experts loop rewritten to trace: ``expert_mask = one_hot(ids, E)
+    .permute(2, 1, 0)``, then for every expert (``range(E)``, not the experts hit)
+    ``slot, tok = torch.where(expert_mask[e])`` and an in-place ``index_add_``. Per-expert
+    SwiGLU modules; routing on the top-k logits with a softmax over the k.
+
+    Reading: topk_softmax (or its softmax_topk+norm equivalent), gated silu separate, weight
+    lists tied to experts by ``Gather(expert_mask, e)``.
+    """
+
+    def __init__(self, d=16, e=8, i=12, k=2, seed=8):
+        super().__init__()
+        self.num_experts, self.k = e, k
+        self.router = nn.Linear(d, e, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, i) for _ in range(e))
+        _init(self, seed)
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.view(-1, shape[-1])
+        top_l, top_i = torch.topk(self.router(h), self.k, dim=-1)
+        w = torch.softmax(top_l, dim=-1)
+        out = torch.zeros_like(h)
+        expert_mask = F.one_hot(top_i, self.num_experts).permute(2, 1, 0)   # [E, k, T]
+        for e in range(self.num_experts):
+            slot, tok = torch.where(expert_mask[e])
+            out.index_add_(0, tok, self.experts[e](h[tok]) * w[tok, slot, None])
+        return out.view(shape)
+
+
+class DenseFusedShared(nn.Module):
+    """Per-expert fused gate/up ``Linear(D, 2I)`` (gate half first, ``chunk(2)``) and down
+    ``Linear(I, D)``, both with biases, on the ``[B, S, D]`` input as it comes; dense routing
+    weights from ``(one_hot(ids) * weights).sum(-2)``; a Qwen2-MoE style shared expert scaled
+    by ``sigmoid(x . g)``. Softmax then top-2 without renormalization.
+
+    Reading: softmax_topk, normalize_topk=0, gated silu halves, b1/b2, gated shared expert.
+    """
+
+    def __init__(self, d=16, e=6, i=12, k=2, shared_i=20, seed=9):
+        super().__init__()
+        self.num_experts, self.k = e, k
+        self.router = nn.Linear(d, e, bias=False)
+        self.gate_up = nn.ModuleList(nn.Linear(d, 2 * i) for _ in range(e))
+        self.down = nn.ModuleList(nn.Linear(i, d) for _ in range(e))
+        self.shared = SwiGLU(d, shared_i)
+        self.shared_gate = nn.Linear(d, 1, bias=False)
+        _init(self, seed)
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), dim=-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        dense = (F.one_hot(idx, self.num_experts).to(x.dtype) * w.unsqueeze(-1)).sum(-2)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            gate, up = self.gate_up[e](x).chunk(2, dim=-1)
+            out = out + dense[..., e:e + 1] * self.down[e](F.silu(gate) * up)
+        return out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +427,8 @@ FORMS = {
     "dense_onehot": DenseOneHot,
     "dense_onehot_reversed": lambda **kw: DenseOneHot(reverse=True, **kw),
     "sparse_loop": SparseLoop,
+    "sparse_loop_onehot": SparseLoopOneHot,
+    "dense_fused_shared": DenseFusedShared,
     "switch_capacity": SwitchCapacity,
     "skip_empty_loop": SkipEmptyLoop,
 }

@@ -290,6 +290,21 @@ def _reading(groups: list[list[_Matrix]], how: str) -> Optional[ListReading]:
     return ListReading(stacks, biases, used, how)
 
 
+def _with_swapped_gate_up(r: ListReading) -> list[ListReading]:
+    """lift.py pairs biases with projections by width and tries gate/up in both orders with the
+    biases in place; with per-projection biases, also offer the two first projections swapped
+    (up computed before gate), biases swapped along."""
+    if len(r.stacks) != 3 or len(r.biases) < 2 or r.stacks[0].shape != r.stacks[1].shape:
+        return [r]
+    s, b = r.stacks, r.biases
+    by_label = {x.label: x for x in b}
+    b0, b1 = by_label.get("experts[*].proj0.bias"), by_label.get("experts[*].proj1.bias")
+    if b0 is None or b1 is None:
+        return [r]
+    swapped_b = [b1 if x is b0 else b0 if x is b1 else x for x in b]
+    return [r, ListReading([s[1], s[0], s[2]], swapped_b, r.used, r.how + ", up first")]
+
+
 def _order_readings(mats: list[_Matrix], E: int) -> list[ListReading]:
     out = []
     n = len(mats)
@@ -346,7 +361,7 @@ def readings(g: GraphIndex, refs, E: int, D: int, nodes, anchor: int,
                 out.append(r)
         out.extend(_order_readings(mats, E))
     out.extend(_rank1_readings(refs, E, D))
-    return out
+    return [v for r in out for v in _with_swapped_gate_up(r)]
 
 
 # ---------------------------------------------------------------------------------------------

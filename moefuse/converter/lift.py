@@ -165,7 +165,7 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
                    and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
                    and _is_b_operand(r)]
 
-    refusal = expert_lists.block_refusal(g, refs, E, nodes, cand.anchor)
+    refusal = precheck(g, cand)
     if refusal:
         raise Refusal(refusal)
     readings = [(stacks, biases, shared_mats)]
