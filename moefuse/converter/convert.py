@@ -15,7 +15,8 @@ from ..function import MIN_OPSET, opset_of
 from ..spec import MoEFFNAttrs, validate_arrays
 from . import ort_ingest, ort_target
 from .graph import GraphIndex
-from .lift import Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, region_nodes
+from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses,
+                   precheck, region_nodes)
 from .region import Candidate, NearMiss, find_candidates
 from .verify import probe_block
 
@@ -83,6 +84,10 @@ def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
 def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
     """Try the candidate's possible outputs, latest first; return the first that verifies."""
     reasons = []
+    refusal = precheck(g, cand)  # e.g. a traced expert loop, which may not even run
+    if refusal:
+        return Block(name=cand.name, converted=False, reason=refusal, x=cand.x,
+                     logits=cand.logits, experts=cand.experts, hidden=cand.hidden or 0)
     try:
         all_probes = probe_block(g, cand, cand.ends)
     except Exception as exc:  # noqa: BLE001 - a block that does not run on its own
