@@ -319,26 +319,23 @@ def _expert_options(stacks, biases, ops, scalars, D):
 
 
 def _bias_options(biases, n1, inter, D, separate):
-    by_width: dict[int, list] = {}
-    for b in biases:
-        by_width.setdefault(b.shape[1], []).append(b)
-    b1 = by_width.get(n1, [])
-    b2 = [b for b in by_width.get(D, []) if b not in b1[:1]] or by_width.get(D, [])
+    """The expert biases by width: b1 [E, N1], b2 [E, D] and, stored apart, b3 [E, I].
+    When widths coincide, program order decides (b1 is read before b3, b3 before b2)."""
     if not biases:
         yield {}
         return
-    ops = {}
-    if b1:
-        ops["b1"] = Operand(b1[0])
-    if b2:
-        cand = [b for b in b2 if b is not ops.get("b1", Operand(None)).ref]
-        if cand:
-            ops["b2"] = Operand(cand[-1])
-    if separate:
-        b3 = [b for b in by_width.get(inter, []) if b is not ops.get("b1", Operand(None)).ref]
-        if b3:
-            ops["b3"] = Operand(b3[0])
-    yield ops
+    left = list(biases)
+
+    def take(width, last=False):
+        matches = [b for b in left if b.shape[1] == width]
+        if not matches:
+            return None
+        pick = matches[-1] if last else matches[0]
+        left.remove(pick)
+        return Operand(pick)
+
+    ops = {"b1": take(n1), "b3": take(inter) if separate else None, "b2": take(D, last=True)}
+    yield {k: v for k, v in ops.items() if v is not None}
 
 
 def _shared_options(mats, D):
