@@ -90,6 +90,40 @@ def test_switch_topk_selector(tmp_path):
     check_converted(module, model, ["softmax_topk", "k=1", "relu"])
 
 
+def test_switch_single_token_trace_is_not_converted(tmp_path):
+    """Traced with one token, TorchScript bakes that expert's one-row indexing into the graph,
+    which then fails on other inputs: the converter leaves it alone and says it does not run."""
+    module = zoo.SwitchTop1()
+    model = export_module(module, torch.randn(1, 1, D), tmp_path / "one.onnx", "torchscript")
+    conv = convert_model(model, partial=True)
+    assert conv.model is None and not conv.blocks[0].converted
+    assert "does not run" in conv.blocks[0].reason
+
+
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow),
+                                      "torchscript"])
+def test_stacked_forms(exporter, tmp_path):
+    """Three different forms as residual layers of one model: three MoEFFN nodes."""
+    module = zoo.ZooStack(["dense_fused_shared", "geglu_stacked", "sparse_loop_onehot"])
+    example = torch.randn(*EXPORT_SHAPE, D, generator=torch.Generator().manual_seed(0))
+    model = export_module(module, example, tmp_path / "stack.onnx", exporter)
+    check_converted(module, model, [], moeffn_nodes=3)
+
+
+def test_partial_with_capacity_layer(tmp_path):
+    """A capacity layer next to a convertible one: all-or-nothing refuses, partial converts one."""
+    module = zoo.ZooStack(["dense_onehot", "switch_capacity"])
+    example = torch.randn(*EXPORT_SHAPE, D, generator=torch.Generator().manual_seed(0))
+    model = export_module(module, example, tmp_path / "stack.onnx", "torchscript")
+    assert convert_model(model).model is None
+    conv = convert_model(model, partial=True)
+    assert [b.converted for b in conv.blocks] == [True, False]
+    assert "expert capacity" in conv.blocks[1].reason
+    assert [n.op_type for n in conv.model.graph.node].count("MoEFFN") == 1
+    x = np.random.default_rng(2).standard_normal((3, 9, D), dtype=np.float32)
+    assert max_rel(run_onnx(model, {"x": x}), run_onnx(conv.model, {"x": x})) < 1e-5
+
+
 def test_per_expert_weights_are_stacked_once(tmp_path):
     """A per-expert reading writes one new initializer per stacked input and drops the 3E
     per-expert matrices from the graph."""
@@ -126,6 +160,7 @@ def test_skip_empty_loop_trace_is_refused(tmp_path):
     assert conv.model is None and not conv.blocks[0].converted
     reason = conv.blocks[0].reason
     assert "only experts [" in reason and "of E=8 survive" in reason, reason
+    assert "silently ignores the others" in reason
     assert "batched_mm" in reason
 
 
@@ -142,31 +177,22 @@ def _eager_trace(tmp_path):
     return export_module(module, example, tmp_path / "eager.onnx", "torchscript")
 
 
-def test_transformers_eager_trace_is_not_converted(tmp_path):
-    """transformers' eager experts loop traced by TorchScript: never converted."""
+def test_transformers_eager_trace_is_refused(tmp_path):
+    """transformers' eager experts loop traced by TorchScript: the loop is unrolled for the
+    experts the trace input hit and the graph fails on inputs that hit another number of
+    experts. The converter refuses it before running it, and says how to export it instead."""
     conv = convert_model(_eager_trace(tmp_path), partial=True)
     assert conv.model is None and not conv.blocks[0].converted
-
-
-@pytest.mark.xfail(strict=True, reason="needs convert.lift_candidate to ask lift.precheck before "
-                   "probing: the traced graph fails on the probes first")
-def test_transformers_eager_trace_reason(tmp_path):
-    conv = convert_model(_eager_trace(tmp_path), partial=True)
     reason = conv.blocks[0].reason
-    assert "expert slots of E=6 survive" in reason and "batched_mm" in reason, reason
+    assert "unrolled a data-dependent expert loop" in reason, reason
+    assert "exactly 6 of the 6 experts" in reason and "batched_mm" in reason, reason
 
 
-def test_transformers_eager_trace_precheck(tmp_path):
-    """What the converter can say about that graph before running it."""
-    import onnx
-
-    from moefuse.converter.graph import GraphIndex
-    from moefuse.converter.lift import precheck
-    from moefuse.converter.region import Candidate, find_candidates
-
-    model = onnx.shape_inference.infer_shapes(_eager_trace(tmp_path))
-    g = GraphIndex(model)
-    cands = [c for c in find_candidates(g) if isinstance(c, Candidate)]
-    assert len(cands) == 1
-    reason = precheck(g, cands[0])
-    assert reason and "expert slots of E=6 survive" in reason and "batched_mm" in reason, reason
+def test_transformers_eager_trace_few_experts_is_refused(tmp_path):
+    """The same traced with one token: two of six expert slots survive."""
+    pytest.importorskip("transformers")
+    module = zoo.transformers_eager_block("mixtral")
+    model = export_module(module, torch.randn(1, 1, 32), tmp_path / "eager1.onnx", "torchscript")
+    conv = convert_model(model, partial=True)
+    assert conv.model is None
+    assert "only 2 expert slots of E=6 survive" in conv.blocks[0].reason, conv.blocks[0].reason

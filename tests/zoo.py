@@ -81,6 +81,10 @@ class SwitchTop1(nn.Module):
 
     ``selector="argmax"`` picks with ``probs.max(-1)``; ``"topk"`` with ``probs.topk(1)``.
     Reading: softmax_topk, k=1, normalize_topk=0, relu, gated=0, per-expert weight lists.
+
+    Exporter hazard: when an expert receives exactly one token in the trace input, the
+    TorchScript tracer specializes that expert's boolean-mask indexing to one row (a Reshape to
+    ``[D]``), and the graph fails on other inputs; the dynamo exporter has no such problem.
     """
 
     def __init__(self, d=16, e=4, i=32, selector="argmax", seed=0):
@@ -408,6 +412,20 @@ class SkipEmptyLoop(nn.Module):
             tok, slot = torch.where(hit)
             out = out.index_add(0, tok, expert(h[tok]) * top_p[tok, slot].unsqueeze(-1))
         return out.reshape(shape)
+
+
+class ZooStack(nn.Module):
+    """Several zoo blocks as pre-norm residual layers: ``x = x + block(LayerNorm(x))``."""
+
+    def __init__(self, forms, seed=0):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(16) for _ in forms)
+        self.blocks = nn.ModuleList(FORMS[f](seed=seed + j) for j, f in enumerate(forms))
+
+    def forward(self, x):
+        for norm, block in zip(self.norms, self.blocks):
+            x = x + block(norm(x))
+        return x
 
 
 def transformers_eager_block(family: str = "mixtral", seed: int = 0):

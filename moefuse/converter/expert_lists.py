@@ -183,6 +183,20 @@ def _scalar_int(g: GraphIndex, t: str) -> Optional[int]:
     return int(np.asarray(v).reshape(-1)[0])
 
 
+def _downstream(g: GraphIndex, starts, region: set) -> set[int]:
+    """Nodes of ``region`` that depend on the outputs of the ``starts`` nodes (not walking out
+    of the region: in a whole model the rest of the network is downstream of everything)."""
+    seen: set[int] = set()
+    stack = [o for n in starts for o in g.nodes[n].output if o]
+    while stack:
+        t = stack.pop()
+        for c in g.consumers.get(t, []):
+            if c in region and c not in seen:
+                seen.add(c)
+                stack.extend(o for o in g.nodes[c].output if o)
+    return seen
+
+
 def _expert_axis(g: GraphIndex, t: str, axis: int, E: int) -> bool:
     """Can ``axis`` of tensor ``t`` be the expert axis (size E)? Unknown sizes may be, unless
     ``t`` is a shape vector (the Shape/Gather/Concat noise every exporter emits)."""
@@ -199,7 +213,7 @@ def _expert_axis(g: GraphIndex, t: str, axis: int, E: int) -> bool:
 def indicators(g: GraphIndex, nodes, anchor: int, E: int) -> dict[int, list[int]]:
     """{expert index: [node indices]} of the nodes that pick one expert out of the routing."""
     region = set(nodes) | {anchor}
-    routed_nodes = g.descendants(g.nodes[anchor].output) & region
+    routed_nodes = _downstream(g, [anchor], region)
     routed = {o for i in routed_nodes for o in g.nodes[i].output} | set(g.nodes[anchor].output)
     found: dict[int, list[int]] = {}
     for i in sorted(routed_nodes):
@@ -238,10 +252,7 @@ def _tie(g: GraphIndex, mats: list[_Matrix], inds: dict[int, list[int]], nodes) 
     region = set(nodes)
     reach = {}
     for e, ns in inds.items():
-        seen = set(ns)
-        for n in ns:
-            seen |= g.descendants(g.nodes[n].output)
-        reach[e] = seen & region | set(ns)
+        reach[e] = _downstream(g, ns, region) | set(ns)
     for m in mats:
         up = [e for e, s in reach.items() if m.node in s]
         if len(up) == 1:
@@ -249,7 +260,7 @@ def _tie(g: GraphIndex, mats: list[_Matrix], inds: dict[int, list[int]], nodes) 
             continue
         if up:
             continue
-        down = g.descendants(g.nodes[m.node].output) & region
+        down = _downstream(g, [m.node], region)
         meets = {e: min(s & down) for e, s in reach.items() if s & down}
         if not meets:
             continue
@@ -400,12 +411,13 @@ def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[
         if other:
             continue
         if dynamic:
-            return (f"only {dynamic} expert slot{'s' if dynamic > 1 else ''} of E={E} survive in "
-                    f"this graph ({r.tensor} is indexed by {dynamic} scalar expert id"
-                    f"{'s' if dynamic > 1 else ''} taken from the experts hit at run time): the "
-                    f"exporter traced a data-dependent expert loop, unrolled for the experts its "
-                    f"trace input hit, so the graph fails or is wrong on other inputs; "
-                    f"{RE_EXPORT}")
+            only = (f"only {dynamic} expert slot{'s' if dynamic > 1 else ''} of E={E} survive "
+                    f"in this graph: " if dynamic < E else "")
+            return (f"{only}the exporter unrolled a data-dependent expert loop for its trace "
+                    f"input: {r.tensor} is indexed by {dynamic} scalar expert id"
+                    f"{'s' if dynamic > 1 else ''} taken at run time from the experts hit, so "
+                    f"the graph runs only on inputs that hit exactly {dynamic} of the {E} "
+                    f"experts; {RE_EXPORT}")
         if const_ids and const_ids != set(range(E)):
             return _subset_reason(sorted(const_ids), E, r.tensor)
     # per-expert matrices for only some experts
@@ -433,9 +445,9 @@ def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[
 
 def _subset_reason(experts: list, E: int, tensor: Optional[str]) -> str:
     where = f" (constant indices into {tensor})" if tensor else ""
-    return (f"only experts {experts} of E={E} survive in this graph{where}: the exporter traced "
-            f"a data-dependent expert loop and kept only the experts its trace input hit; "
-            f"{RE_EXPORT}")
+    return (f"only experts {experts} of E={E} survive in this graph{where}: the exporter "
+            f"unrolled a data-dependent expert loop for its trace input and kept only the "
+            f"experts that input hit, so the graph silently ignores the others; {RE_EXPORT}")
 
 
 _COMPARE = {"Less": "<", "LessOrEqual": "<=", "Greater": ">", "GreaterOrEqual": ">="}
@@ -446,7 +458,7 @@ _PASS = {"Mul", "Cast", "Sub", "Add", "Reshape", "Squeeze", "Unsqueeze", "Identi
 def _capacity(g: GraphIndex, nodes, anchor: int) -> Optional[str]:
     """A CumSum of routing-derived data compared with a limit: tokens dropped past capacity."""
     region = set(nodes)
-    routed = g.descendants(g.nodes[anchor].output) & region
+    routed = _downstream(g, [anchor], region)
     for i in sorted(routed):
         node = g.nodes[i]
         if node.op_type != "CumSum":
