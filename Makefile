@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moefuse-installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo clean asan test-ort-versions bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,37 @@ test-fast: setup
 # Convert the bundled tiny model, run original and converted, print node counts, error, speed.
 demo: setup
 	$(BIN)/python examples/demo.py
+
+# The custom-op library built with AddressSanitizer + UndefinedBehaviorSanitizer in its own
+# build directory, and the kernel tests run against it. Python itself is not instrumented, so
+# the sanitizer runtime (and libstdc++, for its exception interceptor) are preloaded.
+ASAN_DIR := build/asan
+ASAN_CXX ?= g++
+asan: setup
+	cmake -S . -B $(ASAN_DIR) -DMOEFUSE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_CXX_COMPILER=$(ASAN_CXX) -DPython_EXECUTABLE=$(abspath $(BIN)/python) > /dev/null
+	cmake --build $(ASAN_DIR) -j 2
+	MOEFUSE_LIBRARY=$(abspath $(ASAN_DIR))/custom_ops/libmoefuse_ops.so \
+	LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$(realpath $$($(ASAN_CXX) -print-file-name=libstdc++.so))" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(BIN)/pytest -q -s -p no:cacheprovider tests/test_kernel_cpu.py
+
+# The kernel tests on the oldest onnxruntime we support (pyproject's floor), installed apart
+# from the venv, and on the newest (the venv's).
+ORT_OLDEST ?= 1.20.1
+ORT_OLD_DIR := build/onnxruntime-$(ORT_OLDEST)
+test-ort-versions: setup
+	test -d $(ORT_OLD_DIR) || $(BIN)/python -m pip install --quiet --no-deps --target $(ORT_OLD_DIR) "onnxruntime==$(ORT_OLDEST)"
+	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/python -c "import onnxruntime as o; assert o.__version__ == '$(ORT_OLDEST)', o.__version__; print('onnxruntime', o.__version__)"
+	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
+	$(BIN)/python -c "import onnxruntime as o; print('onnxruntime', o.__version__)"
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
+
+# CPU benchmark of the MoEFFN kernel against onnxruntime's com.microsoft.MoE, the fallback
+# function and the unfused export (writes benchmarks/results/cpu_moe.{json,png}).
+bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python benchmarks/cpu_moe.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

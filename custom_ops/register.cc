@@ -1,5 +1,7 @@
 // Library entry point: registers moefuse.MoEFFN (opset 1) for the CPU execution provider, once
 // per float type (float32, float16, bfloat16), with every input after X optional.
+#include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -120,15 +122,31 @@ CpuOp MakeOp(ONNXTensorElementDataType type) {
   op.GetVariadicOutputHomogeneity = &VariadicHomogeneity;
   op.CreateKernelV2 = &CreateKernelV2;
   op.KernelComputeV2 = &KernelComputeV2;
-  op.InferOutputShapeFn = &InferOutputShape;
+  // InferOutputShapeFn is set at registration, on onnxruntime versions where it is safe.
   c.type = type;
   return c;
 }
 
-// The op descriptions live as long as the process: sessions keep pointers to them.
-const CpuOp kOps[] = {MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-                      MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-                      MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)};
+// The op descriptions live as long as the process: sessions keep pointers to them. One set
+// with the shape inference callback and one without (see ShapeInferenceIsSafe).
+CpuOp kOps[2][3] = {{MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                     MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+                     MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)},
+                    {MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                     MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+                     MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)}};
+std::once_flag g_ops_once;
+
+// onnxruntime 1.20 to 1.23 crash in session creation when a custom op with a shape inference
+// callback has a node that leaves an optional input out in the middle (e.g. routing=precomputed
+// without router_logits) and the model also carries a local function of the op's name, as every
+// converted model does. Output types are inferred without the callback, so older versions only
+// lose Y's inferred shape.
+bool ShapeInferenceIsSafe(const char* version) {
+  int major = 0, minor = 0;
+  if (!version || std::sscanf(version, "%d.%d", &major, &minor) != 2) return false;
+  return major > 1 || (major == 1 && minor >= 24);
+}
 
 }  // namespace
 }  // namespace moefuse
@@ -150,7 +168,12 @@ extern "C" MOEFUSE_EXPORT OrtStatus* MOEFUSE_ORT_CALL RegisterCustomOps(OrtSessi
   // so it is deliberately never released (a few bytes per registration).
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
-  for (const CpuOp& op : kOps) {
+  std::call_once(g_ops_once, [] {
+    for (CpuOp& op : kOps[1]) op.op.InferOutputShapeFn = &InferOutputShape;
+  });
+  const CpuOp* ops = kOps[ShapeInferenceIsSafe(api_base->GetVersionString()) ? 1 : 0];
+  for (int i = 0; i < 3; ++i) {
+    const CpuOp& op = ops[i];
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op.op)) return st;
   }
   return api->AddCustomOpDomain(options, domain);

@@ -29,13 +29,13 @@ except FileNotFoundError as exc:  # pragma: no cover - depends on the build
     pytest.skip(f"moefuse custom-op library not built: {exc}", allow_module_level=True)
 
 
-def kernel_session(model, threads=1, strip_function=True):
+def kernel_session(model, threads=1, strip_function=True, log_level=3):
     """A session on the library. By default the model's fallback functions are removed, so a
     node that the kernel did not take would fail instead of silently running the fallback."""
     if strip_function:
         model = onnx.ModelProto.FromString(model.SerializeToString())
         del model.functions[:]
-    so = session_options(intra_op_num_threads=threads, log_severity_level=3)
+    so = session_options(intra_op_num_threads=threads, log_severity_level=log_level)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -290,7 +290,7 @@ def _raw_model(attrs_dict, arrays, symbolic=None):
 
 def _expect_error(model, feed, *fragments):
     with pytest.raises(Exception) as info:
-        sess = kernel_session(model, strip_function=False)
+        sess = kernel_session(model, strip_function=False, log_level=4)
         sess.run(None, feed)
     msg = str(info.value)
     assert "layer0.moe" in msg, msg
