@@ -149,6 +149,15 @@ def test_capacity_is_refused(exporter, tmp_path):
     assert "expert capacity" in reason and "capacity 2" in reason, reason
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_expert_choice_is_refused(exporter, tmp_path):
+    """Experts choosing tokens (top-k over the token axis) is not token-choice MoE."""
+    _, model = export_form("expert_choice", exporter, tmp_path)
+    conv = convert_model(model, partial=True)
+    assert conv.model is None and not conv.blocks[0].converted
+    assert "expert-choice routing" in conv.blocks[0].reason, conv.blocks[0].reason
+
+
 def test_skip_empty_loop_trace_is_refused(tmp_path):
     """TorchScript bakes ``if not mask.any(): continue`` into the graph: the experts the trace
     input missed are gone and the graph is silently wrong. The converter names the survivors."""

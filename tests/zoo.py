@@ -22,6 +22,7 @@ form                         experts stored as                     combine
 ``sparse_loop_onehot``       ModuleList of SwiGLU MLPs             where(one_hot[e]), index_add_
 ``dense_fused_shared``       fused gate/up Linears + gated shared  one-hot weights, loop
 ``switch_capacity``          ModuleList of Linear pairs (ReLU)     capacity-limited mask (refuse)
+``expert_choice``            ModuleList of SwiGLU MLPs             experts pick tokens (refuse)
 ``skip_empty_loop``          ModuleList of SwiGLU MLPs             loop skipping unused experts
                                                                    (trace keeps only the hit ones)
 ============================ ===================================== ============================
@@ -381,6 +382,32 @@ class SwitchCapacity(nn.Module):
         return (out * top_p.unsqueeze(-1)).reshape(shape)
 
 
+class ExpertChoice(nn.Module):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-``capacity`` tokens
+    (a top-k over the token axis of the ``[T, E]`` scores) and the tokens it took are updated
+    with ``index_add``. Every expert gets the same number of tokens; a token may get none or
+    many. Not MoEFFN's token-choice routing: the converter must refuse it.
+    """
+
+    def __init__(self, d=16, e=4, i=12, capacity=2, seed=10):
+        super().__init__()
+        self.num_experts, self.capacity = e, capacity
+        self.router = nn.Linear(d, e, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d, i) for _ in range(e))
+        _init(self, seed)
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.router(h), dim=-1)          # [T, E]
+        w, tok = probs.topk(self.capacity, dim=0)              # [C, E]
+        out = torch.zeros_like(h)
+        for e in range(self.num_experts):
+            y = self.experts[e](h[tok[:, e]]) * w[:, e:e + 1]
+            out = out.index_add(0, tok[:, e], y)
+        return out.reshape(shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # (h) loops that the TorchScript tracer unrolls for the trace input only
 
@@ -448,5 +475,6 @@ FORMS = {
     "sparse_loop_onehot": SparseLoopOneHot,
     "dense_fused_shared": DenseFusedShared,
     "switch_capacity": SwitchCapacity,
+    "expert_choice": ExpertChoice,
     "skip_empty_loop": SkipEmptyLoop,
 }

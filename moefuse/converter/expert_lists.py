@@ -25,11 +25,12 @@ by the selected ids) are read as intermediate size 1: w1 ``[E, 1, D]``, w2 ``[E,
 Matrices left untied (a shared expert, its gate) stay for lift.py's shared-expert reading.
 Stacked readings are never reused in place: the rewrite writes one new initializer per stack.
 
-The same dataflow also shows two things the converter must refuse rather than convert:
-a loop the TorchScript tracer unrolled for the experts its trace input hit (per-expert
-constants for only some experts, or stacked weights picked by a fixed number of scalar ids),
-and an expert capacity (tokens ranked in their expert's queue by a CumSum of the routing mask
-and dropped past a limit), which MoEFFN does not have. :func:`block_refusal` names them.
+The same dataflow also shows things the converter must refuse rather than convert, whatever
+its probes say: a loop the TorchScript tracer unrolled for the experts its trace input hit
+(per-expert constants for only some experts, or stacked weights picked by a fixed number of
+scalar ids), an expert capacity (tokens ranked in their expert's queue by a CumSum of the
+routing mask and dropped past a limit) and expert-choice routing (the top-k runs over tokens),
+neither of which MoEFFN has. :func:`block_refusal` names them.
 """
 
 from __future__ import annotations
@@ -492,6 +493,27 @@ def _capacity(g: GraphIndex, nodes, anchor: int) -> Optional[str]:
     return None
 
 
+def _expert_choice(g: GraphIndex, anchor: int) -> Optional[str]:
+    """A top-k over the token axis of the scores: each expert picks its tokens."""
+    node = g.nodes[anchor]
+    axis = _attr(node, "axis", -1 if node.op_type == "TopK" else 0)
+    shape = g.shapes.get(node.input[0])
+    if shape is None or not shape or not -len(shape) <= axis < len(shape):
+        return None
+    if axis % len(shape) == len(shape) - 1:
+        return None
+    return (f"expert-choice routing: the router's {node.op_type} ({node.name or node.output[0]}) "
+            f"selects along axis {axis} of the scores {_fmt_shape(shape)}, not along the experts "
+            f"axis, so each expert picks its tokens (a capacity per expert) instead of each token "
+            f"picking k experts; MoEFFN routes tokens to experts, so this block is left "
+            f"unconverted")
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape) + "]"
+
+
 def block_refusal(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[str]:
     """Why this block must not be converted whatever its probes say, or None."""
-    return _capacity(g, nodes, anchor) or _unrolled_loop(g, refs, E, nodes, anchor)
+    return (_expert_choice(g, anchor) or _capacity(g, nodes, anchor)
+            or _unrolled_loop(g, refs, E, nodes, anchor))
