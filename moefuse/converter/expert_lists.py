@@ -421,7 +421,10 @@ def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[
                     f"experts; {RE_EXPORT}")
         if const_ids and const_ids != set(range(E)):
             return _subset_reason(sorted(const_ids), E, r.tensor)
-    # per-expert matrices for only some experts
+    # per-expert matrices for only some experts (not a question for stacked experts, whose
+    # 2-D matrices are a shared expert)
+    if any(len(r.shape) == 3 and r.shape[0] == E for r in refs):
+        return None
     mats = _matrices(g, refs, set())
     if len(mats) < 2:
         return None
