@@ -207,7 +207,8 @@ class Refusal(Exception):
 
 def precheck(g: GraphIndex, cand: Candidate) -> Optional[str]:
     """Why a candidate must be refused before it is even run, or None: an expert loop the
-    tracer unrolled (its graph may not run on the probes at all) or an expert capacity."""
+    tracer unrolled (its graph may not run on the probes at all), an expert capacity, or
+    expert-choice routing (see expert_lists.block_refusal)."""
     if not cand.ends:
         return None
     nodes = region_nodes(g, cand, cand.ends[0])
