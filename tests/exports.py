@@ -109,7 +109,7 @@ def export_family_block(name: str, exporter: str, path, seed: int = 0,
     fam = FAMILIES[name]
     module = fam.build(seed=seed, impl="batched_mm")
     example = torch.randn(*example_shape, fam.hidden, generator=torch.Generator().manual_seed(seed))
-    return export_module(_FirstOutput(module), example, path, exporter)
+    return export_module(first_output(module), example, path, exporter)
 
 
 def _first_output_cls():
@@ -129,7 +129,8 @@ def _first_output_cls():
     return FirstOutput
 
 
-def _FirstOutput(module):
+def first_output(module):
+    """``module`` returning only its first output (blocks that also return router logits)."""
     return _first_output_cls()(module)
 
 
