@@ -37,7 +37,6 @@ struct V {
     for (int i = 0; i < 8; ++i) s += lanes[i];
     return s;
   }
-  static void Prefetch(const float*) {}
   static T Exp(T x) {
     // As the AVX-512 version, but 2^n is built in the exponent field, so n is kept within
     // [-126, 127] and the overflow/underflow ends are patched afterwards.

@@ -38,7 +38,6 @@ struct V {
     for (int i = 0; i < 16; ++i) s += lanes[i];
     return s;
   }
-  static void Prefetch(const float*) {}
   static T Exp(T x) {
     // e^x = 2^n e^r with n = round(x log2(e)), |r| <= ln(2)/2; e^r by its Taylor series to
     // degree 7 (truncation < 6e-9 relative). Clamping keeps r finite for +-inf inputs; scalef

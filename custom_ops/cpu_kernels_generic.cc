@@ -43,7 +43,6 @@ struct V {
   static T MinKeepNan(T x, T l) { return x > l ? l : x; }
   static T MaxKeepNan(T x, T l) { return x < l ? l : x; }
   static float ReduceAdd(T v) { return ((v[0] + v[1]) + v[2]) + v[3]; }
-  static void Prefetch(const float*) {}
   static T Exp(T x) { return T{std::exp(x[0]), std::exp(x[1]), std::exp(x[2]), std::exp(x[3])}; }
 };
 

@@ -6,8 +6,8 @@
 //
 // V provides: type T, lane count W, micro-tile shape MR (rows) x NV (vectors per row), and
 // Zero, Set1, Load (unaligned), LoadA (64-byte aligned), Store, Add, Sub, Mul, Div,
-// Fma(a, b, c) = a*b + c, MinKeepNan(x, l) (x when x is NaN, else min), MaxKeepNan, Exp,
-// ReduceAdd (fixed order) and Prefetch.
+// Fma(a, b, c) = a*b + c, MinKeepNan(x, l) (x when x is NaN, else min), MaxKeepNan, Exp and
+// ReduceAdd (fixed order).
 
 // --- activations --------------------------------------------------------------------------
 
@@ -75,7 +75,6 @@ inline void Micro(int K, const float* const* a, const float* b, float* c) {
   }
   for (int k = 0; k < K; ++k) {
     const float* bk = b + static_cast<ptrdiff_t>(k) * cpu::kChunk;
-    V::Prefetch(bk);
     T bv[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) bv[j] = V::LoadA(bk + j * V::W);

@@ -34,6 +34,16 @@ struct OrtCustomOpDomain;
 struct OrtKernelInfo;
 struct OrtKernelContext;
 struct OrtShapeInferContext;
+struct OrtMemoryInfo;
+
+// An allocator handed out by onnxruntime (the CUDA kernel uses the EP's device allocator). Only
+// the leading members, present in every version, are declared.
+struct OrtAllocator {
+  uint32_t version;
+  void*(MOEFUSE_ORT_CALL* Alloc)(OrtAllocator* self, size_t size);
+  void(MOEFUSE_ORT_CALL* Free)(OrtAllocator* self, void* p);
+  const OrtMemoryInfo*(MOEFUSE_ORT_CALL* Info)(const OrtAllocator* self);
+};
 
 // Element types (the values of ONNX's TensorProto.DataType).
 enum ONNXTensorElementDataType : int {
@@ -127,7 +137,12 @@ struct OrtApi {
   MOEFUSE_ORT_SLOTS(94, 4);
   /* 98 */ void(MOEFUSE_ORT_CALL* ReleaseTypeInfo)(OrtTypeInfo* info);
   /* 99 */ void(MOEFUSE_ORT_CALL* ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* info);
-  MOEFUSE_ORT_SLOTS(100, 130);
+  MOEFUSE_ORT_SLOTS(100, 32);
+  /* 132 */ void(MOEFUSE_ORT_CALL* ReleaseAllocator)(OrtAllocator* allocator);
+  MOEFUSE_ORT_SLOTS(133, 60);
+  /* 193 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelContext_GetGPUComputeStream)(const OrtKernelContext* ctx,
+                                                                            void** out);
+  MOEFUSE_ORT_SLOTS(194, 36);
   /* 230 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfo_GetInputCount)(const OrtKernelInfo* info,
                                                                      size_t* out);
   MOEFUSE_ORT_SLOTS(231, 1);
@@ -157,6 +172,10 @@ struct OrtApi {
                                                                       void (*fn)(void*, size_t),
                                                                       size_t total, size_t num_batch,
                                                                       void* user_data);
+  MOEFUSE_ORT_SLOTS(275, 3);
+  /* 278 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfoGetAllocator)(const OrtKernelInfo* info,
+                                                                  OrtMemType mem_type,
+                                                                  OrtAllocator** out);
   // Later slots are not used (nor declared).
 };
 
@@ -229,4 +248,7 @@ MOEFUSE_ORT_SLOT_AT(ShapeInferContext_GetInputCount, 267);
 MOEFUSE_ORT_SLOT_AT(ShapeInferContext_GetInputTypeShape, 268);
 MOEFUSE_ORT_SLOT_AT(ShapeInferContext_SetOutputTypeShape, 270);
 MOEFUSE_ORT_SLOT_AT(KernelContext_ParallelFor, 274);
+MOEFUSE_ORT_SLOT_AT(ReleaseAllocator, 132);
+MOEFUSE_ORT_SLOT_AT(KernelContext_GetGPUComputeStream, 193);
+MOEFUSE_ORT_SLOT_AT(KernelInfoGetAllocator, 278);
 #undef MOEFUSE_ORT_SLOT_AT

@@ -9,6 +9,9 @@
 #include <vector>
 
 #include "moeffn_cpu.h"
+#ifdef MOEFUSE_WITH_CUDA
+#include "cuda/moeffn_cuda.h"
+#endif
 #include "moeffn_validate.h"
 #include "ort_abi.h"
 
@@ -176,5 +179,9 @@ extern "C" MOEFUSE_EXPORT OrtStatus* MOEFUSE_ORT_CALL RegisterCustomOps(OrtSessi
     const CpuOp& op = ops[i];
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op.op)) return st;
   }
+#ifdef MOEFUSE_WITH_CUDA
+  if (OrtStatus* st = cuda::AddCudaOps(api, domain, ShapeInferenceIsSafe(api_base->GetVersionString())))
+    return st;
+#endif
   return api->AddCustomOpDomain(options, domain);
 }

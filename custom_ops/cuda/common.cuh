@@ -1,0 +1,164 @@
+// Device helpers shared by the moefuse CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace moefuse {
+namespace cuda {
+
+// Element type <-> DType.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr DType kType = DType::kF32;
+};
+template <>
+struct Elem<__half> {
+  static constexpr DType kType = DType::kF16;
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr DType kType = DType::kBF16;
+};
+
+__device__ __forceinline__ float ToF(float v) { return v; }
+__device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromF(float v);
+template <>
+__device__ __forceinline__ float FromF<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half FromF<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Element i of a tensor of run-time type t, as float32.
+__device__ __forceinline__ float LoadF(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// act(v) of the spec. NaN propagates (relu of NaN is NaN, as numpy's maximum).
+__device__ __forceinline__ float Act(float v, const ActParams& a) {
+  switch (a.kind) {
+    case 0:
+      return v * Sigmoid(a.alpha == 1.0f ? v : a.alpha * v);
+    case 1:
+      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 2: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+    case 3:
+      return v < 0.0f ? 0.0f : v;
+    default:
+      return v;
+  }
+}
+
+// Gated expert activation: clamp (when set), up offset, act(gate) * up.
+__device__ __forceinline__ float Glu(float g, float u, const ActParams& a) {
+  if (a.clamp_limit > 0.0f) {
+    const float l = a.clamp_limit;
+    g = g > l ? l : g;
+    u = u > l ? l : (u < -l ? -l : u);
+  }
+  return Act(g, a) * (u + a.up_offset);
+}
+
+// Ranking of (value, index) pairs as numpy's stable argsort of -values: larger first, NaN last,
+// equal values by lower index.
+__device__ __forceinline__ bool Better(float va, int ia, float vb, int ib) {
+  const bool na = va != va, nb = vb != vb;
+  if (na || nb) return (na && nb) ? ia < ib : nb;
+  return va > vb || (va == vb && ia < ib);
+}
+
+__device__ __forceinline__ float NanMax(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float WarpNanMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = NanMax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Warp-wide best (value, index) under Better(); index INT32_MAX marks "none".
+__device__ __forceinline__ void WarpBest(float& v, int& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (oi != INT32_MAX && (i == INT32_MAX || Better(ov, oi, v, i))) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
+// Programmatic dependent launch: wait for the previous kernel's results / let the next start.
+__device__ __forceinline__ void GridDepWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDepLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launch with the programmatic-stream-serialization attribute when enabled (launch.cu).
+bool UsePdl();
+
+template <typename Kernel, typename... Args>
+cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (UsePdl()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+__host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace moefuse

@@ -1,0 +1,183 @@
+// moefuse CUDA kernels: the launch interface between the host code (moeffn_cuda.cc) and the
+// device code (*.cu). Plain structs of device pointers and sizes; every launcher enqueues work on
+// the given stream and never synchronizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace moefuse {
+namespace cuda {
+
+enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Expert activation (the values of moefuse::Activation).
+struct ActParams {
+  int kind = 0;  // 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 identity
+  float alpha = 1.0f;
+  float clamp_limit = 0.0f;  // gated only, 0 = off
+  float up_offset = 0.0f;    // gated only
+};
+
+// --- routing ----------------------------------------------------------------------------------
+
+struct RouteParams {
+  int T = 0, E = 0, K = 0;
+  int mode = 0;  // moefuse::Routing
+  int normalize = 1;
+  float scale = 1.0f;  // routed_scaling_factor
+  int n_group = 1, topk_group = 1;
+  DType dtype = DType::kF32;
+  const void* logits = nullptr;    // [T, E] (routing != precomputed)
+  const void* sel_bias = nullptr;  // [E] or null
+  const void* ids_in = nullptr;    // [T, K] int32 / int64 (precomputed)
+  int ids_int64 = 0;
+  const void* w_in = nullptr;  // [T, K] (precomputed)
+  // outputs
+  int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E)
+  float* w = nullptr;     // [T*K] routing weights (scaled)
+  int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
+  int* counts = nullptr;  // [E] pairs per expert (zeroed by the launcher)
+  int* bad = nullptr;     // [2] first invalid (token*K + slot, id) or (-1, 0)
+};
+
+// Pairs grouped by expert ("sorted" rows, contiguous per expert) and the tile schedule.
+struct SortParams {
+  int T = 0, E = 0, K = 0;
+  int bm = 128;  // rows of one m-tile of the grouped GEMM schedule
+  const int* ids = nullptr;
+  const float* w = nullptr;
+  const int* rank = nullptr;
+  const int* counts = nullptr;
+  int* offsets = nullptr;      // [E+1] first sorted row of each expert
+  int* tile_prefix = nullptr;  // [E+1] m-tiles of the experts before e
+  int* active = nullptr;       // [E] experts with rows, ascending; then [E] holds their count
+  int* num_active = nullptr;   // [1]
+  int* sorted_row = nullptr;   // [T*K] token of each sorted row
+  float* sorted_w = nullptr;   // [T*K] its routing weight
+  int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), -1 when dropped
+};
+
+// Routing for T tokens plus grouping (scan, scatter). Small T uses one fused block.
+cudaError_t LaunchRouteAndSort(const RouteParams& r, const SortParams& s, cudaStream_t stream);
+
+// --- expert FFN weights -----------------------------------------------------------------------
+
+// Rows of the first projection in out_in form. Row (e, u) of the gate (or only) projection is row
+// gate_row0 + e*gate_rpe + u*gate_rpu of the [gate_rows, D] matrix at `gate`; likewise up (gated
+// experts). Halves: one tensor, up_row0 = I. Interleaved: one tensor, rows 2u and 2u+1.
+// Separate: w1 and w3. Biases: unit (e, u) at b + off + e*es + u*us elements.
+struct FirstProj {
+  const void* gate = nullptr;
+  int64_t gate_rows = 0, gate_row0 = 0, gate_rpe = 0, gate_rpu = 1;
+  const void* up = nullptr;  // null: not gated
+  int64_t up_rows = 0, up_row0 = 0, up_rpe = 0, up_rpu = 1;
+  const void* bg = nullptr;
+  int64_t bg_off = 0, bg_es = 0, bg_us = 1;
+  const void* bu = nullptr;
+  int64_t bu_off = 0, bu_es = 0, bu_us = 1;
+  bool interleaved = false;
+};
+
+// Groups of rows sharing one expert's weights.
+struct Groups {
+  const int* offsets = nullptr;      // [G+1] (grouped)
+  const int* tile_prefix = nullptr;  // [G+1] (grouped)
+  const int* active = nullptr;       // [G] active groups (skinny kernel)
+  const int* num_active = nullptr;
+  int num_groups = 0;
+  int dense_rows = -1;               // >= 0: one group of this many rows (shared expert)
+  int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
+  int64_t max_tiles = 0;             // upper bound of m-tiles (grouped GEMM grid)
+};
+
+// Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.
+struct Gemm1Params {
+  DType dtype = DType::kF16;
+  int D = 0, I = 0;
+  const void* A = nullptr;         // X [T, D]
+  const int* row_map = nullptr;    // sorted row -> row of A (null: identity)
+  const float* row_scale = nullptr;  // weight_on_input: per sorted row
+  FirstProj w;
+  ActParams act;
+  Groups g;
+  void* H = nullptr;  // [rows, I] in dtype
+};
+
+// Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
+struct Gemm2Params {
+  DType dtype = DType::kF16;
+  int D = 0, I = 0;
+  const void* H = nullptr;   // [rows, I]
+  const void* w2 = nullptr;  // [G, D, I]
+  const void* b2 = nullptr;  // [G, D] or null
+  Groups g;
+  void* out = nullptr;  // [rows, D]
+  bool out_f32 = true;  // float32 output (else dtype)
+};
+
+// Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
+cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
+cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
+
+// CUDA-core path for any type and size (float32, odd sizes, older GPUs).
+cudaError_t LaunchSimtGemm1(const Gemm1Params& p, cudaStream_t stream);
+cudaError_t LaunchSimtGemm2(const Gemm2Params& p, cudaStream_t stream);
+
+// Hopper grouped GEMM (wgmma + TMA, sm_90a): prefill. `num_sms` sizes the persistent grid.
+bool WgmmaAvailable();
+cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t stream);
+cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream);
+
+// --- combine ------------------------------------------------------------------------------------
+
+struct CombineParams {
+  DType dtype = DType::kF16;
+  int T = 0, D = 0, K = 0;
+  const void* X = nullptr;
+  const int* pair_pos = nullptr;  // [T*K]
+  const float* w = nullptr;       // [T*K]
+  int weight_on_input = 0;
+  const void* ypair = nullptr;  // [P, D]
+  bool ypair_f32 = true;
+  const void* shared = nullptr;  // [T, D] shared expert output or null
+  bool shared_f32 = true;
+  const void* shared_gate = nullptr;  // [D] or null
+  void* Y = nullptr;
+};
+cudaError_t LaunchCombine(const CombineParams& p, cudaStream_t stream);
+
+// Small-intermediate experts (rank-1 "flash expert" layers): per token, k dot-product experts,
+// combined with the shared expert, without per-expert GEMMs.
+struct DirectParams {
+  DType dtype = DType::kF16;
+  int T = 0, D = 0, I = 0, K = 0;
+  const void* X = nullptr;
+  const int* ids = nullptr;  // [T*K], -1 skipped
+  const float* w = nullptr;
+  int weight_on_input = 0;
+  FirstProj w1;
+  const void* w2 = nullptr;  // [E, D, I] (out_in)
+  const void* b2 = nullptr;
+  ActParams act;
+  const void* shared = nullptr;  // [T, D] or null
+  bool shared_f32 = true;
+  const void* shared_gate = nullptr;
+  void* Y = nullptr;
+};
+cudaError_t LaunchDirect(const DirectParams& p, cudaStream_t stream);
+
+// dst[b][c][r] = src[b][r][c] for b < batch, r < rows, c < cols (a stored [E, in, out] projection
+// into [E, out, in]).
+cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, int64_t rows,
+                            int64_t cols, cudaStream_t stream);
+
+// Programmatic dependent launch between the kernels of one call (sm_90+).
+void SetUsePdl(bool on);
+
+}  // namespace cuda
+}  // namespace moefuse

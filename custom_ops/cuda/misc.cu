@@ -1,0 +1,228 @@
+// Combine (weighted sum of each token's expert outputs plus the shared expert), the direct path
+// for small-intermediate experts, and the layout transpose used when weights are stored in_out.
+#include <atomic>
+
+#include "common.cuh"
+
+namespace moefuse {
+namespace cuda {
+
+namespace {
+std::atomic<bool> g_use_pdl{false};
+}  // namespace
+
+bool UsePdl() { return g_use_pdl.load(std::memory_order_relaxed); }
+void SetUsePdl(bool on) { g_use_pdl.store(on, std::memory_order_relaxed); }
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;  // output columns per thread of the combine kernel
+
+// sum over the block (all threads get it); smem holds 32 floats.
+__device__ float BlockSum(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int w = 0; w < nw; ++w) s += smem[w];
+  return s;
+}
+
+template <typename T>
+__device__ float SharedGate(const T* x, const void* gate, int D, float* smem) {
+  float s = 0.0f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    s += ToF(x[d]) * ToF(static_cast<const T*>(gate)[d]);
+  return Sigmoid(BlockSum(s, smem));
+}
+
+template <typename T>
+__device__ __forceinline__ float LoadAny(const void* p, int64_t i, bool f32) {
+  return f32 ? static_cast<const float*>(p)[i] : ToF(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
+  GridDepWait();
+  GridDepLaunch();
+  __shared__ float smem[32];
+  const int t = blockIdx.x, D = p.D, K = p.K;
+  const T* x = static_cast<const T*>(p.X) + static_cast<int64_t>(t) * D;
+  float sg = 1.0f;
+  if (p.shared && p.shared_gate) sg = SharedGate<T>(x, p.shared_gate, D, smem);
+  const int d0 = blockIdx.y * kThreads * kPerThread;
+  T* y = static_cast<T*>(p.Y) + static_cast<int64_t>(t) * D;
+#pragma unroll
+  for (int q = 0; q < kPerThread; ++q) {
+    const int d = d0 + q * kThreads + threadIdx.x;
+    if (d >= D) continue;
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const int64_t idx = static_cast<int64_t>(t) * K + j;
+      const int pos = p.pair_pos[idx];
+      if (pos < 0) continue;
+      const float v = LoadAny<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32);
+      acc += p.weight_on_input ? v : p.w[idx] * v;
+    }
+    if (p.shared) {
+      const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
+      acc += p.shared_gate ? z * sg : z;
+    }
+    y[d] = FromF<T>(acc);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) DirectKernel(DirectParams p) {
+  GridDepWait();
+  GridDepLaunch();
+  extern __shared__ float dsm[];
+  __shared__ float smem[32];
+  const int t = blockIdx.x, D = p.D, I = p.I, K = p.K;
+  const bool gated = p.w1.up != nullptr;
+  const int rows1 = gated ? 2 * I : I;
+  float* h = dsm;                     // [K][rows1]
+  float* a = dsm + K * rows1;         // [K][I]
+  const T* x = static_cast<const T*>(p.X) + static_cast<int64_t>(t) * D;
+  const T* gate = static_cast<const T*>(p.w1.gate);
+  const T* up = static_cast<const T*>(p.w1.up);
+  const DType bt = Elem<T>::kType;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  // 1. first projection: K * rows1 dot products, one warp each
+  for (int q = warp; q < K * rows1; q += nw) {
+    const int j = q / rows1, r = q % rows1;
+    const int64_t idx = static_cast<int64_t>(t) * K + j;
+    const int e = p.ids[idx];
+    float v = 0.0f;
+    if (e >= 0) {
+      const bool is_up = gated && r >= I;
+      const int u = is_up ? r - I : r;
+      const T* row = is_up ? up + (p.w1.up_row0 + e * p.w1.up_rpe + u * p.w1.up_rpu) * D
+                           : gate + (p.w1.gate_row0 + e * p.w1.gate_rpe + u * p.w1.gate_rpu) * D;
+      float s = 0.0f;
+      for (int d = lane; d < D; d += 32) s += ToF(x[d]) * ToF(row[d]);
+      v = WarpSum(s);
+      if (p.weight_on_input) v *= p.w[idx];
+      if (is_up) {
+        if (p.w1.bu) v += LoadF(p.w1.bu, p.w1.bu_off + e * p.w1.bu_es + u * p.w1.bu_us, bt);
+      } else {
+        if (p.w1.bg) v += LoadF(p.w1.bg, p.w1.bg_off + e * p.w1.bg_es + u * p.w1.bg_us, bt);
+      }
+    }
+    if (lane == 0) h[q] = v;
+  }
+  __syncthreads();
+  // 2. activation
+  for (int q = threadIdx.x; q < K * I; q += blockDim.x) {
+    const int j = q / I, i = q % I;
+    a[q] = gated ? Glu(h[j * rows1 + i], h[j * rows1 + I + i], p.act) : Act(h[j * rows1 + i], p.act);
+  }
+  __syncthreads();
+  float sg = 1.0f;
+  if (p.shared && p.shared_gate) sg = SharedGate<T>(x, p.shared_gate, D, smem);
+  // 3. down projection and combine
+  const T* w2 = static_cast<const T*>(p.w2);
+  T* y = static_cast<T*>(p.Y) + static_cast<int64_t>(t) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const int64_t idx = static_cast<int64_t>(t) * K + j;
+      const int e = p.ids[idx];
+      if (e < 0) continue;
+      const T* row = w2 + (static_cast<int64_t>(e) * D + d) * I;
+      float o = 0.0f;
+      for (int i = 0; i < I; ++i) o += a[j * I + i] * ToF(row[i]);
+      if (p.b2) o += LoadF(p.b2, static_cast<int64_t>(e) * D + d, bt);
+      acc += p.weight_on_input ? o : p.w[idx] * o;
+    }
+    if (p.shared) {
+      const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
+      acc += p.shared_gate ? z * sg : z;
+    }
+    y[d] = FromF<T>(acc);
+  }
+}
+
+template <typename E>
+__global__ void TransposeKernel(const E* src, E* dst, int64_t rows, int64_t cols) {
+  __shared__ E tile[32][33];
+  const int64_t b = blockIdx.z;
+  const E* s = src + b * rows * cols;
+  E* o = dst + b * rows * cols;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32, r0 = static_cast<int64_t>(blockIdx.y) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = s[r * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (r < rows && c < cols) o[c * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
+template <typename T>
+cudaError_t CombineT(const CombineParams& p, cudaStream_t stream) {
+  const unsigned gy = static_cast<unsigned>(CeilDiv(p.D, kThreads * kPerThread));
+  return Launch(CombineKernel<T>, dim3(static_cast<unsigned>(p.T), gy), dim3(kThreads), 0, stream, p);
+}
+
+template <typename T>
+cudaError_t DirectT(const DirectParams& p, cudaStream_t stream) {
+  const int rows1 = p.w1.up ? 2 * p.I : p.I;
+  const size_t smem = static_cast<size_t>(p.K) * (rows1 + p.I) * sizeof(float);
+  if (smem > 48 * 1024) {
+    if (cudaError_t e = cudaFuncSetAttribute(DirectKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)))
+      return e;
+  }
+  return Launch(DirectKernel<T>, dim3(static_cast<unsigned>(p.T)), dim3(kThreads), smem, stream, p);
+}
+
+}  // namespace
+
+cudaError_t LaunchCombine(const CombineParams& p, cudaStream_t stream) {
+  if (p.T <= 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kF16:
+      return CombineT<__half>(p, stream);
+    case DType::kBF16:
+      return CombineT<__nv_bfloat16>(p, stream);
+    default:
+      return CombineT<float>(p, stream);
+  }
+}
+
+cudaError_t LaunchDirect(const DirectParams& p, cudaStream_t stream) {
+  if (p.T <= 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kF16:
+      return DirectT<__half>(p, stream);
+    case DType::kBF16:
+      return DirectT<__nv_bfloat16>(p, stream);
+    default:
+      return DirectT<float>(p, stream);
+  }
+}
+
+cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, int64_t rows,
+                            int64_t cols, cudaStream_t stream) {
+  if (batch <= 0 || rows <= 0 || cols <= 0) return cudaSuccess;
+  dim3 grid(static_cast<unsigned>(CeilDiv(cols, 32)), static_cast<unsigned>(CeilDiv(rows, 32)),
+            static_cast<unsigned>(batch));
+  dim3 block(32, 8);
+  if (t == DType::kF32) {
+    TransposeKernel<uint32_t><<<grid, block, 0, stream>>>(static_cast<const uint32_t*>(src),
+                                                          static_cast<uint32_t*>(dst), rows, cols);
+  } else {
+    TransposeKernel<uint16_t><<<grid, block, 0, stream>>>(static_cast<const uint16_t*>(src),
+                                                          static_cast<uint16_t*>(dst), rows, cols);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace moefuse

@@ -1,0 +1,768 @@
+// MoEFFN on onnxruntime's CUDA execution provider: the kernel object (creation, validation, path
+// choice, scratch memory) and its registration. The device code is in the *.cu files beside.
+//
+// One call, on the EP's compute stream, with no host synchronization:
+//   1. routing and grouping (route.cu): top-k ids and weights per token, pairs counted and
+//      scattered per expert, the per-expert tile schedule, all in device memory;
+//   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
+//      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
+//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync;
+//        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
+//        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
+//      the shared expert is the same GEMMs over all tokens as one dense group;
+//   3. combine (misc.cu): each token's weighted sum in pick order, plus the (gated) shared expert.
+// Experts with intermediate size <= 4 (rank-1 layers) take the direct path instead of 2 and 3.
+// Scratch memory comes from the EP's allocator (onnxruntime's arena) for each call; weights
+// stored in_out are transposed to out_in once at kernel creation when they are constant.
+#include "moeffn_cuda.h"
+
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "../moeffn_attrs.h"
+#include "../moeffn_validate.h"
+#include "kernels.h"
+
+namespace moefuse {
+namespace cuda {
+namespace {
+
+constexpr const char* kOpType = "MoEFFN";
+constexpr int kDirectMaxInter = 4;     // same threshold as the CPU kernel
+constexpr int kDecodeRowsPerExpert = 24;  // skinny path up to this many rows per active expert
+constexpr int kDenseSkinnyRows = 64;   // shared expert: skinny path up to this many tokens
+
+enum class Path { kSkinny, kWgmma, kSimt };
+
+struct Value {
+  const OrtValue* v = nullptr;
+  void* data = nullptr;
+  int type = 0;
+  std::vector<int64_t> dims;
+};
+
+bool Describe(const OrtApi* api, const OrtValue* v, Value* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  if (OrtStatus* st = api->GetTensorTypeAndShape(v, &info)) {
+    api->ReleaseStatus(st);
+    return false;
+  }
+  ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  size_t rank = 0;
+  bool ok = true;
+  if (OrtStatus* st = api->GetTensorElementType(info, &t)) {
+    api->ReleaseStatus(st);
+    ok = false;
+  }
+  if (ok) {
+    if (OrtStatus* st = api->GetDimensionsCount(info, &rank)) {
+      api->ReleaseStatus(st);
+      ok = false;
+    }
+  }
+  if (ok) {
+    out->dims.assign(rank, 0);
+    if (OrtStatus* st = api->GetDimensions(info, out->dims.data(), rank)) {
+      api->ReleaseStatus(st);
+      ok = false;
+    }
+  }
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  if (!ok) return false;
+  void* data = nullptr;
+  if (OrtStatus* st = api->GetTensorMutableData(const_cast<OrtValue*>(v), &data)) {
+    api->ReleaseStatus(st);
+    return false;
+  }
+  out->v = v;
+  out->type = static_cast<int>(t);
+  out->data = data;
+  return true;
+}
+
+DType ToDType(int t) {
+  if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return DType::kF16;
+  if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return DType::kBF16;
+  return DType::kF32;
+}
+
+int64_t Numel(const std::vector<int64_t>& d) {
+  int64_t n = 1;
+  for (int64_t v : d) n *= v;
+  return n;
+}
+
+// 256-byte aligned sub-buffers of one allocation.
+class Carver {
+ public:
+  size_t Add(size_t bytes) {
+    const size_t off = size_;
+    size_ += (bytes + 255) / 256 * 256;
+    return off;
+  }
+  size_t bytes() const { return size_; }
+
+ private:
+  size_t size_ = 0;
+};
+
+const char* EnvOr(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : fallback;
+}
+
+// Weight inputs that are transposed when stored in_out: index, batch (experts) and stored dims.
+constexpr int kWeightInputs[] = {kW1, kW2, kW3, kSharedW1, kSharedW2, kSharedW3};
+
+struct DeviceInfo {
+  int device = -1;
+  int num_sms = 0;
+  int major = 0;
+};
+
+class Kernel {
+ public:
+  static OrtStatus* Create(const OrtApi* api, const OrtKernelInfo* info, Kernel** out);
+  OrtStatus* Compute(OrtKernelContext* ctx);
+  ~Kernel();
+
+ private:
+  Kernel() = default;
+  OrtStatus* Error(OrtErrorCode code, const std::string& msg) const {
+    return api_->CreateStatus(code, msg.c_str());
+  }
+  OrtStatus* CudaError(cudaError_t e, const char* what) const {
+    return Error(ORT_RUNTIME_EXCEPTION, Who(node_name_) + ": CUDA error in " + what + ": " +
+                                            cudaGetErrorString(e));
+  }
+  OrtStatus* Prepack(const OrtKernelInfo* info);
+  OrtStatus* EnsureDevice(const void* any_device_ptr);
+
+  const OrtApi* api_ = nullptr;
+  std::string node_name_;
+  MoEFFNAttrs attrs_;
+  OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
+  std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, simt
+  bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
+  // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
+  void* packed_[kNumInputs] = {};
+  std::vector<int64_t> packed_dims_[kNumInputs];
+  DeviceInfo dev_;
+  std::mutex dev_mu_;
+};
+
+Kernel::~Kernel() {
+  if (alloc_) {
+    for (void* p : packed_)
+      if (p) alloc_->Free(alloc_, p);
+    api_->ReleaseAllocator(alloc_);
+  }
+}
+
+OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel** out) {
+  std::unique_ptr<Kernel> k(new Kernel());
+  k->api_ = api;
+  size_t size = 0;
+  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
+    api->ReleaseStatus(st);
+  } else if (size > 0) {
+    std::vector<char> buf(size + 1, '\0');
+    if (OrtStatus* st2 = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
+      api->ReleaseStatus(st2);
+    } else {
+      k->node_name_ = buf.data();
+    }
+  }
+  k->attrs_ = ReadAttrs(api, info);
+  std::string err = CheckAttrs(k->attrs_, k->node_name_);
+  if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
+  if (OrtStatus* st = api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &k->alloc_)) return st;
+  k->path_ = EnvOr("MOEFUSE_CUDA_PATH", "auto");
+  k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
+  if (k->attrs_.in_out()) {
+    if (OrtStatus* st = k->Prepack(info)) return st;
+  }
+  *out = k.release();
+  return nullptr;
+}
+
+// Constant in_out weights: one transposed device copy each, made once.
+OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
+  size_t count = 0;
+  if (OrtStatus* st = api_->KernelInfo_GetInputCount(info, &count)) {
+    api_->ReleaseStatus(st);
+    return nullptr;
+  }
+  cudaStream_t stream = nullptr;
+  bool made_stream = false;
+  for (int i : kWeightInputs) {
+    if (static_cast<size_t>(i) >= count) continue;
+    int is_const = 0;
+    const OrtValue* v = nullptr;
+    if (OrtStatus* st = api_->KernelInfoGetConstantInput_tensor(info, i, &is_const, &v)) {
+      api_->ReleaseStatus(st);
+      continue;
+    }
+    Value val;
+    if (!is_const || !v || !Describe(api_, v, &val)) continue;
+    const auto& d = val.dims;
+    if ((d.size() != 3 && d.size() != 2) || Numel(d) <= 0) continue;
+    if (val.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && val.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+        val.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+      continue;
+    const DType t = ToDType(val.type);
+    const size_t bytes = static_cast<size_t>(Numel(d)) * DTypeSize(t);
+    void* dst = alloc_->Alloc(alloc_, bytes);
+    if (!dst) return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for transposed weights");
+    packed_[i] = dst;
+    if (dev_.device < 0) {
+      if (OrtStatus* st = EnsureDevice(dst)) return st;
+    }
+    if (!made_stream) {
+      if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking))
+        return CudaError(e, "stream creation");
+      made_stream = true;
+    }
+    // the constant may live on the host (onnxruntime keeps a CPU copy): stage it on the device
+    cudaPointerAttributes attr;
+    const void* src = val.data;
+    void* staged = nullptr;
+    if (cudaPointerGetAttributes(&attr, src) != cudaSuccess || attr.type == cudaMemoryTypeUnregistered ||
+        attr.type == cudaMemoryTypeHost) {
+      cudaGetLastError();
+      staged = alloc_->Alloc(alloc_, bytes);
+      if (!staged) return Error(ORT_FAIL, Who(node_name_) + ": out of device memory staging weights");
+      if (cudaError_t e = cudaMemcpyAsync(staged, src, bytes, cudaMemcpyHostToDevice, stream))
+        return CudaError(e, "weight upload");
+      src = staged;
+    }
+    const int64_t batch = d.size() == 3 ? d[0] : 1;
+    const int64_t rows = d[d.size() - 2], cols = d[d.size() - 1];
+    cudaError_t e = (rows == 1 || cols == 1)
+                        ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)
+                        : LaunchTranspose(t, src, dst, batch, rows, cols, stream);
+    if (!e) e = cudaStreamSynchronize(stream);
+    if (staged) alloc_->Free(alloc_, staged);
+    if (e) return CudaError(e, "weight transposition");
+    packed_dims_[i] = d;
+  }
+  if (made_stream) cudaStreamDestroy(stream);
+  return nullptr;
+}
+
+OrtStatus* Kernel::EnsureDevice(const void* p) {
+  std::lock_guard<std::mutex> lock(dev_mu_);
+  if (dev_.device < 0) {
+    cudaPointerAttributes attr;
+    if (cudaError_t e = cudaPointerGetAttributes(&attr, p)) return CudaError(e, "cudaPointerGetAttributes");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      return Error(ORT_FAIL, Who(node_name_) + ": inputs are not in CUDA device memory");
+    DeviceInfo d;
+    d.device = attr.device;
+    if (cudaError_t e = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, d.device))
+      return CudaError(e, "cudaDeviceGetAttribute");
+    if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device))
+      return CudaError(e, "cudaDeviceGetAttribute");
+    dev_ = d;
+    SetUsePdl(d.major >= 9 && std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0");
+  }
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess || cur != dev_.device) {
+    if (cudaError_t e = cudaSetDevice(dev_.device)) return CudaError(e, "cudaSetDevice");
+  }
+  return nullptr;
+}
+
+// The first projection of `E` experts stored (after transposition) out_in.
+FirstProj MakeFirstProj(const MoEFFNAttrs& a, bool separate, const void* w1, const void* w3,
+                        const void* b1, const void* b3, int64_t E, int64_t I, int64_t experts_stride) {
+  FirstProj f;
+  f.gate = w1;
+  if (!a.gated) {
+    f.gate_rows = E * I;
+    f.gate_rpe = experts_stride ? I : 0;
+    f.bg = b1;
+    f.bg_es = I;
+    return f;
+  }
+  if (separate) {
+    f.gate_rows = E * I;
+    f.gate_rpe = experts_stride ? I : 0;
+    f.up = w3;
+    f.up_rows = E * I;
+    f.up_rpe = f.gate_rpe;
+    f.bg = b1;
+    f.bg_es = I;
+    f.bu = b3;
+    f.bu_es = I;
+    return f;
+  }
+  f.gate_rows = E * 2 * I;
+  f.gate_rpe = experts_stride ? 2 * I : 0;
+  f.up = w1;
+  f.up_rows = E * 2 * I;
+  f.up_rpe = f.gate_rpe;
+  f.bg = b1;
+  f.bu = b1;
+  f.bg_es = f.bu_es = 2 * I;
+  if (a.gate_up_kind == GateUpLayout::kInterleaved) {
+    f.interleaved = true;
+    f.gate_rpu = f.up_rpu = 2;
+    f.up_row0 = 1;
+    f.bg_us = f.bu_us = 2;
+    f.bu_off = 1;
+  } else {
+    f.up_row0 = I;
+    f.bu_off = I;
+  }
+  return f;
+}
+
+OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
+  const OrtApi* api = api_;
+  size_t nin = 0;
+  if (OrtStatus* st = api->KernelContext_GetInputCount(ctx, &nin)) return st;
+  Value in[kNumInputs];
+  InputDescs descs;
+  for (size_t i = 0; i < nin && i < kNumInputs; ++i) {
+    const OrtValue* v = nullptr;
+    if (OrtStatus* st = api->KernelContext_GetInput(ctx, i, &v)) return st;
+    if (!v) continue;
+    if (!Describe(api, v, &in[i]))
+      return Error(ORT_RUNTIME_EXCEPTION, Who(node_name_) + ": cannot read input '" + kInputNames[i] + "'");
+    descs[i].present = true;
+    descs[i].has_shape = true;
+    descs[i].elem_type = in[i].type;
+    descs[i].dims = in[i].dims;
+  }
+  if (nin > kNumInputs)
+    return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": got " + std::to_string(nin) +
+                                           " inputs; MoEFFN v1 has " + std::to_string(kNumInputs));
+  MoEFFNAttrs a = attrs_;
+  MoEFFNShape sh;
+  std::string err = Validate(a, descs, node_name_, &sh);
+  if (!err.empty()) return Error(ORT_INVALID_ARGUMENT, err);
+
+  OrtValue* yv = nullptr;
+  const auto& xdims = in[kX].dims;
+  if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, xdims.data(), xdims.size(), &yv)) return st;
+  const int64_t T = sh.tokens, D = sh.hidden, E = sh.experts, I = sh.inter, Is = sh.shared_inter;
+  const int64_t K = a.k;
+  if (T == 0) return nullptr;
+  void* ydata = nullptr;
+  if (OrtStatus* st = api->GetTensorMutableData(yv, &ydata)) return st;
+  if (T * K >= INT_MAX || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
+    return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
+
+  void* stream_ptr = nullptr;
+  if (OrtStatus* st = api->KernelContext_GetGPUComputeStream(ctx, &stream_ptr)) return st;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (OrtStatus* st = EnsureDevice(in[kX].data)) return st;
+
+  const DType dt = ToDType(sh.elem_type);
+  const size_t ts = DTypeSize(dt);
+  const int64_t P = T * K;
+  const bool has_shared = in[kSharedW1].data != nullptr;
+  const bool woi = a.weight_on_input != 0;
+  const bool in_out = a.in_out();
+
+  // --- weights in out_in form: prepacked, or transposed into scratch below ---
+  const void* canon[kNumInputs] = {};
+  int64_t need_t[kNumInputs] = {};  // bytes to transpose per call
+  for (int i : kWeightInputs) {
+    if (!in[i].data) continue;
+    if (!in_out) {
+      canon[i] = in[i].data;
+    } else if (packed_[i] && packed_dims_[i] == in[i].dims) {
+      canon[i] = packed_[i];
+    } else {
+      need_t[i] = Numel(in[i].dims) * static_cast<int64_t>(ts);
+    }
+  }
+
+  // --- paths ---
+  const bool small = I <= kDirectMaxInter;
+  const bool tc_ok = dt != DType::kF32 && dev_.major >= 8 && D % 8 == 0;
+  const bool wg_ok = tc_ok && dev_.major == 9 && WgmmaAvailable();
+  auto pick = [&](int64_t inter, int64_t rows, int64_t active, bool dense) {
+    const bool ok = tc_ok && inter % 8 == 0;
+    if (!ok || path_ == "simt") return Path::kSimt;
+    if (!dense && active > 65535) return Path::kSimt;  // skinny grid limit
+    if (path_ == "decode") return Path::kSkinny;
+    if (path_ == "prefill") return wg_ok ? Path::kWgmma : Path::kSkinny;
+    const bool few = dense ? rows <= kDenseSkinnyRows : rows <= kDecodeRowsPerExpert * active;
+    return (few || !wg_ok) ? Path::kSkinny : Path::kWgmma;
+  };
+  const int64_t max_active = std::min<int64_t>(E, P);
+  const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
+  const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
+  const bool ypair_f32 = rpath != Path::kWgmma;
+  const bool shared_f32 = spath != Path::kWgmma;
+
+  // --- scratch ---
+  Carver cv;
+  const size_t o_ids = cv.Add(P * 4), o_w = cv.Add(P * 4), o_rank = cv.Add(P * 4);
+  const size_t o_counts = cv.Add(E * 4), o_bad = cv.Add(8);
+  const size_t o_offsets = cv.Add((E + 1) * 4), o_prefix = cv.Add((E + 1) * 4);
+  const size_t o_active = cv.Add(2 * E * 4), o_nact = cv.Add(4);
+  const size_t o_srow = cv.Add(P * 4), o_sw = cv.Add(P * 4), o_pos = cv.Add(P * 4);
+  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
+  if (!small) {
+    o_h = cv.Add(static_cast<size_t>(P * I) * ts);
+    o_y = cv.Add(static_cast<size_t>(P * D) * (ypair_f32 ? 4 : ts));
+  }
+  if (has_shared) {
+    o_hs = cv.Add(static_cast<size_t>(T * Is) * ts);
+    o_s = cv.Add(static_cast<size_t>(T * D) * (shared_f32 ? 4 : ts));
+  }
+  size_t o_t[kNumInputs] = {};
+  for (int i : kWeightInputs)
+    if (need_t[i]) o_t[i] = cv.Add(static_cast<size_t>(need_t[i]));
+  char* base = static_cast<char*>(alloc_->Alloc(alloc_, cv.bytes()));
+  if (!base)
+    return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for " + std::to_string(cv.bytes()) +
+                               " bytes of scratch");
+  struct Guard {
+    OrtAllocator* a;
+    void* p;
+    ~Guard() { a->Free(a, p); }
+  } guard{alloc_, base};
+  auto at = [&](size_t off) { return static_cast<void*>(base + off); };
+
+  cudaError_t e = cudaSuccess;
+  for (int i : kWeightInputs) {
+    if (!need_t[i]) continue;
+    const auto& d = in[i].dims;
+    const int64_t batch = d.size() == 3 ? d[0] : 1;
+    const int64_t rows = d[d.size() - 2], cols = d[d.size() - 1];
+    e = (rows == 1 || cols == 1) ? cudaMemcpyAsync(at(o_t[i]), in[i].data, need_t[i], cudaMemcpyDeviceToDevice, stream)
+                                 : LaunchTranspose(dt, in[i].data, at(o_t[i]), batch, rows, cols, stream);
+    if (e) return CudaError(e, "weight transposition");
+    canon[i] = at(o_t[i]);
+  }
+
+  // --- 1. routing and grouping ---
+  RouteParams r;
+  r.T = static_cast<int>(T);
+  r.E = static_cast<int>(E);
+  r.K = static_cast<int>(K);
+  r.mode = static_cast<int>(a.routing_kind);
+  r.normalize = static_cast<int>(a.normalize_topk);
+  r.scale = a.routed_scaling_factor;
+  r.n_group = static_cast<int>(a.n_group);
+  r.topk_group = static_cast<int>(a.topk_group);
+  r.dtype = dt;
+  r.logits = in[kRouterLogits].data;
+  r.sel_bias = in[kSelectionBias].data;
+  r.ids_in = in[kTopkIds].data;
+  r.ids_int64 = in[kTopkIds].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  r.w_in = in[kTopkWeights].data;
+  r.ids = static_cast<int*>(at(o_ids));
+  r.w = static_cast<float*>(at(o_w));
+  r.rank = static_cast<int*>(at(o_rank));
+  r.counts = static_cast<int*>(at(o_counts));
+  r.bad = static_cast<int*>(at(o_bad));
+  SortParams s;
+  s.T = r.T;
+  s.E = r.E;
+  s.K = r.K;
+  s.bm = rpath == Path::kSimt ? 64 : 128;
+  s.ids = r.ids;
+  s.w = r.w;
+  s.rank = r.rank;
+  s.counts = r.counts;
+  s.offsets = static_cast<int*>(at(o_offsets));
+  s.tile_prefix = static_cast<int*>(at(o_prefix));
+  s.active = static_cast<int*>(at(o_active));
+  s.num_active = static_cast<int*>(at(o_nact));
+  s.sorted_row = static_cast<int*>(at(o_srow));
+  s.sorted_w = static_cast<float*>(at(o_sw));
+  s.pair_pos = static_cast<int*>(at(o_pos));
+  if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
+  if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
+    int bad = INT_MAX;
+    if ((e = cudaMemcpyAsync(&bad, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
+        (e = cudaStreamSynchronize(stream)))
+      return CudaError(e, "topk_ids check");
+    if (bad != INT_MAX) {
+      int64_t id = 0;
+      const size_t isz = r.ids_int64 ? 8 : 4;
+      const char* src = static_cast<const char*>(in[kTopkIds].data) + static_cast<size_t>(bad) * isz;
+      int32_t id32 = 0;
+      if ((e = cudaMemcpy(r.ids_int64 ? static_cast<void*>(&id) : static_cast<void*>(&id32), src, isz,
+                          cudaMemcpyDeviceToHost)))
+        return CudaError(e, "topk_ids check");
+      if (!r.ids_int64) id = id32;
+      return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": input 'topk_ids' (#9) holds an expert id outside [0, " +
+                                             std::to_string(E) + "): " + std::to_string(id) + " for token " +
+                                             std::to_string(bad / K));
+    }
+  }
+
+  // --- shared expert: one dense group over all tokens ---
+  if (has_shared) {
+    const bool sep = in[kSharedW3].data != nullptr;
+    Groups g;
+    g.dense_rows = static_cast<int>(T);
+    g.num_groups = 1;
+    g.max_slots = 1;
+    Gemm1Params g1;
+    g1.dtype = dt;
+    g1.D = static_cast<int>(D);
+    g1.I = static_cast<int>(Is);
+    g1.A = in[kX].data;
+    g1.w = MakeFirstProj(a, sep, canon[kSharedW1], canon[kSharedW3], nullptr, nullptr, 1, Is, 0);
+    g1.act = ActParams{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
+    g1.g = g;
+    g1.H = at(o_hs);
+    Gemm2Params g2;
+    g2.dtype = dt;
+    g2.D = static_cast<int>(D);
+    g2.I = static_cast<int>(Is);
+    g2.H = g1.H;
+    g2.w2 = canon[kSharedW2];
+    g2.g = g;
+    g2.out = at(o_s);
+    g2.out_f32 = shared_f32;
+    switch (spath) {
+      case Path::kWgmma:
+        if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
+          return CudaError(e, "shared expert (wgmma)");
+        break;
+      case Path::kSkinny:
+        if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream)))
+          return CudaError(e, "shared expert (skinny)");
+        break;
+      default:
+        if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
+          return CudaError(e, "shared expert (simt)");
+    }
+  }
+
+  const bool separate = a.separate_gate_up();
+  const FirstProj routed = MakeFirstProj(a, separate, canon[kW1], canon[kW3], in[kB1].data,
+                                         in[kB3].data, E, I, 1);
+  const ActParams act{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
+
+  if (small) {
+    DirectParams dp;
+    dp.dtype = dt;
+    dp.T = static_cast<int>(T);
+    dp.D = static_cast<int>(D);
+    dp.I = static_cast<int>(I);
+    dp.K = static_cast<int>(K);
+    dp.X = in[kX].data;
+    dp.ids = r.ids;
+    dp.w = r.w;
+    dp.weight_on_input = woi;
+    dp.w1 = routed;
+    dp.w2 = canon[kW2];
+    dp.b2 = in[kB2].data;
+    dp.act = act;
+    dp.shared = has_shared ? at(o_s) : nullptr;
+    dp.shared_f32 = shared_f32;
+    dp.shared_gate = in[kSharedGate].data;
+    dp.Y = ydata;
+    if ((e = LaunchDirect(dp, stream))) return CudaError(e, "direct experts");
+  } else {
+    Groups g;
+    g.offsets = s.offsets;
+    g.tile_prefix = s.tile_prefix;
+    g.active = s.active;
+    g.num_active = s.num_active;
+    g.num_groups = static_cast<int>(E);
+    g.max_slots = static_cast<int>(max_active);
+    g.max_tiles = P / s.bm + max_active;
+    Gemm1Params g1;
+    g1.dtype = dt;
+    g1.D = static_cast<int>(D);
+    g1.I = static_cast<int>(I);
+    g1.A = in[kX].data;
+    g1.row_map = s.sorted_row;
+    g1.row_scale = woi ? s.sorted_w : nullptr;
+    g1.w = routed;
+    g1.act = act;
+    g1.g = g;
+    g1.H = at(o_h);
+    Gemm2Params g2;
+    g2.dtype = dt;
+    g2.D = static_cast<int>(D);
+    g2.I = static_cast<int>(I);
+    g2.H = g1.H;
+    g2.w2 = canon[kW2];
+    g2.b2 = in[kB2].data;
+    g2.g = g;
+    g2.out = at(o_y);
+    g2.out_f32 = ypair_f32;
+    switch (rpath) {
+      case Path::kWgmma:
+        if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
+          return CudaError(e, "experts (wgmma)");
+        break;
+      case Path::kSkinny:
+        if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream)))
+          return CudaError(e, "experts (skinny)");
+        break;
+      default:
+        if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
+          return CudaError(e, "experts (simt)");
+    }
+    CombineParams cp;
+    cp.dtype = dt;
+    cp.T = static_cast<int>(T);
+    cp.D = static_cast<int>(D);
+    cp.K = static_cast<int>(K);
+    cp.X = in[kX].data;
+    cp.pair_pos = s.pair_pos;
+    cp.w = r.w;
+    cp.weight_on_input = woi;
+    cp.ypair = at(o_y);
+    cp.ypair_f32 = ypair_f32;
+    cp.shared = has_shared ? at(o_s) : nullptr;
+    cp.shared_f32 = shared_f32;
+    cp.shared_gate = in[kSharedGate].data;
+    cp.Y = ydata;
+    if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
+  }
+  if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
+  return nullptr;
+}
+
+// --- registration -------------------------------------------------------------------------------
+
+struct CudaOp {
+  OrtCustomOp op;
+  ONNXTensorElementDataType type;
+};
+
+const CudaOp* Self(const OrtCustomOp* op) { return reinterpret_cast<const CudaOp*>(op); }
+const OrtApi* g_api = nullptr;
+
+const char* MOEFUSE_ORT_CALL GetName(const OrtCustomOp*) { return kOpType; }
+const char* MOEFUSE_ORT_CALL GetEpType(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
+ONNXTensorElementDataType MOEFUSE_ORT_CALL GetInputType(const OrtCustomOp* op, size_t index) {
+  if (index == kTopkIds) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  return Self(op)->type;
+}
+size_t MOEFUSE_ORT_CALL GetInputCount(const OrtCustomOp*) { return kNumInputs; }
+ONNXTensorElementDataType MOEFUSE_ORT_CALL GetOutputType(const OrtCustomOp* op, size_t) {
+  return Self(op)->type;
+}
+size_t MOEFUSE_ORT_CALL GetOutputCount(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic MOEFUSE_ORT_CALL GetInputCharacteristic(const OrtCustomOp*,
+                                                                            size_t index) {
+  return index == kX ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+OrtCustomOpInputOutputCharacteristic MOEFUSE_ORT_CALL GetOutputCharacteristic(const OrtCustomOp*,
+                                                                             size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType MOEFUSE_ORT_CALL GetInputMemoryType(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int MOEFUSE_ORT_CALL VariadicMinArity(const OrtCustomOp*) { return 1; }
+int MOEFUSE_ORT_CALL VariadicHomogeneity(const OrtCustomOp*) { return 1; }
+
+OrtStatusPtr MOEFUSE_ORT_CALL CreateKernelV2(const OrtCustomOp*, const OrtApi* api,
+                                              const OrtKernelInfo* info, void** kernel) {
+  try {
+    Kernel* k = nullptr;
+    if (OrtStatus* st = Kernel::Create(api, info, &k)) return st;
+    *kernel = k;
+    return nullptr;
+  } catch (const std::exception& ex) {
+    return api->CreateStatus(ORT_FAIL, (std::string("MoEFFN (CUDA): ") + ex.what()).c_str());
+  } catch (...) {
+    return api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): unexpected error creating the kernel");
+  }
+}
+
+OrtStatusPtr MOEFUSE_ORT_CALL KernelComputeV2(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return static_cast<Kernel*>(kernel)->Compute(ctx);
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): out of memory");
+  } catch (const std::exception& ex) {
+    return g_api->CreateStatus(ORT_FAIL, (std::string("MoEFFN (CUDA): ") + ex.what()).c_str());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): unexpected error");
+  }
+}
+
+void MOEFUSE_ORT_CALL KernelDestroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+OrtStatusPtr MOEFUSE_ORT_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  const OrtApi* api = g_api;
+  OrtTensorTypeAndShapeInfo* x = nullptr;
+  if (OrtStatus* st = api->ShapeInferContext_GetInputTypeShape(ctx, 0, &x)) {
+    api->ReleaseStatus(st);
+    return nullptr;
+  }
+  size_t rank = 0;
+  if (OrtStatus* st = api->GetDimensionsCount(x, &rank)) {
+    api->ReleaseStatus(st);
+    return nullptr;
+  }
+  if (rank == 2 || rank == 3) {
+    if (OrtStatus* st = api->ShapeInferContext_SetOutputTypeShape(ctx, 0, x)) api->ReleaseStatus(st);
+  }
+  return nullptr;
+}
+
+CudaOp MakeOp(ONNXTensorElementDataType type, bool shape_inference) {
+  CudaOp c;
+  std::memset(&c, 0, sizeof(c));
+  OrtCustomOp& op = c.op;
+  op.version = MOEFUSE_ORT_API_VERSION;
+  op.GetName = &GetName;
+  op.GetExecutionProviderType = &GetEpType;
+  op.GetInputType = &GetInputType;
+  op.GetInputTypeCount = &GetInputCount;
+  op.GetOutputType = &GetOutputType;
+  op.GetOutputTypeCount = &GetOutputCount;
+  op.KernelDestroy = &KernelDestroy;
+  op.GetInputCharacteristic = &GetInputCharacteristic;
+  op.GetOutputCharacteristic = &GetOutputCharacteristic;
+  op.GetInputMemoryType = &GetInputMemoryType;
+  op.GetVariadicInputMinArity = &VariadicMinArity;
+  op.GetVariadicInputHomogeneity = &VariadicHomogeneity;
+  op.GetVariadicOutputMinArity = &VariadicMinArity;
+  op.GetVariadicOutputHomogeneity = &VariadicHomogeneity;
+  op.CreateKernelV2 = &CreateKernelV2;
+  op.KernelComputeV2 = &KernelComputeV2;
+  if (shape_inference) op.InferOutputShapeFn = &InferOutputShape;
+  c.type = type;
+  return c;
+}
+
+// Process-lifetime op descriptions (sessions keep pointers to them): with and without shape
+// inference.
+CudaOp g_ops[2][3] = {{MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false),
+                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false),
+                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, false)},
+                      {MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true),
+                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true),
+                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, true)}};
+
+}  // namespace
+
+OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain, bool shape_inference) {
+  g_api = api;
+  for (const CudaOp& op : g_ops[shape_inference ? 1 : 0]) {
+    if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op.op)) return st;
+  }
+  return nullptr;
+}
+
+}  // namespace cuda
+}  // namespace moefuse
+
+// Lets tests and tools tell a CUDA build of the library from a CPU-only one.
+extern "C" MOEFUSE_EXPORT int MoefuseCudaBuilt(void) { return 1; }

@@ -1,0 +1,574 @@
+// The prefill path on Hopper (sm_90a): a persistent, warp-specialized grouped GEMM on wgmma.
+//
+// One CTA per SM walks the output tiles of every expert (128 sorted rows x BN columns), expert by
+// expert, n-tile by n-tile, m-tiles innermost so that the CTAs working at the same time share the
+// expert's weight tile in L2. The schedule (tiles per expert) comes from the routing step in
+// device memory: the host never learns the per-expert token counts.
+//
+// Warpgroup 0 produces: the weight tile by TMA (128-byte swizzle), the activation rows by
+// cp.async, gathered through the sorted row list (tokens of the expert), written in the same
+// swizzled layout; both complete on the stage's "full" mbarrier. Warpgroups 1 and 2 consume: 64
+// rows each, wgmma m64nBNk16 with A and B read from shared memory, float32 accumulators in
+// registers, and a fused epilogue straight from the registers: routing weight (weight on input),
+// bias, clamp, activation and gating for projection 1; bias for projection 2.
+//
+// Gate and up columns: interleaved weights arrive as one TMA box of BN rows (gate and up of a unit
+// in adjacent accumulator columns); halves and separate weights as two boxes of BN/2 rows (gate
+// units in columns [0, BN/2), their up rows in [BN/2, BN), 16 accumulator blocks apart). Either
+// way both values of a unit are in the same thread.
+#include <cuda.h>
+
+#include "common.cuh"
+
+namespace moefuse {
+namespace cuda {
+namespace {
+
+constexpr int kBM = 128, kBK = 64, kThreads = 384;
+
+struct WgArgs {
+  const void* A = nullptr;  // rows of K elements (stride lda)
+  int64_t lda = 0;
+  int K = 0;
+  const int* row_map = nullptr;      // sorted row -> A row (null: identity)
+  const float* row_scale = nullptr;  // per sorted row (weight on input)
+  Groups g;
+  int n_tiles = 0;
+  int N = 0;     // valid output columns (units for gated modes)
+  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes
+  int act_on = 0;
+  int64_t b1_row0 = 0, b1_rpe = 0, b2_row0 = 0, b2_rpe = 0;  // TMA row of box 1 / box 2
+  void* out = nullptr;
+  int64_t ldo = 0;
+  const void* bias1 = nullptr;
+  int64_t bias1_off = 0, bias1_es = 0, bias1_us = 1;
+  const void* bias2 = nullptr;
+  int64_t bias2_off = 0, bias2_es = 0, bias2_us = 1;
+  ActParams act;
+};
+
+template <int BN>
+struct Cfg {
+  static constexpr int kStages = BN == 256 ? 4 : 6;
+  static constexpr int kABytes = kBM * kBK * 2;
+  static constexpr int kBBytes = BN * kBK * 2;
+  static constexpr int kSmem = kStages * (kABytes + kBBytes) + 2 * kStages * 8 + 1024;
+};
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEFUSE_SM90A 1
+#endif
+
+#ifdef MOEFUSE_SM90A
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = SmemAddr(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void TmaLoad2d(void* dst, const CUtensorMap* map, int x, int y,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];" ::"r"(SmemAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+// 16 bytes global -> shared, zero-filled when src_bytes == 0.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// The stage's mbarrier completes one arrival once this thread's cp.async writes have landed.
+__device__ __forceinline__ void CpAsyncArrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+
+// Shared memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t Desc(const void* p) {
+  const uint32_t a = SmemAddr(p);
+  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+#define MOEFUSE_D8(b) "+f"(d[b + 0]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), \
+    "+f"(d[b + 4]), "+f"(d[b + 5]), "+f"(d[b + 6]), "+f"(d[b + 7])
+
+// m64n128k16, float32 accumulators d[0..63], A and B from shared memory (K-major).
+#define MOEFUSE_WGMMA_128(TY)                                                       \
+  asm volatile(                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                   \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                     \
+      : MOEFUSE_D8(0), MOEFUSE_D8(8), MOEFUSE_D8(16), MOEFUSE_D8(24), \
+        MOEFUSE_D8(32), MOEFUSE_D8(40), MOEFUSE_D8(48), MOEFUSE_D8(56) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+// m64n256k16, float32 accumulators d[0..127], A and B from shared memory (K-major).
+#define MOEFUSE_WGMMA_256(TY)                                                       \
+  asm volatile(                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                   \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                     \
+      : MOEFUSE_D8(0), MOEFUSE_D8(8), MOEFUSE_D8(16), MOEFUSE_D8(24), \
+        MOEFUSE_D8(32), MOEFUSE_D8(40), MOEFUSE_D8(48), MOEFUSE_D8(56), \
+        MOEFUSE_D8(64), MOEFUSE_D8(72), MOEFUSE_D8(80), MOEFUSE_D8(88), \
+        MOEFUSE_D8(96), MOEFUSE_D8(104), MOEFUSE_D8(112), MOEFUSE_D8(120) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+template <typename T, int BN>
+__device__ __forceinline__ void Wgmma(float* d, uint64_t da, uint64_t db, int scale_d);
+template <>
+__device__ __forceinline__ void Wgmma<__half, 128>(float* d, uint64_t da, uint64_t db, int scale_d) {
+  MOEFUSE_WGMMA_128("f16");
+}
+template <>
+__device__ __forceinline__ void Wgmma<__nv_bfloat16, 128>(float* d, uint64_t da, uint64_t db,
+                                                         int scale_d) {
+  MOEFUSE_WGMMA_128("bf16");
+}
+template <>
+__device__ __forceinline__ void Wgmma<__half, 256>(float* d, uint64_t da, uint64_t db, int scale_d) {
+  MOEFUSE_WGMMA_256("f16");
+}
+template <>
+__device__ __forceinline__ void Wgmma<__nv_bfloat16, 256>(float* d, uint64_t da, uint64_t db,
+                                                         int scale_d) {
+  MOEFUSE_WGMMA_256("bf16");
+}
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+struct Tile {
+  int e, r0, rows, n;
+};
+
+__device__ __forceinline__ int64_t TotalTiles(const WgArgs& p) {
+  if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, kBM) * p.n_tiles;
+  return static_cast<int64_t>(p.g.tile_prefix[p.g.num_groups]) * p.n_tiles;
+}
+
+// Tiles run expert by expert, n-tile by n-tile, m-tile innermost.
+__device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile) {
+  Tile t;
+  if (p.g.dense_rows >= 0) {
+    const int mt = static_cast<int>(CeilDiv(p.g.dense_rows, kBM));
+    const int m = static_cast<int>(tile % mt);
+    t.e = 0;
+    t.n = static_cast<int>(tile / mt);
+    t.r0 = m * kBM;
+    t.rows = min(kBM, p.g.dense_rows - t.r0);
+    return t;
+  }
+  const int* pre = p.g.tile_prefix;
+  int lo = 0, hi = p.g.num_groups - 1;  // last expert whose first tile is <= tile
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (static_cast<int64_t>(pre[mid]) * p.n_tiles <= tile) lo = mid; else hi = mid - 1;
+  }
+  const int mt = pre[lo + 1] - pre[lo];
+  const int64_t local = tile - static_cast<int64_t>(pre[lo]) * p.n_tiles;
+  const int m = static_cast<int>(local % mt);
+  t.e = lo;
+  t.n = static_cast<int>(local / mt);
+  t.r0 = p.g.offsets[lo] + m * kBM;
+  t.rows = min(kBM, p.g.offsets[lo + 1] - t.r0);
+  return t;
+}
+
+template <typename T>
+__device__ __forceinline__ void Store2(T* dst, float a, float b) {
+  if constexpr (sizeof(T) == 2) {
+    T v[2] = {FromF<T>(a), FromF<T>(b)};
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(v);
+  } else {
+    dst[0] = a;
+    dst[1] = b;
+  }
+}
+
+template <typename T, int BN>
+__device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const float* acc, int cw) {
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  T* out = static_cast<T*>(p.out);
+  const DType bt = Elem<T>::kType;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = cw * 64 + warp * 16 + g + 8 * h;
+    if (row >= t.rows) continue;
+    const int r = t.r0 + row;
+    const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+    T* orow = out + static_cast<int64_t>(r) * p.ldo;
+    if (p.mode == 0) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int n = t.n * BN + 8 * i + 2 * q;
+        if (n >= p.N) continue;
+        float v0 = acc[4 * i + 2 * h] * sc, v1 = acc[4 * i + 2 * h + 1] * sc;
+        if (p.bias1) {
+          const int64_t b = p.bias1_off + t.e * p.bias1_es + static_cast<int64_t>(n) * p.bias1_us;
+          v0 += LoadF(p.bias1, b, bt);
+          v1 += LoadF(p.bias1, b + p.bias1_us, bt);
+        }
+        if (p.act_on) {
+          v0 = Act(v0, p.act);
+          v1 = Act(v1, p.act);
+        }
+        Store2<T>(orow + n, v0, v1);
+      }
+    } else if (p.mode == 1) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int u = t.n * (BN / 2) + 4 * i + q;
+        if (u >= p.N) continue;
+        float gv = acc[4 * i + 2 * h] * sc, uv = acc[4 * i + 2 * h + 1] * sc;
+        if (p.bias1) gv += LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt);
+        if (p.bias2) uv += LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt);
+        orow[u] = FromF<T>(Glu(gv, uv, p.act));
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 16; ++i) {
+        const int u = t.n * (BN / 2) + 8 * i + 2 * q;
+        if (u >= p.N) continue;
+        float g0 = acc[4 * i + 2 * h] * sc, g1 = acc[4 * i + 2 * h + 1] * sc;
+        float u0 = acc[4 * (i + BN / 16) + 2 * h] * sc, u1 = acc[4 * (i + BN / 16) + 2 * h + 1] * sc;
+        if (p.bias1) {
+          const int64_t b = p.bias1_off + t.e * p.bias1_es + static_cast<int64_t>(u) * p.bias1_us;
+          g0 += LoadF(p.bias1, b, bt);
+          g1 += LoadF(p.bias1, b + p.bias1_us, bt);
+        }
+        if (p.bias2) {
+          const int64_t b = p.bias2_off + t.e * p.bias2_es + static_cast<int64_t>(u) * p.bias2_us;
+          u0 += LoadF(p.bias2, b, bt);
+          u1 += LoadF(p.bias2, b + p.bias2_us, bt);
+        }
+        Store2<T>(orow + u, Glu(g0, u0, p.act), Glu(g1, u1, p.act));
+      }
+    }
+  }
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(kThreads, 1)
+    WgKernel(const __grid_constant__ CUtensorMap tm1, const __grid_constant__ CUtensorMap tm2,
+             const __grid_constant__ WgArgs p) {
+  using C = Cfg<BN>;
+  constexpr int S = C::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  uint8_t* As = smem;
+  uint8_t* Bs = smem + S * C::kABytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(Bs + S * C::kBBytes);
+  uint64_t* empty = full + S;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      MbarInit(full + s, 128 + 1);  // 128 cp.async arrivals + the TMA transaction arrival
+      MbarInit(empty + s, 8);       // one per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  GridDepWait();
+  GridDepLaunch();
+  const int64_t total = TotalTiles(p);
+  const int nkb = (p.K + kBK - 1) / kBK;
+  const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+
+  if (wg == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    const T* A = static_cast<const T*>(p.A);
+    const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const Tile t = DecodeTile(p, tile);
+      int src[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int rr = rbase + 16 * j;
+        src[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
+      }
+      int y1, y2 = 0;
+      if (p.mode == 0) {
+        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * BN);
+      } else if (p.mode == 1) {
+        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * BN);
+      } else {
+        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * (BN / 2));
+        y2 = static_cast<int>(p.b2_row0 + t.e * p.b2_rpe + static_cast<int64_t>(t.n) * (BN / 2));
+      }
+      for (int kb = 0; kb < nkb; ++kb) {
+        MbarWait(empty + stage, phase ^ 1);
+        uint8_t* as = As + stage * C::kABytes;
+        uint8_t* bs = Bs + stage * C::kBBytes;
+        if (tid == 0) {
+          MbarExpectTx(full + stage, C::kBBytes);
+          if (p.mode == 2) {
+            TmaLoad2d(bs, &tm1, kb * kBK, y1, full + stage);
+            TmaLoad2d(bs + C::kBBytes / 2, &tm2, kb * kBK, y2, full + stage);
+          } else {
+            TmaLoad2d(bs, &tm1, kb * kBK, y1, full + stage);
+          }
+        }
+        const int k = kb * kBK + chunk * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int rr = rbase + 16 * j;
+          const bool ok = src[j] >= 0 && k < p.K;
+          const T* g = ok ? A + static_cast<int64_t>(src[j]) * p.lda + k : A;
+          CpAsync16(as + rr * 128 + ((chunk ^ (rr & 7)) << 4), g, ok ? 16 : 0);
+        }
+        CpAsyncArrive(full + stage);
+        if (++stage == S) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    // ---- consumers ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+    const int cw = wg - 1;
+    const int lane = threadIdx.x & 31;
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[BN / 2] = {};
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const Tile t = DecodeTile(p, tile);
+      int prev = -1;
+      for (int kb = 0; kb < nkb; ++kb) {
+        MbarWait(full + stage, phase);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async rows -> wgmma
+        WgmmaFence();
+        const uint64_t da = Desc(As + stage * C::kABytes + cw * 64 * 128);
+        const uint64_t db = Desc(Bs + stage * C::kBBytes);
+#pragma unroll
+        for (int kk = 0; kk < kBK / 16; ++kk) Wgmma<T, BN>(acc, da + 2 * kk, db + 2 * kk, (kb | kk) != 0);
+        WgmmaCommit();
+        WgmmaWait<1>();
+        if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+        prev = stage;
+        if (++stage == S) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      WgmmaWait<0>();
+      if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+      Epilogue<T, BN>(p, t, acc, cw);
+    }
+  }
+}
+
+#else  // not sm_90a: never launched (WgmmaAvailable() checks the device)
+
+template <typename T, int BN>
+__global__ void WgKernel(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap,
+                         const __grid_constant__ WgArgs) {}
+
+#endif
+
+// ---- host side ----
+
+typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                  const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn GetEncode() {
+  static EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiledFn>(nullptr);
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+
+// A [rows, K] row-major 16-bit matrix read in boxes of 64 x box_rows with 128-byte swizzle.
+bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t K, int box_rows) {
+  EncodeTiledFn enc = GetEncode();
+  if (!enc) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUtensorMapDataType dt =
+      t == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return enc(map, dt, 2, const_cast<void*>(base), dims, strides, box, estr,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int BN>
+cudaError_t Run(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, int64_t tiles_ub,
+                int num_sms, cudaStream_t stream) {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      WgKernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg<BN>::kSmem);
+  if (attr != cudaSuccess) return attr;
+  const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
+  if (grid <= 0) return cudaSuccess;
+  return Launch(WgKernel<T, BN>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
+                static_cast<size_t>(Cfg<BN>::kSmem), stream, m1, m2, a);
+}
+
+cudaError_t Dispatch(DType t, int bn, const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a,
+                     int64_t tiles_ub, int num_sms, cudaStream_t stream) {
+  if (t == DType::kBF16)
+    return bn == 256 ? Run<__nv_bfloat16, 256>(m1, m2, a, tiles_ub, num_sms, stream)
+                     : Run<__nv_bfloat16, 128>(m1, m2, a, tiles_ub, num_sms, stream);
+  return bn == 256 ? Run<__half, 256>(m1, m2, a, tiles_ub, num_sms, stream)
+                   : Run<__half, 128>(m1, m2, a, tiles_ub, num_sms, stream);
+}
+
+int64_t MTilesUpperBound(const Groups& g) {
+  return g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : g.max_tiles;
+}
+
+// Wider tiles unless that leaves SMs idle.
+int PickBn(int64_t m_tiles, int64_t n_cols, int num_sms) {
+  const int64_t wide = m_tiles * CeilDiv(n_cols, 256);
+  return (n_cols > 128 && wide >= num_sms) ? 256 : 128;
+}
+
+}  // namespace
+
+bool WgmmaAvailable() { return GetEncode() != nullptr; }
+
+cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t stream) {
+  if (p.dtype == DType::kF32) return cudaErrorInvalidValue;
+  const bool gated = p.w.up != nullptr;
+  WgArgs a;
+  a.A = p.A;
+  a.lda = p.D;
+  a.K = p.D;
+  a.row_map = p.row_map;
+  a.row_scale = p.row_scale;
+  a.g = p.g;
+  a.N = p.I;
+  a.out = p.H;
+  a.ldo = p.I;
+  a.act = p.act;
+  a.act_on = 1;
+  a.bias1 = p.w.bg;
+  a.bias1_off = p.w.bg_off;
+  a.bias1_es = p.w.bg_es;
+  a.bias1_us = p.w.bg_us;
+  a.bias2 = p.w.bu;
+  a.bias2_off = p.w.bu_off;
+  a.bias2_es = p.w.bu_es;
+  a.bias2_us = p.w.bu_us;
+  const int64_t mt = MTilesUpperBound(p.g);
+  const int bn = PickBn(mt, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+  CUtensorMap m1, m2;
+  if (!gated) {
+    a.mode = 0;
+    if (p.w.gate_rpu != 1) return cudaErrorInvalidValue;
+    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn)) return cudaErrorInvalidValue;
+    m2 = m1;
+    a.b1_row0 = p.w.gate_row0;
+    a.b1_rpe = p.w.gate_rpe;
+    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn));
+  } else if (p.w.interleaved) {
+    a.mode = 1;
+    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn)) return cudaErrorInvalidValue;
+    m2 = m1;
+    a.b1_row0 = p.w.gate_row0;
+    a.b1_rpe = p.w.gate_rpe;
+    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn / 2));
+  } else {
+    a.mode = 2;
+    if (p.w.gate_rpu != 1 || p.w.up_rpu != 1) return cudaErrorInvalidValue;
+    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn / 2)) return cudaErrorInvalidValue;
+    if (!MakeMap(&m2, p.w.up, p.dtype, p.w.up_rows, p.D, bn / 2)) return cudaErrorInvalidValue;
+    a.b1_row0 = p.w.gate_row0;
+    a.b1_rpe = p.w.gate_rpe;
+    a.b2_row0 = p.w.up_row0;
+    a.b2_rpe = p.w.up_rpe;
+    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn / 2));
+  }
+  return Dispatch(p.dtype, bn, m1, m2, a, mt * a.n_tiles, num_sms, stream);
+}
+
+cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream) {
+  if (p.dtype == DType::kF32 || p.out_f32) return cudaErrorInvalidValue;
+  WgArgs a;
+  a.A = p.H;
+  a.lda = p.I;
+  a.K = p.I;
+  a.g = p.g;
+  a.N = p.D;
+  a.out = p.out;
+  a.ldo = p.D;
+  a.mode = 0;
+  a.act_on = 0;
+  a.bias1 = p.b2;
+  a.bias1_es = p.D;
+  a.bias1_us = 1;
+  const int64_t mt = MTilesUpperBound(p.g);
+  const int bn = PickBn(mt, p.D, num_sms);
+  const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
+  CUtensorMap m1;
+  if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
+  a.b1_row0 = 0;
+  a.b1_rpe = p.D;
+  a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
+  return Dispatch(p.dtype, bn, m1, m1, a, mt * a.n_tiles, num_sms, stream);
+}
+
+}  // namespace cuda
+}  // namespace moefuse
