@@ -4,14 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moefuse-installed
 
-.PHONY: setup test test-fast demo clean asan test-ort-versions bench
+.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-test gpu-memcheck gpu-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch is pinned first so that the test extra resolves to the CPU build rather than a CUDA one.
-$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard custom_ops/*)
+$(STAMP): $(BIN)/python pyproject.toml CMakeLists.txt $(wildcard custom_ops/*) $(wildcard custom_ops/cuda/*)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" || $(BIN)/python -m pip install --quiet "torch>=2.6"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
@@ -58,6 +58,25 @@ test-ort-versions: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/cpu_moe.py
+
+# --- GPU (a CUDA GPU and onnxruntime-gpu; never on CI) ---
+# GPU_PYTHON is the interpreter that has onnxruntime-gpu and the built library (MOEFUSE_LIBRARY).
+GPU_PYTHON ?= $(BIN)/python
+
+# The CUDA kernel tests (skipped without a GPU).
+gpu-test:
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernel_cuda.py
+
+# The CUDA kernel tests under compute-sanitizer's memcheck (a reduced matrix that still takes
+# every kernel path; scratch buffers allocated one by one so that overruns are caught); fails on
+# any memory error found in the process.
+gpu-memcheck:
+	MOEFUSE_GPU_MEMCHECK=1 MOEFUSE_CUDA_EXACT_ALLOC=1 compute-sanitizer --tool memcheck --error-exitcode 1 --report-api-errors no \
+	  --print-limit 20 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernel_cuda.py
+
+# MoEFFN vs com.microsoft.MoE on the CUDA EP (writes benchmarks/results/gpu_moe.{json,md,png}).
+gpu-bench:
+	$(GPU_PYTHON) benchmarks/gpu_moe.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -107,12 +107,15 @@ class Carver {
   size_t Add(size_t bytes) {
     const size_t off = size_;
     size_ += (bytes + 255) / 256 * 256;
+    parts_.push_back({off, bytes});
     return off;
   }
   size_t bytes() const { return size_; }
+  const std::vector<std::pair<size_t, size_t>>& parts() const { return parts_; }
 
  private:
   size_t size_ = 0;
+  std::vector<std::pair<size_t, size_t>> parts_;  // (offset, bytes)
 };
 
 const char* EnvOr(const char* name, const char* fallback) {
@@ -153,6 +156,8 @@ class Kernel {
   OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
   std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, simt
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
+  bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
+                                   // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
   void* packed_[kNumInputs] = {};
   std::vector<int64_t> packed_dims_[kNumInputs];
@@ -188,6 +193,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   if (OrtStatus* st = api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &k->alloc_)) return st;
   k->path_ = EnvOr("MOEFUSE_CUDA_PATH", "auto");
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
+  k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   if (k->attrs_.in_out()) {
     if (OrtStatus* st = k->Prepack(info)) return st;
   }
@@ -427,16 +433,40 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   size_t o_t[kNumInputs] = {};
   for (int i : kWeightInputs)
     if (need_t[i]) o_t[i] = cv.Add(static_cast<size_t>(need_t[i]));
-  char* base = static_cast<char*>(alloc_->Alloc(alloc_, cv.bytes()));
-  if (!base)
-    return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for " + std::to_string(cv.bytes()) +
-                               " bytes of scratch");
-  struct Guard {
-    OrtAllocator* a;
-    void* p;
-    ~Guard() { a->Free(a, p); }
-  } guard{alloc_, base};
-  auto at = [&](size_t off) { return static_cast<void*>(base + off); };
+  // One allocation from the EP's arena, carved; or, for memory checkers, one exact cudaMalloc
+  // per buffer (freed after the stream drains).
+  struct Scratch {
+    OrtAllocator* a = nullptr;
+    char* base = nullptr;
+    std::vector<std::pair<size_t, void*>> exact;  // (offset, buffer)
+    cudaStream_t stream = nullptr;
+    ~Scratch() {
+      if (base) a->Free(a, base);
+      if (!exact.empty()) cudaStreamSynchronize(stream);
+      for (auto& b : exact) cudaFree(b.second);
+    }
+  } scratch;
+  scratch.a = alloc_;
+  scratch.stream = stream;
+  if (exact_alloc_) {
+    for (const auto& part : cv.parts()) {
+      void* p = nullptr;
+      if (part.second && cudaMalloc(&p, part.second) != cudaSuccess)
+        return Error(ORT_FAIL, Who(node_name_) + ": cudaMalloc of scratch failed");
+      scratch.exact.push_back({part.first, p});
+    }
+  } else {
+    scratch.base = static_cast<char*>(alloc_->Alloc(alloc_, cv.bytes()));
+    if (!scratch.base)
+      return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for " +
+                                 std::to_string(cv.bytes()) + " bytes of scratch");
+  }
+  auto at = [&](size_t off) -> void* {
+    if (scratch.base) return scratch.base + off;
+    for (const auto& b : scratch.exact)  // empty buffers share the next one's offset
+      if (b.first == off && b.second) return b.second;
+    return nullptr;
+  };
 
   cudaError_t e = cudaSuccess;
   for (int i : kWeightInputs) {

@@ -1,0 +1,368 @@
+"""MoEFFN (moefuse's CUDA kernels) vs onnxruntime's com.microsoft.MoE on the CUDA EP.
+
+Both ops get the same weights (one external-data file read by both models: SwiGLU experts with
+gate and up interleaved, stored [E, 2I, H] / [E, H, I], the layout com.microsoft.MoE takes) and
+the same inputs, bound on the GPU. For each layer shape, dtype and token count T:
+
+- ``gpu_us``: GPU time per call, the sum of the durations of the kernels (and device copies or
+  memsets) one call launches, read with the CUDA profiling interface (torch.profiler / CUPTI)
+  over several calls;
+- ``wall_us``: time per call of back-to-back runs (IO binding, no synchronization between runs)
+  measured with CUDA events on onnxruntime's compute stream: includes launch gaps and host
+  overhead when the host is the bottleneck;
+- the roofline: ``mem_us`` = bytes of the experts the routing activates / HBM bandwidth, and
+  ``flop_us`` = 2 * T * k * 3 * H * I / dense tensor-core rate; fractions are those over
+  ``gpu_us``.
+
+Writes benchmarks/results/gpu_moe.{json,md,png}. Needs a CUDA GPU, onnxruntime-gpu, torch (for
+events, the profiler and random weights), matplotlib for the plot, and the moefuse library built
+with CUDA (MOEFUSE_LIBRARY or an installed build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SHAPES = [  # name, H, I, E, k
+    ("Qwen3-30B-A3B", 2048, 768, 128, 8),
+    ("GPT-OSS-20B", 2880, 2880, 32, 4),
+    ("Mixtral-8x7B", 4096, 14336, 8, 2),
+]
+TOKENS = [1, 32, 512, 4096]
+DTYPES = ["float16", "bfloat16"]
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
+TC_FLOPS = 989e12          # H100 SXM dense fp16/bf16 tensor cores
+
+
+def onnx_type(dtype: str) -> int:
+    return TensorProto.FLOAT16 if dtype == "float16" else TensorProto.BFLOAT16
+
+
+def external(name, shape, dtype, location, offset, length):
+    t = onnx.TensorProto()
+    t.name = name
+    t.dims.extend(shape)
+    t.data_type = onnx_type(dtype)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def write_weights(torch, path, H, I, E, dtype, seed):
+    """Random expert weights written once: w1 [E, 2I, H] (gate/up interleaved), w2 [E, H, I]."""
+    tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    offsets = {}
+    with open(path, "wb") as f:
+        for name, shape, fan_in in (("w1", (E, 2 * I, H), H), ("w2", (E, H, I), I)):
+            offsets[name] = (f.tell(), int(np.prod(shape)) * 2, shape)
+            for e in range(E):  # one expert at a time: bounded host memory
+                w = torch.randn(shape[1:], generator=gen, device="cuda", dtype=torch.float32)
+                w = (w / fan_in ** 0.5).to(tdt).view(torch.int16).cpu().numpy()
+                f.write(w.tobytes())
+    return offsets
+
+
+def models(dtype, H, I, E, k, wdir, offsets):
+    """(MoEFFN model, com.microsoft.MoE model) sharing the weight file."""
+    from moefuse import MoEFFNAttrs
+    from moefuse.builder import make_node
+
+    et = onnx_type(dtype)
+    inputs = [helper.make_tensor_value_info("X", et, ["T", H]),
+              helper.make_tensor_value_info("router_logits", et, ["T", E])]
+    out = [helper.make_tensor_value_info("Y", et, ["T", H])]
+
+    def inits():
+        return [external(n, shape, dtype, "weights.bin", off, length)
+                for n, (off, length, shape) in offsets.items()]
+
+    attrs = MoEFFNAttrs(k=k, routing="softmax_topk", normalize_topk=1, activation="silu",
+                        gated=1, gate_up_layout="interleaved", weight_layout="out_in")
+    node = make_node({"X": "X", "router_logits": "router_logits", "w1": "w1", "w2": "w2"}, "Y",
+                     attrs, name="moe")
+    ours = helper.make_model(helper.make_graph([node], "moeffn", inputs, out, initializer=inits()),
+                             opset_imports=[helper.make_opsetid("", 18),
+                                            helper.make_opsetid("moefuse", 1)], ir_version=10)
+    ms_node = helper.make_node("MoE", ["X", "router_logits", "w1", "", "w2"], ["Y"], name="moe",
+                               domain="com.microsoft", k=k, normalize_routing_weights=1,
+                               activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                               activation_beta=0.0)
+    theirs = helper.make_model(helper.make_graph([ms_node], "ms_moe", inputs, out, initializer=inits()),
+                               opset_imports=[helper.make_opsetid("", 18),
+                                              helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    paths = []
+    for name, m in (("moeffn.onnx", ours), ("ms_moe.onnx", theirs)):
+        p = os.path.join(wdir, name)
+        onnx.save(m, p)
+        paths.append(p)
+    return paths
+
+
+class Runner:
+    """One session; its inputs and output bound to device buffers; timed on a torch stream that
+    onnxruntime uses as its compute stream."""
+
+    def __init__(self, ort, torch, path, so, stream, dtype):
+        self.ort, self.torch, self.stream, self.dtype = ort, torch, stream, dtype
+        opts = {"device_id": 0, "user_compute_stream": str(stream.cuda_stream)}
+        self.sess = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", opts)])
+        self.ro = ort.RunOptions()
+        self.ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+    def bind(self, x, logits, y):
+        et = np.float16 if self.dtype == "float16" else TensorProto.BFLOAT16
+        b = self.sess.io_binding()
+        for name, t in (("X", x), ("router_logits", logits)):
+            b.bind_input(name, "cuda", 0, et, list(t.shape), t.data_ptr())
+        b.bind_output("Y", "cuda", 0, et, list(y.shape), y.data_ptr())
+        self.binding = b
+
+    def call(self):
+        self.sess.run_with_iobinding(self.binding, self.ro)
+
+    def wall_us(self, min_seconds=0.25):
+        torch = self.torch
+        for _ in range(3):
+            self.call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.call()
+        torch.cuda.synchronize()
+        one = time.perf_counter() - t0
+        n = int(min(500, max(5, min_seconds / max(one, 1e-6))))
+        samples = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            for _ in range(n):
+                self.call()
+            end.record(self.stream)
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / n)
+        return statistics.median(samples)
+
+    def gpu_us(self, calls=10):
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        self.call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                self.call()
+            torch.cuda.synchronize()
+        total = 0.0
+        names = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                dur = ev.time_range.elapsed_us()
+                total += dur
+                names[ev.name] = names.get(ev.name, 0.0) + dur
+        top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+        return total / calls, [(n[:60], round(v / calls, 1)) for n, v in top]
+
+
+def active_experts(logits: np.ndarray, k: int) -> int:
+    ids = np.argsort(-logits.astype(np.float32), axis=1, kind="stable")[:, :k]
+    return len(np.unique(ids))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="all", help="comma-separated shape names or 'all'")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--paths", default="", help="also time MoEFFN with MOEFUSE_CUDA_PATH forced "
+                    "to these paths (comma-separated: decode,prefill)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--workdir", default="", help="where the temporary models go")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+    import torch
+
+    from moefuse.runtime import session_options
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit("onnxruntime has no CUDA execution provider")
+    shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    dtypes = args.dtypes.split(",")
+    forced = [p for p in args.paths.split(",") if p]
+    gpu = torch.cuda.get_device_name(0)
+    print(f"GPU: {gpu}; onnxruntime {ort.__version__}; torch {torch.__version__}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    stream = torch.cuda.Stream()
+    records = []
+    for name, H, I, E, k in shapes:
+        for dtype in dtypes:
+            tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+            with tempfile.TemporaryDirectory(dir=args.workdir or None) as wdir:
+                t0 = time.time()
+                offsets = write_weights(torch, os.path.join(wdir, "weights.bin"), H, I, E, dtype, 1)
+                ours_path, ms_path = models(dtype, H, I, E, k, wdir, offsets)
+                print(f"{name} {dtype}: weights written in {time.time() - t0:.1f}s", flush=True)
+                variants = [("MoEFFN", ours_path, "auto"), ("com.microsoft.MoE", ms_path, None)]
+                variants += [(f"MoEFFN[{p}]", ours_path, p) for p in forced]
+                gen = torch.Generator(device="cuda").manual_seed(2)
+                tmax = max(tokens)
+                x_all = torch.randn(tmax, H, generator=gen, device="cuda").to(tdt)
+                l_all = (torch.randn(tmax, E, generator=gen, device="cuda") * 2).to(tdt)
+                runners = {}
+                for vname, path, mode in variants:
+                    if mode is not None:  # read by the kernel at creation (session creation)
+                        os.environ["MOEFUSE_CUDA_PATH"] = mode
+                        so = session_options(log_severity_level=3)
+                    else:
+                        so = ort.SessionOptions()
+                        so.log_severity_level = 3
+                    try:
+                        runners[vname] = Runner(ort, torch, path, so, stream, dtype)
+                    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                        runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    os.environ.pop("MOEFUSE_CUDA_PATH", None)
+                print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
+                for T in tokens:
+                    x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
+                    act = active_experts(logits.float().cpu().numpy(), k)
+                    mem_us = act * 3 * H * I * 2 / HBM_BYTES_PER_S * 1e6
+                    flop_us = 2 * T * k * 3 * H * I / TC_FLOPS * 1e6
+                    outs = {}
+                    for vname, r in runners.items():
+                        rec = {"shape": name, "H": H, "I": I, "E": E, "k": k, "dtype": dtype,
+                               "T": T, "variant": vname, "active_experts": act,
+                               "mem_us": round(mem_us, 2), "flop_us": round(flop_us, 2)}
+                        if isinstance(r, str):
+                            rec["error"] = r
+                        else:
+                            try:
+                                y = torch.empty(T, H, device="cuda", dtype=tdt)
+                                r.bind(x, logits, y)
+                                r.call()
+                                torch.cuda.synchronize()
+                                outs[vname] = y.float().cpu().numpy()
+                                rec["wall_us"] = round(r.wall_us(), 2)
+                                gpu_us, rec["top_kernels"] = r.gpu_us()
+                                rec["gpu_us"] = round(gpu_us, 2)
+                                rec["mem_fraction"] = round(mem_us / gpu_us, 3)
+                                rec["flop_fraction"] = round(flop_us / gpu_us, 3)
+                            except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        records.append(rec)
+                        print(json.dumps(rec), flush=True)
+                    if "MoEFFN" in outs and "com.microsoft.MoE" in outs:
+                        a, b = outs["MoEFFN"], outs["com.microsoft.MoE"]
+                        err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+                        for rec in records[-len(runners):]:
+                            rec["max_rel_diff_vs_ms"] = round(err, 5)
+                os.environ.pop("MOEFUSE_CUDA_PATH", None)
+                del runners
+                torch.cuda.empty_cache()
+    meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "hbm_bytes_per_s": HBM_BYTES_PER_S,
+            "tensor_flops": TC_FLOPS}
+    with open(os.path.join(args.out, "gpu_moe.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    md = table(records, meta)
+    with open(os.path.join(args.out, "gpu_moe.md"), "w") as f:
+        f.write(md)
+    print(md)
+    try:
+        plot(records, meta, os.path.join(args.out, "gpu_moe.png"))
+    except Exception as exc:  # noqa: BLE001
+        print(f"no plot: {exc}")
+
+
+def table(records, meta) -> str:
+    by = {}
+    for r in records:
+        by[(r["shape"], r["dtype"], r["T"], r["variant"])] = r
+    lines = [f"GPU: {meta['gpu']}, onnxruntime {meta['onnxruntime']}. Times in µs per call: "
+             "GPU time (sum of kernel durations) / wall time of back-to-back runs. Roofline: "
+             f"active expert bytes / {meta['hbm_bytes_per_s'] / 1e12:.2f} TB/s (mem), "
+             f"FLOPs / {meta['tensor_flops'] / 1e12:.0f} TFLOP/s (flop).", "",
+             "| shape (H, I, E, k) | dtype | T | MoEFFN | com.microsoft.MoE | speedup (GPU) | "
+             "mem roofline | flop roofline | MoEFFN % mem | MoEFFN % flop |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(r["shape"], r["H"], r["I"], r["E"], r["k"], r["dtype"], r["T"]) for r in records},
+                  key=lambda k: ([s[0] for s in SHAPES].index(k[0]) if k[0] in [s[0] for s in SHAPES] else 9,
+                                 k[5], k[6]))
+
+    def cell(r):
+        if r is None:
+            return "—"
+        if "error" in r:
+            return "error"
+        return f"{r['gpu_us']:.1f} / {r['wall_us']:.1f}"
+
+    for name, H, I, E, k, dtype, T in keys:
+        ours = by.get((name, dtype, T, "MoEFFN"))
+        ms = by.get((name, dtype, T, "com.microsoft.MoE"))
+        speed = "—"
+        if ours and ms and "gpu_us" in ours and "gpu_us" in ms:
+            speed = f"{ms['gpu_us'] / ours['gpu_us']:.2f}x"
+        ref = ours or ms
+        memf = f"{100 * ours['mem_fraction']:.0f}%" if ours and "mem_fraction" in ours else "—"
+        flopf = f"{100 * ours['flop_fraction']:.0f}%" if ours and "flop_fraction" in ours else "—"
+        lines.append(f"| {name} ({H}, {I}, {E}, {k}) | {dtype} | {T} | {cell(ours)} | {cell(ms)} | "
+                     f"{speed} | {ref['mem_us']:.1f} | {ref['flop_us']:.1f} | {memf} | {flopf} |")
+    extra = [r for r in records if r["variant"].startswith("MoEFFN[")]
+    if extra:
+        lines += ["", "Forced paths (GPU µs / wall µs):", "",
+                  "| shape | dtype | T | variant | time |", "| --- | --- | --- | --- | --- |"]
+        for r in extra:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, meta, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), squeeze=False)
+    for ax, (name, H, I, E, k) in zip(axes[0], SHAPES):
+        for variant, style in (("MoEFFN", "-"), ("com.microsoft.MoE", "--")):
+            for dtype, color in (("float16", "tab:blue"), ("bfloat16", "tab:orange")):
+                pts = sorted((r["T"], r["gpu_us"]) for r in records
+                             if r["shape"] == name and r["variant"] == variant and r["dtype"] == dtype
+                             and "gpu_us" in r)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{variant} {dtype}")
+        roof = sorted({(r["T"], max(r["mem_us"], r["flop_us"])) for r in records if r["shape"] == name})
+        if roof:
+            ax.plot(*zip(*roof), ":", color="gray", label="roofline")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (H={H}, I={I}, E={E}, k={k})", fontsize=9)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("GPU µs per call")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"MoE layer on {meta['gpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

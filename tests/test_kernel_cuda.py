@@ -1,0 +1,376 @@
+"""The CUDA kernels of the moefuse custom-op library on onnxruntime's CUDA execution provider.
+
+Against reference.py: the trait matrix of tests/cases.py (routing mode x expert kind x biases x
+shared expert) in float16, bfloat16 and float32, with token counts that take the decode (skinny)
+and prefill (grouped GEMM) paths; every path forced on its own; shapes spanning many tiles with K
+and N tails; weights stored in_out and weights that are not constants; precomputed ids out of
+range; empty batches; errors worded as the CPU kernel words them. Against the CPU kernel: real
+transformers blocks exported, converted and run on both execution providers.
+
+Needs a CUDA GPU, onnxruntime-gpu and a library built with nvcc: skipped otherwise (marker
+``gpu``). MOEFUSE_GPU_MEMCHECK=1 runs a reduced matrix (for compute-sanitizer, `make gpu-memcheck`).
+"""
+
+import ctypes
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cases import ALL, D, E, case
+from moefuse import MoEFFNAttrs, make_moeffn_model
+from moefuse.builder import attrs_of
+from moefuse.reference import moeffn
+from moefuse.runtime import library_path, run, session_options
+from moefuse.spec import ACTIVATION_INPUTS, INPUT_NAMES
+from moefuse.synthetic import feeds, random_inputs
+
+pytestmark = pytest.mark.gpu
+
+MEMCHECK = os.environ.get("MOEFUSE_GPU_MEMCHECK") == "1"
+BF16 = ml_dtypes.bfloat16
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2, np.dtype(BF16): 8e-2}
+CUDA = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+
+
+def _skip_reason():
+    try:
+        lib = library_path()
+    except FileNotFoundError as exc:
+        return f"moefuse custom-op library not built: {exc}"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
+    if hasattr(ort, "preload_dlls"):  # the CUDA libraries of the nvidia-* wheels, if installed
+        ort.preload_dlls()
+    try:
+        import scipy_openblas32  # noqa: F401  (the library links its BLAS)
+    except ImportError:
+        pass
+    try:
+        if not ctypes.CDLL(lib).MoefuseCudaBuilt():
+            return "the moefuse library was built without CUDA kernels"
+    except (OSError, AttributeError):
+        return "the moefuse library was built without CUDA kernels (no nvcc at build time)"
+    try:
+        x = np.zeros((1, 1), np.float32)
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=CUDA)
+        if "CUDAExecutionProvider" not in s.get_providers():
+            return "no usable CUDA GPU"
+        s.run(None, {"x": x})
+    except Exception as exc:  # noqa: BLE001
+        return f"no usable CUDA GPU ({exc})"
+    return None
+
+
+_REASON = _skip_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+
+def f32(a):
+    return np.asarray(a).astype(np.float32)
+
+
+def cuda_session(model, strip_function=True, log_level=3):
+    """A session whose MoEFFN node must run on the CUDA EP (CPU fallback disabled; the model's
+    fallback function removed so that a node the kernel did not take fails)."""
+    if strip_function:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.functions[:]
+    so = session_options(log_severity_level=log_level)
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=CUDA)
+
+
+def cpu_session(model):
+    so = session_options(log_severity_level=3)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def close(got, want, dtype, msg):
+    tol = TOL[np.dtype(dtype)]
+    got, want = f32(got), f32(want)
+    assert got.shape == want.shape, msg
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=msg)
+    # and in norm, tighter: rounding errors do not add up coherently
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert err < tol / 2, f"{msg}: relative error {err:.2e}"
+
+
+def check(attrs, opts, inter, biases, shared, dtype, token_counts, rank=2, experts=E,
+          hidden=D, seed=1, shared_inter=8):
+    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, hidden, inter, experts, biases=biases,
+                         shared_inter=shared_inter if shared else 0,
+                         shared_gate=shared and opts.get("shared_gate", False),
+                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=seed)
+    sess = cuda_session(make_moeffn_model(attrs, base))
+    for t in token_counts:
+        lead = (max(t, 1),) if rank == 2 else (2, max(t, 1))
+        fresh = feeds(random_inputs(attrs, lead, hidden, inter, experts, dtype=dtype, seed=100 + t))
+        if t == 0:
+            fresh = {n: a[:0] if rank == 2 else a[:, :0] for n, a in fresh.items()}
+        inputs = dict(base, **fresh)
+        got = run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        want = moeffn(attrs, **inputs)
+        assert got.dtype == want.dtype
+        close(got, want, dtype, f"{attrs} T={t} rank={rank} dtype={np.dtype(dtype).name}")
+
+
+# Token counts: 1-9 take the decode path (few rows per expert), 200 the prefill path.
+TOKENS = (1, 3, 9, 200) if not MEMCHECK else (2, 40)
+DTYPES = [np.float16, BF16] if not MEMCHECK else [BF16]
+MATRIX = ALL if not MEMCHECK else [c for i, c in enumerate(ALL) if i % 5 == 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("biases", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("routing,experts", MATRIX, ids=[f"{r}-{e}" for r, e in MATRIX])
+def test_trait_matrix(routing, experts, biases, shared, dtype):
+    attrs, opts, inter = case(routing, experts)
+    check(attrs, opts, inter, biases, shared, dtype, TOKENS)
+
+
+@pytest.mark.parametrize("routing,experts", ALL if not MEMCHECK else MATRIX,
+                         ids=[f"{r}-{e}" for r, e in (ALL if not MEMCHECK else MATRIX)])
+def test_trait_matrix_float32(routing, experts):
+    attrs, opts, inter = case(routing, experts)
+    check(attrs, opts, inter, True, True, np.float32, (1, E + 5), rank=3)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill", "simt"])
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("sigmoid_on_input", "relu_plain"),
+                                             ("precomputed", "swiglu_interleaved")])
+def test_forced_paths(routing, experts, path, monkeypatch):
+    """MOEFUSE_CUDA_PATH pins the GEMM path at kernel creation: every path on every T."""
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", path)
+    attrs, opts, inter = case(routing, experts)
+    for dtype in DTYPES:
+        check(attrs, opts, inter, True, True, dtype, (1, 70) if not MEMCHECK else (3,))
+
+
+# Shapes spanning many tiles: gate/up layouts, weight layouts, K and N tails (hidden sizes that
+# are not multiples of 64, intermediate sizes not multiples of the tile width), a hidden size
+# that is not a multiple of 8 (portable path), many experts, k = E.
+BIG = [
+    ("halves", dict(gate_up_layout="halves"), dict(hidden=256, inter=192, experts=16, k=4)),
+    ("interleaved_in_out", dict(gate_up_layout="interleaved", weight_layout="in_out",
+                                activation_alpha=1.702, clamp_limit=7.0, up_offset=1.0),
+     dict(hidden=136, inter=200, experts=8, k=2)),
+    ("separate_gelu", dict(gate_up_layout="separate", activation="gelu"),
+     dict(hidden=320, inter=72, experts=32, k=8)),
+    ("plain_in_out", dict(gated=0, activation="gelu_tanh", weight_layout="in_out"),
+     dict(hidden=200, inter=264, experts=6, k=6)),
+    ("odd_hidden", dict(), dict(hidden=100, inter=48, experts=5, k=2)),
+    ("many_experts", dict(routing="sigmoid_topk", n_group=8, topk_group=3),
+     dict(hidden=128, inter=64, experts=128, k=8)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name,changes,size", BIG, ids=[b[0] for b in BIG])
+def test_big_shapes(name, changes, size, dtype):
+    attrs = MoEFFNAttrs(k=size["k"]).replace(**changes)
+    opts = {"selection_bias": attrs.routing == "sigmoid_topk", "shared_gate": True}
+    counts = (1, 5, 33, 300) if not MEMCHECK else (5, 140)
+    check(attrs, opts, size["inter"], True, True, dtype, counts, experts=size["experts"],
+          hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
+
+
+def _weights_as_inputs(model):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
+                                                               list(init.dims)))
+    del model.graph.initializer[:]
+    return model
+
+
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_on_input", "rank1_silu")])
+def test_weights_not_constant(routing, experts):
+    """Weights fed per call (in_out ones are transposed per call into scratch memory)."""
+    attrs, opts, inter = case(routing, experts)
+    for dtype in DTYPES:
+        inputs = random_inputs(attrs, 300, 80, inter, E, biases=True, shared_inter=40,
+                               shared_gate=True, dtype=dtype, seed=5)
+        sess = cuda_session(_weights_as_inputs(make_moeffn_model(attrs, inputs)))
+        for t in (300, 2):
+            part = dict(inputs, **{n: a[:t] for n, a in feeds(inputs).items()})
+            got = run(sess, part, {"Y": part["X"].shape})[0]
+            close(got, moeffn(attrs, **part), dtype, f"{attrs} T={t}")
+
+
+def test_empty_batch():
+    for routing, experts in [("sigmoid_grouped", "swiglu_halves"), ("precomputed", "rank1_silu")]:
+        attrs, opts, inter = case(routing, experts)
+        inputs = random_inputs(attrs, 2, D, inter, E, dtype=np.float16,
+                               selection_bias=opts.get("selection_bias", False), shared_inter=8)
+        sess = cuda_session(make_moeffn_model(attrs, inputs))
+        empty = {n: a[:0] for n, a in feeds(inputs).items()}
+        assert sess.run(None, empty)[0].shape == (0, D)
+
+
+def test_precomputed_ids_out_of_range(monkeypatch):
+    """An id outside [0, E) is dropped (its pair adds nothing) without a host round trip; with
+    MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message."""
+    attrs, opts, inter = case("precomputed", "swiglu_halves")
+    inputs = random_inputs(attrs, 4, D, inter, E, dtype=np.float16, seed=3)
+    inputs["topk_ids"][1, 0] = E + 3
+    model = make_moeffn_model(attrs, inputs)
+    got = cuda_session(model).run(None, feeds(inputs))[0]
+    kept = dict(inputs, topk_weights=inputs["topk_weights"].copy())
+    kept["topk_weights"][1, 0] = 0
+    kept["topk_ids"] = inputs["topk_ids"].copy()
+    kept["topk_ids"][1, 0] = 0
+    close(got, moeffn(attrs, **kept), np.float16, "dropped pair")
+    monkeypatch.setenv("MOEFUSE_CUDA_CHECK_IDS", "1")
+    with pytest.raises(Exception) as info:
+        cuda_session(model).run(None, feeds(inputs))
+    assert "'topk_ids' (#9) holds an expert id outside [0, 4): 7 for token 1" in str(info.value)
+
+
+def test_nan_stays_in_its_token():
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves")
+    inputs = random_inputs(attrs, 6, D, inter, E, shared_inter=8, dtype=np.float16)
+    inputs["X"][2, 3] = np.nan
+    inputs["router_logits"][4, 1] = np.nan
+    got = cuda_session(make_moeffn_model(attrs, inputs)).run(None, feeds(inputs))[0]
+    want = moeffn(attrs, **inputs)
+    assert np.isnan(f32(got[2])).all() and np.isnan(f32(got[4])).all()
+    ok = [0, 1, 3, 5]
+    close(got[ok], want[ok], np.float16, "finite tokens")
+
+
+def test_repeated_calls_are_deterministic():
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves")
+    inputs = random_inputs(attrs, 300, 128, 64, 16, dtype=BF16, shared_inter=32, seed=9)
+    sess = cuda_session(make_moeffn_model(attrs, inputs))
+    outs = [run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0].view(np.uint16) for _ in range(3)]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+# --- errors: the shared validation, same words as the CPU kernel --------------------------------
+
+
+def _error(model, feed, providers):
+    so = session_options(log_severity_level=4)
+    with pytest.raises(Exception) as info:
+        ort.InferenceSession(model.SerializeToString(), so, providers=providers).run(None, feed)
+    msg = str(info.value)
+    return msg[msg.index("MoEFFN"):] if "MoEFFN" in msg else msg
+
+
+@pytest.mark.parametrize("change", ["w2_shape", "k_too_large", "bad_routing"])
+def test_errors_match_cpu(change):
+    attrs = MoEFFNAttrs()
+    a = random_inputs(attrs, 3, D, 8, E, dtype=np.float16)
+    node_attrs = {}
+    if change == "w2_shape":
+        a["w2"] = np.ascontiguousarray(a["w2"][:, :, :-2])
+    elif change == "k_too_large":
+        node_attrs = {"k": 9}
+    else:
+        node_attrs = {"routing": "bogus"}
+    names = [n for n in INPUT_NAMES if n in a]
+    node = helper.make_node("MoEFFN", names, ["Y"], domain="moefuse", name="layer0.moe", **node_attrs)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["T"] + list(a[n].shape[1:]))
+              for n in names if n in ACTIVATION_INPUTS]
+    inits = [numpy_helper.from_array(a[n], n) for n in names if n not in ACTIVATION_INPUTS]
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("moefuse", 1)], ir_version=10)
+    cpu = _error(model, feeds(a), ["CPUExecutionProvider"])
+    gpu = _error(model, feeds(a), CUDA)
+    assert "layer0.moe" in cpu
+    assert gpu == cpu
+
+
+# --- converted real exports: CUDA EP vs CPU EP ---------------------------------------------------
+
+
+def _providers_of(sess):
+    trace = sess.end_profiling()
+    try:
+        with open(trace) as f:
+            return {e["args"].get("op_name"): e["args"].get("provider") for e in json.load(f)
+                    if e.get("cat") == "Node"}
+    finally:
+        os.remove(trace)
+
+
+FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3", "llama4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_converted_export(family, tmp_path):
+    """A transformers block exported and converted: the whole model on the CUDA EP matches the
+    CPU EP; the MoEFFN node itself, rebuilt in float16 and bfloat16 with the converted weights
+    (their real layouts), matches the CPU kernel."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from exports import export_family_block
+    from families import FAMILIES
+
+    from moefuse.converter import convert_model
+
+    try:
+        model = export_family_block(family, "torchscript", tmp_path / "block.onnx")
+    except Exception as exc:  # noqa: BLE001 - depends on the installed torch / transformers
+        pytest.skip(f"export failed with this torch/transformers: {type(exc).__name__}: {exc}")
+    conv = convert_model(model)
+    assert conv.model is not None, [b.reason for b in conv.near_misses]
+    hidden = FAMILIES[family].hidden
+    rng = np.random.default_rng(7)
+    so = session_options(log_severity_level=3, enable_profiling=True,
+                         profile_file_prefix=str(tmp_path / "trace"))
+    gpu = ort.InferenceSession(conv.model.SerializeToString(), so, providers=CUDA)
+    cpu = cpu_session(conv.model)
+    for shape in [(1, 1), (3, 11), (2, 150)]:
+        x = rng.standard_normal(shape + (hidden,), dtype=np.float32)
+        got = gpu.run(None, {"x": x})[0]
+        want = cpu.run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{family} {shape}")
+    placed = _providers_of(gpu)
+    assert placed.get("MoEFFN") == "CUDAExecutionProvider", placed
+
+    node = next(n for n in conv.model.graph.node if n.op_type == "MoEFFN")
+    attrs = attrs_of(node)
+    inits = {t.name: numpy_helper.to_array(t) for t in conv.model.graph.initializer}
+    arrays = {}
+    for name, src in zip(INPUT_NAMES, node.input):
+        if src and name not in ACTIVATION_INPUTS:
+            if src not in inits:
+                pytest.skip(f"input {name} of the converted node is not an initializer")
+            arrays[name] = inits[src]
+    experts = arrays["w1"].shape[0]
+    for dtype in (np.float16, BF16):
+        for t in (2, 150):
+            x = rng.standard_normal((t, hidden), dtype=np.float32)
+            data = {n: a.astype(dtype) for n, a in arrays.items()}
+            data["X"] = x.astype(dtype)
+            if attrs.routing == "precomputed":
+                pytest.skip("converted node has precomputed routing")
+            data["router_logits"] = rng.standard_normal((t, experts), dtype=np.float32).astype(dtype)
+            one = make_moeffn_model(attrs, data)
+            got = run(cuda_session(one), feeds(data), {"Y": (t, hidden)})[0]
+            want = run(cpu_session(one), feeds(data), {"Y": (t, hidden)})[0]
+            close(got, want, dtype, f"{family} {np.dtype(dtype).name} T={t}")
