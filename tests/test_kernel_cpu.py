@@ -381,3 +381,16 @@ def test_error_missing_router_logits():
     attrs, a = _valid_arrays()
     del a["router_logits"]
     _expect_error(_raw_model({}, a), feeds(a), "'router_logits'", "required")
+
+
+def test_library_path_and_session_options(monkeypatch, tmp_path):
+    assert os.path.isfile(LIBRARY) and os.path.isabs(LIBRARY)
+    so = session_options(intra_op_num_threads=1)
+    assert so.intra_op_num_threads == 1
+    with pytest.raises(TypeError, match="no_such_option"):
+        session_options(no_such_option=1)
+    monkeypatch.setenv("MOEFUSE_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(FileNotFoundError, match="MOEFUSE_LIBRARY"):
+        library_path()
+    monkeypatch.setenv("MOEFUSE_LIBRARY", LIBRARY)
+    assert library_path() == LIBRARY
