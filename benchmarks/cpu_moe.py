@@ -264,6 +264,9 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per cell")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each cell, wait up to this many seconds for an idle machine")
+    p.add_argument("--rotate", type=int, default=1,
+                   help="cycle through this many inputs per cell (1: the same input every call)")
+    p.add_argument("--skip-efficiency", action="store_true")
     p.add_argument("--unfused-max-gb", type=float, default=12.0,
                    help="skip unfused cells whose gathered expert weights exceed this")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -295,7 +298,8 @@ def main(argv=None):
                     "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": ort.__version__, "blas": f"scipy-openblas32 ({blas.corename})",
                     "intra_op_threads": threads or "onnxruntime default",
-                    "cpu_isa": os.environ.get("MOEFUSE_CPU_ISA", "auto")},
+                    "cpu_isa": os.environ.get("MOEFUSE_CPU_ISA", "auto"),
+                    "rotate_inputs": args.rotate},
         "rows": [], "efficiency": [], "notes": [],
     }
     tmp_root = tempfile.TemporaryDirectory(prefix="moefuse_bench_")
@@ -330,7 +334,7 @@ def main(argv=None):
                             r[f"{col}_over_kernel"] = round(r[col]["ms"] / base, 2)
                     results["rows"].append(r)
                     print("   ", _fmt_row(r), flush=True)
-            if "kernel" in columns:
+            if "kernel" in columns and not args.skip_efficiency:
                 results["efficiency"] += _efficiency(blas, attrs, w, H, I, E, k, tokens, so, tmp,
                                                      args, n_threads)
             del w
@@ -390,7 +394,10 @@ def _run_group(group, rows, attrs, w, dtype, H, I, E, k, tokens, so, tmp, args, 
             _check_against_reference(sess, attrs, w, H, E)
     rounds = 3 if len(sessions) > 1 else 1
     for T in tokens:
-        x, logits = feeds_for(T, H, E, dtype, seed=T)
+        # --rotate N cycles through N inputs, so that calls pick different experts (weights
+        # come from DRAM, as in decoding) instead of re-reading the same ones from cache
+        inputs = [feeds_for(T, H, E, dtype, seed=T + 7919 * i) for i in range(max(1, args.rotate))]
+        x = inputs[0][0]
         fns = {}
         for col, (sess, _) in sessions.items():
             if col == "unfused":
@@ -398,14 +405,15 @@ def _run_group(group, rows, attrs, w, dtype, H, I, E, k, tokens, so, tmp, args, 
                 if gathered > args.unfused_max_gb:
                     rows[T][col] = {"ms": None, "note": f"needs ~{gathered:.0f} GiB of gathered weights"}
                     continue
-                feed = {sess.get_inputs()[0].name: x.reshape(1, T, H)}
-                fns[col] = (lambda s=sess, f=feed: s.run(None, f))
+                name = sess.get_inputs()[0].name
+                fs = [{name: a.reshape(1, T, H)} for a, _ in inputs]
+                fns[col] = _cycler(lambda f, s=sess: s.run(None, f), fs)
             elif col == "ort_moe":
-                feed = {"input": x, "router_probs": logits}
-                fns[col] = (lambda s=sess, f=feed: run(s, f, {"out": x.shape}))
+                fs = [{"input": a, "router_probs": lg} for a, lg in inputs]
+                fns[col] = _cycler(lambda f, s=sess: run(s, f, {"out": x.shape}), fs)
             else:
-                feed = {"X": x, "router_logits": logits}
-                fns[col] = (lambda s=sess, f=feed: run(s, f, {"Y": x.shape}))
+                fs = [{"X": a, "router_logits": lg} for a, lg in inputs]
+                fns[col] = _cycler(lambda f, s=sess: run(s, f, {"Y": x.shape}), fs)
         wait_idle(args.wait_idle)
         samples = {col: [] for col in fns}
         failed = {}
@@ -429,6 +437,17 @@ def _run_group(group, rows, attrs, w, dtype, H, I, E, k, tokens, so, tmp, args, 
                             "other_cpu": max(other) if other else None,
                             "session_s": sessions[col][1]}
     sessions.clear()
+
+
+def _cycler(call, feeds):
+    state = {"i": 0}
+
+    def fn():
+        f = feeds[state["i"] % len(feeds)]
+        state["i"] += 1
+        return call(f)
+
+    return fn
 
 
 def _check_against_reference(sess, attrs, w, H, E):
