@@ -90,7 +90,7 @@ def cuda_session(model, strip_function=True, log_level=3):
         del model.functions[:]
     so = session_options(log_severity_level=log_level)
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=CUDA)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=CUDA[:1])
 
 
 def cpu_session(model):
