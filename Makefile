@@ -34,7 +34,7 @@ demo: setup
 ASAN_DIR := build/asan
 ASAN_CXX ?= g++
 asan: setup
-	cmake -S . -B $(ASAN_DIR) -DMOEFUSE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	cmake -S . -B $(ASAN_DIR) -DMOEFUSE_SANITIZE=ON -DMOEFUSE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	  -DCMAKE_CXX_COMPILER=$(ASAN_CXX) -DPython_EXECUTABLE=$(abspath $(BIN)/python) > /dev/null
 	cmake --build $(ASAN_DIR) -j 2
 	MOEFUSE_LIBRARY=$(abspath $(ASAN_DIR))/custom_ops/libmoefuse_ops.so \
