@@ -57,6 +57,8 @@ struct SortParams {
   int* tile_prefix = nullptr;  // [E+1] m-tiles of the experts before e
   int* active = nullptr;       // [E] experts with rows, ascending; then [E] holds their count
   int* num_active = nullptr;   // [1]
+  int4* mtiles = nullptr;      // [max m-tiles] (expert, first sorted row, rows, 0) of m-tile i
+  int64_t max_tiles = 0;       // capacity of mtiles
   int* sorted_row = nullptr;   // [T*K] token of each sorted row
   float* sorted_w = nullptr;   // [T*K] its routing weight
   int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), -1 when dropped
@@ -89,6 +91,7 @@ struct Groups {
   const int* tile_prefix = nullptr;  // [G+1] (grouped)
   const int* active = nullptr;       // [G] active groups (skinny kernel)
   const int* num_active = nullptr;
+  const int4* mtiles = nullptr;      // [m-tiles] (grouped): (expert, first row, rows, 0)
   int num_groups = 0;
   int dense_rows = -1;               // >= 0: one group of this many rows (shared expert)
   int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
@@ -106,6 +109,7 @@ struct Gemm1Params {
   ActParams act;
   Groups g;
   void* H = nullptr;  // [rows, I] in dtype
+  int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
 };
 
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
@@ -118,6 +122,7 @@ struct Gemm2Params {
   Groups g;
   void* out = nullptr;  // [rows, D]
   bool out_f32 = true;  // float32 output (else dtype)
+  int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
 };
 
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).

@@ -17,7 +17,6 @@ void SetUsePdl(bool on) { g_use_pdl.store(on, std::memory_order_relaxed); }
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 4;  // output columns per thread of the combine kernel
 
 // sum over the block (all threads get it); smem holds 32 floats.
 __device__ float BlockSum(float v, float* smem) {
@@ -44,6 +43,27 @@ __device__ __forceinline__ float LoadAny(const void* p, int64_t i, bool f32) {
   return f32 ? static_cast<const float*>(p)[i] : ToF(static_cast<const T*>(p)[i]);
 }
 
+// 8 consecutive values (16- or 32-byte aligned) as float.
+template <typename T>
+__device__ __forceinline__ void Load8(const void* p, int64_t i, bool f32, float (&v)[8]) {
+  if (f32) {
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else if constexpr (sizeof(T) == 2) {
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const T*>(p) + i);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = ToF(h[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = ToF(static_cast<const T*>(p)[i + k]);
+  }
+}
+
+// One block per token and 2048 columns; 8 consecutive columns per thread (16-byte accesses) when
+// D is a multiple of 8, else columns strided by the block size.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   GridDepWait();
@@ -53,19 +73,48 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   const T* x = static_cast<const T*>(p.X) + static_cast<int64_t>(t) * D;
   float sg = 1.0f;
   if (p.shared && p.shared_gate) sg = SharedGate<T>(x, p.shared_gate, D, smem);
-  const int d0 = blockIdx.y * kThreads * kPerThread;
   T* y = static_cast<T*>(p.Y) + static_cast<int64_t>(t) * D;
+  const int64_t row = static_cast<int64_t>(t) * K;
+  if (D % 8 == 0) {
+    const int d = (blockIdx.y * kThreads + threadIdx.x) * 8;
+    if (d >= D) return;
+    float acc[8] = {};
+    for (int j = 0; j < K; ++j) {
+      const int pos = p.pair_pos[row + j];
+      if (pos < 0) continue;
+      const float w = p.weight_on_input ? 1.0f : p.w[row + j];
+      float v[8];
+      Load8<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32, v);
 #pragma unroll
-  for (int q = 0; q < kPerThread; ++q) {
+      for (int k = 0; k < 8; ++k) acc[k] += w * v[k];
+    }
+    if (p.shared) {
+      float z[8];
+      Load8<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32, z);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += p.shared_gate ? z[k] * sg : z[k];
+    }
+    T out[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = FromF<T>(acc[k]);
+    if constexpr (sizeof(T) == 2) {
+      *reinterpret_cast<uint4*>(y + d) = *reinterpret_cast<const uint4*>(out);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) y[d + k] = out[k];
+    }
+    return;
+  }
+  const int d0 = blockIdx.y * kThreads * 8;
+  for (int q = 0; q < 8; ++q) {
     const int d = d0 + q * kThreads + threadIdx.x;
     if (d >= D) continue;
     float acc = 0.0f;
     for (int j = 0; j < K; ++j) {
-      const int64_t idx = static_cast<int64_t>(t) * K + j;
-      const int pos = p.pair_pos[idx];
+      const int pos = p.pair_pos[row + j];
       if (pos < 0) continue;
       const float v = LoadAny<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32);
-      acc += p.weight_on_input ? v : p.w[idx] * v;
+      acc += p.weight_on_input ? v : p.w[row + j] * v;
     }
     if (p.shared) {
       const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
@@ -166,7 +215,7 @@ __global__ void TransposeKernel(const E* src, E* dst, int64_t rows, int64_t cols
 
 template <typename T>
 cudaError_t CombineT(const CombineParams& p, cudaStream_t stream) {
-  const unsigned gy = static_cast<unsigned>(CeilDiv(p.D, kThreads * kPerThread));
+  const unsigned gy = static_cast<unsigned>(CeilDiv(p.D, kThreads * 8));
   return Launch(CombineKernel<T>, dim3(static_cast<unsigned>(p.T), gy), dim3(kThreads), 0, stream, p);
 }
 

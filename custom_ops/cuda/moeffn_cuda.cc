@@ -156,6 +156,8 @@ class Kernel {
   OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
   std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, simt
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
+  int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|256: wgmma tile width (tuning)
+  bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -194,6 +196,9 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->path_ = EnvOr("MOEFUSE_CUDA_PATH", "auto");
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
+  k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
+  k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
+  if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   if (k->attrs_.in_out()) {
     if (OrtStatus* st = k->Prepack(info)) return st;
   }
@@ -279,7 +284,6 @@ OrtStatus* Kernel::EnsureDevice(const void* p) {
     if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device))
       return CudaError(e, "cudaDeviceGetAttribute");
     dev_ = d;
-    SetUsePdl(d.major >= 9 && std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0");
   }
   int cur = -1;
   if (cudaGetDevice(&cur) != cudaSuccess || cur != dev_.device) {
@@ -373,6 +377,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   if (OrtStatus* st = api->KernelContext_GetGPUComputeStream(ctx, &stream_ptr)) return st;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (OrtStatus* st = EnsureDevice(in[kX].data)) return st;
+  SetUsePdl(use_pdl_ && dev_.major >= 9);
 
   const DType dt = ToDType(sh.elem_type);
   const size_t ts = DTypeSize(dt);
@@ -421,6 +426,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const size_t o_offsets = cv.Add((E + 1) * 4), o_prefix = cv.Add((E + 1) * 4);
   const size_t o_active = cv.Add(2 * E * 4), o_nact = cv.Add(4);
   const size_t o_srow = cv.Add(P * 4), o_sw = cv.Add(P * 4), o_pos = cv.Add(P * 4);
+  const int bm = rpath == Path::kSimt ? 64 : 128;  // m-tile rows of the grouped GEMM schedule
+  const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
+  const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
   if (!small) {
     o_h = cv.Add(static_cast<size_t>(P * I) * ts);
@@ -505,7 +513,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.T = r.T;
   s.E = r.E;
   s.K = r.K;
-  s.bm = rpath == Path::kSimt ? 64 : 128;
+  s.bm = bm;
+  s.mtiles = static_cast<int4*>(at(o_mt));
+  s.max_tiles = max_tiles;
   s.ids = r.ids;
   s.w = r.w;
   s.rank = r.rank;
@@ -611,7 +621,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.num_active = s.num_active;
     g.num_groups = static_cast<int>(E);
     g.max_slots = static_cast<int>(max_active);
-    g.max_tiles = P / s.bm + max_active;
+    g.mtiles = s.mtiles;
+    g.max_tiles = max_tiles;
     Gemm1Params g1;
     g1.dtype = dt;
     g1.D = static_cast<int>(D);
@@ -623,6 +634,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.act = act;
     g1.g = g;
     g1.H = at(o_h);
+    g1.bn = bn_;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -633,6 +645,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.g = g;
     g2.out = at(o_y);
     g2.out_f32 = ypair_f32;
+    g2.bn = bn_;
     switch (rpath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))

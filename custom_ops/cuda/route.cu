@@ -245,6 +245,8 @@ __device__ void Group(const SortParams& s, const int* cnt, int* smem) {
       s.active[E + a0] = c;
       ++a0;
     }
+    for (int m = 0; m * s.bm < c; ++m)
+      if (t0 + m < s.max_tiles) s.mtiles[t0 + m] = make_int4(e, r0 + m * s.bm, min(s.bm, c - m * s.bm), 0);
     r0 += c;
     t0 += (c + s.bm - 1) / s.bm;
   }
@@ -287,6 +289,7 @@ __global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, Sort
   int* scan = fsm + r.E;           // 32
   float* gscr = reinterpret_cast<float*>(fsm + r.E + 32);  // warps * n_group
   for (int e = threadIdx.x; e < r.E; e += blockDim.x) cnt[e] = 0;
+  if (threadIdx.x == 0) *r.bad = INT32_MAX;
   __syncthreads();
   RouteParams rr = r;
   rr.counts = cnt;
@@ -318,9 +321,9 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
   const int gfloats = (r.mode == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
   const size_t fused_smem = (static_cast<size_t>(r.E) + 32) * sizeof(int) +
                             static_cast<size_t>(kFusedThreads / 32) * gfloats * sizeof(float);
-  if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
   if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
     return Launch(FusedKernel<T>, dim3(1), dim3(kFusedThreads), fused_smem, stream, r, s);
+  if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * r.E, stream)) return e;
   const size_t smem = static_cast<size_t>(kRouteWarps) * gfloats * sizeof(float);
   if (smem > 48 * 1024) {

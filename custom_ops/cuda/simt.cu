@@ -19,17 +19,11 @@ __device__ __forceinline__ bool MTile(const Groups& g, int mt, int bm, int* e, i
     *rows = min(bm, g.dense_rows - mt * bm);
     return true;
   }
-  const int G = g.num_groups;
-  if (mt >= g.tile_prefix[G]) return false;
-  int lo = 0, hi = G - 1;  // last group with tile_prefix <= mt
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (g.tile_prefix[mid] <= mt) lo = mid; else hi = mid - 1;
-  }
-  *e = lo;
-  const int first = g.offsets[lo] + (mt - g.tile_prefix[lo]) * bm;
-  *r0 = first;
-  *rows = min(bm, g.offsets[lo + 1] - first);
+  if (mt >= g.tile_prefix[g.num_groups]) return false;
+  const int4 info = g.mtiles[mt];
+  *e = info.x;
+  *r0 = info.y;
+  *rows = info.z;
   return true;
 }
 

@@ -26,8 +26,7 @@ __device__ __forceinline__ void Mma(float* c, uint32_t a0, uint32_t a1, uint32_t
 template <>
 __device__ __forceinline__ void Mma<__half>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -36,26 +35,20 @@ __device__ __forceinline__ void Mma<__half>(float* c, uint32_t a0, uint32_t a1, 
 template <>
 __device__ __forceinline__ void Mma<__nv_bfloat16>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                                    uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Activations (small, reused by every weight tile): through L1.
 __device__ __forceinline__ uint4 Ld16(const void* p) {
   return p ? __ldg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-// Weights are read once: keep them out of L1.
+// Weights are read once: streamed (evict first).
 __device__ __forceinline__ uint4 LdStream(const void* p) {
-  uint4 v = make_uint4(0, 0, 0, 0);
-  if (p) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  }
-  return v;
+  return p ? __ldcs(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
 // The group (expert) of this block and its sorted rows.
@@ -79,24 +72,37 @@ __device__ __forceinline__ bool GetSlot(const Groups& g, int slot, Slot* s) {
 
 // acc[i][0..3] += W rows (wa: row g, wb: row g+8) x B rows (brow[i]: token g of tile i), over the
 // k-blocks of this warp.
+// The weight loads of kBatch k-blocks are issued before their MMAs, so that each warp keeps
+// kBatch * 1 KiB of weights in flight.
+constexpr int kBatch = 8;
+
 template <typename T>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
                                          const T* const (&brow)[kNT], int ntiles, int K) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
   const int nkb = (K + 31) / 32;
   const int kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
-#pragma unroll 4
-  for (int kb = kb0; kb < kb1; ++kb) {
-    const int k = kb * 32 + t * 8;
-    const bool in = k < K;
-    const uint4 a = LdStream(in && wa ? wa + k : nullptr);
-    const uint4 b = LdStream(in && wb ? wb + k : nullptr);
+  for (int kb = kb0; kb < kb1; kb += kBatch) {
+    uint4 a[kBatch], b[kBatch];
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      if (i < ntiles) {
-        const uint4 x = Ld16(in && brow[i] ? brow[i] + k : nullptr);
-        Mma<T>(acc[i], a.x, b.x, a.y, b.y, x.x, x.y);
-        Mma<T>(acc[i], a.z, b.z, a.w, b.w, x.z, x.w);
+    for (int u = 0; u < kBatch; ++u) {
+      const int k = (kb + u) * 32 + t * 8;
+      const bool in = kb + u < kb1 && k < K;
+      a[u] = LdStream(in && wa ? wa + k : nullptr);
+      b[u] = LdStream(in && wb ? wb + k : nullptr);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (kb + u >= kb1) break;  // warp-uniform; lanes past K hold zeros
+      const int k = (kb + u) * 32 + t * 8;
+      const bool in = k < K;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        if (i < ntiles) {
+          const uint4 x = Ld16(in && brow[i] ? brow[i] + k : nullptr);
+          Mma<T>(acc[i], a[u].x, b[u].x, a[u].y, b[u].y, x.x, x.y);
+          Mma<T>(acc[i], a[u].z, b[u].z, a[u].w, b[u].w, x.z, x.w);
+        }
       }
     }
   }

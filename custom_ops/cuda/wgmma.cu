@@ -191,36 +191,28 @@ struct Tile {
   int e, r0, rows, n;
 };
 
-__device__ __forceinline__ int64_t TotalTiles(const WgArgs& p) {
-  if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, kBM) * p.n_tiles;
-  return static_cast<int64_t>(p.g.tile_prefix[p.g.num_groups]) * p.n_tiles;
+__device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
+  if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, kBM);
+  return p.g.tile_prefix[p.g.num_groups];
 }
 
-// Tiles run expert by expert, n-tile by n-tile, m-tile innermost.
-__device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile) {
+// Tiles run n-tile by n-tile over all m-tiles: consecutive tiles are consecutive m-tiles of an
+// expert (they share its weight tile in L2), and each m-tile's rows are reused by every n-tile.
+// The m-tile table (written by the routing step) makes this one 16-byte load.
+__device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_t mtiles) {
   Tile t;
+  const int64_t mt = tile % mtiles;
+  t.n = static_cast<int>(tile / mtiles);
   if (p.g.dense_rows >= 0) {
-    const int mt = static_cast<int>(CeilDiv(p.g.dense_rows, kBM));
-    const int m = static_cast<int>(tile % mt);
     t.e = 0;
-    t.n = static_cast<int>(tile / mt);
-    t.r0 = m * kBM;
+    t.r0 = static_cast<int>(mt) * kBM;
     t.rows = min(kBM, p.g.dense_rows - t.r0);
-    return t;
+  } else {
+    const int4 info = p.g.mtiles[mt];
+    t.e = info.x;
+    t.r0 = info.y;
+    t.rows = info.z;
   }
-  const int* pre = p.g.tile_prefix;
-  int lo = 0, hi = p.g.num_groups - 1;  // last expert whose first tile is <= tile
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (static_cast<int64_t>(pre[mid]) * p.n_tiles <= tile) lo = mid; else hi = mid - 1;
-  }
-  const int mt = pre[lo + 1] - pre[lo];
-  const int64_t local = tile - static_cast<int64_t>(pre[lo]) * p.n_tiles;
-  const int m = static_cast<int>(local % mt);
-  t.e = lo;
-  t.n = static_cast<int>(local / mt);
-  t.r0 = p.g.offsets[lo] + m * kBM;
-  t.rows = min(kBM, p.g.offsets[lo + 1] - t.r0);
   return t;
 }
 
@@ -321,7 +313,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   GridDepWait();
   GridDepLaunch();
-  const int64_t total = TotalTiles(p);
+  const int64_t mtiles = MTiles(p);
+  const int64_t total = mtiles * p.n_tiles;
   const int nkb = (p.K + kBK - 1) / kBK;
   const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
 
@@ -332,22 +325,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
     int stage = 0;
     uint32_t phase = 0;
-    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const Tile t = DecodeTile(p, tile);
-      int src[8];
+    const int64_t step = gridDim.x;
+    Tile cur, nxt;
+    int src[8], nsrc[8];
+    auto rows_of = [&](const Tile& t, int (&out)[8]) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int rr = rbase + 16 * j;
-        src[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
+        out[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
       }
+    };
+    int64_t tile = blockIdx.x;
+    if (tile < total) {
+      cur = DecodeTile(p, tile, mtiles);
+      rows_of(cur, src);
+    }
+    for (; tile < total; tile += step) {
+      const bool has_next = tile + step < total;
+      if (has_next) nxt = DecodeTile(p, tile + step, mtiles);  // used one tile later
       int y1, y2 = 0;
-      if (p.mode == 0) {
-        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * BN);
-      } else if (p.mode == 1) {
-        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * BN);
+      if (p.mode == 2) {
+        y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + static_cast<int64_t>(cur.n) * (BN / 2));
+        y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + static_cast<int64_t>(cur.n) * (BN / 2));
       } else {
-        y1 = static_cast<int>(p.b1_row0 + t.e * p.b1_rpe + static_cast<int64_t>(t.n) * (BN / 2));
-        y2 = static_cast<int>(p.b2_row0 + t.e * p.b2_rpe + static_cast<int64_t>(t.n) * (BN / 2));
+        y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + static_cast<int64_t>(cur.n) * BN);
       }
       for (int kb = 0; kb < nkb; ++kb) {
         MbarWait(empty + stage, phase ^ 1);
@@ -375,6 +376,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           stage = 0;
           phase ^= 1;
         }
+        if (kb == 0 && has_next) rows_of(nxt, nsrc);  // the next tile's rows, early
+      }
+      if (has_next) {
+        cur = nxt;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) src[j] = nsrc[j];
       }
     }
   } else {
@@ -386,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     float acc[BN / 2] = {};
     for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const Tile t = DecodeTile(p, tile);
+      const Tile t = DecodeTile(p, tile, mtiles);  // needed by the epilogue only
       int prev = -1;
       for (int kb = 0; kb < nkb; ++kb) {
         MbarWait(full + stage, phase);
@@ -513,7 +520,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = PickBn(mt, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(mt, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
   CUtensorMap m1, m2;
   if (!gated) {
     a.mode = 0;
@@ -560,7 +567,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.bias1_es = p.D;
   a.bias1_us = 1;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = PickBn(mt, p.D, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(mt, p.D, num_sms);
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
   CUtensorMap m1;
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
