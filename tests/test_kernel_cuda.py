@@ -342,7 +342,10 @@ def test_converted_export(family, tmp_path):
     rng = np.random.default_rng(7)
     so = session_options(log_severity_level=3, enable_profiling=True,
                          profile_file_prefix=str(tmp_path / "trace"))
-    gpu = ort.InferenceSession(conv.model.SerializeToString(), so, providers=CUDA)
+    # float32 MatMuls on the CUDA EP default to TF32: off, to compare with the CPU EP
+    gpu = ort.InferenceSession(conv.model.SerializeToString(), so,
+                               providers=[("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "0"}),
+                                          "CPUExecutionProvider"])
     cpu = cpu_session(conv.model)
     for shape in [(1, 1), (3, 11), (2, 150)]:
         x = rng.standard_normal(shape + (hidden,), dtype=np.float32)
