@@ -823,8 +823,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
       }
     }
   } else if (!routed_packed) {
-    // direct path without constant weights: pack the experts in use (all slots by expert id
-    // order of first use are not needed; pack every expert that appears)
+    // direct path without constant weights: pack the experts this call uses
     std::vector<char> used(E, 0);
     for (int64_t i = 0; i < T * K; ++i) used[ids[i]] = 1;
     int64_t slot = 0;
