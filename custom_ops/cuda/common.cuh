@@ -89,6 +89,34 @@ __device__ __forceinline__ float Glu(float g, float u, const ActParams& a) {
   return Act(g, a) * (u + a.up_offset);
 }
 
+// The same with hardware exp / reciprocal, for epilogues whose result is rounded to 16 bits
+// (a few float32 ulps apart from Act / Glu; NaN and infinities behave the same).
+__device__ __forceinline__ float FastSigmoid(float x) { return __frcp_rn(1.0f + __expf(-x)); }
+
+__device__ __forceinline__ float FastAct(float v, const ActParams& a) {
+  switch (a.kind) {
+    case 0:
+      return v * FastSigmoid(a.alpha == 1.0f ? v : a.alpha * v);
+    case 1:
+      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 2:  // 0.5 (1 + tanh(z)) = sigmoid(2z)
+      return v * FastSigmoid(1.5957691216057308f * (v + 0.044715f * v * v * v));
+    case 3:
+      return v < 0.0f ? 0.0f : v;
+    default:
+      return v;
+  }
+}
+
+__device__ __forceinline__ float FastGlu(float g, float u, const ActParams& a) {
+  if (a.clamp_limit > 0.0f) {
+    const float l = a.clamp_limit;
+    g = g > l ? l : g;
+    u = u > l ? l : (u < -l ? -l : u);
+  }
+  return FastAct(g, a) * (u + a.up_offset);
+}
+
 // Ranking of (value, index) pairs as numpy's stable argsort of -values: larger first, NaN last,
 // equal values by lower index.
 __device__ __forceinline__ bool Better(float va, int ia, float vb, int ib) {

@@ -96,6 +96,7 @@ struct Groups {
   int dense_rows = -1;               // >= 0: one group of this many rows (shared expert)
   int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
   int64_t max_tiles = 0;             // upper bound of m-tiles (grouped GEMM grid)
+  int64_t est_tiles = 0;             // expected m-tiles of 128 rows (balanced routing): tile choice
 };
 
 // Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.

@@ -89,6 +89,8 @@ bool Describe(const OrtApi* api, const OrtValue* v, Value* out) {
   return true;
 }
 
+int64_t CeilDiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 DType ToDType(int t) {
   if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return DType::kF16;
   if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return DType::kBF16;
@@ -623,6 +625,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.max_slots = static_cast<int>(max_active);
     g.mtiles = s.mtiles;
     g.max_tiles = max_tiles;
+    g.est_tiles = max_active * CeilDiv64(CeilDiv64(P, max_active), 128);
     Gemm1Params g1;
     g1.dtype = dt;
     g1.D = static_cast<int>(D);

@@ -136,19 +136,43 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     tok.gkeep = gscratch;
   }
 
-  // k selection passes; the raw weights go to wout, finished below.
+  // k selection passes; the raw weights go to wout, finished below. Up to 256 experts, each
+  // lane keeps its experts' scores in registers; beyond, scores are recomputed in every pass.
+  constexpr int kCache = 8;
+  const bool cached = E <= 32 * kCache;
+  float cv[kCache];
+  if (cached) {
+#pragma unroll
+    for (int q = 0; q < kCache; ++q) {
+      const int e = q * 32 + lane;
+      cv[q] = e < E ? tok.Choice(e) : 0.0f;
+    }
+  }
   float pv = 0.0f;
   int pi = INT32_MAX;
   float wsum = 0.0f, lmax = -INFINITY;
   for (int j = 0; j < K; ++j) {
     float bv = 0.0f;
     int bi = INT32_MAX;
-    for (int e = lane; e < E; e += 32) {
-      const float c = tok.Choice(e);
-      if (pi != INT32_MAX && !Better(pv, pi, c, e)) continue;
-      if (bi == INT32_MAX || Better(c, e, bv, bi)) {
-        bv = c;
-        bi = e;
+    if (cached) {
+#pragma unroll
+      for (int q = 0; q < kCache; ++q) {
+        const int e = q * 32 + lane;
+        const float c = cv[q];
+        if (e >= E || (pi != INT32_MAX && !Better(pv, pi, c, e))) continue;
+        if (bi == INT32_MAX || Better(c, e, bv, bi)) {
+          bv = c;
+          bi = e;
+        }
+      }
+    } else {
+      for (int e = lane; e < E; e += 32) {
+        const float c = tok.Choice(e);
+        if (pi != INT32_MAX && !Better(pv, pi, c, e)) continue;
+        if (bi == INT32_MAX || Better(c, e, bv, bi)) {
+          bv = c;
+          bi = e;
+        }
       }
     }
     WarpBest(bv, bi);  // warp-uniform from here

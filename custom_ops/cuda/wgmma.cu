@@ -252,8 +252,8 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
           v1 += LoadF(p.bias1, b + p.bias1_us, bt);
         }
         if (p.act_on) {
-          v0 = Act(v0, p.act);
-          v1 = Act(v1, p.act);
+          v0 = FastAct(v0, p.act);
+          v1 = FastAct(v1, p.act);
         }
         Store2<T>(orow + n, v0, v1);
       }
@@ -265,7 +265,7 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
         float gv = acc[4 * i + 2 * h] * sc, uv = acc[4 * i + 2 * h + 1] * sc;
         if (p.bias1) gv += LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt);
         if (p.bias2) uv += LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt);
-        orow[u] = FromF<T>(Glu(gv, uv, p.act));
+        orow[u] = FromF<T>(FastGlu(gv, uv, p.act));
       }
     } else {
 #pragma unroll
@@ -284,7 +284,7 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
           u0 += LoadF(p.bias2, b, bt);
           u1 += LoadF(p.bias2, b + p.bias2_us, bt);
         }
-        Store2<T>(orow + u, Glu(g0, u0, p.act), Glu(g1, u1, p.act));
+        Store2<T>(orow + u, FastGlu(g0, u0, p.act), FastGlu(g1, u1, p.act));
       }
     }
   }
@@ -486,10 +486,12 @@ int64_t MTilesUpperBound(const Groups& g) {
   return g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : g.max_tiles;
 }
 
-// Wider tiles unless that leaves SMs idle.
-int PickBn(int64_t m_tiles, int64_t n_cols, int num_sms) {
-  const int64_t wide = m_tiles * CeilDiv(n_cols, 256);
-  return (n_cols > 128 && wide >= num_sms) ? 256 : 128;
+// 128 x 256 tiles only when there are many of them (measured on an H100: with fewer than about
+// eight waves of wide tiles, 128 x 128 tiles and their deeper pipeline balance better).
+int PickBn(const Groups& g, int64_t n_cols, int num_sms) {
+  const int64_t m = g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : (g.est_tiles ? g.est_tiles : g.max_tiles);
+  const int64_t wide = m * CeilDiv(n_cols, 256);
+  return (n_cols > 128 && wide >= 8 * static_cast<int64_t>(num_sms)) ? 256 : 128;
 }
 
 }  // namespace
@@ -520,7 +522,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(mt, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
   CUtensorMap m1, m2;
   if (!gated) {
     a.mode = 0;
@@ -567,7 +569,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.bias1_es = p.D;
   a.bias1_us = 1;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(mt, p.D, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
   CUtensorMap m1;
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
