@@ -191,6 +191,8 @@ def variant_env(name: str) -> dict:
     """Environment of a MoEFFN variant: decode / prefill / simt (path forced), nopdl, bn128, bn256."""
     if name == "nopdl":
         return {"MOEFUSE_CUDA_PDL": "0"}
+    if name == "order_n":
+        return {"MOEFUSE_CUDA_ORDER": "n"}
     if name.startswith("bn"):
         return {"MOEFUSE_CUDA_BN": name[2:]}
     return {"MOEFUSE_CUDA_PATH": name}
@@ -208,7 +210,7 @@ def main():
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--paths", default="", help="also time MoEFFN variants (comma-separated): "
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
-                    "(MOEFUSE_CUDA_BN)")
+                    "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")
     args = ap.parse_args()

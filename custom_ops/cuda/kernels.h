@@ -97,6 +97,7 @@ struct Groups {
   int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
   int64_t max_tiles = 0;             // upper bound of m-tiles (grouped GEMM grid)
   int64_t est_tiles = 0;             // expected m-tiles of 128 rows (balanced routing): tile choice
+  int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)
 };
 
 // Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.

@@ -4,8 +4,8 @@
 // straight from global memory with 16-byte loads, once per call) and the tokens of the expert are
 // the B operand (n = 8 tokens per MMA). Both operands use the same permutation of k inside each
 // block of 32 (lane t of a quad holds k = 8t..8t+7), which leaves the dot products unchanged and
-// lets every load be 16 bytes wide. The eight warps of a block split K and reduce through shared
-// memory; warp i < 4 then runs the fused epilogue of token tile i.
+// lets every load be 16 bytes wide. The four warps of a block split K and reduce through shared
+// memory; warp i then runs the fused epilogue of token tile i.
 //
 // Projection 1 tiles hold 8 units: MMA row g is the gate (or fc1) row of unit u0+g and row g+8
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
@@ -16,8 +16,9 @@ namespace moefuse {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;  // split K
+constexpr int kWarps = 4;  // split K
 constexpr int kNT = 4;     // token tiles (of 8) per pass: 32 tokens
+static_assert(kWarps == kNT, "warp i reduces and finishes token tile i");
 
 template <typename T>
 __device__ __forceinline__ void Mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -74,7 +75,7 @@ __device__ __forceinline__ bool GetSlot(const Groups& g, int slot, Slot* s) {
 // k-blocks of this warp.
 // The weight loads of kBatch k-blocks are issued before their MMAs, so that each warp keeps
 // kBatch * 1 KiB of weights in flight.
-constexpr int kBatch = 6;
+constexpr int kBatch = 8;
 
 template <typename T>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
@@ -108,8 +109,7 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
   }
 }
 
-// Sums the warps' accumulators of token tile `warp` into `out` (warps 0..kNT-1; all threads
-// of the block must call it).
+// Sums the warps' accumulators of token tile `warp` into `out` (all threads of the block call it).
 __device__ __forceinline__ bool Reduce(float (&acc)[kNT][4], float* red, float (&out)[4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -117,7 +117,6 @@ __device__ __forceinline__ bool Reduce(float (&acc)[kNT][4], float* red, float (
 #pragma unroll
     for (int c = 0; c < 4; ++c) red[((warp * kNT + i) * 4 + c) * 32 + lane] = acc[i][c];
   __syncthreads();
-  if (warp >= kNT) return false;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     float s = 0.0f;
@@ -129,7 +128,7 @@ __device__ __forceinline__ bool Reduce(float (&acc)[kNT][4], float* red, float (
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32, 2) Gemm1Kernel(Gemm1Params p) {
+__global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
   GridDepWait();
   GridDepLaunch();
   __shared__ float red[kWarps * kNT * 4 * 32];
@@ -205,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) Gemm1Kernel(Gemm1Params p) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32, 2) Gemm2Kernel(Gemm2Params p) {
+__global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   GridDepWait();
   GridDepLaunch();
   __shared__ float red[kWarps * kNT * 4 * 32];

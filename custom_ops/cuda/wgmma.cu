@@ -45,6 +45,7 @@ struct WgArgs {
   const void* bias2 = nullptr;
   int64_t bias2_off = 0, bias2_es = 0, bias2_us = 1;
   ActParams act;
+  int expert_major = 1;  // tile order: expert, n-tile, m-tile (else n-tile, then all m-tiles)
 };
 
 template <int BN>
@@ -52,7 +53,8 @@ struct Cfg {
   static constexpr int kStages = BN == 256 ? 4 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
-  static constexpr int kSmem = kStages * (kABytes + kBBytes) + 2 * kStages * 8 + 1024;
+  static constexpr int kInfo = 8;  // ring of tile descriptions, producer -> consumers (> kStages + 1)
+  static constexpr int kSmem = kStages * (kABytes + kBBytes) + 2 * kStages * 8 + kInfo * 16 + 1024;
 };
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -196,23 +198,41 @@ __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
   return p.g.tile_prefix[p.g.num_groups];
 }
 
-// Tiles run n-tile by n-tile over all m-tiles: consecutive tiles are consecutive m-tiles of an
-// expert (they share its weight tile in L2), and each m-tile's rows are reused by every n-tile.
-// The m-tile table (written by the routing step) makes this one 16-byte load.
+// Tile order. Expert-major (default): expert by expert, n-tile by n-tile, m-tiles innermost, so
+// that the CTAs working at the same time share the expert's weight tile and its rows in L2; the
+// expert of a tile is a binary search over the (L1-resident) tile prefix. N-major: n-tile by
+// n-tile over all m-tiles, one table load. Only the producer decodes; the consumers read the tile
+// from a shared-memory ring.
 __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_t mtiles) {
   Tile t;
-  const int64_t mt = tile % mtiles;
-  t.n = static_cast<int>(tile / mtiles);
   if (p.g.dense_rows >= 0) {
+    const int64_t mt = tile % mtiles;
+    t.n = static_cast<int>(tile / mtiles);
     t.e = 0;
     t.r0 = static_cast<int>(mt) * kBM;
     t.rows = min(kBM, p.g.dense_rows - t.r0);
-  } else {
-    const int4 info = p.g.mtiles[mt];
-    t.e = info.x;
-    t.r0 = info.y;
-    t.rows = info.z;
+    return t;
   }
+  int64_t mt;
+  if (p.expert_major) {
+    const int* pre = p.g.tile_prefix;
+    int lo = 0, hi = p.g.num_groups - 1;  // last expert whose first tile is <= tile
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (static_cast<int64_t>(pre[mid]) * p.n_tiles <= tile) lo = mid; else hi = mid - 1;
+    }
+    const int me = pre[lo + 1] - pre[lo];
+    const int64_t local = tile - static_cast<int64_t>(pre[lo]) * p.n_tiles;
+    t.n = static_cast<int>(local / me);
+    mt = pre[lo] + local % me;
+  } else {
+    mt = tile % mtiles;
+    t.n = static_cast<int>(tile / mtiles);
+  }
+  const int4 info = p.g.mtiles[mt];
+  t.e = info.x;
+  t.r0 = info.y;
+  t.rows = info.z;
   return t;
 }
 
@@ -303,6 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* Bs = smem + S * C::kABytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(Bs + S * C::kBBytes);
   uint64_t* empty = full + S;
+  int4* tinfo = reinterpret_cast<int4*>(empty + S);
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       MbarInit(full + s, 128 + 1);  // 128 cp.async arrivals + the TMA transaction arrival
@@ -340,9 +361,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       cur = DecodeTile(p, tile, mtiles);
       rows_of(cur, src);
     }
-    for (; tile < total; tile += step) {
+    for (int local = 0; tile < total; tile += step, ++local) {
       const bool has_next = tile + step < total;
-      if (has_next) nxt = DecodeTile(p, tile + step, mtiles);  // used one tile later
+      // published before the tile's first stage completes (the arrive below releases it)
+      if (tid == 0) tinfo[local % C::kInfo] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
       int y1, y2 = 0;
       if (p.mode == 2) {
         y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + static_cast<int64_t>(cur.n) * (BN / 2));
@@ -376,7 +398,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           stage = 0;
           phase ^= 1;
         }
-        if (kb == 0 && has_next) rows_of(nxt, nsrc);  // the next tile's rows, early
+        if (kb == 0 && has_next) {  // the next tile and its rows, while this one streams
+          nxt = DecodeTile(p, tile + step, mtiles);
+          rows_of(nxt, nsrc);
+        }
       }
       if (has_next) {
         cur = nxt;
@@ -392,8 +417,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0;
     uint32_t phase = 0;
     float acc[BN / 2] = {};
-    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const Tile t = DecodeTile(p, tile, mtiles);  // needed by the epilogue only
+    int local = 0;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
       int prev = -1;
       for (int kb = 0; kb < nkb; ++kb) {
         MbarWait(full + stage, phase);
@@ -414,6 +439,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       WgmmaWait<0>();
       if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+      const int4 ti = tinfo[local % C::kInfo];  // visible: published before stage 0 completed
+      Tile t;
+      t.e = ti.x;
+      t.r0 = ti.y;
+      t.rows = ti.z;
+      t.n = ti.w;
       Epilogue<T, BN>(p, t, acc, cw);
     }
   }
@@ -486,12 +517,12 @@ int64_t MTilesUpperBound(const Groups& g) {
   return g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : g.max_tiles;
 }
 
-// 128 x 256 tiles only when there are many of them (measured on an H100: with fewer than about
-// eight waves of wide tiles, 128 x 128 tiles and their deeper pipeline balance better).
-int PickBn(const Groups& g, int64_t n_cols, int num_sms) {
+// 128 x 256 tiles only when there are many of them and K is long; otherwise 128 x 128 tiles and
+// their deeper pipeline balance better (measured on an H100 over the benchmark's layer shapes).
+int PickBn(const Groups& g, int64_t n_cols, int64_t k, int num_sms) {
   const int64_t m = g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : (g.est_tiles ? g.est_tiles : g.max_tiles);
   const int64_t wide = m * CeilDiv(n_cols, 256);
-  return (n_cols > 128 && wide >= 8 * static_cast<int64_t>(num_sms)) ? 256 : 128;
+  return (n_cols > 128 && k >= 2560 && wide >= 7 * static_cast<int64_t>(num_sms)) ? 256 : 128;
 }
 
 }  // namespace
@@ -513,6 +544,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.ldo = p.I;
   a.act = p.act;
   a.act_on = 1;
+  a.expert_major = p.g.order_n ? 0 : 1;
   a.bias1 = p.w.bg;
   a.bias1_off = p.w.bg_off;
   a.bias1_es = p.w.bg_es;
@@ -522,7 +554,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, p.D, num_sms);
   CUtensorMap m1, m2;
   if (!gated) {
     a.mode = 0;
@@ -565,11 +597,12 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.ldo = p.D;
   a.mode = 0;
   a.act_on = 0;
+  a.expert_major = p.g.order_n ? 0 : 1;
   a.bias1 = p.b2;
   a.bias1_es = p.D;
   a.bias1_us = 1;
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, p.I, num_sms);
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
   CUtensorMap m1;
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
