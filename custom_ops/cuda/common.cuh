@@ -141,6 +141,32 @@ __device__ __forceinline__ float WarpNanMax(float v) {
   return v;
 }
 
+// A key that orders choice values as Better() does: larger is better, NaN ranks below every
+// number (key 1), and -0 equals +0. Key 0 is left for "no candidate".
+__device__ __forceinline__ unsigned OrderKey(float v) {
+  if (v != v) return 1u;
+  const unsigned b = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // -inf: 0x007fffff
+}
+
+// Warp-wide max / min (sm_80 reductions, shuffles before).
+__device__ __forceinline__ unsigned WarpMaxU(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+__device__ __forceinline__ int WarpMinI(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+
 // Warp-wide best (value, index) under Better(); index INT32_MAX marks "none".
 __device__ __forceinline__ void WarpBest(float& v, int& i) {
   for (int o = 16; o > 0; o >>= 1) {

@@ -78,15 +78,27 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   if (D % 8 == 0) {
     const int d = (blockIdx.y * kThreads + threadIdx.x) * 8;
     if (d >= D) return;
+    // The pairs' rows are fetched kChunk at a time (one round trip for their positions, one for
+    // their rows) and summed in pair order, as the reference does.
+    constexpr int kChunk = 4;
     float acc[8] = {};
-    for (int j = 0; j < K; ++j) {
-      const int pos = p.pair_pos[row + j];
-      if (pos < 0) continue;
-      const float w = p.weight_on_input ? 1.0f : p.w[row + j];
-      float v[8];
-      Load8<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32, v);
+    for (int j0 = 0; j0 < K; j0 += kChunk) {
+      int pos[kChunk];
+      float w[kChunk], v[kChunk][8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] += w * v[k];
+      for (int q = 0; q < kChunk; ++q) {
+        const int j = j0 + q;
+        pos[q] = j < K ? p.pair_pos[row + j] : -1;
+        w[q] = j < K && !p.weight_on_input ? p.w[row + j] : 1.0f;
+      }
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q)
+        if (pos[q] >= 0) Load8<T>(p.ypair, static_cast<int64_t>(pos[q]) * D + d, p.ypair_f32, v[q]);
+#pragma unroll
+      for (int q = 0; q < kChunk; ++q)
+        if (pos[q] >= 0)
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc[k] += w[q] * v[q][k];
     }
     if (p.shared) {
       float z[8];

@@ -138,14 +138,19 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
 
   // k selection passes; the raw weights go to wout, finished below. Up to 256 experts, each
   // lane keeps its experts' scores in registers; beyond, scores are recomputed in every pass.
+  // E <= 256: each lane keeps its experts' choice values and their order keys in registers; a
+  // pick is two warp reductions (best key, then lowest expert holding it). Otherwise the values
+  // are re-read per pick.
   constexpr int kCache = 8;
   const bool cached = E <= 32 * kCache;
   float cv[kCache];
+  unsigned key[kCache];
   if (cached) {
 #pragma unroll
     for (int q = 0; q < kCache; ++q) {
       const int e = q * 32 + lane;
       cv[q] = e < E ? tok.Choice(e) : 0.0f;
+      key[q] = e < E ? OrderKey(cv[q]) : 0u;
     }
   }
   float pv = 0.0f;
@@ -155,16 +160,27 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     float bv = 0.0f;
     int bi = INT32_MAX;
     if (cached) {
+      unsigned bk = 0u;
+      int bq = 0;
 #pragma unroll
       for (int q = 0; q < kCache; ++q) {
-        const int e = q * 32 + lane;
-        const float c = cv[q];
-        if (e >= E || (pi != INT32_MAX && !Better(pv, pi, c, e))) continue;
-        if (bi == INT32_MAX || Better(c, e, bv, bi)) {
-          bv = c;
-          bi = e;
+        if (key[q] > bk) {  // strict: the lowest expert of equal keys
+          bk = key[q];
+          bq = q;
         }
       }
+      const unsigned mk = WarpMaxU(bk);
+      bi = WarpMinI(bk == mk && bk != 0u ? bq * 32 + lane : INT32_MAX);
+      const int oq = bi >> 5, ol = bi & 31;
+      float mine = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kCache; ++q) {
+        if (q == oq) {
+          mine = cv[q];
+          if (lane == ol) key[q] = 0u;  // picked
+        }
+      }
+      bv = __shfl_sync(0xffffffffu, mine, ol);
     } else {
       for (int e = lane; e < E; e += 32) {
         const float c = tok.Choice(e);
@@ -174,8 +190,8 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
           bi = e;
         }
       }
+      WarpBest(bv, bi);  // warp-uniform from here
     }
-    WarpBest(bv, bi);  // warp-uniform from here
     pv = bv;
     pi = bi;
     float w;
