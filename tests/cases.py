@@ -1,10 +1,17 @@
-"""The trait matrix shared by the fallback, kernel and GPU parity tests."""
+"""The trait matrix shared by the fallback, kernel and GPU parity tests, and the parity check
+that the fallback and CPU kernel tests run it through."""
 
 from __future__ import annotations
 
 import itertools
 
-from moefuse import MoEFFNAttrs
+import numpy as np
+import onnxruntime as ort
+
+from moefuse import MoEFFNAttrs, make_moeffn_model
+from moefuse.reference import moeffn
+from moefuse.runtime import run
+from moefuse.synthetic import feeds, random_inputs
 
 # routing variant -> (attribute changes, extra input options)
 ROUTINGS = {
@@ -40,3 +47,50 @@ def case(routing: str, experts: str, k: int = 2):
 
 
 ALL = list(itertools.product(ROUTINGS, EXPERTS))
+
+
+def f32(a):
+    return np.asarray(a).astype(np.float32)
+
+
+def stock_session(model):
+    """A CPU session in stock onnxruntime: MoEFFN runs as the model's embedded function."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def check_parity(session, attrs, opts, inter, biases, shared, rank, dtype=np.float32, rtol=1e-5,
+                 atol=1e-6, experts=E, hidden=D, token_counts=(1, 3, E + 5), fallback=None,
+                 seed=1):
+    """Run one case through ``session(model)`` and compare with reference.py.
+
+    The weights (with biases, a shared expert of intermediate size 8 and the case's extra
+    inputs as asked) are the model's initializers; X and the routing inputs are drawn afresh for
+    each token count T, as ``[T, D]`` (rank 2) or ``[2, T, D]`` (rank 3); T = 0 is an empty
+    slice. With ``fallback`` (a session factory), its session must agree too (T > 0).
+    """
+    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, hidden, inter, experts, biases=biases,
+                         shared_inter=8 if shared else 0,
+                         shared_gate=shared and opts.get("shared_gate", False),
+                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=seed)
+    model = make_moeffn_model(attrs, base)
+    sess = session(model)
+    fb = fallback(model) if fallback else None
+    for t in token_counts:
+        lead = (max(t, 1),) if rank == 2 else (2, max(t, 1))
+        fresh = feeds(random_inputs(attrs, lead, hidden, inter, experts, dtype=dtype, seed=100 + t))
+        if t == 0:  # empty batches are slices (random_inputs cannot draw ids for no tokens)
+            fresh = {n: a[:0] if rank == 2 else a[:, :0] for n, a in fresh.items()}
+        inputs = dict(base, **fresh)
+        shapes = {"Y": inputs["X"].shape}
+        got = run(sess, feeds(inputs), shapes)[0]
+        want = moeffn(attrs, **inputs)
+        msg = f"{attrs} T={t} rank={rank} dtype={np.dtype(dtype).name}"
+        assert got.shape == want.shape == inputs["X"].shape, msg
+        assert got.dtype == want.dtype, msg
+        np.testing.assert_allclose(f32(got), f32(want), rtol=rtol, atol=atol, err_msg=msg)
+        if fb is not None and t > 0:
+            other = run(fb, feeds(inputs), shapes)[0]
+            np.testing.assert_allclose(f32(got), f32(other), rtol=rtol, atol=atol,
+                                       err_msg="vs fallback " + msg)

@@ -4,45 +4,25 @@ Every trait combination of the spec: routing mode x expert kind x biases x share
 [T, D] and [B, S, D] inputs and T in {1, 3, E + 5}.
 """
 
+import functools
+
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
-from cases import ALL, D, E, case
+from cases import ALL, D, E, case, check_parity, stock_session
 from moefuse import MoEFFNAttrs, make_moeffn_model
 from moefuse.reference import moeffn
-from moefuse.runtime import run
 from moefuse.synthetic import feeds, random_inputs
 
 
 def session(model):
     onnx.checker.check_model(model, full_check=True)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return stock_session(model)
 
 
-def check(attrs, opts, inter, biases, shared, rank, dtype=np.float32, rtol=1e-5, atol=1e-6,
-          experts=E, token_counts=(1, 3, E + 5)):
-    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, D, inter, experts, biases=biases,
-                         shared_inter=8 if shared else 0,
-                         shared_gate=shared and opts.get("shared_gate", False),
-                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=1)
-    sess = session(make_moeffn_model(attrs, base))
-    for t in token_counts:
-        lead = (t,) if rank == 2 else (2, t)
-        fresh = random_inputs(attrs, lead, D, inter, experts, dtype=dtype, seed=100 + t,
-                              selection_bias=False)
-        inputs = dict(base, **feeds(fresh))
-        got = run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        want = moeffn(attrs, **inputs)
-        assert got.shape == want.shape == inputs["X"].shape
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
-                                   rtol=rtol, atol=atol,
-                                   err_msg=f"{attrs} T={t} rank={rank}")
+check = functools.partial(check_parity, session)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])

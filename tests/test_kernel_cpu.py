@@ -7,6 +7,7 @@ the portable code paths, bit-identical results for 1 and 2 threads, and errors t
 offending input. Skipped when the library has not been built (pip install -e .).
 """
 
+import functools
 import json
 import os
 
@@ -17,10 +18,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cases import ALL, D, E, case
+from cases import ALL, D, E, case, check_parity, f32, stock_session
 from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn
-from moefuse.runtime import library_path, run, session_options
+from moefuse.runtime import library_path, session_options
 from moefuse.synthetic import feeds, random_inputs
 
 try:
@@ -39,42 +40,9 @@ def kernel_session(model, threads=1, strip_function=True, log_level=3):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def fallback_session(model):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def f32(a):
-    return np.asarray(a).astype(np.float32)
-
-
-def check(attrs, opts, inter, biases, shared, rank, dtype=np.float32, rtol=1e-5, atol=1e-6,
-          experts=E, hidden=D, token_counts=(0, 1, 3, E + 5), fallback=True, seed=1):
-    base = random_inputs(attrs, (1, 2) if rank == 3 else 2, hidden, inter, experts, biases=biases,
-                         shared_inter=8 if shared else 0,
-                         shared_gate=shared and opts.get("shared_gate", False),
-                         selection_bias=opts.get("selection_bias", False), dtype=dtype, seed=seed)
-    model = make_moeffn_model(attrs, base)
-    kern = kernel_session(model)
-    fb = fallback_session(model) if fallback else None
-    for t in token_counts:
-        lead = (max(t, 1),) if rank == 2 else (2, max(t, 1))
-        fresh = feeds(random_inputs(attrs, lead, hidden, inter, experts, dtype=dtype, seed=100 + t))
-        if t == 0:  # empty batches are slices (random_inputs cannot draw ids for no tokens)
-            fresh = {n: a[:0] if rank == 2 else a[:, :0] for n, a in fresh.items()}
-        inputs = dict(base, **fresh)
-        shapes = {"Y": inputs["X"].shape}
-        got = run(kern, feeds(inputs), shapes)[0]
-        want = moeffn(attrs, **inputs)
-        msg = f"{attrs} T={t} rank={rank} dtype={np.dtype(dtype).name}"
-        assert got.shape == want.shape == inputs["X"].shape, msg
-        assert got.dtype == want.dtype, msg
-        np.testing.assert_allclose(f32(got), f32(want), rtol=rtol, atol=atol, err_msg=msg)
-        if fb is not None and t > 0:
-            other = run(fb, feeds(inputs), shapes)[0]
-            np.testing.assert_allclose(f32(got), f32(other), rtol=rtol, atol=atol,
-                                       err_msg="vs fallback " + msg)
+# T = 0 included; the embedded function (fallback) must agree with the kernel too.
+check = functools.partial(check_parity, kernel_session, token_counts=(0, 1, 3, E + 5),
+                          fallback=stock_session)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
@@ -198,7 +166,7 @@ def test_portable_code_paths(isa, monkeypatch):
                              ("sigmoid_grouped", "geglu_separate"),
                              ("precomputed", "relu_plain")]:
         attrs, opts, inter = case(routing, experts)
-        check(attrs, opts, inter, True, True, 2, token_counts=(1, E + 5), fallback=False)
+        check(attrs, opts, inter, True, True, 2, token_counts=(1, E + 5), fallback=None)
     test_multi_chunk_shapes(*BIG[1])
 
 
