@@ -165,7 +165,8 @@ def unfused_export(w, H, I, E, k, tmp: Path) -> Optional[onnx.ModelProto]:
     try:
         sys.path.insert(0, str(ROOT / "tests"))
         import torch
-        from exports import export_module  # another part of the project; optional here
+        # another part of the project; optional here
+        from exports import export_module, first_output
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except Exception as exc:  # pragma: no cover
@@ -181,20 +182,12 @@ def unfused_export(w, H, I, E, k, tmp: Path) -> Optional[onnx.ModelProto]:
         block.experts.gate_up_proj.copy_(torch.from_numpy(gate_up))
         block.experts.down_proj.copy_(torch.from_numpy(w["w2"]))
 
-    class First(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            out = self.inner(x)
-            return out[0] if isinstance(out, tuple) else out
-
     example = torch.randn(1, 3, H)
     t0 = time.time()
     for exporter in ("dynamo", "torchscript"):
         try:
-            model = export_module(First(block), example, tmp / f"unfused_{exporter}.onnx", exporter)
+            model = export_module(first_output(block), example, tmp / f"unfused_{exporter}.onnx",
+                                  exporter)
             print(f"  unfused: exported with {exporter} in {time.time() - t0:.0f}s "
                   f"({len(model.graph.node)} nodes)")
             return model

@@ -112,26 +112,29 @@ def export_family_block(name: str, exporter: str, path, seed: int = 0,
     return export_module(first_output(module), example, path, exporter)
 
 
-def _first_output_cls():
+def _wrapped(inner, forward):
+    """``inner`` in a torch module whose forward is ``forward(inner, x)``: the call to export."""
     torch = _torch()
 
-    class FirstOutput(torch.nn.Module):
-        """Blocks that also return router logits export only their hidden states."""
-
-        def __init__(self, inner):
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
             super().__init__()
             self.inner = inner
 
         def forward(self, x):
-            out = self.inner(x)
-            return out[0] if isinstance(out, tuple) else out
+            return forward(self.inner, x)
 
-    return FirstOutput
+    return Wrapped()
+
+
+def _first(module, x):
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def first_output(module):
     """``module`` returning only its first output (blocks that also return router logits)."""
-    return _first_output_cls()(module)
+    return _wrapped(module, _first)
 
 
 VOCAB = 64
@@ -206,20 +209,9 @@ def family_decoder(name: str, seed: int = 0):
     return model, moe_layers
 
 
-def _logits_cls():
-    torch = _torch()
-
-    class Logits(torch.nn.Module):
-        """input_ids -> logits, without a cache (what a one-shot ONNX export wants)."""
-
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids, use_cache=False).logits
-
-    return Logits
+def _logits(lm, input_ids):
+    """input_ids -> logits, without a cache (what a one-shot ONNX export wants)."""
+    return lm(input_ids=input_ids, use_cache=False).logits
 
 
 def export_family_decoder(name: str, path, seed: int = 0):
@@ -230,7 +222,7 @@ def export_family_decoder(name: str, path, seed: int = 0):
     """
     torch = _torch()
     lm, moe_layers = family_decoder(name, seed)
-    wrapped = _logits_cls()(lm).eval()
+    wrapped = _wrapped(lm, _logits).eval()
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
     with _quiet(), torch.no_grad():
         shapes = ({0: torch.export.Dim("batch", min=1, max=64),
