@@ -149,20 +149,17 @@ __device__ __forceinline__ unsigned OrderKey(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // -inf: 0x007fffff
 }
 
-// Warp-wide max / min (sm_80 reductions, shuffles before).
-__device__ __forceinline__ unsigned WarpMaxU(unsigned v) {
+// Warp-wide max (kMax) or min of a 32-bit integer (sm_80 reductions, shuffles before).
+template <bool kMax, typename V>
+__device__ __forceinline__ V WarpExtreme(V v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(0xffffffffu, v);
+  if constexpr (kMax) return __reduce_max_sync(0xffffffffu, v);
+  else return __reduce_min_sync(0xffffffffu, v);
 #else
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-#endif
-}
-__device__ __forceinline__ int WarpMinI(int v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(0xffffffffu, v);
-#else
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    const V w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? max(v, w) : min(v, w);
+  }
   return v;
 #endif
 }

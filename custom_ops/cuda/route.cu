@@ -169,8 +169,8 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
           bq = q;
         }
       }
-      const unsigned mk = WarpMaxU(bk);
-      bi = WarpMinI(bk == mk && bk != 0u ? bq * 32 + lane : INT32_MAX);
+      const unsigned mk = WarpExtreme<true>(bk);
+      bi = WarpExtreme<false>(bk == mk && bk != 0u ? bq * 32 + lane : INT32_MAX);
       const int oq = bi >> 5, ol = bi & 31;
       float mine = 0.0f;
 #pragma unroll
