@@ -46,8 +46,32 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, largest first; ties go to the lower index."""
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    """Indices of the k largest per row, largest first; ties go to the lower index.
+
+    The same as a stable argsort of -scores cut at k, but only the k picked by a partition are
+    sorted: layers of thousands of rank-1 experts would otherwise sort every row in full."""
+    neg = -scores
+    if not 0 < k < neg.shape[-1] or np.isnan(neg).any():  # NaNs sort last: keep the full sort
+        return np.argsort(neg, axis=-1, kind="stable")[:, :k]
+    # In index order, so that the stable sort by value leaves ties lowest index first.
+    picked = np.sort(_partition_k(neg, k), axis=-1)
+    order = np.argsort(np.take_along_axis(neg, picked, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(picked, order, axis=-1)
+
+
+def _partition_k(neg: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest of each row, in any order, ties at the k-th value going to the lower index.
+
+    A partition picks an arbitrary subset of the values tied with the k-th; a row where some of
+    them were left out takes its k from the full stable sort instead."""
+    picked = np.argpartition(neg, k - 1, axis=-1)[:, :k]
+    values = np.take_along_axis(neg, picked, axis=-1)
+    kth = np.max(values, axis=-1, keepdims=True)
+    left_out = np.sum(neg == kth, axis=-1) > np.sum(values == kth, axis=-1)
+    rows = np.nonzero(left_out)[0]
+    if rows.size:
+        picked[rows] = np.argsort(neg[rows], axis=-1, kind="stable")[:, :k]
+    return picked
 
 
 def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Optional[np.ndarray],
