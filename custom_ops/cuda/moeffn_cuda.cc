@@ -30,6 +30,7 @@
 
 #include "../moeffn_attrs.h"
 #include "../moeffn_validate.h"
+#include "../ort_tensor.h"
 #include "kernels.h"
 
 namespace moefuse {
@@ -45,52 +46,6 @@ constexpr int kDecodeRowsPerExpert = 2;
 constexpr int kDenseSkinnyRows = 16;
 
 enum class Path { kSkinny, kWgmma, kSimt };
-
-struct Value {
-  const OrtValue* v = nullptr;
-  void* data = nullptr;
-  int type = 0;
-  std::vector<int64_t> dims;
-};
-
-bool Describe(const OrtApi* api, const OrtValue* v, Value* out) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* st = api->GetTensorTypeAndShape(v, &info)) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  size_t rank = 0;
-  bool ok = true;
-  if (OrtStatus* st = api->GetTensorElementType(info, &t)) {
-    api->ReleaseStatus(st);
-    ok = false;
-  }
-  if (ok) {
-    if (OrtStatus* st = api->GetDimensionsCount(info, &rank)) {
-      api->ReleaseStatus(st);
-      ok = false;
-    }
-  }
-  if (ok) {
-    out->dims.assign(rank, 0);
-    if (OrtStatus* st = api->GetDimensions(info, out->dims.data(), rank)) {
-      api->ReleaseStatus(st);
-      ok = false;
-    }
-  }
-  api->ReleaseTensorTypeAndShapeInfo(info);
-  if (!ok) return false;
-  void* data = nullptr;
-  if (OrtStatus* st = api->GetTensorMutableData(const_cast<OrtValue*>(v), &data)) {
-    api->ReleaseStatus(st);
-    return false;
-  }
-  out->v = v;
-  out->type = static_cast<int>(t);
-  out->data = data;
-  return true;
-}
 
 int64_t CeilDiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -346,24 +301,9 @@ FirstProj MakeFirstProj(const MoEFFNAttrs& a, bool separate, const void* w1, con
 
 OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const OrtApi* api = api_;
-  size_t nin = 0;
-  if (OrtStatus* st = api->KernelContext_GetInputCount(ctx, &nin)) return st;
   Value in[kNumInputs];
   InputDescs descs;
-  for (size_t i = 0; i < nin && i < kNumInputs; ++i) {
-    const OrtValue* v = nullptr;
-    if (OrtStatus* st = api->KernelContext_GetInput(ctx, i, &v)) return st;
-    if (!v) continue;
-    if (!Describe(api, v, &in[i]))
-      return Error(ORT_RUNTIME_EXCEPTION, Who(node_name_) + ": cannot read input '" + kInputNames[i] + "'");
-    descs[i].present = true;
-    descs[i].has_shape = true;
-    descs[i].elem_type = in[i].type;
-    descs[i].dims = in[i].dims;
-  }
-  if (nin > kNumInputs)
-    return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": got " + std::to_string(nin) +
-                                           " inputs; MoEFFN v1 has " + std::to_string(kNumInputs));
+  if (OrtStatus* st = ReadInputs(api, ctx, node_name_, in, &descs)) return st;
   MoEFFNAttrs a = attrs_;
   MoEFFNShape sh;
   std::string err = Validate(a, descs, node_name_, &sh);
