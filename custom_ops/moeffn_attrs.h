@@ -88,6 +88,22 @@ inline void ReadString(const OrtApi* api, const OrtKernelInfo* info, const char*
 
 }  // namespace detail
 
+// The node's name ("" when it has none or onnxruntime does not give it).
+inline std::string ReadNodeName(const OrtApi* api, const OrtKernelInfo* info) {
+  size_t size = 0;
+  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
+    api->ReleaseStatus(st);
+    return std::string();
+  }
+  if (size == 0) return std::string();
+  std::vector<char> buf(size + 1, '\0');
+  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
+    api->ReleaseStatus(st);
+    return std::string();
+  }
+  return std::string(buf.data());
+}
+
 // Reads every v1 attribute of the node (absent ones keep their defaults). Values are checked by
 // CheckAttrs() in moeffn_validate.h.
 inline MoEFFNAttrs ReadAttrs(const OrtApi* api, const OrtKernelInfo* info) {

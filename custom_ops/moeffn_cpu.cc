@@ -424,17 +424,7 @@ OrtStatus* MoEFFNCpuKernel::Create(const OrtApi* api, const OrtKernelInfo* info,
   (void)declared_type;
   std::unique_ptr<MoEFFNCpuKernel> k(new MoEFFNCpuKernel());
   k->api_ = api;
-  size_t size = 0;
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
-    api->ReleaseStatus(st);
-  } else if (size > 0) {
-    std::vector<char> buf(size + 1, '\0');
-    if (OrtStatus* st2 = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
-      api->ReleaseStatus(st2);
-    } else {
-      k->node_name_ = buf.data();
-    }
-  }
+  k->node_name_ = ReadNodeName(api, info);
   k->attrs_ = ReadAttrs(api, info);
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());

@@ -139,17 +139,7 @@ Kernel::~Kernel() {
 OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel** out) {
   std::unique_ptr<Kernel> k(new Kernel());
   k->api_ = api;
-  size_t size = 0;
-  if (OrtStatus* st = api->KernelInfo_GetNodeName(info, nullptr, &size)) {
-    api->ReleaseStatus(st);
-  } else if (size > 0) {
-    std::vector<char> buf(size + 1, '\0');
-    if (OrtStatus* st2 = api->KernelInfo_GetNodeName(info, buf.data(), &size)) {
-      api->ReleaseStatus(st2);
-    } else {
-      k->node_name_ = buf.data();
-    }
-  }
+  k->node_name_ = ReadNodeName(api, info);
   k->attrs_ = ReadAttrs(api, info);
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
