@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../moeffn_attrs.h"
+#include "../moeffn_op.h"
 #include "../moeffn_validate.h"
 #include "../ort_tensor.h"
 #include "kernels.h"
@@ -37,7 +38,6 @@ namespace moefuse {
 namespace cuda {
 namespace {
 
-constexpr const char* kOpType = "MoEFFN";
 constexpr int kDirectMaxInter = 4;     // same threshold as the CPU kernel
 // Skinny (decode) path while the routed pairs average fewer than 2 per active expert (on an
 // H100 the grouped GEMM path is faster from 2 rows per expert on: T = 32 of the benchmark's
@@ -621,126 +621,21 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
 
 // --- registration -------------------------------------------------------------------------------
 
-struct CudaOp {
-  OrtCustomOp op;
-  ONNXTensorElementDataType type;
+// What the CUDA execution provider's op has of its own (../moeffn_op.h).
+struct CudaEP {
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
+  static constexpr const char* kWho = "MoEFFN (CUDA)";
+  using Kernel = cuda::Kernel;
+  static OrtStatus* Create(const OrtApi* api, const OrtKernelInfo* info, ONNXTensorElementDataType,
+                           Kernel** out) {
+    return Kernel::Create(api, info, out);
+  }
 };
-
-const CudaOp* Self(const OrtCustomOp* op) { return reinterpret_cast<const CudaOp*>(op); }
-const OrtApi* g_api = nullptr;
-
-const char* MOEFUSE_ORT_CALL GetName(const OrtCustomOp*) { return kOpType; }
-const char* MOEFUSE_ORT_CALL GetEpType(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
-ONNXTensorElementDataType MOEFUSE_ORT_CALL GetInputType(const OrtCustomOp* op, size_t index) {
-  if (index == kTopkIds) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  return Self(op)->type;
-}
-size_t MOEFUSE_ORT_CALL GetInputCount(const OrtCustomOp*) { return kNumInputs; }
-ONNXTensorElementDataType MOEFUSE_ORT_CALL GetOutputType(const OrtCustomOp* op, size_t) {
-  return Self(op)->type;
-}
-size_t MOEFUSE_ORT_CALL GetOutputCount(const OrtCustomOp*) { return 1; }
-OrtCustomOpInputOutputCharacteristic MOEFUSE_ORT_CALL GetInputCharacteristic(const OrtCustomOp*,
-                                                                            size_t index) {
-  return index == kX ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-OrtCustomOpInputOutputCharacteristic MOEFUSE_ORT_CALL GetOutputCharacteristic(const OrtCustomOp*,
-                                                                             size_t) {
-  return INPUT_OUTPUT_REQUIRED;
-}
-OrtMemType MOEFUSE_ORT_CALL GetInputMemoryType(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
-int MOEFUSE_ORT_CALL VariadicMinArity(const OrtCustomOp*) { return 1; }
-int MOEFUSE_ORT_CALL VariadicHomogeneity(const OrtCustomOp*) { return 1; }
-
-OrtStatusPtr MOEFUSE_ORT_CALL CreateKernelV2(const OrtCustomOp*, const OrtApi* api,
-                                              const OrtKernelInfo* info, void** kernel) {
-  try {
-    Kernel* k = nullptr;
-    if (OrtStatus* st = Kernel::Create(api, info, &k)) return st;
-    *kernel = k;
-    return nullptr;
-  } catch (const std::exception& ex) {
-    return api->CreateStatus(ORT_FAIL, (std::string("MoEFFN (CUDA): ") + ex.what()).c_str());
-  } catch (...) {
-    return api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): unexpected error creating the kernel");
-  }
-}
-
-OrtStatusPtr MOEFUSE_ORT_CALL KernelComputeV2(void* kernel, OrtKernelContext* ctx) {
-  try {
-    return static_cast<Kernel*>(kernel)->Compute(ctx);
-  } catch (const std::bad_alloc&) {
-    return g_api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): out of memory");
-  } catch (const std::exception& ex) {
-    return g_api->CreateStatus(ORT_FAIL, (std::string("MoEFFN (CUDA): ") + ex.what()).c_str());
-  } catch (...) {
-    return g_api->CreateStatus(ORT_FAIL, "MoEFFN (CUDA): unexpected error");
-  }
-}
-
-void MOEFUSE_ORT_CALL KernelDestroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
-
-OrtStatusPtr MOEFUSE_ORT_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
-  const OrtApi* api = g_api;
-  OrtTensorTypeAndShapeInfo* x = nullptr;
-  if (OrtStatus* st = api->ShapeInferContext_GetInputTypeShape(ctx, 0, &x)) {
-    api->ReleaseStatus(st);
-    return nullptr;
-  }
-  size_t rank = 0;
-  if (OrtStatus* st = api->GetDimensionsCount(x, &rank)) {
-    api->ReleaseStatus(st);
-    return nullptr;
-  }
-  if (rank == 2 || rank == 3) {
-    if (OrtStatus* st = api->ShapeInferContext_SetOutputTypeShape(ctx, 0, x)) api->ReleaseStatus(st);
-  }
-  return nullptr;
-}
-
-CudaOp MakeOp(ONNXTensorElementDataType type, bool shape_inference) {
-  CudaOp c;
-  std::memset(&c, 0, sizeof(c));
-  OrtCustomOp& op = c.op;
-  op.version = MOEFUSE_ORT_API_VERSION;
-  op.GetName = &GetName;
-  op.GetExecutionProviderType = &GetEpType;
-  op.GetInputType = &GetInputType;
-  op.GetInputTypeCount = &GetInputCount;
-  op.GetOutputType = &GetOutputType;
-  op.GetOutputTypeCount = &GetOutputCount;
-  op.KernelDestroy = &KernelDestroy;
-  op.GetInputCharacteristic = &GetInputCharacteristic;
-  op.GetOutputCharacteristic = &GetOutputCharacteristic;
-  op.GetInputMemoryType = &GetInputMemoryType;
-  op.GetVariadicInputMinArity = &VariadicMinArity;
-  op.GetVariadicInputHomogeneity = &VariadicHomogeneity;
-  op.GetVariadicOutputMinArity = &VariadicMinArity;
-  op.GetVariadicOutputHomogeneity = &VariadicHomogeneity;
-  op.CreateKernelV2 = &CreateKernelV2;
-  op.KernelComputeV2 = &KernelComputeV2;
-  if (shape_inference) op.InferOutputShapeFn = &InferOutputShape;
-  c.type = type;
-  return c;
-}
-
-// Process-lifetime op descriptions (sessions keep pointers to them): with and without shape
-// inference.
-CudaOp g_ops[2][3] = {{MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false),
-                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false),
-                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, false)},
-                      {MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true),
-                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true),
-                       MakeOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, true)}};
 
 }  // namespace
 
 OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain, bool shape_inference) {
-  g_api = api;
-  for (const CudaOp& op : g_ops[shape_inference ? 1 : 0]) {
-    if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op.op)) return st;
-  }
-  return nullptr;
+  return MoEFFNOp<CudaEP>::AddTo(api, domain, shape_inference);
 }
 
 }  // namespace cuda
