@@ -57,6 +57,11 @@ def _table(blocks, done: str = "converted") -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for b in blocks:
+        if b.converted and b.experts_unreached:
+            lines.append(f"unverified {b.name}: {len(b.experts_unreached)} of {b.experts} experts "
+                         f"were reached by no probe, not even by tokens steered to them (with "
+                         f"more experts than hidden dims, some may be unreachable by any input)")
     near = [b for b in blocks if not b.converted]
     for b in near:
         lines.append(f"near miss {b.name}: {b.reason}")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zoo
+from torch import nn
 from exports import EXPORTERS, export_module, run_onnx
 from moefuse import reference
 from moefuse.converter import convert_model
@@ -201,6 +202,61 @@ def test_transformers_eager_trace_few_experts_is_refused(tmp_path):
     conv = convert_model(model, partial=True)
     assert conv.model is None
     assert "only 2 expert slots of E=6 survive" in conv.blocks[0].reason, conv.blocks[0].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# every expert exercised by the verification
+
+
+class RarelyRouted(zoo.GeGLUStacked):
+    """GeGLU experts whose router bias keeps random tokens away from expert 3, and a per-expert
+    output scale (which MoEFFN has no input for) of 1 except ``scale3`` for expert 3: a reading
+    that is wrong for expert 3 alone."""
+
+    def __init__(self, scale3=1.0):
+        super().__init__()
+        weight = self.router.weight
+        self.router = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.router.weight.copy_(weight)
+            self.router.bias.zero_()
+            self.router.bias[3] = -12.0
+        self.expert_scale = nn.Parameter(torch.ones(weight.shape[0]))
+        with torch.no_grad():
+            self.expert_scale[3] = scale3
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        top_l, top_i = self.router(h).topk(self.k, dim=-1)
+        w = torch.softmax(top_l, dim=-1) * self.expert_scale[top_i]
+        hk = torch.einsum("td,tkid->tki", h, self.gate_up[top_i])
+        gate, up = hk.chunk(2, dim=-1)
+        y = torch.einsum("tki,tkdi->tkd", torch.nn.functional.gelu(gate, approximate="tanh") * up,
+                         self.down[top_i])
+        return (y * w.unsqueeze(-1)).sum(dim=1).reshape(shape)
+
+
+def _rarely_routed(tmp_path, scale3):
+    module = RarelyRouted(scale3)
+    example = torch.randn(*EXPORT_SHAPE, D, generator=torch.Generator().manual_seed(0))
+    return module, export_module(module, example, tmp_path / "rare.onnx", "torchscript")
+
+
+def test_mismatch_of_a_rarely_routed_expert_is_caught(tmp_path):
+    """Random probes never reach expert 3; tokens steered to it show that the reading (which
+    has no per-expert scale) is wrong there, so the block is not converted."""
+    _, model = _rarely_routed(tmp_path, scale3=2.0)
+    conv = convert_model(model, partial=True)
+    assert conv.model is None, conv.blocks[0].traits
+    assert "none of" in conv.blocks[0].reason, conv.blocks[0].reason
+
+
+def test_rarely_routed_expert_is_verified(tmp_path):
+    """The same layer without the odd scale converts, every expert reached by some probe."""
+    module, model = _rarely_routed(tmp_path, scale3=1.0)
+    conv = check_converted(module, model, ["k=2", "gated gelu_tanh halves"])
+    assert conv.blocks[0].experts_unreached == []
 
 
 # ---------------------------------------------------------------------------------------------

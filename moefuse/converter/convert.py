@@ -15,10 +15,10 @@ from ..function import MIN_OPSET, opset_of
 from ..spec import MoEFFNAttrs, validate_arrays
 from . import ort_ingest, ort_target
 from .graph import GraphIndex
-from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses,
+from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, matches,
                    precheck, region_nodes)
 from .region import Candidate, NearMiss, find_candidates
-from .verify import probe_block
+from .verify import cover_experts, probe_block
 
 MAX_HYPOTHESES = 4000
 
@@ -41,6 +41,7 @@ class Block:
     weights_reused: int = 0
     weights_relaid: int = 0
     max_error: Optional[float] = None
+    experts_unreached: list = field(default_factory=list)  # no probe token was routed to them
     traits: list = field(default_factory=list)
     dtype: str = "float32"
     emitted: str = ""       # the op written for the block: moefuse.MoEFFN or com.microsoft.MoE
@@ -89,7 +90,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         return Block(name=cand.name, converted=False, reason=refusal, x=cand.x,
                      logits=cand.logits, experts=cand.experts, hidden=cand.hidden or 0)
     try:
-        all_probes = probe_block(g, cand, cand.ends)
+        all_probes, runner = probe_block(g, cand, cand.ends)
     except Exception as exc:  # noqa: BLE001 - a block that does not run on its own
         return Block(name=cand.name, converted=False, x=cand.x, logits=cand.logits,
                      experts=cand.experts, hidden=cand.hidden or 0,
@@ -110,7 +111,13 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
                     break
                 ok, detail, h2 = check(h, probes, scales)
                 if ok:
-                    best = (h2, detail)
+                    # Probes reach the experts the router favours; steer more tokens to the
+                    # others, which this reading must match too.
+                    extra, unreached = cover_experts(h2, probes, runner, end, cand.experts)
+                    probes = probes + extra
+                    if extra and not matches(h2, extra)[0]:
+                        continue
+                    best = (h2, detail, unreached)
                     break
         except Refusal as exc:
             reasons.append(str(exc))
@@ -119,7 +126,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
             reasons.append(f"{end}: none of {tried} readings of the block matches its output "
                            f"when run")
             continue
-        h, detail = best
+        h, detail, unreached = best
         arrays = {n: op.array() for n, op in h.operands.items()}
         size = validate_arrays(h.attrs, {"X": probes[0].x, "router_logits": probes[0].logits,
                                          **arrays})
@@ -127,7 +134,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         block = Block(name=cand.name, converted=True, attrs=h.attrs, experts=size.experts,
                       hidden=size.hidden, inter=size.inter, x=cand.x, logits=cand.logits,
                       output=end, max_error=err, traits=traits_of(h.attrs, h.operands),
-                      _hypothesis=h, _region=nodes)
+                      experts_unreached=unreached, _hypothesis=h, _region=nodes)
         block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
         block.weights_relaid = sum(1 for op in h.operands.values() if not op.reused)
         block._flatten_output = probes[0].y.ndim != probes[0].x.ndim

@@ -402,6 +402,11 @@ def check(h: Hypothesis, probes: list[Probe], scale_options: list[float]) -> tup
     return False, f"max relative error {worst:.2e}", h
 
 
+def matches(h: Hypothesis, probes: list[Probe]) -> tuple[bool, float]:
+    """Does h, its scaling factor as fitted, reproduce every probe? (ok, worst error)"""
+    return _matches(h.attrs, {n: op.array() for n, op in h.operands.items()}, probes)
+
+
 def _matches(attrs, arrays, probes):
     worst = 0.0
     for p in probes:
