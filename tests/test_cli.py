@@ -155,3 +155,36 @@ def test_all_or_nothing_then_partial(tmp_path):
     model = onnx.load(out)
     assert sum(n.op_type == "MoEFFN" for n in model.graph.node) == 1
     assert float(text.split("max relative error")[1].split()[0]) < 1e-5
+
+
+def _one_stack_model(tmp_path):
+    """Top-2 routing over experts of one stacked [E, D, D] matrix each: not a MoEFFN expert
+    (it needs 2 or 3 projections), refused alike for every candidate output of the block."""
+    import torch
+    from torch import nn
+
+    from exports import export_module
+
+    class OneStack(nn.Module):
+        def __init__(self, d=16, e=4):
+            super().__init__()
+            self.router = nn.Linear(d, e, bias=False)
+            self.w = nn.Parameter(torch.randn(e, d, d, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            shape = x.shape
+            h = x.reshape(-1, shape[-1])
+            top_l, top_i = self.router(h).topk(2, dim=-1)
+            y = torch.einsum("td,tkod->tko", h, self.w[top_i])
+            return (y * torch.softmax(top_l, dim=-1).unsqueeze(-1)).sum(dim=1).reshape(shape)
+
+    path = tmp_path / "one_stack.onnx"
+    export_module(OneStack(), torch.randn(2, 5, 16), path, "torchscript")
+    return path
+
+
+def test_inspect_lists_each_near_miss_reason_once(tmp_path):
+    code, text = invoke("inspect", _one_stack_model(tmp_path))
+    line = next(t for t in text.splitlines() if t.startswith("near miss"))
+    assert line.count("expected 2 or 3 stacked expert weight tensors") == 1, line
+    assert line.count("output size differs from the block input's") == 1, line

@@ -99,7 +99,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         nodes = region_nodes(g, cand, end)
         probes = all_probes[end]
         if probes[0].y.size != probes[0].x.size:
-            reasons.append(f"{end}: output size differs from the block input's")
+            reasons.append((end, "output size differs from the block input's"))
             continue
         scales = [s for s in _scalars(block_constants(g, nodes)) if s > 0]
         best = None
@@ -120,11 +120,11 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
                     best = (h2, detail, unreached)
                     break
         except Refusal as exc:
-            reasons.append(str(exc))
+            reasons.append(("", str(exc)))  # about the block, whatever the end
             continue
         if best is None:
-            reasons.append(f"{end}: none of {tried} readings of the block matches its output "
-                           f"when run")
+            reasons.append((end, f"none of {tried} readings of the block matches its output "
+                                 f"when run"))
             continue
         h, detail, unreached = best
         arrays = {n: op.array() for n, op in h.operands.items()}
@@ -142,8 +142,18 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
         for op in h.operands.values():
             op.ref.release()  # the rewrite re-reads only what it re-lays out
         return block
-    return Block(name=cand.name, converted=False, reason="; ".join(reasons) or "no candidate output",
+    return Block(name=cand.name, converted=False, reason=_near_miss_reason(reasons),
                  x=cand.x, logits=cand.logits, experts=cand.experts, hidden=cand.hidden or 0)
+
+
+def _near_miss_reason(reasons: list[tuple[str, str]]) -> str:
+    """Each distinct reason once (the candidate ends often fail alike), after the ends that
+    gave it where it is about an end."""
+    ends: dict[str, list[str]] = {}
+    for end, reason in reasons:
+        ends.setdefault(reason, []).append(end)
+    return "; ".join(f"{', '.join(x for x in e if x)}: {reason}" if any(e) else reason
+                     for reason, e in ends.items()) or "no candidate output"
 
 
 def _rel_err(h, p, arrays) -> float:
