@@ -13,6 +13,8 @@ namespace moefuse {
 namespace cpu {
 namespace {
 
+#include "cpu_kernels_x86.h"
+
 struct V {
   using T = __m256;
   static constexpr int W = 8;
@@ -23,40 +25,27 @@ struct V {
   static T Load(const float* p) { return _mm256_loadu_ps(p); }
   static T LoadA(const float* p) { return _mm256_load_ps(p); }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static void StoreA(float* p, T v) { _mm256_store_ps(p, v); }
   static T Add(T a, T b) { return _mm256_add_ps(a, b); }
   static T Sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T Mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T Div(T a, T b) { return _mm256_div_ps(a, b); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T Fnma(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static T Round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static T MinKeepNan(T x, T l) { return _mm256_min_ps(l, x); }
   static T MaxKeepNan(T x, T l) { return _mm256_max_ps(l, x); }
-  static float ReduceAdd(T v) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, v);
-    float s = 0.0f;
-    for (int i = 0; i < 8; ++i) s += lanes[i];
-    return s;
-  }
+  static float ReduceAdd(T v) { return SumLanes<V>(v); }
   static T Exp(T x) {
-    // As the AVX-512 version, but 2^n is built in the exponent field, so n is kept within
-    // [-126, 127] and the overflow/underflow ends are patched afterwards.
+    // ExpSplit (cpu_kernels_x86.h) as in the AVX-512 version, but 2^n is built in the exponent
+    // field, so n is kept within [-126, 127] and the overflow/underflow ends are patched afterwards.
     const T big = _mm256_cmp_ps(x, Set1(88.7228f), _CMP_GT_OQ);
     const T tiny = _mm256_cmp_ps(x, Set1(-87.33f), _CMP_LT_OQ);
     x = MinKeepNan(MaxKeepNan(x, Set1(-87.33f)), Set1(88.37f));
-    const T n = _mm256_round_ps(_mm256_mul_ps(x, Set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm256_fnmadd_ps(n, Set1(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, Set1(1.428606820309417e-06f), r);
-    T p = Set1(1.0f / 5040.0f);
-    p = Fma(p, r, Set1(1.0f / 720.0f));
-    p = Fma(p, r, Set1(1.0f / 120.0f));
-    p = Fma(p, r, Set1(1.0f / 24.0f));
-    p = Fma(p, r, Set1(1.0f / 6.0f));
-    p = Fma(p, r, Set1(0.5f));
-    p = Fma(p, r, Set1(1.0f));
-    p = Fma(p, r, Set1(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    T out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    const ExpParts<V> e = ExpSplit<V>(x);
+    const __m256i bits =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e.n), _mm256_set1_epi32(127)), 23);
+    T out = _mm256_mul_ps(e.p, _mm256_castsi256_ps(bits));
     out = _mm256_blendv_ps(out, Set1(INFINITY), big);
     return _mm256_blendv_ps(out, Zero(), tiny);
   }

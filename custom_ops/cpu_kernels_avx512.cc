@@ -13,6 +13,8 @@ namespace moefuse {
 namespace cpu {
 namespace {
 
+#include "cpu_kernels_x86.h"
+
 struct V {
   using T = __m512;
   static constexpr int W = 16;
@@ -23,39 +25,24 @@ struct V {
   static T Load(const float* p) { return _mm512_loadu_ps(p); }
   static T LoadA(const float* p) { return _mm512_load_ps(p); }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static void StoreA(float* p, T v) { _mm512_store_ps(p, v); }
   static T Add(T a, T b) { return _mm512_add_ps(a, b); }
   static T Sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T Mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T Div(T a, T b) { return _mm512_div_ps(a, b); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T Fnma(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static T Round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // vminps/vmaxps return their second operand when either is NaN.
   static T MinKeepNan(T x, T l) { return _mm512_min_ps(l, x); }
   static T MaxKeepNan(T x, T l) { return _mm512_max_ps(l, x); }
-  static float ReduceAdd(T v) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, v);
-    float s = 0.0f;
-    for (int i = 0; i < 16; ++i) s += lanes[i];
-    return s;
-  }
+  static float ReduceAdd(T v) { return SumLanes<V>(v); }
   static T Exp(T x) {
-    // e^x = 2^n e^r with n = round(x log2(e)), |r| <= ln(2)/2; e^r by its Taylor series to
-    // degree 7 (truncation < 6e-9 relative). Clamping keeps r finite for +-inf inputs; scalef
-    // then overflows to +inf or underflows to 0. NaN passes through the clamps.
+    // Clamping keeps r finite for +-inf inputs (cpu_kernels_x86.h); scalef then overflows to
+    // +inf or underflows to 0. NaN passes through the clamps.
     x = MinKeepNan(MaxKeepNan(x, Set1(-104.0f)), Set1(89.0f));
-    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, Set1(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm512_fnmadd_ps(n, Set1(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, Set1(1.428606820309417e-06f), r);
-    T p = Set1(1.0f / 5040.0f);
-    p = Fma(p, r, Set1(1.0f / 720.0f));
-    p = Fma(p, r, Set1(1.0f / 120.0f));
-    p = Fma(p, r, Set1(1.0f / 24.0f));
-    p = Fma(p, r, Set1(1.0f / 6.0f));
-    p = Fma(p, r, Set1(0.5f));
-    p = Fma(p, r, Set1(1.0f));
-    p = Fma(p, r, Set1(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const ExpParts<V> e = ExpSplit<V>(x);
+    return _mm512_scalef_ps(e.p, e.n);
   }
 };
 
