@@ -89,12 +89,16 @@ def test_switch_topk_selector(tmp_path):
 
 def test_switch_single_token_trace_is_not_converted(tmp_path):
     """Traced with one token, TorchScript bakes that expert's one-row indexing into the graph,
-    which then fails on other inputs: the converter leaves it alone and says it does not run."""
+    which then fails on other inputs: the converter leaves it alone and says what the tracer
+    did and how to export instead."""
     module = zoo.SwitchTop1()
     model = export_module(module, torch.randn(1, 1, D), tmp_path / "one.onnx", "torchscript")
     conv = convert_model(model, partial=True)
     assert conv.model is None and not conv.blocks[0].converted
-    assert "does not run" in conv.blocks[0].reason
+    reason = conv.blocks[0].reason
+    assert "TorchScript tracer fixed the token count of an expert" in reason, reason
+    assert "constant shape [16]" in reason and "single token" in reason, reason
+    assert "batched_mm" in reason and "dynamo=True" in reason, reason
 
 
 @pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow),
@@ -201,7 +205,10 @@ def test_transformers_eager_trace_few_experts_is_refused(tmp_path):
     model = export_module(module, torch.randn(1, 1, 32), tmp_path / "eager1.onnx", "torchscript")
     conv = convert_model(model, partial=True)
     assert conv.model is None
-    assert "only 2 expert slots of E=6 survive" in conv.blocks[0].reason, conv.blocks[0].reason
+    reason = conv.blocks[0].reason
+    assert "only 2 expert slots of E=6 survive" in reason, reason
+    assert "TorchScript tracer" in reason and "single token" in reason, reason
+    assert "dynamo=True" in reason, reason
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,9 +28,11 @@ Stacked readings are never reused in place: the rewrite writes one new initializ
 The same dataflow also shows things the converter must refuse rather than convert, whatever
 its probes say: a loop the TorchScript tracer unrolled for the experts its trace input hit
 (per-expert constants for only some experts, or stacked weights picked by a fixed number of
-scalar ids), an expert capacity (tokens ranked in their expert's queue by a CumSum of the
-routing mask and dropped past a limit) and expert-choice routing (the top-k runs over tokens),
-neither of which MoEFFN has. :func:`block_refusal` names them.
+scalar ids), an expert whose tokens the tracer reshaped to the count its trace input routed
+to it (one row, after a single-token trace), an expert capacity (tokens ranked in their
+expert's queue by a CumSum of the routing mask and dropped past a limit) and expert-choice
+routing (the top-k runs over tokens), neither of which MoEFFN has. :func:`block_refusal` names
+them.
 """
 
 from __future__ import annotations
@@ -380,8 +382,9 @@ def readings(g: GraphIndex, refs, E: int, D: int, nodes, anchor: int,
 # refusals
 
 
-RE_EXPORT = ("re-export with experts_implementation='batched_mm' or the dynamo exporter, or "
-             "write the loop over all experts")
+RE_EXPORT = ("re-export in a static form (transformers: experts_implementation='batched_mm'; "
+             "own code: a loop over all experts with a routing mask) or with the dynamo "
+             "exporter (torch.onnx.export(..., dynamo=True))")
 
 
 def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[str]:
@@ -414,11 +417,13 @@ def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[
         if dynamic:
             only = (f"only {dynamic} expert slot{'s' if dynamic > 1 else ''} of E={E} survive "
                     f"in this graph: " if dynamic < E else "")
-            return (f"{only}the exporter unrolled a data-dependent expert loop for its trace "
-                    f"input: {r.tensor} is indexed by {dynamic} scalar expert id"
-                    f"{'s' if dynamic > 1 else ''} taken at run time from the experts hit, so "
-                    f"the graph runs only on inputs that hit exactly {dynamic} of the {E} "
-                    f"experts; {RE_EXPORT}")
+            single = (" (a trace with a single token keeps only the k experts it hit)"
+                      if dynamic < E else "")
+            return (f"{only}the TorchScript tracer unrolled a data-dependent expert loop for "
+                    f"its trace input, one iteration per expert that input hit: {r.tensor} is "
+                    f"indexed by {dynamic} scalar expert id{'s' if dynamic > 1 else ''} "
+                    f"computed at run time, so the graph runs only on inputs that hit exactly "
+                    f"{dynamic} of the {E} experts{single}; {RE_EXPORT}")
         if const_ids and const_ids != set(range(E)):
             return _subset_reason(sorted(const_ids), E, r.tensor)
     # per-expert matrices for only some experts (not a question for stacked experts, whose
@@ -447,11 +452,48 @@ def _unrolled_loop(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[
     return None
 
 
+_SHAPE_OPS = {"Shape", "Size"}
+
+
+def _fixed_row_count(g: GraphIndex, nodes, anchor: int) -> Optional[str]:
+    """An expert's tokens, picked at run time (NonZero of its routing mask), reshaped to a
+    constant shape: the TorchScript tracer turns an expert that got exactly one token while
+    tracing (every expert hit by a single-token trace) into a one-row Reshape, and the graph
+    then fails on any input that routes another number of tokens to that expert."""
+    region = set(nodes)
+    routed = _downstream(g, [anchor], region)
+    frontier = [i for i in sorted(routed) if g.nodes[i].op_type == "NonZero"]
+    seen = set(frontier)
+    while frontier:  # the picked tokens' data, not the shape bookkeeping on their count
+        i = frontier.pop()
+        for out in g.nodes[i].output:
+            for c in g.consumers.get(out, []):
+                if c in region and c not in seen and g.nodes[c].op_type not in _SHAPE_OPS:
+                    seen.add(c)
+                    frontier.append(c)
+    for i in sorted(seen):
+        node = g.nodes[i]
+        if node.op_type != "Reshape" or not g.is_constant(node.input[1]):
+            continue
+        shape = g.constant_value(node.input[1])
+        if shape is None or not shape.size or np.any(np.asarray(shape) <= 0):
+            continue
+        fixed = "[" + ", ".join(str(int(d)) for d in np.asarray(shape).reshape(-1)) + "]"
+        return (f"the TorchScript tracer fixed the token count of an expert to its trace "
+                f"input's: the tokens routed to an expert are picked at run time (NonZero), "
+                f"but {node.name or node.output[0]} reshapes them to the constant shape "
+                f"{fixed}, which is what that expert got while tracing (a trace with a single "
+                f"token does this to the expert it hit), so the graph fails on any input that "
+                f"routes another number of tokens to it; {RE_EXPORT}")
+    return None
+
+
 def _subset_reason(experts: list, E: int, tensor: Optional[str]) -> str:
     where = f" (constant indices into {tensor})" if tensor else ""
-    return (f"only experts {experts} of E={E} survive in this graph{where}: the exporter "
-            f"unrolled a data-dependent expert loop for its trace input and kept only the "
-            f"experts that input hit, so the graph silently ignores the others; {RE_EXPORT}")
+    return (f"only experts {experts} of E={E} survive in this graph{where}: the TorchScript "
+            f"tracer unrolled a data-dependent expert loop for its trace input and kept only "
+            f"the experts that input hit (with a single-token trace, that token's k experts), "
+            f"so the graph silently ignores the others; {RE_EXPORT}")
 
 
 _COMPARE = {"Less": "<", "LessOrEqual": "<=", "Greater": ">", "GreaterOrEqual": ">="}
@@ -519,4 +561,4 @@ def _fmt_shape(shape) -> str:
 def block_refusal(g: GraphIndex, refs, E: int, nodes, anchor: int) -> Optional[str]:
     """Why this block must not be converted whatever its probes say, or None."""
     return (_expert_choice(g, anchor) or _capacity(g, nodes, anchor)
-            or _unrolled_loop(g, refs, E, nodes, anchor))
+            or _unrolled_loop(g, refs, E, nodes, anchor) or _fixed_row_count(g, nodes, anchor))

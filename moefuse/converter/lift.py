@@ -207,8 +207,9 @@ class Refusal(Exception):
 
 def precheck(g: GraphIndex, cand: Candidate) -> Optional[str]:
     """Why a candidate must be refused before it is even run, or None: an expert loop the
-    tracer unrolled (its graph may not run on the probes at all), an expert capacity, or
-    expert-choice routing (see expert_lists.block_refusal)."""
+    tracer unrolled or fixed to its trace input's token count (its graph may not run on the
+    probes at all), an expert capacity, or expert-choice routing (see
+    expert_lists.block_refusal)."""
     if not cand.ends:
         return None
     nodes = region_nodes(g, cand, cand.ends[0])
