@@ -27,6 +27,24 @@ __device__ __forceinline__ bool MTile(const Groups& g, int mt, int bm, int* e, i
   return true;
 }
 
+// acc[i][j] += the kBK-long products of the staged tiles: rows ty + 16 i of As, columns
+// tx + 16 j of Ws.
+__device__ __forceinline__ void TileMma(const float (&As)[kBK][kBM + 1], const float (&Ws)[kBK][kBN + 1],
+                                        int ty, int tx, float (&acc)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBK; ++kk) {
+    float a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = Ws[kk][tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) Gemm1Kernel(Gemm1Params p) {
   GridDepWait();
@@ -79,18 +97,7 @@ __global__ void __launch_bounds__(kThreads) Gemm1Kernel(Gemm1Params p) {
       Ws[kk][col] = w;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Ws[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    TileMma(As, Ws, ty, tx, acc);
     __syncthreads();
   }
   T* H = static_cast<T*>(p.H);
@@ -148,18 +155,7 @@ __global__ void __launch_bounds__(kThreads) Gemm2Kernel(Gemm2Params p) {
       Ws[kk][row] = (d < D && k < I) ? ToF(w2[static_cast<int64_t>(d) * I + k]) : 0.0f;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Ws[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    TileMma(As, Ws, ty, tx, acc);
     __syncthreads();
   }
   const DType bt = Elem<T>::kType;
