@@ -44,8 +44,17 @@ SHAPES = [  # name, H, I, E, k
 ]
 TOKENS = [1, 32, 512, 4096]
 DTYPES = ["float16", "bfloat16"]
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
-TC_FLOPS = 989e12          # H100 SXM dense fp16/bf16 tensor cores
+# Roofline of the GPUs we measure on (vendor figures): HBM bytes/s, dense fp16/bf16 tensor-core
+# FLOP/s. The first whose key is in the device name applies; --hbm-tbps / --tc-tflops override.
+ROOFLINES = [
+    ("H200", 4.8e12, 989e12),   # H200 SXM: HBM3e; the same SMs as the H100 SXM
+    ("H100", 3.35e12, 989e12),  # H100 SXM: HBM3
+]
+
+
+def roofline(gpu: str, hbm_tbps: float = 0.0, tc_tflops: float = 0.0) -> tuple[float, float]:
+    hbm, tc = next(((h, t) for key, h, t in ROOFLINES if key in gpu), ROOFLINES[-1][1:])
+    return (hbm_tbps * 1e12 if hbm_tbps else hbm), (tc_tflops * 1e12 if tc_tflops else tc)
 
 
 def onnx_type(dtype: str) -> int:
@@ -213,6 +222,10 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")
+    ap.add_argument("--hbm-tbps", type=float, default=0.0,
+                    help="memory roofline in TB/s (default: the GPU's from ROOFLINES)")
+    ap.add_argument("--tc-tflops", type=float, default=0.0,
+                    help="dense fp16/bf16 tensor-core peak in TFLOP/s (default: the GPU's)")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -229,6 +242,7 @@ def main():
     dtypes = args.dtypes.split(",")
     forced = [p for p in args.paths.split(",") if p]
     gpu = torch.cuda.get_device_name(0)
+    hbm_bytes_per_s, tc_flops = roofline(gpu, args.hbm_tbps, args.tc_tflops)
     print(f"GPU: {gpu}; onnxruntime {ort.__version__}; torch {torch.__version__}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     stream = torch.cuda.Stream()
@@ -265,8 +279,8 @@ def main():
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
                     act = active_experts(logits.float().cpu().numpy(), k)
-                    mem_us = act * 3 * H * I * 2 / HBM_BYTES_PER_S * 1e6
-                    flop_us = 2 * T * k * 3 * H * I / TC_FLOPS * 1e6
+                    mem_us = act * 3 * H * I * 2 / hbm_bytes_per_s * 1e6
+                    flop_us = 2 * T * k * 3 * H * I / tc_flops * 1e6
                     outs = {}
                     for vname, r in runners.items():
                         rec = {"shape": name, "H": H, "I": I, "E": E, "k": k, "dtype": dtype,
@@ -299,8 +313,8 @@ def main():
                 del runners
                 torch.cuda.empty_cache()
     meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "hbm_bytes_per_s": HBM_BYTES_PER_S,
-            "tensor_flops": TC_FLOPS}
+            "python": platform.python_version(), "hbm_bytes_per_s": hbm_bytes_per_s,
+            "tensor_flops": tc_flops}
     with open(os.path.join(args.out, "gpu_moe.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     md = table(records, meta)
