@@ -191,6 +191,31 @@ def test_big_shapes(name, changes, size, dtype):
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
 
 
+# Enough output tiles that every CTA of the persistent grouped GEMM takes several: each consumer
+# schedule (cooperative 128- and 256-wide tiles; ping-pong 128-wide tiles, opt-in) forced, with
+# gate and up interleaved and as separate boxes, a K tail and partial row tiles.
+@pytest.mark.skipif(MEMCHECK, reason="large: the memcheck matrix covers the paths with few tiles")
+@pytest.mark.parametrize("bn,schedule", [("128", "cooperative"), ("256", "cooperative"),
+                                         ("128", "pingpong")])
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
+def test_prefill_many_tiles_per_cta(layout, bn, schedule, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_BN", bn)
+    monkeypatch.setenv("MOEFUSE_CUDA_SCHEDULE", schedule)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    attrs = MoEFFNAttrs(k=2, gate_up_layout=layout)
+    check(attrs, {}, 1032, False, False, BF16, (2000,), experts=8, hidden=328)
+
+
+# The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
+# unequal length, projection-2 bias added once.
+@pytest.mark.parametrize("splits", ["2", "3", "auto"])
+def test_decode_split_k(splits, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_SPLITK", splits)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    attrs = MoEFFNAttrs(k=2)
+    check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
+
+
 def _weights_as_inputs(model):
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for init in model.graph.initializer:

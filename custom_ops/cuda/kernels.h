@@ -112,6 +112,7 @@ struct Gemm1Params {
   Groups g;
   void* H = nullptr;  // [rows, I] in dtype
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
+  bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
 };
 
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
@@ -125,11 +126,19 @@ struct Gemm2Params {
   void* out = nullptr;  // [rows, D]
   bool out_f32 = true;  // float32 output (else dtype)
   int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
+  bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
+  // Skinny path only: K split in `splits` parts, part z writing float32 partial sums to plane z
+  // (out + z * plane elements); the combine adds the planes in order (deterministic).
+  int splits = 1;
+  int64_t plane = 0;
 };
 
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
+// How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
+// (1 when K is too short to split; at most 4).
+int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
 
 // CUDA-core path for any type and size (float32, odd sizes, older GPUs).
 cudaError_t LaunchSimtGemm1(const Gemm1Params& p, cudaStream_t stream);
@@ -149,8 +158,10 @@ struct CombineParams {
   const int* pair_pos = nullptr;  // [T*K]
   const float* w = nullptr;       // [T*K]
   int weight_on_input = 0;
-  const void* ypair = nullptr;  // [P, D]
+  const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
   bool ypair_f32 = true;
+  int ypair_planes = 1;
+  int64_t ypair_plane = 0;  // elements between planes
   const void* shared = nullptr;  // [T, D] shared expert output or null
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null

@@ -94,6 +94,16 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 #pragma unroll
       for (int q = 0; q < kChunk; ++q)
         if (pos[q] >= 0) Load8<T>(p.ypair, static_cast<int64_t>(pos[q]) * D + d, p.ypair_f32, v[q]);
+      for (int pl = 1; pl < p.ypair_planes; ++pl) {  // partial sums of a split K, in order
+#pragma unroll
+        for (int q = 0; q < kChunk; ++q) {
+          if (pos[q] < 0) continue;
+          float u[8];
+          Load8<T>(p.ypair, pl * p.ypair_plane + static_cast<int64_t>(pos[q]) * D + d, true, u);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) v[q][k] += u[k];
+        }
+      }
 #pragma unroll
       for (int q = 0; q < kChunk; ++q)
         if (pos[q] >= 0)
@@ -125,7 +135,9 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
     for (int j = 0; j < K; ++j) {
       const int pos = p.pair_pos[row + j];
       if (pos < 0) continue;
-      const float v = LoadAny<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32);
+      float v = LoadAny<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32);
+      for (int pl = 1; pl < p.ypair_planes; ++pl)
+        v += LoadAny<T>(p.ypair, pl * p.ypair_plane + static_cast<int64_t>(pos) * D + d, true);
       acc += p.weight_on_input ? v : p.w[row + j] * v;
     }
     if (p.shared) {

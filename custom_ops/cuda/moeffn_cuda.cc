@@ -18,6 +18,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -118,6 +119,10 @@ class Kernel {
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
   int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|256: wgmma tile width (tuning)
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
+  bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
+                                   // ping-pong consumers (experimental)
+  int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
+                                   // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
@@ -151,6 +156,9 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
+  k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
+  const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
+  k->splitk_ = splitk == "auto" ? 0 : std::min(4, std::max(1, std::atoi(splitk.c_str())));
   if (k->attrs_.in_out()) {
     if (OrtStatus* st = k->Prepack(info)) return st;
   }
@@ -354,6 +362,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
   const bool ypair_f32 = rpath != Path::kWgmma;
+  const int ypair_planes = rpath != Path::kSkinny ? 1
+                           : splitk_ ? splitk_ : SkinnyGemm2Splits(D, I, max_active, dev_.num_sms);
   const bool shared_f32 = spath != Path::kWgmma;
 
   // --- scratch ---
@@ -369,7 +379,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
   if (!small) {
     o_h = cv.Add(static_cast<size_t>(P * I) * ts);
-    o_y = cv.Add(static_cast<size_t>(P * D) * (ypair_f32 ? 4 : ts));
+    o_y = cv.Add(static_cast<size_t>(P * D) * (ypair_f32 ? 4 : ts) * ypair_planes);
   }
   if (has_shared) {
     o_hs = cv.Add(static_cast<size_t>(T * Is) * ts);
@@ -574,6 +584,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.g = g;
     g1.H = at(o_h);
     g1.bn = bn_;
+    g1.pingpong = pingpong_;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -585,6 +596,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.out = at(o_y);
     g2.out_f32 = ypair_f32;
     g2.bn = bn_;
+    g2.pingpong = pingpong_;
+    g2.splits = ypair_planes;
+    g2.plane = P * D;
     switch (rpath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
@@ -609,6 +623,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     cp.weight_on_input = woi;
     cp.ypair = at(o_y);
     cp.ypair_f32 = ypair_f32;
+    cp.ypair_planes = ypair_planes;
+    cp.ypair_plane = P * D;
     cp.shared = has_shared ? at(o_s) : nullptr;
     cp.shared_f32 = shared_f32;
     cp.shared_gate = in[kSharedGate].data;

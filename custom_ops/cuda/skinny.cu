@@ -10,6 +10,8 @@
 // Projection 1 tiles hold 8 units: MMA row g is the gate (or fc1) row of unit u0+g and row g+8
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
 // units. Projection 2 tiles hold 16 output features.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace moefuse {
@@ -77,14 +79,15 @@ __device__ __forceinline__ bool GetSlot(const Groups& g, int slot, Slot* s) {
 constexpr int kBatch = 8;
 
 // acc[i][0..3] += W rows (wa: row g, wb: row g+8) x B rows (brow[i]: token g of tile i), over the
-// k-blocks of this warp. A batch's token loads are issued together too (one L2 round trip per
-// token tile and batch, not one per k-block); lanes past K or the batch load zeros.
+// k-blocks of this warp (its quarter of the block's k-blocks [kbeg, kend)). A batch's token
+// loads are issued together too (one L2 round trip per token tile and batch, not one per
+// k-block); lanes past K or the batch load zeros.
 template <typename T>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
-                                         const T* const (&brow)[kNT], int ntiles, int K) {
+                                         const T* const (&brow)[kNT], int ntiles, int K, int kbeg,
+                                         int kend) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
-  const int nkb = (K + 31) / 32;
-  const int kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
+  const int kb0 = kbeg + warp * (kend - kbeg) / kWarps, kb1 = kbeg + (warp + 1) * (kend - kbeg) / kWarps;
   for (int kb = kb0; kb < kb1; kb += kBatch) {
     uint4 a[kBatch], b[kBatch];
 #pragma unroll
@@ -169,7 +172,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
       }
     }
     float acc[kNT][4] = {};
-    MainLoop<T>(acc, wa, wb, brow, ntiles, D);
+    MainLoop<T>(acc, wa, wb, brow, ntiles, D, 0, (D + 31) / 32);
     float v[4];
     Reduce(acc, red, v);
     const int warp = threadIdx.x >> 5;
@@ -221,8 +224,11 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   const T* wb = db < D ? w2 + static_cast<int64_t>(db) * I : nullptr;
   const T* H = static_cast<const T*>(p.H);
   const DType bt = Elem<T>::kType;
+  // this block's part of K; part 0 adds the bias
+  const int z = blockIdx.z, nkb = (I + 31) / 32;
+  const int kbeg = z * nkb / p.splits, kend = (z + 1) * nkb / p.splits;
   float ba = 0.0f, bb = 0.0f;
-  if (p.b2) {
+  if (p.b2 && z == 0) {
     if (da < D) ba = LoadF(p.b2, static_cast<int64_t>(s.e) * D + da, bt);
     if (db < D) bb = LoadF(p.b2, static_cast<int64_t>(s.e) * D + db, bt);
   }
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
       brow[i] = (i < ntiles && c < s.rows) ? H + static_cast<int64_t>(s.r0 + c) * I : nullptr;
     }
     float acc[kNT][4] = {};
-    MainLoop<T>(acc, wa, wb, brow, ntiles, I);
+    MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
     float v[4];
     Reduce(acc, red, v);
     const int warp = threadIdx.x >> 5;
@@ -246,7 +252,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
         if (col >= s.rows) continue;
         const int64_t r = s.r0 + col;
         if (p.out_f32) {
-          float* o = static_cast<float*>(p.out) + r * D;
+          float* o = static_cast<float*>(p.out) + z * p.plane + r * D;
           if (da < D) o[da] = v[c] + ba;
           if (db < D) o[db] = v[2 + c] + bb;
         } else {
@@ -275,11 +281,38 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   const int64_t tiles = CeilDiv(p.D, 16);
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
-  return Launch(Gemm2Kernel<T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots)),
+  if (p.splits < 1 || (p.splits > 1 && !p.out_f32)) return cudaErrorInvalidValue;
+  return Launch(Gemm2Kernel<T>,
+                dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
                 dim3(kWarps * 32), 0, stream, p);
 }
 
 }  // namespace
+
+// Wave quantization: with B blocks and C resident per wave, the last wave of ceil(B / C) may run
+// nearly empty (projection 2 of (4096, 14336, 8, 2) at T = 1: 512 blocks, 396 resident). Splitting
+// K s ways costs ceil(s B / C) / s waves of the unsplit work; the least wins, fewer parts on ties,
+// and each warp keeps at least one batch of k-blocks.
+int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
+  static const int per_sm = [] {
+    int n = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half>, kWarps * 32, 0) ==
+                   cudaSuccess && n > 0 ? n : 1;
+  }();
+  const int64_t blocks = CeilDiv(D, 16) * slots, resident = static_cast<int64_t>(per_sm) * num_sms;
+  const int64_t max_splits = std::min<int64_t>(4, CeilDiv(I, 32) / (kWarps * kBatch));
+  if (blocks <= 0 || resident <= 0) return 1;
+  int best = 1;
+  double best_waves = static_cast<double>(CeilDiv(blocks, resident));
+  for (int s = 2; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(CeilDiv(blocks * s, resident)) / s;
+    if (waves < best_waves - 1e-9) {
+      best = s;
+      best_waves = waves;
+    }
+  }
+  return best;
+}
 
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) return Gemm1T<__nv_bfloat16>(p, stream);
