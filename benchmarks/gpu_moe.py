@@ -226,7 +226,12 @@ def main():
                     help="memory roofline in TB/s (default: the GPU's from ROOFLINES)")
     ap.add_argument("--tc-tflops", type=float, default=0.0,
                     help="dense fp16/bf16 tensor-core peak in TFLOP/s (default: the GPU's)")
+    ap.add_argument("--render", default="", metavar="JSON",
+                    help="measure nothing: rewrite a results JSON's roofline fields (for its GPU, "
+                    "or --hbm-tbps / --tc-tflops) and write its JSON, table and chart to --out")
     args = ap.parse_args()
+    if args.render:
+        return render(args)
 
     import onnxruntime as ort
     import torch
@@ -279,13 +284,10 @@ def main():
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
                     act = active_experts(logits.float().cpu().numpy(), k)
-                    mem_us = act * 3 * H * I * 2 / hbm_bytes_per_s * 1e6
-                    flop_us = 2 * T * k * 3 * H * I / tc_flops * 1e6
                     outs = {}
                     for vname, r in runners.items():
                         rec = {"shape": name, "H": H, "I": I, "E": E, "k": k, "dtype": dtype,
-                               "T": T, "variant": vname, "active_experts": act,
-                               "mem_us": round(mem_us, 2), "flop_us": round(flop_us, 2)}
+                               "T": T, "variant": vname, "active_experts": act}
                         if isinstance(r, str):
                             rec["error"] = r
                         else:
@@ -298,10 +300,9 @@ def main():
                                 rec["wall_us"] = round(r.wall_us(), 2)
                                 gpu_us, rec["top_kernels"] = r.gpu_us()
                                 rec["gpu_us"] = round(gpu_us, 2)
-                                rec["mem_fraction"] = round(mem_us / gpu_us, 3)
-                                rec["flop_fraction"] = round(flop_us / gpu_us, 3)
                             except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        roofline_fields(rec, hbm_bytes_per_s, tc_flops)
                         records.append(rec)
                         print(json.dumps(rec), flush=True)
                     if "MoEFFN" in outs and "com.microsoft.MoE" in outs:
@@ -315,14 +316,39 @@ def main():
     meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "hbm_bytes_per_s": hbm_bytes_per_s,
             "tensor_flops": tc_flops}
-    with open(os.path.join(args.out, "gpu_moe.json"), "w") as f:
+    write_results(records, meta, args.out)
+
+
+def roofline_fields(rec: dict, hbm_bytes_per_s: float, tc_flops: float) -> None:
+    """(Re)computes a record's roofline times and its fractions of them."""
+    H, I, k, T = rec["H"], rec["I"], rec["k"], rec["T"]
+    rec["mem_us"] = round(rec["active_experts"] * 3 * H * I * 2 / hbm_bytes_per_s * 1e6, 2)
+    rec["flop_us"] = round(2 * T * k * 3 * H * I / tc_flops * 1e6, 2)
+    if "gpu_us" in rec:
+        rec["mem_fraction"] = round(rec["mem_us"] / rec["gpu_us"], 3)
+        rec["flop_fraction"] = round(rec["flop_us"] / rec["gpu_us"], 3)
+
+
+def render(args):
+    with open(args.render) as f:
+        data = json.load(f)
+    meta, records = data["meta"], data["records"]
+    meta["hbm_bytes_per_s"], meta["tensor_flops"] = roofline(meta["gpu"], args.hbm_tbps, args.tc_tflops)
+    for rec in records:
+        roofline_fields(rec, meta["hbm_bytes_per_s"], meta["tensor_flops"])
+    os.makedirs(args.out, exist_ok=True)
+    write_results(records, meta, args.out)
+
+
+def write_results(records, meta, out):
+    with open(os.path.join(out, "gpu_moe.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     md = table(records, meta)
-    with open(os.path.join(args.out, "gpu_moe.md"), "w") as f:
+    with open(os.path.join(out, "gpu_moe.md"), "w") as f:
         f.write(md)
     print(md)
     try:
-        plot(records, meta, os.path.join(args.out, "gpu_moe.png"))
+        plot(records, meta, os.path.join(out, "gpu_moe.png"))
     except Exception as exc:  # noqa: BLE001
         print(f"no plot: {exc}")
 
