@@ -333,9 +333,10 @@ def render(args):
     with open(args.render) as f:
         data = json.load(f)
     meta, records = data["meta"], data["records"]
-    meta["hbm_bytes_per_s"], meta["tensor_flops"] = roofline(meta["gpu"], args.hbm_tbps, args.tc_tflops)
+    hbm, tc = roofline(meta["gpu"], args.hbm_tbps, args.tc_tflops)
+    meta["hbm_bytes_per_s"], meta["tensor_flops"] = hbm, tc
     for rec in records:
-        roofline_fields(rec, meta["hbm_bytes_per_s"], meta["tensor_flops"])
+        roofline_fields(rec, hbm, tc)
     os.makedirs(args.out, exist_ok=True)
     write_results(records, meta, args.out)
 

@@ -1,0 +1,41 @@
+"""gpu_moe.py --render: a results JSON re-scored with its GPU's roofline (no GPU needed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_moe.py")
+
+
+def _record(variant, gpu_us):
+    return {"shape": "Mixtral-8x7B", "H": 4096, "I": 14336, "E": 8, "k": 2, "dtype": "bfloat16",
+            "T": 32, "variant": variant, "active_experts": 8, "gpu_us": gpu_us, "wall_us": gpu_us,
+            "mem_us": 1.0, "flop_us": 1.0}  # stale roofline fields, to be rewritten
+
+
+@pytest.mark.parametrize("gpu,flags,tbps", [("NVIDIA H200", [], 4.8),
+                                            ("NVIDIA H100 80GB HBM3", [], 3.35),
+                                            ("NVIDIA H200", ["--hbm-tbps", "2.0"], 2.0)])
+def test_render_rescores_roofline(tmp_path, gpu, flags, tbps):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": {"gpu": gpu, "onnxruntime": "1.31.1"},
+                               "records": [_record("MoEFFN", 800.0),
+                                           _record("com.microsoft.MoE", 700.0)]}))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out), *flags],
+                   check=True, capture_output=True, text=True)
+    data = json.loads((out / "gpu_moe.json").read_text())
+    assert data["meta"]["hbm_bytes_per_s"] == pytest.approx(tbps * 1e12)
+    mem_us = 8 * 3 * 4096 * 14336 * 2 / (tbps * 1e12) * 1e6
+    flop_us = 2 * 32 * 2 * 3 * 4096 * 14336 / 989e12 * 1e6
+    ours = data["records"][0]
+    assert ours["mem_us"] == pytest.approx(mem_us, abs=0.01)
+    assert ours["flop_us"] == pytest.approx(flop_us, abs=0.01)
+    assert ours["mem_fraction"] == pytest.approx(mem_us / 800.0, abs=1e-3)
+    table = (out / "gpu_moe.md").read_text()
+    assert f"{tbps:.2f} TB/s" in table
+    assert "| 0.88x |" in table  # 700 / 800, the speedup column
