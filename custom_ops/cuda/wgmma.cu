@@ -209,6 +209,29 @@ struct Tile {
 
 __device__ __forceinline__ Tile ReadTile(int4 v) { return Tile{v.x, v.y, v.z, v.w}; }
 
+// A consumer's k-block: wait for the stage to fill; its cp.async rows (generic proxy) are then
+// made visible to wgmma (async proxy).
+__device__ __forceinline__ void AcquireStage(uint64_t* full, uint32_t phase) {
+  MbarWait(full, phase);
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  WgmmaFence();
+}
+
+// After a k-block's MMAs are issued: once the previous k-block's MMAs are done, its stage goes
+// back to the producer; then on to the next stage of the ring.
+template <int S>
+__device__ __forceinline__ void NextStage(uint64_t* empty, int lane, int& prev, int& stage,
+                                          uint32_t& phase) {
+  WgmmaCommit();
+  WgmmaWait<1>();
+  if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+  prev = stage;
+  if (++stage == S) {
+    stage = 0;
+    phase ^= 1;
+  }
+}
+
 __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
   if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, kBM);
   return p.g.tile_prefix[p.g.num_groups];
@@ -497,21 +520,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
         int prev = -1;
         for (int kb = 0; kb < nkb; ++kb) {
-          MbarWait(full + stage, phase);
-          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async rows -> wgmma
-          WgmmaFence();
+          AcquireStage(full + stage, phase);
           const uint64_t da = Desc(As + stage * C::kABytes + cw * 64 * 128);
           const uint64_t db = Desc(Bs + stage * C::kBBytes);
 #pragma unroll
           for (int kk = 0; kk < kBK / 16; ++kk) Wgmma<T, BN>(acc, da + 2 * kk, db + 2 * kk, (kb | kk) != 0);
-          WgmmaCommit();
-          WgmmaWait<1>();
-          if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
-          prev = stage;
-          if (++stage == S) {
-            stage = 0;
-            phase ^= 1;
-          }
+          NextStage<S>(empty, lane, prev, stage, phase);
         }
         WgmmaWait<0>();
         if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
@@ -534,9 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint32_t phase = static_cast<uint32_t>((kb_before / S) & 1);
         int prev = -1;
         for (int kb = 0; kb < nkb; ++kb) {
-          MbarWait(full + stage, phase);
-          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async rows -> wgmma
-          WgmmaFence();
+          AcquireStage(full + stage, phase);
           const uint64_t da0 = Desc(As + stage * C::kABytes);            // rows 0-63
           const uint64_t da1 = Desc(As + stage * C::kABytes + 64 * 128);  // rows 64-127
           const uint64_t db = Desc(Bs + stage * C::kBBytes);
@@ -545,14 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             Wgmma<T, BN>(acc[0], da0 + 2 * kk, db + 2 * kk, (kb | kk) != 0);
             Wgmma<T, BN>(acc[1], da1 + 2 * kk, db + 2 * kk, (kb | kk) != 0);
           }
-          WgmmaCommit();
-          WgmmaWait<1>();
-          if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
-          prev = stage;
-          if (++stage == S) {
-            stage = 0;
-            phase ^= 1;
-          }
+          NextStage<S>(empty, lane, prev, stage, phase);
         }
         WgmmaWait<0>();
         if (lane == 0) MbarArrive(mma_done + cw);
