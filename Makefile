@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moefuse-installed
 
-.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-test gpu-memcheck gpu-bench
+.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-build gpu-test gpu-memcheck gpu-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,17 @@ bench: setup
 # --- GPU (a CUDA GPU and onnxruntime-gpu; never on CI) ---
 # GPU_PYTHON is the interpreter that has onnxruntime-gpu and the built library (MOEFUSE_LIBRARY).
 GPU_PYTHON ?= $(BIN)/python
+
+# The library built apart from the package, for one GPU architecture (quick to rebuild while
+# working on the kernels): point MOEFUSE_LIBRARY at the path it prints. GPU_PYTHON must import
+# scipy_openblas32.
+GPU_ARCHS ?= 90a
+GPU_BUILD := build/gpu
+gpu-build:
+	cmake -S . -B $(GPU_BUILD) -DMOEFUSE_CUDA=ON -DMOEFUSE_CUDA_ARCHS="$(GPU_ARCHS)" \
+	  -DPython_EXECUTABLE="$$($(GPU_PYTHON) -c 'import sys; print(sys.executable)')" > /dev/null
+	cmake --build $(GPU_BUILD) -j
+	@echo "MOEFUSE_LIBRARY=$(abspath $(GPU_BUILD))/custom_ops/libmoefuse_ops.so"
 
 # The CUDA kernel tests (skipped without a GPU).
 gpu-test:
