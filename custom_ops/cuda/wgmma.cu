@@ -54,7 +54,6 @@ struct WgArgs {
   int64_t bias2_off = 0, bias2_es = 0, bias2_us = 1;
   ActParams act;
   int expert_major = 1;  // tile order: expert, n-tile, m-tile (else n-tile, then all m-tiles)
-  int staged = 0;        // ping-pong tiles leave through shared memory (N, ldo multiples of 8)
 };
 
 template <int BN, bool PingPong>
@@ -307,7 +306,7 @@ struct ToShared {
   uint8_t* hi;
   int col0;
   __device__ __forceinline__ static int Offset(int row, int byte) {
-    return (row & 63) * (W * 2) + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+    return (row & 63) * (W * 2) + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
   }
   __device__ __forceinline__ uint8_t* At(int row, int col) const {
     return (row < 64 ? lo : hi) + Offset(row, (col - col0) * 2);
@@ -321,7 +320,7 @@ struct ToShared {
 };
 
 // The warpgroup copies a ToShared tile to its rows of the output: 16 bytes per thread and
-// instruction, whole rows per warp (needs N and ldo multiples of 8: the host checks).
+// instruction, whole rows per warp (needs N and ldo multiples of 8: Dispatch checks).
 template <typename T, int W>
 __device__ __forceinline__ void CopyOut(const WgArgs& p, const Tile& t, const ToShared<T, W>& sh) {
   constexpr int kChunks = W / 8;  // 16-byte chunks per row
@@ -562,13 +561,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         WgmmaWait<0>();
         if (lane == 0) MbarArrive(mma_done + cw);
         const Tile t = ReadTile(tinfo[local % C::kInfo]);
-        if (!p.staged) {
-          if (lane == 0) MbarArrive(empty + prev);
-          const ToGlobal<T> sink{static_cast<T*>(p.out), p.ldo, t.r0};
-          Epilogue<T, BN>(p, t, acc[0], 0, sink);
-          Epilogue<T, BN>(p, t, acc[1], 1, sink);
-          continue;
-        }
         // The tile leaves through the last stage's buffers (A: rows 0-63, B: rows 64-127),
         // released to the producer once copied out.
         static_assert(BN * 2 * 64 <= C::kABytes && BN * 2 * 64 <= C::kBBytes, "staging fits a stage");
@@ -661,6 +653,8 @@ cudaError_t DispatchT(int bn, bool pingpong, const CUtensorMap& m1, const CUtens
 
 cudaError_t Dispatch(DType t, int bn, bool pingpong, const CUtensorMap& m1, const CUtensorMap& m2,
                      const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
+  // the ping-pong epilogue's 16-byte stores (the tensor-core paths take only such sizes)
+  if (pingpong && bn == 128 && (a.N % 8 != 0 || a.ldo % 8 != 0)) return cudaErrorInvalidValue;
   return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream)
                            : DispatchT<__half>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream);
 }
@@ -734,7 +728,6 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
     a.b2_rpe = p.w.up_rpe;
     a.n_tiles = static_cast<int>(CeilDiv(p.I, bn / 2));
   }
-  a.staged = a.N % 8 == 0 && a.ldo % 8 == 0;
   return Dispatch(p.dtype, bn, p.pingpong, m1, m2, a, mt * a.n_tiles, num_sms, stream);
 }
 
@@ -762,7 +755,6 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.b1_row0 = 0;
   a.b1_rpe = p.D;
   a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
-  a.staged = a.N % 8 == 0 && a.ldo % 8 == 0;
   return Dispatch(p.dtype, bn, p.pingpong, m1, m1, a, mt * a.n_tiles, num_sms, stream);
 }
 
