@@ -197,11 +197,23 @@ class Runner:
 
 
 def variant_env(name: str) -> dict:
-    """Environment of a MoEFFN variant: decode / prefill / simt (path forced), nopdl, bn128, bn256."""
+    """Environment of a MoEFFN variant (see --paths; "a+b" combines two); the kernel reads it at
+    session creation."""
+    if "+" in name:
+        env = {}
+        for part in name.split("+"):
+            env.update(variant_env(part))
+        return env
     if name == "nopdl":
         return {"MOEFUSE_CUDA_PDL": "0"}
     if name == "order_n":
         return {"MOEFUSE_CUDA_ORDER": "n"}
+    if name == "pingpong":
+        return {"MOEFUSE_CUDA_SCHEDULE": "pingpong"}
+    if name == "cooperative":
+        return {"MOEFUSE_CUDA_SCHEDULE": "cooperative"}
+    if name.startswith("splitk"):
+        return {"MOEFUSE_CUDA_SPLITK": name[6:] or "auto"}
     if name.startswith("bn"):
         return {"MOEFUSE_CUDA_BN": name[2:]}
     return {"MOEFUSE_CUDA_PATH": name}
@@ -219,7 +231,9 @@ def main():
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--paths", default="", help="also time MoEFFN variants (comma-separated): "
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
-                    "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n)")
+                    "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
+                    "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4); "
+                    "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")
     ap.add_argument("--hbm-tbps", type=float, default=0.0,
@@ -305,11 +319,11 @@ def main():
                         roofline_fields(rec, hbm_bytes_per_s, tc_flops)
                         records.append(rec)
                         print(json.dumps(rec), flush=True)
-                    if "MoEFFN" in outs and "com.microsoft.MoE" in outs:
-                        a, b = outs["MoEFFN"], outs["com.microsoft.MoE"]
-                        err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-                        for rec in records[-len(runners):]:
-                            rec["max_rel_diff_vs_ms"] = round(err, 5)
+                    ref = outs.get("com.microsoft.MoE")
+                    for rec in records[-len(runners):]:  # every variant checked, not only the default
+                        if ref is not None and rec["variant"] in outs:
+                            diff = np.abs(outs[rec["variant"]] - ref).max()
+                            rec["max_rel_diff_vs_ms"] = round(float(diff / max(np.abs(ref).max(), 1e-30)), 5)
                 os.environ.pop("MOEFUSE_CUDA_PATH", None)
                 del runners
                 torch.cuda.empty_cache()
