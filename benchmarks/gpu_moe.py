@@ -212,6 +212,8 @@ def variant_env(name: str) -> dict:
         return {"MOEFUSE_CUDA_SCHEDULE": "pingpong"}
     if name == "cooperative":
         return {"MOEFUSE_CUDA_SCHEDULE": "cooperative"}
+    if name.startswith("narrow"):
+        return {"MOEFUSE_CUDA_NARROW": name[6:] or "auto"}
     if name.startswith("splitk"):
         return {"MOEFUSE_CUDA_SPLITK": name[6:] or "auto"}
     if name.startswith("bn"):
@@ -232,7 +234,8 @@ def main():
     ap.add_argument("--paths", default="", help="also time MoEFFN variants (comma-separated): "
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
-                    "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4); "
+                    "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
+                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW); "
                     "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")

@@ -199,11 +199,32 @@ def test_big_shapes(name, changes, size, dtype):
                                          ("128", "pingpong")])
 @pytest.mark.parametrize("layout", ["interleaved", "halves"])
 def test_prefill_many_tiles_per_cta(layout, bn, schedule, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
     monkeypatch.setenv("MOEFUSE_CUDA_BN", bn)
     monkeypatch.setenv("MOEFUSE_CUDA_SCHEDULE", schedule)
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     attrs = MoEFFNAttrs(k=2, gate_up_layout=layout)
     check(attrs, {}, 1032, False, False, BF16, (1200,), experts=8, hidden=136)
+
+
+# Narrow wgmma tiles (32 or 64 token rows on wgmma's N side, the weight rows on its M side;
+# chosen automatically when experts get few rows) forced on every expert kind: gate and up as
+# halves, interleaved (in_out too) and separate, ungated; biases, weight on input, a shared expert;
+# experts with more rows than one tile (300 tokens), N and K tails (hidden 136, inter 200).
+NARROW = [("softmax_topk_norm", "swiglu_halves"), ("topk_softmax", "gptoss_clamp"),
+          ("sigmoid_grouped", "geglu_separate"), ("sigmoid_on_input", "relu_plain"),
+          ("precomputed", "swiglu_interleaved")]
+
+
+@pytest.mark.parametrize("rows", ["32", "64"])
+@pytest.mark.parametrize("routing,experts", NARROW, ids=[f"{r}-{e}" for r, e in NARROW])
+def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", rows)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    attrs, opts, _ = case(routing, experts)
+    for dtype in DTYPES:
+        check(attrs, opts, 200, True, True, dtype, (3, 40, 300) if not MEMCHECK else (40,),
+              experts=8, hidden=136)
 
 
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of

@@ -97,6 +97,8 @@ struct Groups {
   int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
   int64_t max_tiles = 0;             // upper bound of m-tiles (grouped GEMM grid)
   int64_t est_tiles = 0;             // expected m-tiles of 128 rows (balanced routing): tile choice
+  int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64
+                                     // for the wgmma path's narrow tiles
   int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)
 };
 

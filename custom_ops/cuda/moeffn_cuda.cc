@@ -45,6 +45,11 @@ constexpr int kDirectMaxInter = 4;     // same threshold as the CPU kernel
 // shapes); shared expert: fewer than 16 tokens.
 constexpr int kDecodeRowsPerExpert = 2;
 constexpr int kDenseSkinnyRows = 16;
+// Grouped path: narrow wgmma tiles (tokens on the N side: 32 or 64 rows instead of 128) while the
+// routed pairs average at most 16 / 40 per active expert, so that few-row experts do not pay for
+// 128-row tensor-core tiles.
+constexpr int kNarrow32Rows = 16;
+constexpr int kNarrow64Rows = 40;
 
 enum class Path { kSkinny, kWgmma, kSimt };
 
@@ -121,6 +126,7 @@ class Kernel {
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
+  int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
@@ -157,6 +163,8 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
+  const std::string narrow = EnvOr("MOEFUSE_CUDA_NARROW", "auto");
+  k->narrow_ = narrow == "32" ? 32 : narrow == "64" ? 64 : narrow == "0" ? 0 : -1;
   const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
   k->splitk_ = splitk == "auto" ? 0 : std::min(4, std::max(1, std::atoi(splitk.c_str())));
   if (k->attrs_.in_out()) {
@@ -373,7 +381,13 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const size_t o_offsets = cv.Add((E + 1) * 4), o_prefix = cv.Add((E + 1) * 4);
   const size_t o_active = cv.Add(2 * E * 4), o_nact = cv.Add(4);
   const size_t o_srow = cv.Add(P * 4), o_sw = cv.Add(P * 4), o_pos = cv.Add(P * 4);
-  const int bm = rpath == Path::kSimt ? 64 : 128;  // m-tile rows of the grouped GEMM schedule
+  int narrow = 0;  // wgmma: m-tile rows of the narrow tiles, 0 = 128-row tiles
+  if (rpath == Path::kWgmma) {
+    const int64_t per_expert = CeilDiv64(P, max_active);
+    narrow = narrow_ >= 0 ? narrow_ : per_expert <= kNarrow32Rows ? 32 : per_expert <= kNarrow64Rows ? 64 : 0;
+  }
+  // m-tile rows of the grouped GEMM schedule
+  const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
@@ -571,6 +585,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.mtiles = s.mtiles;
     g.max_tiles = max_tiles;
     g.est_tiles = max_active * CeilDiv64(CeilDiv64(P, max_active), 128);
+    g.tile_rows = bm;
     g.order_n = order_n_;
     Gemm1Params g1;
     g1.dtype = dt;

@@ -56,6 +56,11 @@ struct WgArgs {
   int expert_major = 1;  // tile order: expert, n-tile, m-tile (else n-tile, then all m-tiles)
 };
 
+// Shared-memory bytes of a ring (SetUpRing's layout, plus the alignment slack).
+constexpr int RingSmem(int S, int a_bytes, int b_bytes, int info_slots) {
+  return S * (a_bytes + b_bytes) + (2 * S + 2) * 8 + info_slots * 16 + 1024;
+}
+
 template <int BN, bool PingPong>
 struct Cfg {
   static_assert(!PingPong || BN == 128, "ping-pong: 128 x 128 tiles (128 accumulators a thread)");
@@ -67,7 +72,21 @@ struct Cfg {
   // (so kStages tiles) ahead of the oldest tile not yet consumed, one more under ping-pong.
   static constexpr int kInfo = 16;
   static_assert(kInfo > kStages + 2, "tile ring too small");
-  static constexpr int kSmem = kStages * (kABytes + kBBytes) + (2 * kStages + 2) * 8 + kInfo * 16 + 1024;
+  static constexpr int kSmem = RingSmem(kStages, kABytes, kBBytes, kInfo);
+};
+
+// Narrow tiles (WgNarrowKernel): kUnits weight rows per box (gate and up: two boxes) by BT rows.
+template <int BT>
+struct NarrowCfg {
+  static_assert(BT == 32 || BT == 64, "narrow tiles: 32 or 64 rows");
+  static constexpr int kUnits = 128;
+  static constexpr int kStages = BT == 32 ? 6 : 5;
+  static constexpr int kABytes = BT * kBK * 2;
+  static constexpr int kBBytes = 2 * kUnits * kBK * 2;
+  static constexpr int kInfo = 16;
+  static_assert(kInfo > kStages + 1, "tile ring too small");
+  static constexpr int kSmem = RingSmem(kStages, kABytes, kBBytes, kInfo);
+  static_assert(kSmem <= 227 * 1024, "shared memory of an H100/H200 SM");
 };
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -172,26 +191,44 @@ __device__ __forceinline__ uint64_t Desc(const void* p) {
         MOEFUSE_D8(96), MOEFUSE_D8(104), MOEFUSE_D8(112), MOEFUSE_D8(120) \
       : "l"(da), "l"(db), "r"(scale_d))
 
-template <typename T, int BN>
+// m64n32k16 and m64n64k16 (narrow tiles: the tokens on the N side).
+#define MOEFUSE_WGMMA_32(TY)                                                        \
+  asm volatile(                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                  \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"         \
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                             \
+      : MOEFUSE_D8(0), MOEFUSE_D8(8)                                                \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+#define MOEFUSE_WGMMA_64(TY)                                                        \
+  asm volatile(                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                 \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                             \
+      : MOEFUSE_D8(0), MOEFUSE_D8(8), MOEFUSE_D8(16), MOEFUSE_D8(24)                \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+// Wgmma<T, N>: d (m64 x N, float32) += A (64 x 16) . B (N x 16)^T, both K-major in shared memory;
+// scale_d == 0 overwrites d.
+template <typename T, int N>
 __device__ __forceinline__ void Wgmma(float* d, uint64_t da, uint64_t db, int scale_d);
-template <>
-__device__ __forceinline__ void Wgmma<__half, 128>(float* d, uint64_t da, uint64_t db, int scale_d) {
-  MOEFUSE_WGMMA_128("f16");
-}
-template <>
-__device__ __forceinline__ void Wgmma<__nv_bfloat16, 128>(float* d, uint64_t da, uint64_t db,
-                                                         int scale_d) {
-  MOEFUSE_WGMMA_128("bf16");
-}
-template <>
-__device__ __forceinline__ void Wgmma<__half, 256>(float* d, uint64_t da, uint64_t db, int scale_d) {
-  MOEFUSE_WGMMA_256("f16");
-}
-template <>
-__device__ __forceinline__ void Wgmma<__nv_bfloat16, 256>(float* d, uint64_t da, uint64_t db,
-                                                         int scale_d) {
-  MOEFUSE_WGMMA_256("bf16");
-}
+#define MOEFUSE_WGMMA_SPECS(N)                                                                  \
+  template <>                                                                                   \
+  __device__ __forceinline__ void Wgmma<__half, N>(float* d, uint64_t da, uint64_t db, int scale_d) { \
+    MOEFUSE_WGMMA_##N("f16");                                                                   \
+  }                                                                                             \
+  template <>                                                                                   \
+  __device__ __forceinline__ void Wgmma<__nv_bfloat16, N>(float* d, uint64_t da, uint64_t db,    \
+                                                         int scale_d) {                         \
+    MOEFUSE_WGMMA_##N("bf16");                                                                  \
+  }
+MOEFUSE_WGMMA_SPECS(32)
+MOEFUSE_WGMMA_SPECS(64)
+MOEFUSE_WGMMA_SPECS(128)
+MOEFUSE_WGMMA_SPECS(256)
 
 __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void WgmmaCommit() {
@@ -231,8 +268,9 @@ __device__ __forceinline__ void NextStage(uint64_t* empty, int lane, int& prev, 
   }
 }
 
+template <int BM>
 __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
-  if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, kBM);
+  if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, BM);
   return p.g.tile_prefix[p.g.num_groups];
 }
 
@@ -241,14 +279,15 @@ __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
 // expert of a tile is a binary search over the (L1-resident) tile prefix. N-major: n-tile by
 // n-tile over all m-tiles, one table load. Only the producer decodes; the consumers read the tile
 // from a shared-memory ring.
+template <int BM>
 __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_t mtiles) {
   Tile t;
   if (p.g.dense_rows >= 0) {
     const int64_t mt = tile % mtiles;
     t.n = static_cast<int>(tile / mtiles);
     t.e = 0;
-    t.r0 = static_cast<int>(mt) * kBM;
-    t.rows = min(kBM, p.g.dense_rows - t.r0);
+    t.r0 = static_cast<int>(mt) * BM;
+    t.rows = min(BM, p.g.dense_rows - t.r0);
     return t;
   }
   int64_t mt;
@@ -272,6 +311,122 @@ __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_
   t.r0 = info.y;
   t.rows = info.z;
   return t;
+}
+
+// The shared-memory ring of a persistent grouped GEMM: per stage an activation buffer (A, rows
+// gathered by cp.async) and a weight buffer (B, TMA boxes), a "full" and an "empty" mbarrier; and a
+// ring of tile descriptions, producer -> consumers.
+struct Ring {
+  uint8_t* As;
+  int a_bytes;
+  uint8_t* Bs;
+  int b_bytes;
+  uint64_t* full;
+  uint64_t* empty;
+  int4* tinfo;
+  int info_slots;
+};
+
+// Carves the ring out of dynamic shared memory (aligned to 1024 bytes for the 128-byte swizzle:
+// S A buffers, S B buffers, S full and S empty mbarriers, two more for the kernel's own use, the
+// tile ring) and initialises the barriers; the CTA's threads synchronise.
+template <int S>
+__device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes, int info_slots,
+                                          int empty_arrivals) {
+  Ring r;
+  r.As = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  r.a_bytes = a_bytes;
+  r.Bs = r.As + S * a_bytes;
+  r.b_bytes = b_bytes;
+  r.full = reinterpret_cast<uint64_t*>(r.Bs + S * b_bytes);
+  r.empty = r.full + S;
+  r.tinfo = reinterpret_cast<int4*>(r.empty + S + 2);
+  r.info_slots = info_slots;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      MbarInit(r.full + s, 128 + 1);  // 128 cp.async arrivals + the TMA transaction arrival
+      MbarInit(r.empty + s, empty_arrivals);  // one per warp of the consuming warpgroup(s)
+    }
+    MbarInit(r.empty + S, 4);
+    MbarInit(r.empty + S + 1, 4);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  return r;
+}
+
+// Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
+// weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
+// box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
+// activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
+// swizzle wgmma reads, zero-filled past the tile's rows and past K.
+template <typename T, int BM, int S>
+__device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMap& tm2, const WgArgs& p,
+                                        const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
+                                        int nkb) {
+  constexpr int kRows = BM / 16;  // rows per thread
+  const int tid = threadIdx.x & 127;
+  const T* A = static_cast<const T*>(p.A);
+  const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
+  const bool two_boxes = p.mode == 2;
+  const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2;
+  int stage = 0;
+  uint32_t phase = 0;
+  const int64_t step = gridDim.x;
+  Tile cur, nxt;
+  int src[kRows], nsrc[kRows];
+  auto rows_of = [&](const Tile& t, int (&out)[kRows]) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const int rr = rbase + 16 * j;
+      out[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
+    }
+  };
+  int64_t tile = blockIdx.x;
+  if (tile < total) {
+    cur = DecodeTile<BM>(p, tile, mtiles);
+    rows_of(cur, src);
+  }
+  for (int local = 0; tile < total; tile += step, ++local) {
+    const bool has_next = tile + step < total;
+    // published before the tile's first stage completes (the expect_tx arrive below releases it)
+    if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
+    const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
+    const int y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + n0);
+    const int y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + n0);
+    for (int kb = 0; kb < nkb; ++kb) {
+      MbarWait(ring.empty + stage, phase ^ 1);
+      uint8_t* as = ring.As + stage * ring.a_bytes;
+      uint8_t* bs = ring.Bs + stage * ring.b_bytes;
+      if (tid == 0) {
+        MbarExpectTx(ring.full + stage, tx_bytes);
+        TmaLoad2d(bs, &tm1, kb * kBK, y1, ring.full + stage);
+        if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &tm2, kb * kBK, y2, ring.full + stage);
+      }
+      const int k = kb * kBK + chunk * 8;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const int rr = rbase + 16 * j;
+        const bool ok = src[j] >= 0 && k < p.K;
+        const T* g = ok ? A + static_cast<int64_t>(src[j]) * p.lda + k : A;
+        CpAsync16(as + rr * 128 + ((chunk ^ (rr & 7)) << 4), g, ok ? 16 : 0);
+      }
+      CpAsyncArrive(ring.full + stage);
+      if (++stage == S) {
+        stage = 0;
+        phase ^= 1;
+      }
+      if (kb == 0 && has_next) {  // the next tile and its rows, while this one streams
+        nxt = DecodeTile<BM>(p, tile + step, mtiles);
+        rows_of(nxt, nsrc);
+      }
+    }
+    if (has_next) {
+      cur = nxt;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) src[j] = nsrc[j];
+    }
+  }
 }
 
 template <typename T>
@@ -410,101 +565,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   using C = Cfg<BN, PingPong>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  uint8_t* As = smem;
-  uint8_t* Bs = smem + S * C::kABytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(Bs + S * C::kBBytes);
-  uint64_t* empty = full + S;
-  uint64_t* mma_done = empty + S;  // ping-pong: consumer warpgroup c finished a main loop
-  int4* tinfo = reinterpret_cast<int4*>(mma_done + 2);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      MbarInit(full + s, 128 + 1);  // 128 cp.async arrivals + the TMA transaction arrival
-      MbarInit(empty + s, C::kPingPong ? 4 : 8);  // one per warp of the consuming warpgroup(s)
-    }
-    MbarInit(mma_done + 0, 4);
-    MbarInit(mma_done + 1, 4);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, C::kPingPong ? 4 : 8);
+  uint8_t* const As = ring.As;
+  uint8_t* const Bs = ring.Bs;
+  uint64_t* const full = ring.full;
+  uint64_t* const empty = ring.empty;
+  uint64_t* const mma_done = empty + S;  // ping-pong: consumer warpgroup c finished a main loop
+  const int4* const tinfo = ring.tinfo;
   GridDepWait();
   GridDepLaunch();
-  const int64_t mtiles = MTiles(p);
+  const int64_t mtiles = MTiles<kBM>(p);
   const int64_t total = mtiles * p.n_tiles;
   const int nkb = (p.K + kBK - 1) / kBK;
-  const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+  const int wg = threadIdx.x >> 7;
 
   if (wg == 0) {
-    // ---- producer ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    const T* A = static_cast<const T*>(p.A);
-    const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
-    int stage = 0;
-    uint32_t phase = 0;
-    const int64_t step = gridDim.x;
-    Tile cur, nxt;
-    int src[8], nsrc[8];
-    auto rows_of = [&](const Tile& t, int (&out)[8]) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int rr = rbase + 16 * j;
-        out[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
-      }
-    };
-    int64_t tile = blockIdx.x;
-    if (tile < total) {
-      cur = DecodeTile(p, tile, mtiles);
-      rows_of(cur, src);
-    }
-    for (int local = 0; tile < total; tile += step, ++local) {
-      const bool has_next = tile + step < total;
-      // published before the tile's first stage completes (the arrive below releases it)
-      if (tid == 0) tinfo[local % C::kInfo] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
-      int y1, y2 = 0;
-      if (p.mode == 2) {
-        y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + static_cast<int64_t>(cur.n) * (BN / 2));
-        y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + static_cast<int64_t>(cur.n) * (BN / 2));
-      } else {
-        y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + static_cast<int64_t>(cur.n) * BN);
-      }
-      for (int kb = 0; kb < nkb; ++kb) {
-        MbarWait(empty + stage, phase ^ 1);
-        uint8_t* as = As + stage * C::kABytes;
-        uint8_t* bs = Bs + stage * C::kBBytes;
-        if (tid == 0) {
-          MbarExpectTx(full + stage, C::kBBytes);
-          if (p.mode == 2) {
-            TmaLoad2d(bs, &tm1, kb * kBK, y1, full + stage);
-            TmaLoad2d(bs + C::kBBytes / 2, &tm2, kb * kBK, y2, full + stage);
-          } else {
-            TmaLoad2d(bs, &tm1, kb * kBK, y1, full + stage);
-          }
-        }
-        const int k = kb * kBK + chunk * 8;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int rr = rbase + 16 * j;
-          const bool ok = src[j] >= 0 && k < p.K;
-          const T* g = ok ? A + static_cast<int64_t>(src[j]) * p.lda + k : A;
-          CpAsync16(as + rr * 128 + ((chunk ^ (rr & 7)) << 4), g, ok ? 16 : 0);
-        }
-        CpAsyncArrive(full + stage);
-        if (++stage == S) {
-          stage = 0;
-          phase ^= 1;
-        }
-        if (kb == 0 && has_next) {  // the next tile and its rows, while this one streams
-          nxt = DecodeTile(p, tile + step, mtiles);
-          rows_of(nxt, nsrc);
-        }
-      }
-      if (has_next) {
-        cur = nxt;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) src[j] = nsrc[j];
-      }
-    }
+    Produce<T, kBM, S>(tm1, tm2, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
   } else {
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -588,11 +665,110 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// Narrow tiles: the weight rows on wgmma's M side, the tile's BT token rows on its N side.
+// A tile is kUnits output columns (gated: units, from a gate and an up box of kUnits rows each) by
+// BT sorted rows; consumer warpgroup c computes columns 64 c .. 64 c + 63 of it for all BT rows.
+// Accumulator (i, h, j) of a thread: column 16 warp + lane / 4 + 8 h, row 8 i + 2 (lane % 4) + j.
+template <typename T, int BT>
+__device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, const float* accg,
+                                               const float* accu, int cw) {
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const DType bt = Elem<T>::kType;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int u = t.n * NarrowCfg<BT>::kUnits + cw * 64 + warp * 16 + g + 8 * h;
+    if (u >= p.N) continue;
+    const float bg = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
+    const float bu = p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < BT / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int row = 8 * i + 2 * q + j;
+        if (row >= t.rows) continue;
+        const int r = t.r0 + row;
+        const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+        float v = accg[4 * i + 2 * h + j] * sc + bg;
+        if (p.mode == 2) {
+          v = FastGlu(v, accu[4 * i + 2 * h + j] * sc + bu, p.act);
+        } else if (p.act_on) {
+          v = FastAct(v, p.act);
+        }
+        out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(v);
+      }
+    }
+  }
+}
+
+// One narrow tile's main loop; returns the stage of its last k-block (not yet released).
+template <typename T, int BT, int S, bool Gated>
+__device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane, int nkb, int& stage,
+                                              uint32_t& phase, float* accg, float* accu) {
+  using C = NarrowCfg<BT>;
+  int prev = -1;
+  for (int kb = 0; kb < nkb; ++kb) {
+    AcquireStage(ring.full + stage, phase);
+    const uint64_t dx = Desc(ring.As + stage * C::kABytes);
+    const uint64_t dg = Desc(ring.Bs + stage * C::kBBytes + cw * 64 * 128);
+    const uint64_t du = Desc(ring.Bs + stage * C::kBBytes + (C::kUnits + cw * 64) * 128);
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      Wgmma<T, BT>(accg, dg + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
+      if constexpr (Gated) Wgmma<T, BT>(accu, du + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
+    }
+    NextStage<S>(ring.empty, lane, prev, stage, phase);
+  }
+  return prev;
+}
+
+template <typename T, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    WgNarrowKernel(const __grid_constant__ CUtensorMap tm1, const __grid_constant__ CUtensorMap tm2,
+                   const __grid_constant__ WgArgs p) {
+  using C = NarrowCfg<BT>;
+  constexpr int S = C::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, 8);
+  GridDepWait();
+  GridDepLaunch();
+  const int64_t mtiles = MTiles<BT>(p);
+  const int64_t total = mtiles * p.n_tiles;
+  const int nkb = (p.K + kBK - 1) / kBK;
+  const int wg = threadIdx.x >> 7;
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    Produce<T, BT, S>(tm1, tm2, p, ring, C::kUnits, total, mtiles, nkb);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  const int cw = wg - 1, lane = threadIdx.x & 31;
+  const bool gated = p.mode == 2;
+  int stage = 0;
+  uint32_t phase = 0;
+  float accg[BT / 2] = {}, accu[BT / 2] = {};
+  int local = 0;
+  for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
+    // two main loops rather than a branch between the MMAs, which makes the compiler serialise them
+    const int prev = gated ? NarrowMainLoop<T, BT, S, true>(ring, cw, lane, nkb, stage, phase, accg, accu)
+                           : NarrowMainLoop<T, BT, S, false>(ring, cw, lane, nkb, stage, phase, accg, accu);
+    WgmmaWait<0>();
+    if (prev >= 0 && lane == 0) MbarArrive(ring.empty + prev);
+    const Tile t = ReadTile(ring.tinfo[local % C::kInfo]);  // published before stage 0 completed
+    NarrowEpilogue<T, BT>(p, t, accg, accu, cw);
+  }
+}
+
 #else  // not sm_90a: never launched (WgmmaAvailable() checks the device)
 
 template <typename T, int BN, bool PingPong>
 __global__ void WgKernel(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap,
                          const __grid_constant__ WgArgs) {}
+
+template <typename T, int BT>
+__global__ void WgNarrowKernel(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap,
+                               const __grid_constant__ WgArgs) {}
 
 #endif
 
@@ -615,12 +791,14 @@ EncodeTiledFn GetEncode() {
   return fn;
 }
 
-// A [rows, K] row-major 16-bit matrix read in boxes of 64 x box_rows with 128-byte swizzle.
-bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t K, int box_rows) {
+// A [rows, K] 16-bit matrix, rows `row_stride` elements apart (default K), read in boxes of
+// 64 x box_rows with 128-byte swizzle.
+bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t K, int box_rows,
+             int64_t row_stride = 0) {
   EncodeTiledFn enc = GetEncode();
   if (!enc) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_stride ? row_stride : K) * 2};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t estr[2] = {1, 1};
   const CUtensorMapDataType dt =
@@ -663,6 +841,66 @@ int64_t MTilesUpperBound(const Groups& g) {
   return g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : g.max_tiles;
 }
 
+// One projection's weight rows (row0 + e * rpe + u * rpu of a [rows, K] matrix) as a map whose
+// row u of expert e is row e * (rpe / rpu) + u: every rpu-th row, from row0.
+bool MakeUnitMap(CUtensorMap* map, const void* w, DType t, int64_t rows, int64_t row0, int64_t rpe,
+                 int64_t rpu, int64_t K, int box_rows, int64_t* unit_rpe) {
+  if (rpu < 1 || rpe % rpu != 0 || row0 >= rows) return false;
+  *unit_rpe = rpe / rpu;
+  const void* base = static_cast<const char*>(w) + row0 * K * 2;
+  return MakeMap(map, base, t, (rows - row0 + rpu - 1) / rpu, K, box_rows, rpu * K);
+}
+
+template <typename T, int BT>
+cudaError_t RunNarrow(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, int num_sms,
+                      cudaStream_t stream) {
+  using C = NarrowCfg<BT>;
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      WgNarrowKernel<T, BT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (attr != cudaSuccess) return attr;
+  const int64_t tiles_ub = a.g.max_tiles * a.n_tiles;
+  const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
+  if (grid <= 0) return cudaSuccess;
+  return Launch(WgNarrowKernel<T, BT>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
+                static_cast<size_t>(C::kSmem), stream, m1, m2, a);
+}
+
+// Narrow tiles for groups whose m-tiles are g.tile_rows (32 or 64) rows: grouped (not dense) only.
+cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2, WgArgs& a,
+                           int num_sms, cudaStream_t stream) {
+  if (a.g.dense_rows >= 0) return cudaErrorInvalidValue;
+  a.n_tiles = static_cast<int>(CeilDiv(a.N, NarrowCfg<32>::kUnits));
+  const bool bf = t == DType::kBF16;
+  switch (a.g.tile_rows) {
+    case 32:
+      return bf ? RunNarrow<__nv_bfloat16, 32>(m1, m2, a, num_sms, stream)
+                : RunNarrow<__half, 32>(m1, m2, a, num_sms, stream);
+    case 64:
+      return bf ? RunNarrow<__nv_bfloat16, 64>(m1, m2, a, num_sms, stream)
+                : RunNarrow<__half, 64>(m1, m2, a, num_sms, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Projection 1 on narrow tiles: gate (and up) rows as unit maps, so that every layout (halves,
+// interleaved, separate) is two boxes of kUnits rows.
+cudaError_t NarrowGemm1(const Gemm1Params& p, WgArgs& a, int num_sms, cudaStream_t stream) {
+  constexpr int kBox = NarrowCfg<32>::kUnits;
+  const FirstProj& w = p.w;
+  CUtensorMap m1, m2;
+  if (!MakeUnitMap(&m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, kBox, &a.b1_rpe))
+    return cudaErrorInvalidValue;
+  m2 = m1;
+  a.mode = 0;
+  if (w.up) {
+    a.mode = 2;
+    if (!MakeUnitMap(&m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, kBox, &a.b2_rpe))
+      return cudaErrorInvalidValue;
+  }
+  return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
+}
+
 // 128 x 256 tiles only when there are many of them and K is long; otherwise 128 x 128 tiles and
 // their deeper pipeline balance better (measured on an H100 over the benchmark's layer shapes).
 int PickBn(const Groups& g, int64_t n_cols, int64_t k, int num_sms) {
@@ -699,6 +937,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_off = p.w.bu_off;
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
+  if (p.g.tile_rows != kBM) return NarrowGemm1(p, a, num_sms, stream);
   const int64_t mt = MTilesUpperBound(p.g);
   const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, p.D, num_sms);
   CUtensorMap m1, m2;
@@ -747,10 +986,15 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.bias1 = p.b2;
   a.bias1_es = p.D;
   a.bias1_us = 1;
-  const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, p.I, num_sms);
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
   CUtensorMap m1;
+  if (p.g.tile_rows != kBM) {
+    if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
+    a.b1_rpe = p.D;
+    return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
+  }
+  const int64_t mt = MTilesUpperBound(p.g);
+  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, p.I, num_sms);
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
   a.b1_row0 = 0;
   a.b1_rpe = p.D;
