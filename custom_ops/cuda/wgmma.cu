@@ -17,8 +17,8 @@
 //  - ping-pong (128 x 128 tiles; MOEFUSE_CUDA_SCHEDULE=pingpong, experimental): each consumer
 //    warpgroup owns every other tile of the CTA (all 128 rows, two m64n128k16 per k-step), so one
 //    warpgroup's epilogue runs while the other's main loop keeps the tensor cores busy; the main
-//    loops take turns (mma_done barriers). The epilogue writes the tile into the last stage's
-//    buffers and copies it out with 16-byte stores, then releases the stage.
+//    loops take turns (mma_done barriers). The epilogue writes the tile into the warpgroup's own
+//    shared-memory buffer and copies it out with 16-byte stores.
 //
 // Gate and up columns: interleaved weights arrive as one TMA box of BN rows (gate and up of a unit
 // in adjacent accumulator columns); halves and separate weights as two boxes of BN/2 rows (gate
@@ -43,7 +43,8 @@ struct WgArgs {
   Groups g;
   int n_tiles = 0;
   int N = 0;     // valid output columns (units for gated modes)
-  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes
+  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes,
+                 // 3 plain in two boxes (narrow tiles: 2 x 128 columns)
   int act_on = 0;
   int64_t b1_row0 = 0, b1_rpe = 0, b2_row0 = 0, b2_rpe = 0;  // TMA row of box 1 / box 2
   void* out = nullptr;
@@ -57,25 +58,30 @@ struct WgArgs {
 };
 
 // Shared-memory bytes of a ring (SetUpRing's layout, plus the alignment slack).
-constexpr int RingSmem(int S, int a_bytes, int b_bytes, int info_slots) {
-  return S * (a_bytes + b_bytes) + (2 * S + 2) * 8 + info_slots * 16 + 1024;
+constexpr int RingSmem(int S, int a_bytes, int b_bytes, int info_slots, int extra_bytes = 0) {
+  return S * (a_bytes + b_bytes) + extra_bytes + (2 * S + 2) * 8 + info_slots * 16 + 1024;
 }
 
 template <int BN, bool PingPong>
 struct Cfg {
   static_assert(!PingPong || BN == 128, "ping-pong: 128 x 128 tiles (128 accumulators a thread)");
   static constexpr bool kPingPong = PingPong;
-  static constexpr int kStages = BN == 256 ? 4 : 6;
+  static constexpr int kStages = PingPong ? 5 : BN == 256 ? 4 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
+  // ping-pong: each consumer warpgroup stages its output tile here (a pipeline stage held through
+  // the epilogue would stall the other warpgroup's main loop a few k-blocks later)
+  static constexpr int kEpiBytes = PingPong ? 2 * kBM * BN * 2 : 0;
   // Ring of tile descriptions, producer -> consumers. The producer runs at most kStages stages
   // (so kStages tiles) ahead of the oldest tile not yet consumed, one more under ping-pong.
   static constexpr int kInfo = 16;
   static_assert(kInfo > kStages + 2, "tile ring too small");
-  static constexpr int kSmem = RingSmem(kStages, kABytes, kBBytes, kInfo);
+  static constexpr int kSmem = RingSmem(kStages, kABytes, kBBytes, kInfo, kEpiBytes);
+  static_assert(kSmem <= 227 * 1024, "shared memory of an H100/H200 SM");
 };
 
-// Narrow tiles (WgNarrowKernel): kUnits weight rows per box (gate and up: two boxes) by BT rows.
+// Narrow tiles (WgNarrowKernel): two boxes of kUnits weight rows (gate and up units, or 2 kUnits
+// plain columns) by BT rows.
 template <int BT>
 struct NarrowCfg {
   static_assert(BT == 32 || BT == 64, "narrow tiles: 32 or 64 rows");
@@ -321,6 +327,7 @@ struct Ring {
   int a_bytes;
   uint8_t* Bs;
   int b_bytes;
+  uint8_t* extra;  // the kernel's own buffer, after the stages
   uint64_t* full;
   uint64_t* empty;
   int4* tinfo;
@@ -328,17 +335,18 @@ struct Ring {
 };
 
 // Carves the ring out of dynamic shared memory (aligned to 1024 bytes for the 128-byte swizzle:
-// S A buffers, S B buffers, S full and S empty mbarriers, two more for the kernel's own use, the
-// tile ring) and initialises the barriers; the CTA's threads synchronise.
+// S A buffers, S B buffers, extra_bytes for the kernel, S full and S empty mbarriers, two more
+// for the kernel, the tile ring) and initialises the barriers; the CTA's threads synchronise.
 template <int S>
 __device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes, int info_slots,
-                                          int empty_arrivals) {
+                                          int empty_arrivals, int extra_bytes = 0) {
   Ring r;
   r.As = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   r.a_bytes = a_bytes;
   r.Bs = r.As + S * a_bytes;
   r.b_bytes = b_bytes;
-  r.full = reinterpret_cast<uint64_t*>(r.Bs + S * b_bytes);
+  r.extra = r.Bs + S * b_bytes;
+  r.full = reinterpret_cast<uint64_t*>(r.extra + extra_bytes);
   r.empty = r.full + S;
   r.tinfo = reinterpret_cast<int4*>(r.empty + S + 2);
   r.info_slots = info_slots;
@@ -356,8 +364,9 @@ __device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes
 }
 
 // Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
-// weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
-// box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
+// weight tile is one TMA box of box_rows rows, or two (mode 2: gate and up views; mode 3: the
+// next box_rows rows, b2_row0 = box_rows), the second box_rows * 128 bytes after the first; tile n
+// starts at row n * box_rows (mode 3: n * 2 box_rows) of each view. The BM
 // activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
 // swizzle wgmma reads, zero-filled past the tile's rows and past K.
 template <typename T, int BM, int S>
@@ -368,7 +377,8 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
   const int tid = threadIdx.x & 127;
   const T* A = static_cast<const T*>(p.A);
   const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
-  const bool two_boxes = p.mode == 2;
+  const bool two_boxes = p.mode >= 2;
+  const int n_step = p.mode == 3 ? 2 * box_rows : box_rows;
   const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2;
   int stage = 0;
   uint32_t phase = 0;
@@ -391,7 +401,7 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
     const bool has_next = tile + step < total;
     // published before the tile's first stage completes (the expect_tx arrive below releases it)
     if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
-    const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
+    const int64_t n0 = static_cast<int64_t>(cur.n) * n_step;
     const int y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + n0);
     const int y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + n0);
     for (int kb = 0; kb < nkb; ++kb) {
@@ -565,7 +575,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   using C = Cfg<BN, PingPong>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
-  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, C::kPingPong ? 4 : 8);
+  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, C::kPingPong ? 4 : 8,
+                                 C::kEpiBytes);
   uint8_t* const As = ring.As;
   uint8_t* const Bs = ring.Bs;
   uint64_t* const full = ring.full;
@@ -636,13 +647,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           NextStage<S>(empty, lane, prev, stage, phase);
         }
         WgmmaWait<0>();
-        if (lane == 0) MbarArrive(mma_done + cw);
+        if (lane == 0) {
+          MbarArrive(empty + prev);
+          MbarArrive(mma_done + cw);
+        }
         const Tile t = ReadTile(tinfo[local % C::kInfo]);
-        // The tile leaves through the last stage's buffers (A: rows 0-63, B: rows 64-127),
-        // released to the producer once copied out.
-        static_assert(BN * 2 * 64 <= C::kABytes && BN * 2 * 64 <= C::kBBytes, "staging fits a stage");
-        uint8_t* lo = As + prev * C::kABytes;
-        uint8_t* hi = Bs + prev * C::kBBytes;
+        // The tile leaves through this warpgroup's staging buffer (rows 0-63, then 64-127), once
+        // the warpgroup's copy-out of its previous tile is done.
+        uint8_t* lo = ring.extra + cw * (C::kEpiBytes / 2);
+        uint8_t* hi = lo + C::kEpiBytes / 4;
+        WarpgroupSync(1 + cw);
         if (p.mode == 0) {
           const ToShared<T, BN> sh{lo, hi, t.n * BN};
           Epilogue<T, BN>(p, t, acc[0], 0, sh);
@@ -656,54 +670,71 @@ __global__ void __launch_bounds__(kThreads, 1)
           WarpgroupSync(1 + cw);
           CopyOut<T, BN / 2>(p, t, sh);
         }
-        // this warpgroup's generic accesses of the stage come before the producer's next TMA
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        WarpgroupSync(1 + cw);
-        if (lane == 0) MbarArrive(empty + prev);
       }
     }
   }
 }
 
 // Narrow tiles: the weight rows on wgmma's M side, the tile's BT token rows on its N side.
-// A tile is kUnits output columns (gated: units, from a gate and an up box of kUnits rows each) by
-// BT sorted rows; consumer warpgroup c computes columns 64 c .. 64 c + 63 of it for all BT rows.
+// A tile is two boxes of kUnits weight rows by BT sorted rows: gated (mode 2), kUnits units from a
+// gate and an up box; plain (mode 3), 2 kUnits output columns. Consumer warpgroup c computes rows
+// 64 c .. 64 c + 63 of each box for all BT rows (one m64 wgmma per box and k-step).
 // Accumulator (i, h, j) of a thread: column 16 warp + lane / 4 + 8 h, row 8 i + 2 (lane % 4) + j.
 template <typename T, int BT>
 __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, const float* accg,
                                                const float* accu, int cw) {
+  using C = NarrowCfg<BT>;
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
   const DType bt = Elem<T>::kType;
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int u = t.n * NarrowCfg<BT>::kUnits + cw * 64 + warp * 16 + g + 8 * h;
-    if (u >= p.N) continue;
-    const float bg = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
-    const float bu = p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
+    const int c = cw * 64 + warp * 16 + g + 8 * h;  // column of the first box
+    if (p.mode == 2) {
+      const int u = t.n * C::kUnits + c;
+      if (u >= p.N) continue;
+      const float bg = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
+      const float bu = p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
 #pragma unroll
-    for (int i = 0; i < BT / 8; ++i) {
+      for (int i = 0; i < BT / 8; ++i) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int row = 8 * i + 2 * q + j;
-        if (row >= t.rows) continue;
-        const int r = t.r0 + row;
-        const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-        float v = accg[4 * i + 2 * h + j] * sc + bg;
-        if (p.mode == 2) {
-          v = FastGlu(v, accu[4 * i + 2 * h + j] * sc + bu, p.act);
-        } else if (p.act_on) {
-          v = FastAct(v, p.act);
+        for (int j = 0; j < 2; ++j) {
+          const int row = 8 * i + 2 * q + j;
+          if (row >= t.rows) continue;
+          const int r = t.r0 + row;
+          const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+          const float v = FastGlu(accg[4 * i + 2 * h + j] * sc + bg, accu[4 * i + 2 * h + j] * sc + bu, p.act);
+          out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(v);
         }
-        out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(v);
+      }
+    } else {  // mode 3: columns c and kUnits + c of the 2 kUnits-wide tile
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int n = t.n * 2 * C::kUnits + b * C::kUnits + c;
+        if (n >= p.N) continue;
+        const float* acc = b ? accu : accg;
+        const float bias = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < BT / 8; ++i) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int row = 8 * i + 2 * q + j;
+            if (row >= t.rows) continue;
+            const int r = t.r0 + row;
+            const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+            float v = acc[4 * i + 2 * h + j] * sc + bias;
+            if (p.act_on) v = FastAct(v, p.act);
+            out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(v);
+          }
+        }
       }
     }
   }
 }
 
-// One narrow tile's main loop; returns the stage of its last k-block (not yet released).
-template <typename T, int BT, int S, bool Gated>
+// One narrow tile's main loop (both boxes); returns the stage of its last k-block, not yet released.
+template <typename T, int BT, int S>
 __device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane, int nkb, int& stage,
                                               uint32_t& phase, float* accg, float* accu) {
   using C = NarrowCfg<BT>;
@@ -716,7 +747,7 @@ __device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       Wgmma<T, BT>(accg, dg + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
-      if constexpr (Gated) Wgmma<T, BT>(accu, du + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
+      Wgmma<T, BT>(accu, du + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
     }
     NextStage<S>(ring.empty, lane, prev, stage, phase);
   }
@@ -744,15 +775,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
   const int cw = wg - 1, lane = threadIdx.x & 31;
-  const bool gated = p.mode == 2;
   int stage = 0;
   uint32_t phase = 0;
   float accg[BT / 2] = {}, accu[BT / 2] = {};
   int local = 0;
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
-    // two main loops rather than a branch between the MMAs, which makes the compiler serialise them
-    const int prev = gated ? NarrowMainLoop<T, BT, S, true>(ring, cw, lane, nkb, stage, phase, accg, accu)
-                           : NarrowMainLoop<T, BT, S, false>(ring, cw, lane, nkb, stage, phase, accg, accu);
+    const int prev = NarrowMainLoop<T, BT, S>(ring, cw, lane, nkb, stage, phase, accg, accu);
     WgmmaWait<0>();
     if (prev >= 0 && lane == 0) MbarArrive(ring.empty + prev);
     const Tile t = ReadTile(ring.tinfo[local % C::kInfo]);  // published before stage 0 completed
@@ -869,7 +897,7 @@ cudaError_t RunNarrow(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs
 cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2, WgArgs& a,
                            int num_sms, cudaStream_t stream) {
   if (a.g.dense_rows >= 0) return cudaErrorInvalidValue;
-  a.n_tiles = static_cast<int>(CeilDiv(a.N, NarrowCfg<32>::kUnits));
+  a.n_tiles = static_cast<int>(CeilDiv(a.N, (a.mode == 3 ? 2 : 1) * NarrowCfg<32>::kUnits));
   const bool bf = t == DType::kBF16;
   switch (a.g.tile_rows) {
     case 32:
@@ -892,9 +920,12 @@ cudaError_t NarrowGemm1(const Gemm1Params& p, WgArgs& a, int num_sms, cudaStream
   if (!MakeUnitMap(&m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, kBox, &a.b1_rpe))
     return cudaErrorInvalidValue;
   m2 = m1;
-  a.mode = 0;
+  a.mode = 3;  // plain: the second box is the next kUnits rows
+  a.b2_row0 = kBox;
+  a.b2_rpe = a.b1_rpe;
   if (w.up) {
     a.mode = 2;
+    a.b2_row0 = 0;
     if (!MakeUnitMap(&m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, kBox, &a.b2_rpe))
       return cudaErrorInvalidValue;
   }
@@ -990,7 +1021,9 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   CUtensorMap m1;
   if (p.g.tile_rows != kBM) {
     if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
-    a.b1_rpe = p.D;
+    a.mode = 3;
+    a.b1_rpe = a.b2_rpe = p.D;
+    a.b2_row0 = NarrowCfg<32>::kUnits;
     return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
