@@ -680,12 +680,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 // gate and an up box; plain (mode 3), 2 kUnits output columns. Consumer warpgroup c computes rows
 // 64 c .. 64 c + 63 of each box for all BT rows (one m64 wgmma per box and k-step).
 // Accumulator (i, h, j) of a thread: column 16 warp + lane / 4 + 8 h, row 8 i + 2 (lane % 4) + j.
+// Calls f(accumulator index, sorted row, its scale) for this thread's rows of the tile in half h.
+template <int BT, typename F>
+__device__ __forceinline__ void ForNarrowRows(const WgArgs& p, const Tile& t, int h, F&& f) {
+  const int q = threadIdx.x & 3;
+#pragma unroll
+  for (int i = 0; i < BT / 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int row = 8 * i + 2 * q + j;
+      if (row >= t.rows) continue;
+      const int r = t.r0 + row;
+      f(4 * i + 2 * h + j, r, p.row_scale ? p.row_scale[r] : 1.0f);
+    }
+  }
+}
+
 template <typename T, int BT>
 __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, const float* accg,
                                                const float* accu, int cw) {
   using C = NarrowCfg<BT>;
-  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int g = lane >> 2, q = lane & 3;
+  const int warp = (threadIdx.x >> 5) & 3, g = (threadIdx.x & 31) >> 2;
   const DType bt = Elem<T>::kType;
   T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -696,18 +711,9 @@ __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, c
       if (u >= p.N) continue;
       const float bg = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
       const float bu = p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
-#pragma unroll
-      for (int i = 0; i < BT / 8; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int row = 8 * i + 2 * q + j;
-          if (row >= t.rows) continue;
-          const int r = t.r0 + row;
-          const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-          const float v = FastGlu(accg[4 * i + 2 * h + j] * sc + bg, accu[4 * i + 2 * h + j] * sc + bu, p.act);
-          out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(v);
-        }
-      }
+      ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
+        out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(FastGlu(accg[a] * sc + bg, accu[a] * sc + bu, p.act));
+      });
     } else {  // mode 3: columns c and kUnits + c of the 2 kUnits-wide tile
 #pragma unroll
       for (int b = 0; b < 2; ++b) {
@@ -715,19 +721,10 @@ __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, c
         if (n >= p.N) continue;
         const float* acc = b ? accu : accg;
         const float bias = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < BT / 8; ++i) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int row = 8 * i + 2 * q + j;
-            if (row >= t.rows) continue;
-            const int r = t.r0 + row;
-            const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-            float v = acc[4 * i + 2 * h + j] * sc + bias;
-            if (p.act_on) v = FastAct(v, p.act);
-            out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(v);
-          }
-        }
+        ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
+          const float v = acc[a] * sc + bias;
+          out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(p.act_on ? FastAct(v, p.act) : v);
+        });
       }
     }
   }
