@@ -43,8 +43,7 @@ struct WgArgs {
   Groups g;
   int n_tiles = 0;
   int N = 0;     // valid output columns (units for gated modes)
-  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes,
-                 // 3 plain in two boxes (narrow tiles: 2 x 128 columns)
+  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes
   int act_on = 0;
   int64_t b1_row0 = 0, b1_rpe = 0, b2_row0 = 0, b2_rpe = 0;  // TMA row of box 1 / box 2
   void* out = nullptr;
@@ -80,8 +79,7 @@ struct Cfg {
   static_assert(kSmem <= 227 * 1024, "shared memory of an H100/H200 SM");
 };
 
-// Narrow tiles (WgNarrowKernel): two boxes of kUnits weight rows (gate and up units, or 2 kUnits
-// plain columns) by BT rows.
+// Narrow tiles (WgNarrowKernel): kUnits weight rows per box (gate and up: two boxes) by BT rows.
 template <int BT>
 struct NarrowCfg {
   static_assert(BT == 32 || BT == 64, "narrow tiles: 32 or 64 rows");
@@ -364,9 +362,8 @@ __device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes
 }
 
 // Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
-// weight tile is one TMA box of box_rows rows, or two (mode 2: gate and up views; mode 3: the
-// next box_rows rows, b2_row0 = box_rows), the second box_rows * 128 bytes after the first; tile n
-// starts at row n * box_rows (mode 3: n * 2 box_rows) of each view. The BM
+// weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
+// box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
 // activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
 // swizzle wgmma reads, zero-filled past the tile's rows and past K.
 template <typename T, int BM, int S>
@@ -377,8 +374,7 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
   const int tid = threadIdx.x & 127;
   const T* A = static_cast<const T*>(p.A);
   const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
-  const bool two_boxes = p.mode >= 2;
-  const int n_step = p.mode == 3 ? 2 * box_rows : box_rows;
+  const bool two_boxes = p.mode == 2;
   const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2;
   int stage = 0;
   uint32_t phase = 0;
@@ -401,7 +397,7 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
     const bool has_next = tile + step < total;
     // published before the tile's first stage completes (the expect_tx arrive below releases it)
     if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
-    const int64_t n0 = static_cast<int64_t>(cur.n) * n_step;
+    const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
     const int y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + n0);
     const int y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + n0);
     for (int kb = 0; kb < nkb; ++kb) {
@@ -676,9 +672,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Narrow tiles: the weight rows on wgmma's M side, the tile's BT token rows on its N side.
-// A tile is two boxes of kUnits weight rows by BT sorted rows: gated (mode 2), kUnits units from a
-// gate and an up box; plain (mode 3), 2 kUnits output columns. Consumer warpgroup c computes rows
-// 64 c .. 64 c + 63 of each box for all BT rows (one m64 wgmma per box and k-step).
+// A tile is kUnits output columns (gated, mode 2: units, from a gate and an up box of kUnits rows
+// each; plain, mode 0: one box) by BT sorted rows; consumer warpgroup c computes columns
+// 64 c .. 64 c + 63 of it for all BT rows (one m64 wgmma per box and k-step).
 // Accumulator (i, h, j) of a thread: column 16 warp + lane / 4 + 8 h, row 8 i + 2 (lane % 4) + j.
 // Calls f(accumulator index, sorted row, its scale) for this thread's rows of the tile in half h.
 template <int BT, typename F>
@@ -714,24 +710,20 @@ __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, c
       ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
         out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(FastGlu(accg[a] * sc + bg, accu[a] * sc + bu, p.act));
       });
-    } else {  // mode 3: columns c and kUnits + c of the 2 kUnits-wide tile
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int n = t.n * 2 * C::kUnits + b * C::kUnits + c;
-        if (n >= p.N) continue;
-        const float* acc = b ? accu : accg;
-        const float bias = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
-        ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
-          const float v = acc[a] * sc + bias;
-          out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(p.act_on ? FastAct(v, p.act) : v);
-        });
-      }
+    } else {  // mode 0: one box
+      const int n = t.n * C::kUnits + c;
+      if (n >= p.N) continue;
+      const float bias = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
+      ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
+        const float v = accg[a] * sc + bias;
+        out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(p.act_on ? FastAct(v, p.act) : v);
+      });
     }
   }
 }
 
-// One narrow tile's main loop (both boxes); returns the stage of its last k-block, not yet released.
-template <typename T, int BT, int S>
+// One narrow tile's main loop; returns the stage of its last k-block, not yet released.
+template <typename T, int BT, int S, bool Gated>
 __device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane, int nkb, int& stage,
                                               uint32_t& phase, float* accg, float* accu) {
   using C = NarrowCfg<BT>;
@@ -744,7 +736,7 @@ __device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       Wgmma<T, BT>(accg, dg + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
-      Wgmma<T, BT>(accu, du + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
+      if constexpr (Gated) Wgmma<T, BT>(accu, du + 2 * kk, dx + 2 * kk, (kb | kk) != 0);
     }
     NextStage<S>(ring.empty, lane, prev, stage, phase);
   }
@@ -777,7 +769,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float accg[BT / 2] = {}, accu[BT / 2] = {};
   int local = 0;
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
-    const int prev = NarrowMainLoop<T, BT, S>(ring, cw, lane, nkb, stage, phase, accg, accu);
+    // two main loops rather than a branch between the MMAs, which makes the compiler serialise them
+    const int prev = p.mode == 2 ? NarrowMainLoop<T, BT, S, true>(ring, cw, lane, nkb, stage, phase, accg, accu)
+                                 : NarrowMainLoop<T, BT, S, false>(ring, cw, lane, nkb, stage, phase, accg, accu);
     WgmmaWait<0>();
     if (prev >= 0 && lane == 0) MbarArrive(ring.empty + prev);
     const Tile t = ReadTile(ring.tinfo[local % C::kInfo]);  // published before stage 0 completed
@@ -894,7 +888,7 @@ cudaError_t RunNarrow(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs
 cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2, WgArgs& a,
                            int num_sms, cudaStream_t stream) {
   if (a.g.dense_rows >= 0) return cudaErrorInvalidValue;
-  a.n_tiles = static_cast<int>(CeilDiv(a.N, (a.mode == 3 ? 2 : 1) * NarrowCfg<32>::kUnits));
+  a.n_tiles = static_cast<int>(CeilDiv(a.N, NarrowCfg<32>::kUnits));
   const bool bf = t == DType::kBF16;
   switch (a.g.tile_rows) {
     case 32:
@@ -917,12 +911,9 @@ cudaError_t NarrowGemm1(const Gemm1Params& p, WgArgs& a, int num_sms, cudaStream
   if (!MakeUnitMap(&m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, kBox, &a.b1_rpe))
     return cudaErrorInvalidValue;
   m2 = m1;
-  a.mode = 3;  // plain: the second box is the next kUnits rows
-  a.b2_row0 = kBox;
-  a.b2_rpe = a.b1_rpe;
+  a.mode = 0;
   if (w.up) {
     a.mode = 2;
-    a.b2_row0 = 0;
     if (!MakeUnitMap(&m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, kBox, &a.b2_rpe))
       return cudaErrorInvalidValue;
   }
@@ -1018,9 +1009,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   CUtensorMap m1;
   if (p.g.tile_rows != kBM) {
     if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
-    a.mode = 3;
-    a.b1_rpe = a.b2_rpe = p.D;
-    a.b2_row0 = NarrowCfg<32>::kUnits;
+    a.b1_rpe = p.D;
     return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
