@@ -406,10 +406,17 @@ def table(records, meta) -> str:
                      f"{speed} | {ref['mem_us']:.1f} | {ref['flop_us']:.1f} | {memf} | {flopf} |")
     extra = [r for r in records if r["variant"].startswith("MoEFFN[")]
     if extra:
-        lines += ["", "Forced paths (GPU µs / wall µs):", "",
-                  "| shape | dtype | T | variant | time |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "MoEFFN variants (GPU µs / wall µs; speed relative to the default MoEFFN, "
+                  "GPU time; max relative difference from com.microsoft.MoE's output):", "",
+                  "| shape | dtype | T | variant | time | vs default | max rel diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in extra:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} |")
+            base = by.get((r["shape"], r["dtype"], r["T"], "MoEFFN"))
+            rel = (f"{base['gpu_us'] / r['gpu_us']:.2f}x" if base and "gpu_us" in base and "gpu_us" in r
+                   else "—")
+            diff = f"{r['max_rel_diff_vs_ms']:.2g}" if "max_rel_diff_vs_ms" in r else "—"
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} | "
+                         f"{rel} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,3 +39,18 @@ def test_render_rescores_roofline(tmp_path, gpu, flags, tbps):
     table = (out / "gpu_moe.md").read_text()
     assert f"{tbps:.2f} TB/s" in table
     assert "| 0.88x |" in table  # 700 / 800, the speedup column
+
+
+def test_render_variant_table(tmp_path):
+    """A forced variant is listed with its speed relative to the default and its difference from
+    com.microsoft.MoE."""
+    variant = dict(_record("MoEFFN[narrow0]", 1000.0), max_rel_diff_vs_ms=0.0078)
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "onnxruntime": "1.31.1"},
+                               "records": [_record("MoEFFN", 800.0),
+                                           _record("com.microsoft.MoE", 700.0), variant]}))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    table = (out / "gpu_moe.md").read_text()
+    assert "| MoEFFN[narrow0] | 1000.0 / 1000.0 | 0.80x | 0.0078 |" in table
