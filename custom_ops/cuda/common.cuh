@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -89,32 +90,92 @@ __device__ __forceinline__ float Glu(float g, float u, const ActParams& a) {
   return Act(g, a) * (u + a.up_offset);
 }
 
-// The same with hardware exp / reciprocal, for epilogues whose result is rounded to 16 bits
-// (a few float32 ulps apart from Act / Glu; NaN and infinities behave the same).
-__device__ __forceinline__ float FastSigmoid(float x) { return __frcp_rn(1.0f + __expf(-x)); }
-
-__device__ __forceinline__ float FastAct(float v, const ActParams& a) {
-  switch (a.kind) {
-    case 0:
-      return v * FastSigmoid(a.alpha == 1.0f ? v : a.alpha * v);
-    case 1:
-      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case 2:  // 0.5 (1 + tanh(z)) = sigmoid(2z)
-      return v * FastSigmoid(1.5957691216057308f * (v + 0.044715f * v * v * v));
-    case 3:
-      return v < 0.0f ? 0.0f : v;
-    default:
-      return v;
-  }
+// Epilogue activations as types, with hardware exp and approximate reciprocal (the results are
+// rounded to 16 bits; a few float32 ulps apart from Act / Glu, NaN and infinities behave the same).
+// Tensor-core epilogues unroll over a thread's whole accumulator tile. A per-element switch over
+// the kinds put every kind's code into each unrolled step, so the executed epilogue was strewn over
+// the kernel's whole code (over a megabyte for a 128 x 256 tile), far beyond the instruction cache.
+// WithEpilogueOps picks one type from the launch-uniform parameters: the unrolled body holds one kind.
+__device__ __forceinline__ float FastRcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 }
 
-__device__ __forceinline__ float FastGlu(float g, float u, const ActParams& a) {
-  if (a.clamp_limit > 0.0f) {
-    const float l = a.clamp_limit;
-    g = g > l ? l : g;
-    u = u > l ? l : (u < -l ? -l : u);
+__device__ __forceinline__ float FastExp2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ float FastSigmoid(float x) {
+  return FastRcp(1.0f + FastExp2(x * -1.4426950408889634f));
+}
+
+struct IdentityFast {
+  __device__ __forceinline__ float operator()(float v) const { return v; }
+};
+
+struct SiluFast {  // alpha * v is v exactly when alpha == 1
+  float alpha;
+  __device__ __forceinline__ float operator()(float v) const { return v * FastSigmoid(alpha * v); }
+};
+
+struct GeluTanhFast {  // 0.5 (1 + tanh(z)) = sigmoid(2z)
+  __device__ __forceinline__ float operator()(float v) const {
+    return v * FastSigmoid(1.5957691216057308f * (v + 0.044715f * v * v * v));
   }
-  return FastAct(g, a) * (u + a.up_offset);
+};
+
+struct AnyActFast {  // the rarer kinds, by a switch
+  ActParams a;
+  __device__ __forceinline__ float operator()(float v) const {
+    switch (a.kind) {
+      case 0:
+        return SiluFast{a.alpha}(v);
+      case 1:
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+      case 2:
+        return GeluTanhFast{}(v);
+      case 3:
+        return v < 0.0f ? 0.0f : v;
+      default:
+        return v;
+    }
+  }
+};
+
+// Gated expert activation: clamp (the limit is +inf when off; the comparisons keep NaN, as numpy's
+// clip does), act(gate) * (up + offset).
+template <typename Act>
+struct GluFast {
+  Act act;
+  float limit, up_offset;
+  __device__ __forceinline__ float operator()(float g, float u) const {
+    g = g > limit ? limit : g;
+    u = u > limit ? limit : u;
+    u = u < -limit ? -limit : u;
+    return act(g) * (u + up_offset);
+  }
+};
+
+template <typename Act>
+__device__ __forceinline__ GluFast<Act> MakeGluFast(Act act, const ActParams& a) {
+  return GluFast<Act>{act, a.clamp_limit > 0.0f ? a.clamp_limit : __int_as_float(0x7f800000), a.up_offset};
+}
+
+// f(activation, has_bias) as compile-time types: the activation is identity when !on, else the
+// kind of a; has_bias is std::true_type when bias (always for the rarer kinds).
+template <typename F>
+__device__ __forceinline__ void WithEpilogueOps(const ActParams& a, bool on, bool bias, F&& f) {
+  auto with_bias = [&](auto act) {
+    if (bias) f(act, std::true_type{});
+    else f(act, std::false_type{});
+  };
+  if (!on) with_bias(IdentityFast{});
+  else if (a.kind == 0) with_bias(SiluFast{a.alpha});
+  else if (a.kind == 2) with_bias(GeluTanhFast{});
+  else f(AnyActFast{a}, std::true_type{});
 }
 
 // Ranking of (value, index) pairs as numpy's stable argsort of -values: larger first, NaN last,

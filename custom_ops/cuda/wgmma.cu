@@ -503,44 +503,44 @@ __device__ __forceinline__ void WarpgroupSync(int id) {
   asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
 
-template <typename T, int BN, typename Sink>
-__device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const float* acc, int cw,
-                                         const Sink& sink) {
+// One tile's epilogue for this thread's accumulators (rows 64 cw .. 64 cw + 63 of the tile), mode
+// and activation fixed at compile time (Epilogue dispatches), so that the unrolled body holds the
+// code of one case only.
+template <typename T, int BN, int Mode, bool Bias, typename Sink, typename Act>
+__device__ __forceinline__ void EpilogueBody(const WgArgs& p, const Tile& t, const float* acc, int cw,
+                                             const Sink& sink, Act act) {
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
   const DType bt = Elem<T>::kType;
+  const auto glu = MakeGluFast(act, p.act);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = cw * 64 + warp * 16 + g + 8 * h;
     if (row >= t.rows) continue;
     const int r = t.r0 + row;
     const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-    if (p.mode == 0) {
+    if constexpr (Mode == 0) {
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) {
         const int n = t.n * BN + 8 * i + 2 * q;
         if (n >= p.N) continue;
         float v0 = acc[4 * i + 2 * h] * sc, v1 = acc[4 * i + 2 * h + 1] * sc;
-        if (p.bias1) {
+        if (Bias && p.bias1) {
           const int64_t b = p.bias1_off + t.e * p.bias1_es + static_cast<int64_t>(n) * p.bias1_us;
           v0 += LoadF(p.bias1, b, bt);
           v1 += LoadF(p.bias1, b + p.bias1_us, bt);
         }
-        if (p.act_on) {
-          v0 = FastAct(v0, p.act);
-          v1 = FastAct(v1, p.act);
-        }
-        sink.Put2(row, n, v0, v1);
+        sink.Put2(row, n, act(v0), act(v1));
       }
-    } else if (p.mode == 1) {
+    } else if constexpr (Mode == 1) {
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) {
         const int u = t.n * (BN / 2) + 4 * i + q;
         if (u >= p.N) continue;
         float gv = acc[4 * i + 2 * h] * sc, uv = acc[4 * i + 2 * h + 1] * sc;
-        if (p.bias1) gv += LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt);
-        if (p.bias2) uv += LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt);
-        sink.Put1(row, u, FastGlu(gv, uv, p.act));
+        if (Bias && p.bias1) gv += LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt);
+        if (Bias && p.bias2) uv += LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt);
+        sink.Put1(row, u, glu(gv, uv));
       }
     } else {
 #pragma unroll
@@ -549,19 +549,38 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
         if (u >= p.N) continue;
         float g0 = acc[4 * i + 2 * h] * sc, g1 = acc[4 * i + 2 * h + 1] * sc;
         float u0 = acc[4 * (i + BN / 16) + 2 * h] * sc, u1 = acc[4 * (i + BN / 16) + 2 * h + 1] * sc;
-        if (p.bias1) {
+        if (Bias && p.bias1) {
           const int64_t b = p.bias1_off + t.e * p.bias1_es + static_cast<int64_t>(u) * p.bias1_us;
           g0 += LoadF(p.bias1, b, bt);
           g1 += LoadF(p.bias1, b + p.bias1_us, bt);
         }
-        if (p.bias2) {
+        if (Bias && p.bias2) {
           const int64_t b = p.bias2_off + t.e * p.bias2_es + static_cast<int64_t>(u) * p.bias2_us;
           u0 += LoadF(p.bias2, b, bt);
           u1 += LoadF(p.bias2, b + p.bias2_us, bt);
         }
-        sink.Put2(row, u, FastGlu(g0, u0, p.act), FastGlu(g1, u1, p.act));
+        sink.Put2(row, u, glu(g0, u0), glu(g1, u1));
       }
     }
+  }
+}
+
+template <typename T, int BN, typename Sink>
+__device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const float* acc, int cw,
+                                         const Sink& sink) {
+  const bool bias = p.bias1 || p.bias2;
+  if (p.mode == 0) {
+    WithEpilogueOps(p.act, p.act_on, bias, [&](auto act, auto b) {
+      EpilogueBody<T, BN, 0, decltype(b)::value>(p, t, acc, cw, sink, act);
+    });
+  } else if (p.mode == 1) {
+    WithEpilogueOps(p.act, true, bias, [&](auto act, auto b) {
+      EpilogueBody<T, BN, 1, decltype(b)::value>(p, t, acc, cw, sink, act);
+    });
+  } else {
+    WithEpilogueOps(p.act, true, bias, [&](auto act, auto b) {
+      EpilogueBody<T, BN, 2, decltype(b)::value>(p, t, acc, cw, sink, act);
+    });
   }
 }
 
@@ -694,12 +713,13 @@ __device__ __forceinline__ void ForNarrowRows(const WgArgs& p, const Tile& t, in
   }
 }
 
-template <typename T, int BT>
-__device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, const float* accg,
-                                               const float* accu, int cw) {
+template <typename T, int BT, bool Bias, typename Act>
+__device__ __forceinline__ void NarrowEpilogueBody(const WgArgs& p, const Tile& t, const float* accg,
+                                                   const float* accu, int cw, Act act) {
   using C = NarrowCfg<BT>;
   const int warp = (threadIdx.x >> 5) & 3, g = (threadIdx.x & 31) >> 2;
   const DType bt = Elem<T>::kType;
+  const auto glu = MakeGluFast(act, p.act);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -707,21 +727,28 @@ __device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, c
     if (p.mode == 2) {
       const int u = t.n * C::kUnits + c;
       if (u >= p.N) continue;
-      const float bg = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
-      const float bu = p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
+      const float bg = Bias && p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt) : 0.0f;
+      const float bu = Bias && p.bias2 ? LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt) : 0.0f;
       ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
-        out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(FastGlu(accg[a] * sc + bg, accu[a] * sc + bu, p.act));
+        out[static_cast<int64_t>(r) * p.ldo + u] = FromF<T>(glu(accg[a] * sc + bg, accu[a] * sc + bu));
       });
     } else {  // mode 0: one box
       const int n = t.n * C::kUnits + c;
       if (n >= p.N) continue;
-      const float bias = p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
+      const float bias = Bias && p.bias1 ? LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + n * p.bias1_us, bt) : 0.0f;
       ForNarrowRows<BT>(p, t, h, [&](int a, int r, float sc) {
-        const float v = accg[a] * sc + bias;
-        out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(p.act_on ? FastAct(v, p.act) : v);
+        out[static_cast<int64_t>(r) * p.ldo + n] = FromF<T>(act(accg[a] * sc + bias));
       });
     }
   }
+}
+
+template <typename T, int BT>
+__device__ __forceinline__ void NarrowEpilogue(const WgArgs& p, const Tile& t, const float* accg,
+                                               const float* accu, int cw) {
+  WithEpilogueOps(p.act, p.act_on, p.bias1 || p.bias2, [&](auto act, auto b) {
+    NarrowEpilogueBody<T, BT, decltype(b)::value>(p, t, accg, accu, cw, act);
+  });
 }
 
 // One narrow tile's main loop; returns the stage of its last k-block, not yet released.
