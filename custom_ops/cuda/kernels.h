@@ -82,7 +82,6 @@ struct FirstProj {
   int64_t bg_off = 0, bg_es = 0, bg_us = 1;
   const void* bu = nullptr;
   int64_t bu_off = 0, bu_es = 0, bu_us = 1;
-  bool interleaved = false;
 };
 
 // Groups of rows sharing one expert's weights.

@@ -293,7 +293,6 @@ FirstProj MakeFirstProj(const MoEFFNAttrs& a, bool separate, const void* w1, con
   f.bu = b1;
   f.bg_es = f.bu_es = 2 * I;
   if (a.gate_up_kind == GateUpLayout::kInterleaved) {
-    f.interleaved = true;
     f.gate_rpu = f.up_rpu = 2;
     f.up_row0 = 1;
     f.bg_us = f.bu_us = 2;

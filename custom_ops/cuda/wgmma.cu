@@ -21,10 +21,11 @@
 //    loops take turns (mma_done barriers). The epilogue writes the tile into the warpgroup's own
 //    shared-memory buffer and copies it out with 16-byte stores.
 //
-// Gate and up columns: interleaved weights arrive as one TMA box of BN rows (gate and up of a unit
-// in adjacent accumulator columns); halves and separate weights as two boxes of BN/2 rows (gate
-// units in columns [0, BN/2), their up rows in [BN/2, BN), 16 accumulator blocks apart). Either
-// way both values of a unit are in the same thread.
+// Gate and up columns: every gate/up layout (halves, interleaved, separate) arrives as two TMA boxes
+// of BN/2 rows, read through "unit maps" (views that take every rpu-th weight row, so interleaved
+// rows split into a gate and an up view): gate units in accumulator columns [0, BN/2), their up rows
+// in [BN/2, BN), 16 accumulator blocks apart. Both values of a unit are in the same thread, and a
+// thread's two adjacent units leave in one 4-byte store.
 #include <cuda.h>
 
 #include "common.cuh"
@@ -44,7 +45,7 @@ struct WgArgs {
   Groups g;
   int n_tiles = 0;
   int N = 0;     // valid output columns (units for gated modes)
-  int mode = 0;  // 0 plain, 1 gated interleaved (one box), 2 gated gate/up boxes
+  int mode = 0;  // 0 plain (one box), 2 gated (a gate box and an up box)
   int act_on = 0;
   int64_t b1_row0 = 0, b1_rpe = 0, b2_row0 = 0, b2_rpe = 0;  // TMA row of box 1 / box 2
   void* out = nullptr;
@@ -532,16 +533,6 @@ __device__ __forceinline__ void EpilogueBody(const WgArgs& p, const Tile& t, con
         }
         sink.Put2(row, n, act(v0), act(v1));
       }
-    } else if constexpr (Mode == 1) {
-#pragma unroll
-      for (int i = 0; i < BN / 8; ++i) {
-        const int u = t.n * (BN / 2) + 4 * i + q;
-        if (u >= p.N) continue;
-        float gv = acc[4 * i + 2 * h] * sc, uv = acc[4 * i + 2 * h + 1] * sc;
-        if (Bias && p.bias1) gv += LoadF(p.bias1, p.bias1_off + t.e * p.bias1_es + u * p.bias1_us, bt);
-        if (Bias && p.bias2) uv += LoadF(p.bias2, p.bias2_off + t.e * p.bias2_es + u * p.bias2_us, bt);
-        sink.Put1(row, u, glu(gv, uv));
-      }
     } else {
 #pragma unroll
       for (int i = 0; i < BN / 16; ++i) {
@@ -572,10 +563,6 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
   if (p.mode == 0) {
     WithEpilogueOps(p.act, p.act_on, bias, [&](auto act, auto b) {
       EpilogueBody<T, BN, 0, decltype(b)::value>(p, t, acc, cw, sink, act);
-    });
-  } else if (p.mode == 1) {
-    WithEpilogueOps(p.act, true, bias, [&](auto act, auto b) {
-      EpilogueBody<T, BN, 1, decltype(b)::value>(p, t, acc, cw, sink, act);
     });
   } else {
     WithEpilogueOps(p.act, true, bias, [&](auto act, auto b) {
@@ -931,22 +918,17 @@ cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2
   }
 }
 
-// Projection 1 on narrow tiles: gate (and up) rows as unit maps, so that every layout (halves,
-// interleaved, separate) is two boxes of kUnits rows.
-cudaError_t NarrowGemm1(const Gemm1Params& p, WgArgs& a, int num_sms, cudaStream_t stream) {
-  constexpr int kBox = NarrowCfg<32>::kUnits;
+// Projection 1's weights as TMA maps with boxes of box_rows rows: gated (mode 2), a gate and an up
+// unit map, so that every layout (halves, interleaved, separate) is two boxes; else (mode 0) one map.
+bool FirstProjMaps(const Gemm1Params& p, int box_rows, WgArgs& a, CUtensorMap* m1, CUtensorMap* m2) {
   const FirstProj& w = p.w;
-  CUtensorMap m1, m2;
-  if (!MakeUnitMap(&m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, kBox, &a.b1_rpe))
-    return cudaErrorInvalidValue;
-  m2 = m1;
+  if (!MakeUnitMap(m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, box_rows, &a.b1_rpe))
+    return false;
+  *m2 = *m1;
   a.mode = 0;
-  if (w.up) {
-    a.mode = 2;
-    if (!MakeUnitMap(&m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, kBox, &a.b2_rpe))
-      return cudaErrorInvalidValue;
-  }
-  return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
+  if (!w.up) return true;
+  a.mode = 2;
+  return MakeUnitMap(m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, box_rows, &a.b2_rpe);
 }
 
 // 128 x 256 tiles only when there are many of them and K is long; otherwise 128 x 128 tiles and
@@ -985,36 +967,16 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_off = p.w.bu_off;
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
-  if (p.g.tile_rows != kBM) return NarrowGemm1(p, a, num_sms, stream);
+  CUtensorMap m1, m2;
+  if (p.g.tile_rows != kBM) {  // narrow tiles
+    if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m1, &m2)) return cudaErrorInvalidValue;
+    return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
+  }
   const int64_t mt = MTilesUpperBound(p.g);
   const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, p.D, num_sms);
-  CUtensorMap m1, m2;
-  if (!gated) {
-    a.mode = 0;
-    if (p.w.gate_rpu != 1) return cudaErrorInvalidValue;
-    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn)) return cudaErrorInvalidValue;
-    m2 = m1;
-    a.b1_row0 = p.w.gate_row0;
-    a.b1_rpe = p.w.gate_rpe;
-    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn));
-  } else if (p.w.interleaved) {
-    a.mode = 1;
-    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn)) return cudaErrorInvalidValue;
-    m2 = m1;
-    a.b1_row0 = p.w.gate_row0;
-    a.b1_rpe = p.w.gate_rpe;
-    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn / 2));
-  } else {
-    a.mode = 2;
-    if (p.w.gate_rpu != 1 || p.w.up_rpu != 1) return cudaErrorInvalidValue;
-    if (!MakeMap(&m1, p.w.gate, p.dtype, p.w.gate_rows, p.D, bn / 2)) return cudaErrorInvalidValue;
-    if (!MakeMap(&m2, p.w.up, p.dtype, p.w.up_rows, p.D, bn / 2)) return cudaErrorInvalidValue;
-    a.b1_row0 = p.w.gate_row0;
-    a.b1_rpe = p.w.gate_rpe;
-    a.b2_row0 = p.w.up_row0;
-    a.b2_rpe = p.w.up_rpe;
-    a.n_tiles = static_cast<int>(CeilDiv(p.I, bn / 2));
-  }
+  const int box = gated ? bn / 2 : bn;
+  if (!FirstProjMaps(p, box, a, &m1, &m2)) return cudaErrorInvalidValue;
+  a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
   return Dispatch(p.dtype, bn, p.pingpong, m1, m2, a, mt * a.n_tiles, num_sms, stream);
 }
 
