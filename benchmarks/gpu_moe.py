@@ -218,8 +218,6 @@ def variant_env(name: str) -> dict:
         return {"MOEFUSE_CUDA_SPLITK": name[6:] or "auto"}
     if name.startswith("bn"):
         return {"MOEFUSE_CUDA_BN": name[2:]}
-    if name.startswith("cluster"):
-        return {"MOEFUSE_CUDA_CLUSTER": name[7:]}
     return {"MOEFUSE_CUDA_PATH": name}
 
 
@@ -237,8 +235,7 @@ def main():
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
-                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), cluster1, cluster2, cluster4 "
-                    "(MOEFUSE_CUDA_CLUSTER); "
+                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW); "
                     "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")

@@ -252,36 +252,22 @@ __device__ __forceinline__ void GridDepLaunch() {
 // Launch with the programmatic-stream-serialization attribute when enabled (launch.cu).
 bool UsePdl();
 
-// cluster > 1: thread-block clusters of that many CTAs (grid.x a multiple of it).
 template <typename Kernel, typename... Args>
-cudaError_t LaunchClustered(int cluster, Kernel kernel, dim3 grid, dim3 block, size_t smem,
-                            cudaStream_t stream, Args... args) {
+cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
+  cudaLaunchAttribute attr[1];
   if (UsePdl()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
   }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
-}
-
-template <typename Kernel, typename... Args>
-cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Args... args) {
-  return LaunchClustered(1, kernel, grid, block, smem, stream, args...);
 }
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -23,9 +23,6 @@ struct ActParams {
   float up_offset = 0.0f;    // gated only
 };
 
-// Largest thread-block cluster the wgmma grouped GEMM launches (Gemm1Params::cluster).
-constexpr int kMaxCluster = 4;
-
 // --- routing ----------------------------------------------------------------------------------
 
 struct RouteParams {
@@ -117,7 +114,6 @@ struct Gemm1Params {
   void* H = nullptr;  // [rows, I] in dtype
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
-  int cluster = 1;        // wgmma, 128-row tiles: CTAs per thread-block cluster (1..kMaxCluster)
 };
 
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
@@ -132,7 +128,6 @@ struct Gemm2Params {
   bool out_f32 = true;  // float32 output (else dtype)
   int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
-  int cluster = 1;        // wgmma, 128-row tiles: CTAs per thread-block cluster (1..kMaxCluster)
   // Skinny path only: K split in `splits` parts, part z writing float32 partial sums to plane z
   // (out + z * plane elements); the combine adds the planes in order (deterministic).
   int splits = 1;

@@ -126,7 +126,6 @@ class Kernel {
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
-  int cluster_ = 2;               // MOEFUSE_CUDA_CLUSTER=1|2|4: CTAs per cluster, 128-row wgmma tiles
   int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
@@ -164,8 +163,6 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
-  k->cluster_ = std::atoi(EnvOr("MOEFUSE_CUDA_CLUSTER", "2"));
-  if (k->cluster_ != 1 && k->cluster_ != 2 && k->cluster_ != 4) k->cluster_ = 2;
   const std::string narrow = EnvOr("MOEFUSE_CUDA_NARROW", "auto");
   k->narrow_ = narrow == "32" ? 32 : narrow == "64" ? 64 : narrow == "0" ? 0 : -1;
   const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
@@ -527,7 +524,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.act = ActParams{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
     g1.g = g;
     g1.H = at(o_hs);
-    g1.cluster = cluster_;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -537,7 +533,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.g = g;
     g2.out = at(o_s);
     g2.out_f32 = shared_f32;
-    g2.cluster = cluster_;
     switch (spath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
@@ -604,7 +599,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.H = at(o_h);
     g1.bn = bn_;
     g1.pingpong = pingpong_;
-    g1.cluster = cluster_;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -617,7 +611,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.out_f32 = ypair_f32;
     g2.bn = bn_;
     g2.pingpong = pingpong_;
-    g2.cluster = cluster_;
     g2.splits = ypair_planes;
     g2.plane = P * D;
     switch (rpath) {

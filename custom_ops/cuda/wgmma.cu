@@ -28,9 +28,6 @@
 // thread's two adjacent units leave in one 4-byte store.
 #include <cuda.h>
 
-#include <algorithm>
-#include <atomic>
-
 #include "common.cuh"
 
 namespace moefuse {
@@ -846,74 +843,33 @@ bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t 
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// How many clusters of `cluster` CTAs of the kernel fit on the GPU at once (0: the query failed).
-template <typename Kernel>
-int MaxActiveClusters(Kernel kernel, int cluster, int smem) {
-  static std::atomic<int> cached[kMaxCluster + 1] = {};
-  int n = cached[cluster].load(std::memory_order_relaxed);
-  if (n > 0) return n;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(cluster));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  cached[cluster].store(n, std::memory_order_relaxed);
-  return n;
-}
-
-// The persistent grid: one CTA per SM (at most one per tile). With clusters, CTAs b and b + 1 (the
-// neighbouring m-tiles of one weight tile, tile order being m-tile innermost) run in one GPC and
-// so read the weight tile through the same L2 partition; the grid is then as many whole clusters
-// as fit at once.
 template <typename T, int BN, bool PingPong>
 cudaError_t Run(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, int64_t tiles_ub,
-                int num_sms, int cluster, cudaStream_t stream) {
+                int num_sms, cudaStream_t stream) {
   using C = Cfg<BN, PingPong>;
-  auto* kernel = WgKernel<T, BN, PingPong>;
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      WgKernel<T, BN, PingPong>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (attr != cudaSuccess) return attr;
-  int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
+  const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
   if (grid <= 0) return cudaSuccess;
-  if (cluster > 1 && grid >= 2 * cluster) {
-    const int fit = MaxActiveClusters(kernel, cluster, C::kSmem);
-    if (fit > 0) {
-      grid = std::min<int64_t>(CeilDiv(grid, cluster), fit) * cluster;
-    } else {
-      cluster = 1;
-    }
-  } else {
-    cluster = 1;
-  }
-  return LaunchClustered(cluster, kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                         static_cast<size_t>(C::kSmem), stream, m1, m2, a);
+  return Launch(WgKernel<T, BN, PingPong>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
+                static_cast<size_t>(C::kSmem), stream, m1, m2, a);
 }
 
 template <typename T>
 cudaError_t DispatchT(int bn, bool pingpong, const CUtensorMap& m1, const CUtensorMap& m2,
-                      const WgArgs& a, int64_t tiles_ub, int num_sms, int cluster, cudaStream_t stream) {
-  if (bn == 256) return Run<T, 256, false>(m1, m2, a, tiles_ub, num_sms, cluster, stream);
-  if (pingpong) return Run<T, 128, true>(m1, m2, a, tiles_ub, num_sms, cluster, stream);
-  return Run<T, 128, false>(m1, m2, a, tiles_ub, num_sms, cluster, stream);
+                      const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
+  if (bn == 256) return Run<T, 256, false>(m1, m2, a, tiles_ub, num_sms, stream);
+  if (pingpong) return Run<T, 128, true>(m1, m2, a, tiles_ub, num_sms, stream);
+  return Run<T, 128, false>(m1, m2, a, tiles_ub, num_sms, stream);
 }
 
 cudaError_t Dispatch(DType t, int bn, bool pingpong, const CUtensorMap& m1, const CUtensorMap& m2,
-                     const WgArgs& a, int64_t tiles_ub, int num_sms, int cluster, cudaStream_t stream) {
+                     const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
   // the ping-pong epilogue's 16-byte stores (the tensor-core paths take only such sizes)
   if (pingpong && bn == 128 && (a.N % 8 != 0 || a.ldo % 8 != 0)) return cudaErrorInvalidValue;
-  if (cluster < 1 || cluster > kMaxCluster) return cudaErrorInvalidValue;
-  return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, cluster, stream)
-                           : DispatchT<__half>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, cluster, stream);
+  return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream)
+                           : DispatchT<__half>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream);
 }
 
 int64_t MTilesUpperBound(const Groups& g) {
@@ -1021,7 +977,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   const int box = gated ? bn / 2 : bn;
   if (!FirstProjMaps(p, box, a, &m1, &m2)) return cudaErrorInvalidValue;
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
-  return Dispatch(p.dtype, bn, p.pingpong, m1, m2, a, mt * a.n_tiles, num_sms, p.cluster, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m1, m2, a, mt * a.n_tiles, num_sms, stream);
 }
 
 cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream) {
@@ -1053,7 +1009,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.b1_row0 = 0;
   a.b1_rpe = p.D;
   a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
-  return Dispatch(p.dtype, bn, p.pingpong, m1, m1, a, mt * a.n_tiles, num_sms, p.cluster, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m1, m1, a, mt * a.n_tiles, num_sms, stream);
 }
 
 }  // namespace cuda
