@@ -931,12 +931,12 @@ bool FirstProjMaps(const Gemm1Params& p, int box_rows, WgArgs& a, CUtensorMap* m
   return MakeUnitMap(m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, box_rows, &a.b2_rpe);
 }
 
-// 128 x 256 tiles only when there are many of them and K is long; otherwise 128 x 128 tiles and
-// their deeper pipeline balance better (measured on an H100 over the benchmark's layer shapes).
-int PickBn(const Groups& g, int64_t n_cols, int64_t k, int num_sms) {
+// 128 x 256 tiles unless there would be fewer than half a wave of them (then 128 x 128 tiles put
+// twice as many SMs to work). Forcing 256 was faster or equal at every T >= 512 point of the GPU
+// benchmark on an H200 (docs/performance.md), K short or long.
+int PickBn(const Groups& g, int64_t n_cols, int num_sms) {
   const int64_t m = g.dense_rows >= 0 ? CeilDiv(g.dense_rows, kBM) : (g.est_tiles ? g.est_tiles : g.max_tiles);
-  const int64_t wide = m * CeilDiv(n_cols, 256);
-  return (n_cols > 128 && k >= 2560 && wide >= 7 * static_cast<int64_t>(num_sms)) ? 256 : 128;
+  return (n_cols > 128 && 2 * m * CeilDiv(n_cols, 256) >= num_sms) ? 256 : 128;
 }
 
 }  // namespace
@@ -973,7 +973,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
     return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, p.D, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
   const int box = gated ? bn / 2 : bn;
   if (!FirstProjMaps(p, box, a, &m1, &m2)) return cudaErrorInvalidValue;
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
@@ -1004,7 +1004,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
     return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, p.I, num_sms);
+  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
   a.b1_row0 = 0;
   a.b1_rpe = p.D;
