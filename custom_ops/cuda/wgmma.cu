@@ -12,9 +12,9 @@
 // epilogue straight from the registers: routing weight (weight on input), bias, clamp, activation
 // and gating for projection 1; bias for projection 2. Two consumer schedules:
 //  - cooperative (128 x 128 and 128 x 256 tiles; the default): both warpgroups share each tile,
-//    64 rows each; the tensor cores idle during the epilogue. (A build that skipped the epilogue
-//    ran the layer 18-33% faster relative to com.microsoft.MoE at T >= 512 on an H200, so it is
-//    worth hiding.)
+//    64 rows each; the tensor cores idle during the epilogue. Keep the epilogue's executed code
+//    small: when it held every activation kind in each unrolled step, it ran out of the
+//    instruction cache and projection 1 kept the tensor pipe 38% busy (77.6% since; H200).
 //  - ping-pong (128 x 128 tiles; MOEFUSE_CUDA_SCHEDULE=pingpong, experimental): each consumer
 //    warpgroup owns every other tile of the CTA (all 128 rows, two m64n128k16 per k-step), so one
 //    warpgroup's epilogue runs while the other's main loop keeps the tensor cores busy; the main
