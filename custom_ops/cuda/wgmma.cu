@@ -47,7 +47,7 @@ struct WgArgs {
   int N = 0;     // valid output columns (units for gated modes)
   int mode = 0;  // 0 plain (one box), 2 gated (a gate box and an up box)
   int act_on = 0;
-  int64_t b1_row0 = 0, b1_rpe = 0, b2_row0 = 0, b2_rpe = 0;  // TMA row of box 1 / box 2
+  int64_t b1_rpe = 0, b2_rpe = 0;  // TMA rows per expert of box 1 / box 2 (maps start at row 0)
   void* out = nullptr;
   int64_t ldo = 0;
   const void* bias1 = nullptr;
@@ -400,8 +400,8 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
     // published before the tile's first stage completes (the expect_tx arrive below releases it)
     if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
     const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
-    const int y1 = static_cast<int>(p.b1_row0 + cur.e * p.b1_rpe + n0);
-    const int y2 = static_cast<int>(p.b2_row0 + cur.e * p.b2_rpe + n0);
+    const int y1 = static_cast<int>(cur.e * p.b1_rpe + n0);
+    const int y2 = static_cast<int>(cur.e * p.b2_rpe + n0);
     for (int kb = 0; kb < nkb; ++kb) {
       MbarWait(ring.empty + stage, phase ^ 1);
       uint8_t* as = ring.As + stage * ring.a_bytes;
@@ -1006,7 +1006,6 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   const int64_t mt = MTilesUpperBound(p.g);
   const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
   if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
-  a.b1_row0 = 0;
   a.b1_rpe = p.D;
   a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
   return Dispatch(p.dtype, bn, p.pingpong, m1, m1, a, mt * a.n_tiles, num_sms, stream);
