@@ -204,6 +204,8 @@ def variant_env(name: str) -> dict:
         for part in name.split("+"):
             env.update(variant_env(part))
         return env
+    if name.startswith("lib="):  # another build of the library, side by side in one run
+        return {"MOEFUSE_LIBRARY": name[4:]}
     if name == "nopdl":
         return {"MOEFUSE_CUDA_PDL": "0"}
     if name == "order_n":
@@ -235,7 +237,8 @@ def main():
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
-                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW); "
+                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), lib=PATH (another build of the "
+                    "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")
@@ -285,6 +288,7 @@ def main():
                 l_all = (torch.randn(tmax, E, generator=gen, device="cuda") * 2).to(tdt)
                 runners = {}
                 for vname, path, env in variants:
+                    saved = {key: os.environ.get(key) for key in env or {}}
                     if env is not None:  # read by the kernel at creation (session creation)
                         os.environ.update(env)
                         so = session_options(log_severity_level=3)
@@ -295,8 +299,11 @@ def main():
                         runners[vname] = Runner(ort, torch, path, so, stream, dtype)
                     except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                         runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    for key in env or {}:
-                        os.environ.pop(key, None)
+                    for key, old in saved.items():  # the default variant's environment again
+                        if old is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = old
                 print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()

@@ -55,3 +55,16 @@ def test_render_variant_table(tmp_path):
                    check=True, capture_output=True, text=True)
     table = (out / "gpu_moe.md").read_text()
     assert "| MoEFFN[narrow0] | 1000.0 / 1000.0 | 0.80x | 0.0078 |" in table
+
+
+def test_variant_environments():
+    """--paths names map to the environment the kernel reads; lib= loads another library build."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import gpu_moe
+    finally:
+        sys.path.pop(0)
+    assert gpu_moe.variant_env("lib=/tmp/other.so") == {"MOEFUSE_LIBRARY": "/tmp/other.so"}
+    assert gpu_moe.variant_env("pingpong+bn128") == {"MOEFUSE_CUDA_SCHEDULE": "pingpong",
+                                                     "MOEFUSE_CUDA_BN": "128"}
+    assert gpu_moe.variant_env("decode") == {"MOEFUSE_CUDA_PATH": "decode"}

@@ -3,7 +3,8 @@
 //
 // Top-k is k selection passes over the token's scores: pass j picks the best score ranked after
 // pick j-1 (numpy's stable argsort order: larger first, NaN last, ties to the lower index), so no
-// per-token storage is needed whatever E is. Scores are recomputed from the logits in each pass.
+// per-token storage is needed whatever E is (up to 256 experts a lane keeps its scores in registers;
+// beyond, they are recomputed from the logits in each pass).
 #include <climits>
 
 #include "common.cuh"
@@ -19,12 +20,14 @@ constexpr int kScanThreads = 1024;
 
 enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3 };
 
-template <typename T>
+// Kernels are compiled per routing mode: a decode call waits for the routing kernel, which runs on
+// one SM with a cold instruction cache, so the code it walks through must be short (with every
+// mode in one body the executed path was strewn over 95 KB of code).
+template <typename T, int M>
 struct Token {
   const T* lg;  // this token's logits
   const T* bias;
   int E;
-  int mode;
   float m, sum;         // softmax statistics
   const float* gkeep;   // group mask (1.0 kept) or null
   int gsize;
@@ -32,8 +35,8 @@ struct Token {
   // The score that ranks experts for selection.
   __device__ __forceinline__ float Choice(int e) const {
     const float l = ToF(lg[e]);
-    if (mode == kSoftmaxTopk) return expf(l - m) / sum;
-    if (mode == kTopkSoftmax) return l;
+    if constexpr (M == kSoftmaxTopk) return expf(l - m) / sum;
+    if constexpr (M == kTopkSoftmax) return l;
     float c = Sigmoid(l);
     if (bias) c = c + ToF(bias[e]);
     if (gkeep && gkeep[e / gsize] != 1.0f) c = -INFINITY;
@@ -41,8 +44,34 @@ struct Token {
   }
 };
 
-// Routes one token with a full warp. `gscratch` holds n_group floats (sigmoid_topk, n_group > 1).
+// Given ids and weights (precomputed routing): copied, scaled and counted; ids outside [0, E)
+// become -1 and the first is reported in r.bad.
 template <typename T>
+__device__ void CopyPicks(const RouteParams& r, int t) {
+  const int lane = threadIdx.x & 31;
+  const int E = r.E, K = r.K;
+  float* wout = r.w + static_cast<int64_t>(t) * K;
+  int* iout = r.ids + static_cast<int64_t>(t) * K;
+  int* rout = r.rank + static_cast<int64_t>(t) * K;
+  for (int j = lane; j < K; j += 32) {
+    const int64_t idx = static_cast<int64_t>(t) * K + j;
+    const int64_t id = r.ids_int64 ? static_cast<const int64_t*>(r.ids_in)[idx]
+                                   : static_cast<const int32_t*>(r.ids_in)[idx];
+    const float w = ToF(static_cast<const T*>(r.w_in)[idx]) * r.scale;
+    wout[j] = w;
+    if (id < 0 || id >= E) {
+      iout[j] = -1;
+      rout[j] = 0;
+      atomicMin(r.bad, static_cast<int>(idx));
+    } else {
+      iout[j] = static_cast<int>(id);
+      rout[j] = atomicAdd(r.counts + id, 1);
+    }
+  }
+}
+
+// Routes one token with a full warp. `gscratch` holds n_group floats (sigmoid_topk, n_group > 1).
+template <typename T, int M>
 __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   const int lane = threadIdx.x & 31;
   const int E = r.E, K = r.K;
@@ -50,35 +79,15 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   int* iout = r.ids + static_cast<int64_t>(t) * K;
   int* rout = r.rank + static_cast<int64_t>(t) * K;
 
-  if (r.mode == kPrecomputed) {
-    for (int j = lane; j < K; j += 32) {
-      const int64_t idx = static_cast<int64_t>(t) * K + j;
-      const int64_t id = r.ids_int64 ? static_cast<const int64_t*>(r.ids_in)[idx]
-                                     : static_cast<const int32_t*>(r.ids_in)[idx];
-      const float w = ToF(static_cast<const T*>(r.w_in)[idx]) * r.scale;
-      wout[j] = w;
-      if (id < 0 || id >= E) {
-        iout[j] = -1;
-        rout[j] = 0;
-        atomicMin(r.bad, static_cast<int>(idx));
-      } else {
-        iout[j] = static_cast<int>(id);
-        rout[j] = atomicAdd(r.counts + id, 1);
-      }
-    }
-    return;
-  }
-
-  Token<T> tok;
+  Token<T, M> tok;
   tok.lg = static_cast<const T*>(r.logits) + static_cast<int64_t>(t) * E;
   tok.bias = static_cast<const T*>(r.sel_bias);
   tok.E = E;
-  tok.mode = r.mode;
   tok.m = 0.0f;
   tok.sum = 1.0f;
   tok.gkeep = nullptr;
   tok.gsize = 1;
-  if (r.mode == kSoftmaxTopk) {
+  if constexpr (M == kSoftmaxTopk) {
     float m = -INFINITY;
     for (int e = lane; e < E; e += 32) m = NanMax(m, ToF(tok.lg[e]));
     m = WarpNanMax(m);
@@ -87,7 +96,7 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     tok.m = m;
     tok.sum = WarpSum(s);
   }
-  if (r.mode == kSigmoidTopk && r.n_group > 1) {
+  if (M == kSigmoidTopk && r.n_group > 1) {
     // Group score: sum of the group's top min(2, size) choices; keep the topk_group best groups.
     const int G = r.n_group, gs = E / G, top = gs < 2 ? gs : 2;
     tok.gsize = gs;
@@ -195,9 +204,9 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     pv = bv;
     pi = bi;
     float w;
-    if (r.mode == kSoftmaxTopk) {
+    if constexpr (M == kSoftmaxTopk) {
       w = bv;  // the probability
-    } else if (r.mode == kTopkSoftmax) {
+    } else if constexpr (M == kTopkSoftmax) {
       w = bv;  // the logit: softmax over the picks below
       lmax = NanMax(lmax, bv);
     } else {
@@ -210,7 +219,7 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     }
   }
   __syncwarp();
-  if (r.mode == kTopkSoftmax) {
+  if constexpr (M == kTopkSoftmax) {
     float s = 0.0f;
     for (int j = lane; j < K; j += 32) s += expf(wout[j] - lmax);
     s = WarpSum(s);
@@ -224,44 +233,65 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   }
 }
 
-template <typename T>
+template <typename T, int M>
+__device__ __forceinline__ void Route(const RouteParams& r, int t, float* gscratch) {
+  if constexpr (M == kPrecomputed) CopyPicks<T>(r, t);
+  else RouteToken<T, M>(r, t, gscratch);
+}
+
+template <typename T, int M>
 __global__ void RouteKernel(RouteParams r) {
   GridDepWait();
   extern __shared__ float gscratch_all[];
   const int warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kRouteWarps + warp;
-  if (t < r.T) RouteToken<T>(r, t, gscratch_all + warp * r.n_group);
+  if (t < r.T) Route<T, M>(r, t, gscratch_all + warp * r.n_group);
 }
 
-// Exclusive block scan of one value per thread; returns the prefix, *total gets the sum.
+// Exclusive block scan of three values per thread at once; returns the prefixes, *total gets the
+// sums. `smem` holds 3 * 32 ints.
 template <int kThreads>
-__device__ int BlockScan(int v, int* total, int* smem) {
+__device__ int3 BlockScan3(int3 v, int3* total, int* smem) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "one partial sum per warp, at most 32 warps");
+  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
+  int3 x = v;
   for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) smem[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int s = lane < kThreads / 32 ? smem[lane] : 0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, s, o);
-      if (lane >= o) s += y;
+    const int a = __shfl_up_sync(0xffffffffu, x.x, o), b = __shfl_up_sync(0xffffffffu, x.y, o),
+              c = __shfl_up_sync(0xffffffffu, x.z, o);
+    if (lane >= o) {
+      x.x += a;
+      x.y += b;
+      x.z += c;
     }
-    if (lane < kThreads / 32) smem[lane] = s;
+  }
+  if (lane == 31) {
+    smem[warp] = x.x;
+    smem[32 + warp] = x.y;
+    smem[64 + warp] = x.z;
   }
   __syncthreads();
-  const int before = (warp > 0 ? smem[warp - 1] : 0) + x - v;
-  *total = smem[kThreads / 32 - 1];
+  if (warp < 3) {  // warp w scans the warps' sums of value w
+    int sum = lane < kWarps ? smem[warp * 32 + lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, sum, o);
+      if (lane >= o) sum += y;
+    }
+    if (lane < kWarps) smem[warp * 32 + lane] = sum;
+  }
+  __syncthreads();
+  const int3 before = make_int3((warp > 0 ? smem[warp - 1] : 0) + x.x - v.x,
+                                (warp > 0 ? smem[32 + warp - 1] : 0) + x.y - v.y,
+                                (warp > 0 ? smem[64 + warp - 1] : 0) + x.z - v.z);
+  *total = make_int3(smem[kWarps - 1], smem[32 + kWarps - 1], smem[64 + kWarps - 1]);
   __syncthreads();
   return before;
 }
 
-// offsets, tile prefix and active list from counts (in `cnt`, E entries). One block.
+// offsets, tile prefix and active list from counts (in `cnt`, E entries). One block. The offsets
+// also go to `off_copy` when given (the fused kernel's shared memory).
 template <int kThreads>
-__device__ void Group(const SortParams& s, const int* cnt, int* smem) {
+__device__ void Group(const SortParams& s, const int* cnt, int* smem, int* off_copy = nullptr) {
   const int E = s.E;
   const int per = (E + kThreads - 1) / kThreads;
   const int e0 = threadIdx.x * per;
@@ -272,13 +302,13 @@ __device__ void Group(const SortParams& s, const int* cnt, int* smem) {
     tiles += (c + s.bm - 1) / s.bm;
     act += c > 0;
   }
-  int total_rows, total_tiles, total_act;
-  int r0 = BlockScan<kThreads>(rows, &total_rows, smem);
-  int t0 = BlockScan<kThreads>(tiles, &total_tiles, smem);
-  int a0 = BlockScan<kThreads>(act, &total_act, smem);
+  int3 total;
+  const int3 first = BlockScan3<kThreads>(make_int3(rows, tiles, act), &total, smem);
+  int r0 = first.x, t0 = first.y, a0 = first.z;
   for (int e = e0; e < e0 + per && e < E; ++e) {
     const int c = cnt[e];
     s.offsets[e] = r0;
+    if (off_copy) off_copy[e] = r0;
     s.tile_prefix[e] = t0;
     if (c > 0) {
       s.active[a0] = e;
@@ -291,15 +321,15 @@ __device__ void Group(const SortParams& s, const int* cnt, int* smem) {
     t0 += (c + s.bm - 1) / s.bm;
   }
   if (threadIdx.x == 0) {
-    s.offsets[E] = total_rows;
-    s.tile_prefix[E] = total_tiles;
-    *s.num_active = total_act;
+    s.offsets[E] = total.x;
+    s.tile_prefix[E] = total.y;
+    *s.num_active = total.z;
   }
 }
 
 __global__ void GroupKernel(SortParams s) {
   GridDepWait();
-  __shared__ int smem[32];
+  __shared__ int smem[3 * 32];
   Group<kScanThreads>(s, s.counts, smem);
 }
 
@@ -320,58 +350,67 @@ __global__ void ScatterKernel(SortParams s) {
   }
 }
 
-// Small T: routing, counting, grouping and scattering in one block (counts in shared memory).
-template <typename T>
+// Small T: routing, counting, grouping and scattering in one block. The picks, counts and offsets
+// stay in shared memory (a decode call waits for this kernel: each trip to global memory and back
+// would be on its critical path); global memory gets only what later kernels read.
+template <typename T, int M>
 __global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, SortParams s) {
   GridDepWait();
+  const int E = r.E, n = r.T * r.K;
   extern __shared__ int fsm[];
   int* cnt = fsm;                  // E
-  int* scan = fsm + r.E;           // 32
-  float* gscr = reinterpret_cast<float*>(fsm + r.E + 32);  // warps * n_group
-  for (int e = threadIdx.x; e < r.E; e += blockDim.x) cnt[e] = 0;
+  int* off = cnt + E;              // E
+  int* scan = off + E;             // 3 * 32
+  int* ids = scan + 3 * 32;        // T*K picks
+  int* rank = ids + n;             // T*K
+  float* w = reinterpret_cast<float*>(rank + n);  // T*K
+  float* gscr = w + n;             // warps * n_group
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
   if (threadIdx.x == 0) *r.bad = INT32_MAX;
   __syncthreads();
   RouteParams rr = r;
   rr.counts = cnt;
+  rr.ids = ids;
+  rr.rank = rank;
+  rr.w = w;
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int t = warp; t < r.T; t += nwarps) RouteToken<T>(rr, t, gscr + warp * r.n_group);
+  for (int t = warp; t < r.T; t += nwarps) Route<T, M>(rr, t, gscr + warp * r.n_group);
   __syncthreads();
-  Group<kFusedThreads>(s, cnt, scan);
+  Group<kFusedThreads>(s, cnt, scan, off);
   __syncthreads();
-  // scatter (offsets were written to global by this block; read them back after the barrier)
-  __threadfence_block();
-  const int n = r.T * r.K;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int e = s.ids[i];
+    const int e = ids[i];
+    r.ids[i] = e;
+    r.w[i] = w[i];
     if (e < 0) {
       s.pair_pos[i] = -1;
       continue;
     }
-    const int p = s.offsets[e] + s.rank[i];
+    const int p = off[e] + rank[i];
     s.sorted_row[p] = i / r.K;
-    s.sorted_w[p] = s.w[i];
+    s.sorted_w[p] = w[i];
     s.pair_pos[i] = p;
   }
   // counts for the host-side debug check and the multi-kernel layout
-  for (int e = threadIdx.x; e < r.E; e += blockDim.x) r.counts[e] = cnt[e];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) r.counts[e] = cnt[e];
 }
 
-template <typename T>
+template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
-  const int gfloats = (r.mode == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
-  const size_t fused_smem = (static_cast<size_t>(r.E) + 32) * sizeof(int) +
+  const int gfloats = (M == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
+  const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
                             static_cast<size_t>(kFusedThreads / 32) * gfloats * sizeof(float);
   if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
-    return Launch(FusedKernel<T>, dim3(1), dim3(kFusedThreads), fused_smem, stream, r, s);
+    return Launch(FusedKernel<T, M>, dim3(1), dim3(kFusedThreads), fused_smem, stream, r, s);
   if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * r.E, stream)) return e;
   const size_t smem = static_cast<size_t>(kRouteWarps) * gfloats * sizeof(float);
   if (smem > 48 * 1024) {
-    if (cudaError_t e = cudaFuncSetAttribute(RouteKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    if (cudaError_t e = cudaFuncSetAttribute(RouteKernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)))
       return e;
   }
-  if (cudaError_t e = Launch(RouteKernel<T>, dim3(static_cast<unsigned>(CeilDiv(r.T, kRouteWarps))),
+  if (cudaError_t e = Launch(RouteKernel<T, M>, dim3(static_cast<unsigned>(CeilDiv(r.T, kRouteWarps))),
                              dim3(kRouteWarps * 32), smem, stream, r))
     return e;
   if (cudaError_t e = Launch(GroupKernel, dim3(1), dim3(kScanThreads), 0, stream, s)) return e;
@@ -380,16 +419,32 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
   return Launch(ScatterKernel, dim3(blocks), dim3(256), 0, stream, s);
 }
 
+template <typename T>
+cudaError_t RouteModeT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
+  switch (r.mode) {
+    case kSoftmaxTopk:
+      return RouteT<T, kSoftmaxTopk>(r, s, stream);
+    case kTopkSoftmax:
+      return RouteT<T, kTopkSoftmax>(r, s, stream);
+    case kSigmoidTopk:
+      return RouteT<T, kSigmoidTopk>(r, s, stream);
+    case kPrecomputed:
+      return RouteT<T, kPrecomputed>(r, s, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchRouteAndSort(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
   switch (r.dtype) {
     case DType::kF16:
-      return RouteT<__half>(r, s, stream);
+      return RouteModeT<__half>(r, s, stream);
     case DType::kBF16:
-      return RouteT<__nv_bfloat16>(r, s, stream);
+      return RouteModeT<__nv_bfloat16>(r, s, stream);
     default:
-      return RouteT<float>(r, s, stream);
+      return RouteModeT<float>(r, s, stream);
   }
 }
 
