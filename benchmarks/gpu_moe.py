@@ -22,6 +22,7 @@ with CUDA (MOEFUSE_LIBRARY or an installed build).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -223,6 +224,22 @@ def variant_env(name: str) -> dict:
     return {"MOEFUSE_CUDA_PATH": name}
 
 
+@contextlib.contextmanager
+def variant_environment(env: dict):
+    """The process environment with `env` applied, then as it was (a variant's MOEFUSE_LIBRARY
+    must not outlive its session, nor remove the default's)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def active_experts(logits: np.ndarray, k: int) -> int:
     ids = np.argsort(-logits.astype(np.float32), axis=1, kind="stable")[:, :k]
     return len(np.unique(ids))
@@ -288,22 +305,16 @@ def main():
                 l_all = (torch.randn(tmax, E, generator=gen, device="cuda") * 2).to(tdt)
                 runners = {}
                 for vname, path, env in variants:
-                    saved = {key: os.environ.get(key) for key in env or {}}
-                    if env is not None:  # read by the kernel at creation (session creation)
-                        os.environ.update(env)
-                        so = session_options(log_severity_level=3)
-                    else:
-                        so = ort.SessionOptions()
-                        so.log_severity_level = 3
-                    try:
-                        runners[vname] = Runner(ort, torch, path, so, stream, dtype)
-                    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-                        runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    for key, old in saved.items():  # the default variant's environment again
-                        if old is None:
-                            os.environ.pop(key, None)
+                    with variant_environment(env or {}):  # read by the kernel at session creation
+                        if env is not None:
+                            so = session_options(log_severity_level=3)
                         else:
-                            os.environ[key] = old
+                            so = ort.SessionOptions()
+                            so.log_severity_level = 3
+                        try:
+                            runners[vname] = Runner(ort, torch, path, so, stream, dtype)
+                        except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                            runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()

@@ -11,6 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_moe.py")
 
 
+def _gpu_moe():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import gpu_moe
+    finally:
+        sys.path.pop(0)
+    return gpu_moe
+
+
 def _record(variant, gpu_us, wall_us=None):
     return {"shape": "Mixtral-8x7B", "H": 4096, "I": 14336, "E": 8, "k": 2, "dtype": "bfloat16",
             "T": 32, "variant": variant, "active_experts": 8, "gpu_us": gpu_us,
@@ -59,12 +68,20 @@ def test_render_variant_table(tmp_path):
 
 def test_variant_environments():
     """--paths names map to the environment the kernel reads; lib= loads another library build."""
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import gpu_moe
-    finally:
-        sys.path.pop(0)
+    gpu_moe = _gpu_moe()
     assert gpu_moe.variant_env("lib=/tmp/other.so") == {"MOEFUSE_LIBRARY": "/tmp/other.so"}
     assert gpu_moe.variant_env("pingpong+bn128") == {"MOEFUSE_CUDA_SCHEDULE": "pingpong",
                                                      "MOEFUSE_CUDA_BN": "128"}
     assert gpu_moe.variant_env("decode") == {"MOEFUSE_CUDA_PATH": "decode"}
+
+
+def test_variant_environment_restored(monkeypatch):
+    """A variant's environment holds while its session is made, then the default's is back."""
+    gpu_moe = _gpu_moe()
+    monkeypatch.setenv("MOEFUSE_LIBRARY", "/tmp/default.so")
+    monkeypatch.delenv("MOEFUSE_CUDA_BN", raising=False)
+    with gpu_moe.variant_environment(gpu_moe.variant_env("lib=/tmp/other.so+bn128")):
+        assert os.environ["MOEFUSE_LIBRARY"] == "/tmp/other.so"
+        assert os.environ["MOEFUSE_CUDA_BN"] == "128"
+    assert os.environ["MOEFUSE_LIBRARY"] == "/tmp/default.so"
+    assert "MOEFUSE_CUDA_BN" not in os.environ

@@ -127,16 +127,12 @@ struct GeluTanhFast {  // 0.5 (1 + tanh(z)) = sigmoid(2z)
   }
 };
 
-struct AnyActFast {  // the rarer kinds, by a switch
+struct AnyActFast {  // the kinds without a type of their own (WithEpilogueOps), by a switch
   ActParams a;
   __device__ __forceinline__ float operator()(float v) const {
     switch (a.kind) {
-      case 0:
-        return SiluFast{a.alpha}(v);
       case 1:
         return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-      case 2:
-        return GeluTanhFast{}(v);
       case 3:
         return v < 0.0f ? 0.0f : v;
       default:

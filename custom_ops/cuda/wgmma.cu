@@ -684,7 +684,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // 64 c .. 64 c + 63 of it for all BT rows (one m64 wgmma per box and k-step).
 // Accumulator (i, h, j) of a thread: column 16 warp + lane / 4 + 8 h, row 8 i + 2 (lane % 4) + j.
 //
-// ForNarrowRows calls f(accumulator index, sorted row, its scale) for this thread's rows of the tile in half h.
+// ForNarrowRows calls f(accumulator index, sorted row, its scale) for this thread's rows of the
+// tile in half h.
 template <int BT, typename F>
 __device__ __forceinline__ void ForNarrowRows(const WgArgs& p, const Tile& t, int h, F&& f) {
   const int q = threadIdx.x & 3;
