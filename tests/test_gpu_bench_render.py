@@ -73,6 +73,7 @@ def test_variant_environments():
     assert gpu_moe.variant_env("pingpong+bn128") == {"MOEFUSE_CUDA_SCHEDULE": "pingpong",
                                                      "MOEFUSE_CUDA_BN": "128"}
     assert gpu_moe.variant_env("decode") == {"MOEFUSE_CUDA_PATH": "decode"}
+    assert gpu_moe.variant_env("split") == {"MOEFUSE_CUDA_DECODE": "split"}
 
 
 def test_variant_environment_restored(monkeypatch):

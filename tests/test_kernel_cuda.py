@@ -233,8 +233,44 @@ def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
 def test_decode_split_k(splits, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_SPLITK", splits)
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")  # the one-kernel decode splits K its own way
     attrs = MoEFFNAttrs(k=2)
     check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
+
+
+# The one-kernel decode (Hopper, calls of at most 32 (token, expert) pairs) and the two-kernel one
+# it replaces there: work items of several shared-memory stages with K and N tails (hidden 1096,
+# intermediate 1032), projection 2 in parts of K (intermediate 8200: two parts), gate and up
+# interleaved and stored in_out, an ungated activation, many experts with k = 8 (32 pairs at
+# T = 4), weight on the input; biases and a shared expert throughout.
+FUSED = [
+    ("long_k", dict(k=2), dict(hidden=1096, inter=1032, experts=8), (1, 5, 16)),
+    ("parts_of_k", dict(k=2, gate_up_layout="interleaved", weight_layout="in_out", clamp_limit=7.0,
+                        activation_alpha=1.702, up_offset=1.0),
+     dict(hidden=264, inter=8200, experts=4), (1, 3)),
+    ("ungated", dict(k=3, gated=0, activation="gelu_tanh"), dict(hidden=200, inter=264, experts=6),
+     (1, 10)),
+    ("many_experts", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
+     dict(hidden=128, inter=64, experts=128), (1, 4)),
+    ("on_input", dict(k=1, routing="sigmoid_topk", normalize_topk=0, weight_on_input=1),
+     dict(hidden=136, inter=200, experts=8), (1, 32)),
+]
+
+
+@pytest.mark.parametrize("decode", ["fused", "split"])
+@pytest.mark.parametrize("name,changes,size,counts", FUSED, ids=[f[0] for f in FUSED])
+def test_decode_one_kernel(name, changes, size, counts, decode, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", decode)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    attrs = MoEFFNAttrs(k=size.get("k", 2)).replace(**changes)
+    opts = {"selection_bias": attrs.routing == "sigmoid_topk", "shared_gate": True}
+    check(attrs, opts, size["inter"], True, True, BF16, counts if not MEMCHECK else counts[:1],
+          experts=size["experts"], hidden=size["hidden"], shared_inter=64)
+
+
+def test_one_kernel_decode_on_hopper():
+    """On a Hopper GPU the library has the one-kernel decode's code (so the tests above run it)."""
+    assert ctypes.CDLL(library_path()).MoefuseCudaFusedDecode() != 0
 
 
 def _weights_as_inputs(model):

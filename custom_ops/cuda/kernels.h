@@ -62,6 +62,8 @@ struct SortParams {
   int* sorted_row = nullptr;   // [T*K] token of each sorted row
   float* sorted_w = nullptr;   // [T*K] its routing weight
   int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), -1 when dropped
+  int* zero = nullptr;         // [zero_count] ints zeroed for a later kernel (fused decode's counters)
+  int zero_count = 0;
 };
 
 // Routing for T tokens plus grouping (scan, scatter). Small T uses one fused block.
@@ -140,6 +142,22 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
 // How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
+
+// Decode on Hopper (sm_90a): projections 1 and 2 of the routed experts in one persistent kernel,
+// one block per SM, weights streamed into shared memory by bulk copies; projection 2's weights
+// stream in while projection 1 finishes. For calls of at most kSkinnyFusedMaxPairs (token, expert)
+// pairs; projection 2 writes p2.splits float32 planes (SkinnyFusedSplits) for the combine.
+constexpr int kSkinnyFusedMaxPairs = 32;
+struct FusedDecodeParams {
+  Gemm1Params p1;
+  Gemm2Params p2;
+  int pairs = 0;        // T * k
+  int* sync = nullptr;  // [1 + max_slots] ints, zero: the work ticket, then each slot's finished
+                        // projection-1 tiles
+};
+bool SkinnyFusedAvailable();  // the current device runs the kernel's sm_90a code
+int SkinnyFusedSplits(int64_t I);
+cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStream_t stream);
 
 // CUDA-core path for any type and size (float32, odd sizes, older GPUs).
 cudaError_t LaunchSimtGemm1(const Gemm1Params& p, cudaStream_t stream);

@@ -6,7 +6,8 @@
 //      scattered per expert, the per-expert tile schedule, all in device memory;
 //   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
 //      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
-//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync;
+//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync; on
+//          Hopper, calls of few pairs run both projections in one persistent kernel;
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
@@ -96,6 +97,7 @@ struct DeviceInfo {
   int device = -1;
   int num_sms = 0;
   int major = 0;
+  bool fused_decode = false;  // the one-kernel decode projections run here (sm_90a code)
 };
 
 class Kernel {
@@ -130,6 +132,8 @@ class Kernel {
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
+  bool fused_decode_ = true;       // MOEFUSE_CUDA_DECODE=split: decode projections as two kernels
+                                   // on Hopper too (A/B comparison)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -159,6 +163,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
+  k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "fused")) != "split";
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
@@ -251,6 +256,8 @@ OrtStatus* Kernel::EnsureDevice(const void* p) {
       return CudaError(e, "cudaDeviceGetAttribute");
     if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device))
       return CudaError(e, "cudaDeviceGetAttribute");
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur == d.device) d.fused_decode = d.major == 9 && SkinnyFusedAvailable();
     dev_ = d;
   }
   int cur = -1;
@@ -368,9 +375,14 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t max_active = std::min<int64_t>(E, P);
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
+  // decode on Hopper: both projections in one kernel (calls of few pairs: one pass of tokens)
+  const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.fused_decode &&
+                            P <= kSkinnyFusedMaxPairs;
   const bool ypair_f32 = rpath != Path::kWgmma;
   const int ypair_planes = rpath != Path::kSkinny ? 1
-                           : splitk_ ? splitk_ : SkinnyGemm2Splits(D, I, max_active, dev_.num_sms);
+                           : fused_decode ? SkinnyFusedSplits(I)
+                           : splitk_      ? splitk_
+                                          : SkinnyGemm2Splits(D, I, max_active, dev_.num_sms);
   const bool shared_f32 = spath != Path::kWgmma;
 
   // --- scratch ---
@@ -389,6 +401,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
+  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : 0;
+  const size_t o_sync = cv.Add(static_cast<size_t>(sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
   if (!small) {
     o_h = cv.Add(static_cast<size_t>(P * I) * ts);
@@ -487,6 +501,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.sorted_row = static_cast<int*>(at(o_srow));
   s.sorted_w = static_cast<float*>(at(o_sw));
   s.pair_pos = static_cast<int*>(at(o_pos));
+  s.zero = sync_count ? static_cast<int*>(at(o_sync)) : nullptr;
+  s.zero_count = sync_count;
   if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
   if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
     int bad = INT_MAX;
@@ -619,8 +635,16 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
           return CudaError(e, "experts (wgmma)");
         break;
       case Path::kSkinny:
-        if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream)))
+        if (fused_decode) {
+          FusedDecodeParams f;
+          f.p1 = g1;
+          f.p2 = g2;
+          f.pairs = static_cast<int>(P);
+          f.sync = s.zero;
+          if ((e = LaunchSkinnyFused(f, dev_.num_sms, stream))) return CudaError(e, "experts (fused decode)");
+        } else if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream))) {
           return CudaError(e, "experts (skinny)");
+        }
         break;
       default:
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
@@ -673,3 +697,12 @@ OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain, bool shape_i
 
 // Lets tests and tools tell a CUDA build of the library from a CPU-only one.
 extern "C" MOEFUSE_EXPORT int MoefuseCudaBuilt(void) { return 1; }
+
+// Whether decode calls on the current device run both projections in one kernel: 1 yes, 0 no
+// although it is a Hopper GPU (a build without sm_90a code), -1 not a Hopper GPU (or no device).
+extern "C" MOEFUSE_EXPORT int MoefuseCudaFusedDecode(void) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev))
+    return -1;
+  return major != 9 ? -1 : moefuse::cuda::SkinnyFusedAvailable() ? 1 : 0;
+}

@@ -366,6 +366,7 @@ __global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, Sort
   float* w = reinterpret_cast<float*>(rank + n);  // T*K
   float* gscr = w + n;             // warps * n_group
   for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  for (int i = threadIdx.x; i < s.zero_count; i += blockDim.x) s.zero[i] = 0;
   if (threadIdx.x == 0) *r.bad = INT32_MAX;
   __syncthreads();
   RouteParams rr = r;
@@ -404,6 +405,9 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
     return Launch(FusedKernel<T, M>, dim3(1), dim3(kFusedThreads), fused_smem, stream, r, s);
   if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * r.E, stream)) return e;
+  if (s.zero_count > 0) {
+    if (cudaError_t e = cudaMemsetAsync(s.zero, 0, sizeof(int) * s.zero_count, stream)) return e;
+  }
   const size_t smem = static_cast<size_t>(kRouteWarps) * gfloats * sizeof(float);
   if (smem > 48 * 1024) {
     if (cudaError_t e = cudaFuncSetAttribute(RouteKernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize,

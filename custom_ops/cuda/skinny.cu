@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "sm90.cuh"
 
 namespace moefuse {
 namespace cuda {
@@ -42,6 +43,13 @@ __device__ __forceinline__ void Mma<__nv_bfloat16>(float* c, uint32_t a0, uint32
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One k-block of 32 in the permuted k order: rows g (a) and g+8 (b) of the weights times token g.
+template <typename T>
+__device__ __forceinline__ void MmaK32(float* acc, uint4 a, uint4 b, uint4 x) {
+  Mma<T>(acc, a.x, b.x, a.y, b.y, x.x, x.y);
+  Mma<T>(acc, a.z, b.z, a.w, b.w, x.z, x.w);
 }
 
 // Activations (small, reused by every weight tile): through L1.
@@ -107,22 +115,25 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
         x[u] = Ld16(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
       }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        Mma<T>(acc[i], a[u].x, b[u].x, a[u].y, b[u].y, x[u].x, x[u].y);
-        Mma<T>(acc[i], a[u].z, b[u].z, a[u].w, b[u].w, x[u].z, x[u].w);
-      }
+      for (int u = 0; u < kBatch; ++u) MmaK32<T>(acc[i], a[u], b[u], x[u]);
     }
   }
 }
 
-// Sums the warps' accumulators of token tile `warp` into `out` (all threads of the block call it).
-__device__ __forceinline__ bool Reduce(float (&acc)[kNT][4], float* red, float (&out)[4]) {
+// Sums the warps' accumulators of token tile `warp` into `out` (all kWarps warps call it; `sync`
+// is their barrier).
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+template <typename Sync = BlockSync>
+__device__ __forceinline__ void Reduce(float (&acc)[kNT][4], float* red, float (&out)[4], Sync sync = {}) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int i = 0; i < kNT; ++i)
 #pragma unroll
     for (int c = 0; c < 4; ++c) red[((warp * kNT + i) * 4 + c) * 32 + lane] = acc[i][c];
-  __syncthreads();
+  sync();
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     float s = 0.0f;
@@ -130,7 +141,97 @@ __device__ __forceinline__ bool Reduce(float (&acc)[kNT][4], float* red, float (
     for (int w = 0; w < kWarps; ++w) s += red[((w * kNT + warp) * 4 + c) * 32 + lane];
     out[c] = s;
   }
-  return true;
+}
+
+// Row r of projection 1's weight tile `tile` of expert e, or null past I: gated, rows 0-7 are the
+// gate rows of units tile*8 .. tile*8+7 and rows 8-15 their up rows; else units tile*16 + r.
+template <typename T>
+__device__ __forceinline__ const T* Tile1Row(const Gemm1Params& p, int e, int tile, int r) {
+  const FirstProj& w = p.w;
+  const int64_t u = w.up ? tile * 8 + (r & 7) : tile * 16 + r;
+  if (u >= p.I) return nullptr;
+  if (w.up && r >= 8) return static_cast<const T*>(w.up) + (w.up_row0 + e * w.up_rpe + u * w.up_rpu) * p.D;
+  return static_cast<const T*>(w.gate) + (w.gate_row0 + e * w.gate_rpe + u * w.gate_rpu) * p.D;
+}
+
+// Row r of projection 2's weight tile `tile` (output features tile*16 + r) of expert e, or null past D.
+template <typename T>
+__device__ __forceinline__ const T* Tile2Row(const Gemm2Params& p, int e, int tile, int r) {
+  const int64_t d = tile * 16 + r;
+  return d < p.D ? static_cast<const T*>(p.w2) + (static_cast<int64_t>(e) * p.D + d) * p.I : nullptr;
+}
+
+// Projection 1's epilogue for this warp's token tile of the pass at c0 (`v` from Reduce): routing
+// weight on the input, bias, activation (gated: act(gate) * up) into H. Unit ua is MMA row g; ub,
+// of row g + 8, is the same unit's up row (gated) or unit ua + 8.
+template <typename T>
+__device__ __forceinline__ void StoreH(const Gemm1Params& p, const Slot& s, int c0, int ntiles, int ua,
+                                       int ub, const float (&v)[4]) {
+  const int warp = threadIdx.x >> 5, t = threadIdx.x & 3, I = p.I;
+  if (warp >= ntiles) return;
+  const DType bt = Elem<T>::kType;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int col = c0 + warp * 8 + 2 * t + c;
+    if (col >= s.rows) continue;
+    const int r = s.r0 + col;
+    const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+    T* hrow = static_cast<T*>(p.H) + static_cast<int64_t>(r) * I;
+    if (p.w.up) {
+      if (ua < I) {
+        float gv = v[c] * sc, uv = v[2 + c] * sc;
+        if (p.w.bg) gv += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ua * p.w.bg_us, bt);
+        if (p.w.bu) uv += LoadF(p.w.bu, p.w.bu_off + s.e * p.w.bu_es + ua * p.w.bu_us, bt);
+        hrow[ua] = FromF<T>(Glu(gv, uv, p.act));
+      }
+    } else {
+      if (ua < I) {
+        float x = v[c] * sc;
+        if (p.w.bg) x += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ua * p.w.bg_us, bt);
+        hrow[ua] = FromF<T>(Act(x, p.act));
+      }
+      if (ub < I) {
+        float x = v[2 + c] * sc;
+        if (p.w.bg) x += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ub * p.w.bg_us, bt);
+        hrow[ub] = FromF<T>(Act(x, p.act));
+      }
+    }
+  }
+}
+
+// Projection 2's bias of output features da (row g) and db (row g + 8), added by part 0 of K only.
+template <typename T>
+__device__ __forceinline__ float2 Bias2(const Gemm2Params& p, const Slot& s, int z, int da, int db) {
+  float2 b = make_float2(0.0f, 0.0f);
+  if (p.b2 && z == 0) {
+    const DType bt = Elem<T>::kType;
+    if (da < p.D) b.x = LoadF(p.b2, static_cast<int64_t>(s.e) * p.D + da, bt);
+    if (db < p.D) b.y = LoadF(p.b2, static_cast<int64_t>(s.e) * p.D + db, bt);
+  }
+  return b;
+}
+
+// Projection 2's epilogue for this warp's token tile: (part z of K of) output rows, plus bias.
+template <typename T>
+__device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, int c0, int ntiles, int z,
+                                         int da, int db, float2 bias, const float (&v)[4]) {
+  const int warp = threadIdx.x >> 5, t = threadIdx.x & 3, D = p.D;
+  if (warp >= ntiles) return;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int col = c0 + warp * 8 + 2 * t + c;
+    if (col >= s.rows) continue;
+    const int64_t r = s.r0 + col;
+    if (p.out_f32) {
+      float* o = static_cast<float*>(p.out) + z * p.plane + r * D;
+      if (da < D) o[da] = v[c] + bias.x;
+      if (db < D) o[db] = v[2 + c] + bias.y;
+    } else {
+      T* o = static_cast<T*>(p.out) + r * D;
+      if (da < D) o[da] = FromF<T>(v[c] + bias.x);
+      if (db < D) o[db] = FromF<T>(v[2 + c] + bias.y);
+    }
+  }
 }
 
 template <typename T>
@@ -140,24 +241,14 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
   __shared__ float red[kWarps * kNT * 4 * 32];
   Slot s;
   if (!GetSlot(p.g, blockIdx.y, &s)) return;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int D = p.D, I = p.I;
+  const int g = (threadIdx.x & 31) >> 2, D = p.D;
   const bool gated = p.w.up != nullptr;
-  const T* gate = static_cast<const T*>(p.w.gate);
-  const T* up = static_cast<const T*>(p.w.up);
   // this thread's two weight rows
   const int ua = gated ? blockIdx.x * 8 + g : blockIdx.x * 16 + g;
   const int ub = gated ? ua : ua + 8;
-  const T* wa = nullptr;
-  const T* wb = nullptr;
-  if (ua < I) wa = gate + (p.w.gate_row0 + s.e * p.w.gate_rpe + ua * p.w.gate_rpu) * D;
-  if (ub < I) {
-    wb = gated ? up + (p.w.up_row0 + s.e * p.w.up_rpe + ub * p.w.up_rpu) * D
-               : gate + (p.w.gate_row0 + s.e * p.w.gate_rpe + ub * p.w.gate_rpu) * D;
-  }
+  const T* wa = Tile1Row<T>(p, s.e, blockIdx.x, g);
+  const T* wb = Tile1Row<T>(p, s.e, blockIdx.x, g + 8);
   const T* A = static_cast<const T*>(p.A);
-  T* H = static_cast<T*>(p.H);
-  const DType bt = Elem<T>::kType;
   for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
     const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
     const T* brow[kNT];
@@ -175,36 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
     MainLoop<T>(acc, wa, wb, brow, ntiles, D, 0, (D + 31) / 32);
     float v[4];
     Reduce(acc, red, v);
-    const int warp = threadIdx.x >> 5;
-    if (warp < ntiles) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = c0 + warp * 8 + 2 * t + c;
-        if (col >= s.rows) continue;
-        const int r = s.r0 + col;
-        const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-        T* hrow = H + static_cast<int64_t>(r) * I;
-        if (gated) {
-          if (ua < I) {
-            float gv = v[c] * sc, uv = v[2 + c] * sc;
-            if (p.w.bg) gv += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ua * p.w.bg_us, bt);
-            if (p.w.bu) uv += LoadF(p.w.bu, p.w.bu_off + s.e * p.w.bu_es + ua * p.w.bu_us, bt);
-            hrow[ua] = FromF<T>(Glu(gv, uv, p.act));
-          }
-        } else {
-          if (ua < I) {
-            float x = v[c] * sc;
-            if (p.w.bg) x += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ua * p.w.bg_us, bt);
-            hrow[ua] = FromF<T>(Act(x, p.act));
-          }
-          if (ub < I) {
-            float x = v[2 + c] * sc;
-            if (p.w.bg) x += LoadF(p.w.bg, p.w.bg_off + s.e * p.w.bg_es + ub * p.w.bg_us, bt);
-            hrow[ub] = FromF<T>(Act(x, p.act));
-          }
-        }
-      }
-    }
+    StoreH<T>(p, s, c0, ntiles, ua, ub, v);
     __syncthreads();  // red is reused by the next pass
   }
 }
@@ -216,22 +278,15 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   __shared__ float red[kWarps * kNT * 4 * 32];
   Slot s;
   if (!GetSlot(p.g, blockIdx.y, &s)) return;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int D = p.D, I = p.I;
-  const T* w2 = static_cast<const T*>(p.w2) + static_cast<int64_t>(s.e) * D * I;
+  const int g = (threadIdx.x & 31) >> 2, I = p.I;
   const int da = blockIdx.x * 16 + g, db = da + 8;
-  const T* wa = da < D ? w2 + static_cast<int64_t>(da) * I : nullptr;
-  const T* wb = db < D ? w2 + static_cast<int64_t>(db) * I : nullptr;
+  const T* wa = Tile2Row<T>(p, s.e, blockIdx.x, g);
+  const T* wb = Tile2Row<T>(p, s.e, blockIdx.x, g + 8);
   const T* H = static_cast<const T*>(p.H);
-  const DType bt = Elem<T>::kType;
   // this block's part of K; part 0 adds the bias
   const int z = blockIdx.z, nkb = (I + 31) / 32;
   const int kbeg = z * nkb / p.splits, kend = (z + 1) * nkb / p.splits;
-  float ba = 0.0f, bb = 0.0f;
-  if (p.b2 && z == 0) {
-    if (da < D) ba = LoadF(p.b2, static_cast<int64_t>(s.e) * D + da, bt);
-    if (db < D) bb = LoadF(p.b2, static_cast<int64_t>(s.e) * D + db, bt);
-  }
+  const float2 bias = Bias2<T>(p, s, z, da, db);
   for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
     const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
     const T* brow[kNT];
@@ -244,27 +299,270 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
     float v[4];
     Reduce(acc, red, v);
-    const int warp = threadIdx.x >> 5;
-    if (warp < ntiles) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = c0 + warp * 8 + 2 * t + c;
-        if (col >= s.rows) continue;
-        const int64_t r = s.r0 + col;
-        if (p.out_f32) {
-          float* o = static_cast<float*>(p.out) + z * p.plane + r * D;
-          if (da < D) o[da] = v[c] + ba;
-          if (db < D) o[db] = v[2 + c] + bb;
-        } else {
-          T* o = static_cast<T*>(p.out) + r * D;
-          if (da < D) o[da] = FromF<T>(v[c] + ba);
-          if (db < D) o[db] = FromF<T>(v[2 + c] + bb);
-        }
-      }
-    }
+    StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
     __syncthreads();
   }
 }
+
+// ---- decode on Hopper: both projections in one persistent kernel -----------------------------
+//
+// One block per SM. A producer warp streams weight rows into a ring of shared-memory stages with
+// bulk copies (the TMA unit, so the bytes in flight are not bounded by registers); four consumer
+// warps run the MMAs above from there, with the tokens' values from L1 / L2, and the same
+// reduction and epilogues. Work items are numbered expert-major: every projection-1 tile of the
+// call, then every projection-2 tile (and part of K). Blocks take them in order from a ticket
+// counter. A projection-2 item waits until its expert's projection-1 tiles are done (a counter per
+// expert), but its weights are already on their way: projection 2's weights stream in while
+// projection 1 finishes, and the ramp and tail of two kernels and the launch between them are
+// gone. Tickets rather than a fixed split keep this deadlock-free on a shared GPU: an item waits
+// only for items with smaller tickets, each held by a block that is running.
+
+constexpr int kFzStages = 4;
+constexpr int kFzKC = 1024;  // k of one stage
+constexpr int kFzKbPerWarp = kFzKC / 32 / kWarps;
+// Stage rows are 64 bytes longer than their data: the two rows a quarter-warp's 16-byte loads
+// touch then fall on different banks.
+constexpr int kFzRowBytes = kFzKC * 2 + 64;
+constexpr int kFzItems = 2 * kFzStages;  // item queue; must exceed kFzStages (see FzProduce)
+static_assert(kSkinnyFusedMaxPairs <= kNT * 8, "one pass of token tiles per expert");
+
+struct FzShared {
+  uint8_t stage[kFzStages][16 * kFzRowBytes];
+  float red[kWarps * kNT * 4 * 32];
+  uint64_t full[kFzStages], empty[kFzStages], item_bar[kFzItems];
+  int item[kFzItems];
+  int slot_e[kSkinnyFusedMaxPairs], slot_r0[kSkinnyFusedMaxPairs], slot_rows[kSkinnyFusedMaxPairs];
+  int row_src[kSkinnyFusedMaxPairs];
+  int num_active;
+};
+
+// One work item: projection 1 or 2, the expert's slot, the weight tile, the part of K (projection
+// 2) and its stages [st0, st1) of kFzKC each.
+struct FzItem {
+  bool first;
+  int slot, tile, z, st0, st1;
+};
+
+struct FzShape {
+  int n1, n2, splits, nst1, nst2;  // tiles per expert; parts of K (projection 2); stages of K
+  __device__ explicit FzShape(const FusedDecodeParams& f)
+      : n1(static_cast<int>(CeilDiv(f.p1.I, f.p1.w.up ? 8 : 16))),
+        n2(static_cast<int>(CeilDiv(f.p2.D, 16))),
+        splits(f.p2.splits),
+        nst1(static_cast<int>(CeilDiv(f.p1.D, kFzKC))),
+        nst2(static_cast<int>(CeilDiv(f.p2.I, kFzKC))) {}
+  __device__ int Items(int active) const { return active * (n1 + n2 * splits); }
+  __device__ FzItem Decode(int item, int active) const {
+    FzItem it;
+    it.first = item < active * n1;
+    if (it.first) {
+      it.slot = item / n1;
+      it.tile = item % n1;
+      it.z = 0;
+      it.st0 = 0;
+      it.st1 = nst1;
+    } else {
+      const int j = item - active * n1, per = n2 * splits;
+      it.slot = j / per;
+      it.tile = j % per / splits;
+      it.z = j % splits;
+      it.st0 = it.z * nst2 / splits;  // >= 1 stage per part: splits <= nst2 (the launcher checks)
+      it.st1 = (it.z + 1) * nst2 / splits;
+    }
+    return it;
+  }
+};
+
+#ifdef MOEFUSE_SM90A
+
+__device__ __forceinline__ int LoadAcquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// The consumer warps' barrier (the producer warp is not in it).
+struct ConsumerSync {
+  __device__ __forceinline__ void operator()() const {
+    asm volatile("bar.sync 1, %0;" ::"n"(kWarps * 32) : "memory");
+  }
+};
+
+// Lane 0 of the producer warp: takes tickets, announces each item in the item queue, and fills
+// the stages of its weight rows. Item j's queue entry was last read when the consumers began item
+// j - kFzItems; every item has at least one stage, so issuing item j - 1's stages waited until
+// the consumers had released a stage of an item after that one (kFzItems - 1 >= kFzStages).
+template <typename T>
+__device__ __forceinline__ void FzProduce(const FusedDecodeParams& f, FzShared& sh, const FzShape& shape,
+                                          int active) {
+  const int total = shape.Items(active);
+  const uint64_t policy = EvictFirstPolicy();
+  int next = atomicAdd(f.sync, 1);
+  uint32_t q = 0;  // stages filled
+  for (int j = 0;; ++j) {
+    const int item = next < total ? next : -1;
+    if (item >= 0) next = atomicAdd(f.sync, 1);  // in flight while this item is issued
+    sh.item[j % kFzItems] = item;
+    MbarArrive(&sh.item_bar[j % kFzItems]);
+    if (item < 0) return;
+    const FzItem it = shape.Decode(item, active);
+    const int e = sh.slot_e[it.slot], K = it.first ? f.p1.D : f.p2.I;
+    const T* rows[16];
+    uint32_t nrows = 0;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      rows[r] = it.first ? Tile1Row<T>(f.p1, e, it.tile, r) : Tile2Row<T>(f.p2, e, it.tile, r);
+      nrows += rows[r] != nullptr;
+    }
+    for (int st = it.st0; st < it.st1; ++st, ++q) {
+      const int s = q % kFzStages;
+      if (q >= kFzStages) MbarWait(&sh.empty[s], (q / kFzStages + 1) & 1);
+      const int k0 = st * kFzKC, klen = min(kFzKC, K - k0);
+      MbarExpectTx(&sh.full[s], nrows * klen * 2);
+#pragma unroll
+      for (int r = 0; r < 16; ++r)
+        if (rows[r]) BulkLoad(sh.stage[s] + r * kFzRowBytes, rows[r] + k0, klen * 2, &sh.full[s], policy);
+    }
+  }
+}
+
+// One stage of a consumer warp: its quarter of the stage's k-blocks. The tokens' values of the
+// first token tile are requested before waiting for the weights.
+template <typename T, bool kFromL2>
+__device__ __forceinline__ void FzStage(float (&acc)[kNT][4], const uint8_t* stage, bool va, bool vb,
+                                        const T* const (&brow)[kNT], int ntiles, int k0, int klen,
+                                        uint64_t* full, uint32_t parity) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int nkb = (klen + 31) / 32, kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
+  const uint8_t* ra = stage + g * kFzRowBytes;
+  const uint8_t* rb = ra + 8 * kFzRowBytes;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+    if (i >= ntiles) break;  // block-uniform
+    uint4 x[kFzKbPerWarp];
+#pragma unroll
+    for (int u = 0; u < kFzKbPerWarp; ++u) {
+      const int k = (kb0 + u) * 32 + t * 8;
+      const uint4* src = reinterpret_cast<const uint4*>(brow[i] + k0 + k);
+      x[u] = kb0 + u < kb1 && k < klen && brow[i] ? (kFromL2 ? __ldcg(src) : __ldg(src)) : zero;
+    }
+    if (i == 0) MbarWait(full, parity);
+#pragma unroll
+    for (int u = 0; u < kFzKbPerWarp; ++u) {
+      const int k = (kb0 + u) * 32 + t * 8;
+      const bool in = kb0 + u < kb1 && k < klen;
+      const uint4 a = in && va ? *reinterpret_cast<const uint4*>(ra + k * 2) : zero;
+      const uint4 b = in && vb ? *reinterpret_cast<const uint4*>(rb + k * 2) : zero;
+      MmaK32<T>(acc[i], a, b, x[u]);
+    }
+  }
+}
+
+// The four consumer warps: each item's stages, then the reduction and projection 1's or 2's
+// epilogue. A finished projection-1 tile counts for its expert; a projection-2 item first waits
+// for its expert's count (its weights keep arriving meanwhile).
+template <typename T>
+__device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& sh, const FzShape& shape,
+                                          int active) {
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const ConsumerSync sync;
+  const T* X = static_cast<const T*>(f.p1.A);
+  const T* H = static_cast<const T*>(f.p2.H);
+  uint32_t q = 0;  // stages consumed
+  for (int j = 0;; ++j) {
+    MbarWait(&sh.item_bar[j % kFzItems], (j / kFzItems) & 1);
+    const int item = sh.item[j % kFzItems];
+    if (item < 0) return;
+    const FzItem it = shape.Decode(item, active);
+    const Slot s{sh.slot_e[it.slot], sh.slot_r0[it.slot], sh.slot_rows[it.slot]};
+    const int ntiles = (s.rows + 7) / 8;
+    const T* brow[kNT];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      const int c = i * 8 + g;
+      brow[i] = c >= s.rows ? nullptr
+                : it.first  ? X + static_cast<int64_t>(sh.row_src[s.r0 + c]) * f.p1.D
+                            : H + static_cast<int64_t>(s.r0 + c) * f.p2.I;
+    }
+    if (!it.first) {
+      if (threadIdx.x == 0)
+        while (LoadAcquire(f.sync + 1 + it.slot) < shape.n1) __nanosleep(64);
+      sync();
+    }
+    const int K = it.first ? f.p1.D : f.p2.I;
+    // MMA rows g and g + 8 of the tile: valid unless past I (projection 1) or D (projection 2)
+    const int ua = f.p1.w.up ? it.tile * 8 + g : it.tile * 16 + g, ub = f.p1.w.up ? ua : ua + 8;
+    const int da = it.tile * 16 + g, db = da + 8;
+    const bool va = it.first ? ua < f.p1.I : da < f.p2.D, vb = it.first ? ub < f.p1.I : db < f.p2.D;
+    float acc[kNT][4] = {};
+    for (int st = it.st0; st < it.st1; ++st, ++q) {
+      const int sidx = q % kFzStages, k0 = st * kFzKC, klen = min(kFzKC, K - k0);
+      const uint32_t parity = (q / kFzStages) & 1;
+      if (it.first)
+        FzStage<T, false>(acc, sh.stage[sidx], va, vb, brow, ntiles, k0, klen, &sh.full[sidx], parity);
+      else
+        FzStage<T, true>(acc, sh.stage[sidx], va, vb, brow, ntiles, k0, klen, &sh.full[sidx], parity);
+      __syncwarp();
+      if (lane == 0) MbarArrive(&sh.empty[sidx]);
+    }
+    float v[4];
+    Reduce(acc, sh.red, v, sync);
+    if (it.first) {
+      StoreH<T>(f.p1, s, 0, ntiles, ua, ub, v);
+      sync();  // every thread's H values are written (and red is free again)
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(f.sync + 1 + it.slot, 1);
+      }
+    } else {
+      StoreOut<T>(f.p2, s, 0, ntiles, it.z, da, db, Bias2<T>(f.p2, s, it.z, da, db), v);
+      sync();  // red is free again
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__((kWarps + 1) * 32, 1) FusedDecodeKernel(const __grid_constant__ FusedDecodeParams f) {
+  extern __shared__ __align__(128) uint8_t fz_raw[];
+  FzShared& sh = *reinterpret_cast<FzShared*>(fz_raw);
+  GridDepWait();
+  GridDepLaunch();
+  const Groups& g = f.p1.g;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < kFzStages; ++s) {
+      MbarInit(&sh.full[s], 1);  // the producer's arrival + the stage's bytes
+      MbarInit(&sh.empty[s], kWarps);
+    }
+    for (int j = 0; j < kFzItems; ++j) MbarInit(&sh.item_bar[j], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    sh.num_active = *g.num_active;
+  }
+  if (tid < kSkinnyFusedMaxPairs) {
+    if (tid < *g.num_active) {
+      const int e = g.active[tid];
+      sh.slot_e[tid] = e;
+      sh.slot_r0[tid] = g.offsets[e];
+      sh.slot_rows[tid] = g.active[g.num_groups + tid];
+    }
+    if (tid < f.pairs) sh.row_src[tid] = f.p1.row_map ? f.p1.row_map[tid] : tid;
+  }
+  __syncthreads();
+  const FzShape shape(f);
+  if (tid >= kWarps * 32) {
+    if (tid == kWarps * 32) FzProduce<T>(f, sh, shape, sh.num_active);
+    return;
+  }
+  FzConsume<T>(f, sh, shape, sh.num_active);
+}
+
+#else  // not sm_90a: never launched (SkinnyFusedAvailable checks the device's code)
+
+template <typename T>
+__global__ void FusedDecodeKernel(const __grid_constant__ FusedDecodeParams) {}
+
+#endif
 
 template <typename T>
 cudaError_t Gemm1T(const Gemm1Params& p, cudaStream_t stream) {
@@ -285,6 +583,21 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   return Launch(Gemm2Kernel<T>,
                 dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
                 dim3(kWarps * 32), 0, stream, p);
+}
+
+template <typename T>
+cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream) {
+  const int nst2 = static_cast<int>(CeilDiv(f.p2.I, kFzKC));
+  if (f.pairs > kSkinnyFusedMaxPairs || f.p1.g.dense_rows >= 0 || f.p2.splits < 1 || f.p2.splits > nst2 ||
+      !f.p2.out_f32 || !f.sync)
+    return cudaErrorInvalidValue;
+  if (f.pairs == 0 || f.p1.I <= 0 || f.p1.D <= 0) return cudaSuccess;
+  const size_t smem = sizeof(FzShared);
+  if (cudaError_t e = cudaFuncSetAttribute(FusedDecodeKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)))
+    return e;
+  return Launch(FusedDecodeKernel<T>, dim3(static_cast<unsigned>(num_sms)), dim3((kWarps + 1) * 32), smem,
+                stream, f);
 }
 
 }  // namespace
@@ -323,6 +636,23 @@ cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream) {
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) return Gemm2T<__nv_bfloat16>(p, stream);
   if (p.dtype == DType::kF16) return Gemm2T<__half>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+bool SkinnyFusedAvailable() {
+  cudaFuncAttributes a;
+  return cudaFuncGetAttributes(&a, FusedDecodeKernel<__half>) == cudaSuccess && a.binaryVersion == 90;
+}
+
+// Parts of projection 2's K: about four stages each at least, at most four parts (they are summed
+// by the combine), so that long K (14336) still gives every SM several items to balance.
+int SkinnyFusedSplits(int64_t I) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, CeilDiv(I, kFzKC) / 4)));
+}
+
+cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStream_t stream) {
+  if (f.p1.dtype == DType::kBF16) return FusedT<__nv_bfloat16>(f, num_sms, stream);
+  if (f.p1.dtype == DType::kF16) return FusedT<__half>(f, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 
