@@ -256,8 +256,8 @@ def main():
                     "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
-                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), split (MOEFUSE_CUDA_DECODE=split: decode "
-                    "projections as two kernels on Hopper too), lib=PATH (another build of the "
+                    "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), fused (MOEFUSE_CUDA_DECODE=fused: decode "
+                    "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

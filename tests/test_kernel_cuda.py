@@ -149,15 +149,18 @@ def test_trait_matrix_float32(routing, experts):
     check(attrs, opts, inter, True, True, np.float32, (1, E + 5), rank=3)
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill", "simt"])
+@pytest.mark.parametrize("path", ["decode", "decode+fused", "prefill", "simt"])
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
                                              ("topk_softmax", "gptoss_clamp"),
                                              ("sigmoid_grouped", "geglu_separate"),
                                              ("sigmoid_on_input", "relu_plain"),
                                              ("precomputed", "swiglu_interleaved")])
 def test_forced_paths(routing, experts, path, monkeypatch):
-    """MOEFUSE_CUDA_PATH pins the GEMM path at kernel creation: every path on every T."""
-    monkeypatch.setenv("MOEFUSE_CUDA_PATH", path)
+    """MOEFUSE_CUDA_PATH pins the GEMM path at kernel creation: every path on every T (decode
+    with the one-kernel projections too, which take the calls of at most 32 pairs)."""
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", path.split("+")[0])
+    if path.endswith("+fused"):
+        monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "fused")
     attrs, opts, inter = case(routing, experts)
     for dtype in DTYPES:
         check(attrs, opts, inter, True, True, dtype, (1, 70) if not MEMCHECK else (3,))
@@ -233,13 +236,14 @@ def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
 def test_decode_split_k(splits, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_SPLITK", splits)
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
-    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")  # the one-kernel decode splits K its own way
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")  # (the default; the one-kernel decode
+    # splits K its own way)
     attrs = MoEFFNAttrs(k=2)
     check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
 
 
-# The one-kernel decode (Hopper, calls of at most 32 (token, expert) pairs) and the two-kernel one
-# it replaces there: work items of several shared-memory stages with K and N tails (hidden 1096,
+# The one-kernel decode (Hopper, opt-in; calls of at most 32 (token, expert) pairs) and the
+# default two-kernel one: work items of several shared-memory stages with K and N tails (hidden 1096,
 # intermediate 1032), projection 2 in parts of K (intermediate 8200: two parts), gate and up
 # interleaved and stored in_out, an ungated activation, many experts with k = 8 (32 pairs at
 # T = 4), weight on the input; biases and a shared expert throughout.
@@ -269,7 +273,8 @@ def test_decode_one_kernel(name, changes, size, counts, decode, monkeypatch):
 
 
 def test_one_kernel_decode_on_hopper():
-    """On a Hopper GPU the library has the one-kernel decode's code (so the tests above run it)."""
+    """On a Hopper GPU the library has the one-kernel decode's code (so the tests that ask for it
+    run it)."""
     assert ctypes.CDLL(library_path()).MoefuseCudaFusedDecode() != 0
 
 

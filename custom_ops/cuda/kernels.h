@@ -143,10 +143,10 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
 
-// Decode on Hopper (sm_90a): projections 1 and 2 of the routed experts in one persistent kernel,
-// one block per SM, weights streamed into shared memory by bulk copies; projection 2's weights
-// stream in while projection 1 finishes. For calls of at most kSkinnyFusedMaxPairs (token, expert)
-// pairs; projection 2 writes p2.splits float32 planes (SkinnyFusedSplits) for the combine.
+// Decode on Hopper (sm_90a, opt-in): projections 1 and 2 of the routed experts in one persistent
+// kernel, weights streamed into shared memory by bulk copies; projection 2's weights stream in
+// while projection 1 finishes. For calls of at most kSkinnyFusedMaxPairs (token, expert) pairs;
+// projection 2 writes p2.splits float32 planes (SkinnyFusedSplits) for the combine.
 constexpr int kSkinnyFusedMaxPairs = 32;
 struct FusedDecodeParams {
   Gemm1Params p1;

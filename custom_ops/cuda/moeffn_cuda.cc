@@ -6,8 +6,8 @@
 //      scattered per expert, the per-expert tile schedule, all in device memory;
 //   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
 //      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
-//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync; on
-//          Hopper, calls of few pairs run both projections in one persistent kernel;
+//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync (on
+//          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel);
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
@@ -132,8 +132,8 @@ class Kernel {
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
-  bool fused_decode_ = true;       // MOEFUSE_CUDA_DECODE=split: decode projections as two kernels
-                                   // on Hopper too (A/B comparison)
+  bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
+                                   // on Hopper (experimental: not faster, docs/performance.md)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -163,7 +163,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
-  k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "fused")) != "split";
+  k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
@@ -375,7 +375,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t max_active = std::min<int64_t>(E, P);
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
-  // decode on Hopper: both projections in one kernel (calls of few pairs: one pass of tokens)
+  // decode on Hopper, opt-in: both projections in one kernel (calls of few pairs: one pass of tokens)
   const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.fused_decode &&
                             P <= kSkinnyFusedMaxPairs;
   const bool ypair_f32 = rpath != Path::kWgmma;

@@ -304,21 +304,27 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   }
 }
 
-// ---- decode on Hopper: both projections in one persistent kernel -----------------------------
+// ---- decode on Hopper: both projections in one persistent kernel (opt-in) ---------------------
 //
-// One block per SM. A producer warp streams weight rows into a ring of shared-memory stages with
-// bulk copies (the TMA unit, so the bytes in flight are not bounded by registers); four consumer
-// warps run the MMAs above from there, with the tokens' values from L1 / L2, and the same
+// Three blocks per SM. A producer warp streams weight rows into a ring of shared-memory stages
+// with bulk copies (the TMA unit, so the bytes in flight are not bounded by registers); four
+// consumer warps run the MMAs above from there, with the tokens' values through L1, and the same
 // reduction and epilogues. Work items are numbered expert-major: every projection-1 tile of the
 // call, then every projection-2 tile (and part of K). Blocks take them in order from a ticket
 // counter. A projection-2 item waits until its expert's projection-1 tiles are done (a counter per
 // expert), but its weights are already on their way: projection 2's weights stream in while
-// projection 1 finishes, and the ramp and tail of two kernels and the launch between them are
-// gone. Tickets rather than a fixed split keep this deadlock-free on a shared GPU: an item waits
-// only for items with smaller tickets, each held by a block that is running.
+// projection 1 finishes, and the launch between the two kernels is gone. Tickets rather than a
+// fixed split keep this deadlock-free on a shared GPU: an item waits only for items with smaller
+// tickets, each held by a block that is running.
+//
+// Measured on an H200 it matches the two kernels at T = 1 and is a few percent slower at T = 4
+// (docs/performance.md), so it is off by default (MOEFUSE_CUDA_DECODE=fused). One block per SM
+// was 1.3x slower than three: each item's latency (reduction, epilogue, counters) stalls its
+// block's stream, and only more blocks hide it.
 
-constexpr int kFzStages = 4;
-constexpr int kFzKC = 1024;  // k of one stage
+constexpr int kFzStages = 3;
+constexpr int kFzKC = 512;  // k of one stage
+constexpr int kFzBlocksPerSm = 3;  // blocks per SM: one block's per-item latencies hide behind the others'
 constexpr int kFzKbPerWarp = kFzKC / 32 / kWarps;
 // Stage rows are 64 bytes longer than their data: the two rows a quarter-warp's 16-byte loads
 // touch then fall on different banks.
@@ -333,6 +339,7 @@ struct FzShared {
   int item[kFzItems];
   int slot_e[kSkinnyFusedMaxPairs], slot_r0[kSkinnyFusedMaxPairs], slot_rows[kSkinnyFusedMaxPairs];
   int row_src[kSkinnyFusedMaxPairs];
+  int slot_ready[kSkinnyFusedMaxPairs];  // seen all projection-1 tiles of the slot done
   int num_active;
 };
 
@@ -381,6 +388,12 @@ __device__ __forceinline__ int LoadAcquire(const int* p) {
   return v;
 }
 
+// Adds v with release semantics (the block's writes before its barrier are visible first), without
+// waiting for the result.
+__device__ __forceinline__ void RedRelease(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // The consumer warps' barrier (the producer warp is not in it).
 struct ConsumerSync {
   __device__ __forceinline__ void operator()() const {
@@ -388,47 +401,51 @@ struct ConsumerSync {
   }
 };
 
-// Lane 0 of the producer warp: takes tickets, announces each item in the item queue, and fills
-// the stages of its weight rows. Item j's queue entry was last read when the consumers began item
-// j - kFzItems; every item has at least one stage, so issuing item j - 1's stages waited until
-// the consumers had released a stage of an item after that one (kFzItems - 1 >= kFzStages).
+// The producer warp: lane 0 takes tickets and announces each item in the item queue; lane r < 16
+// issues the bulk copy of weight row r of each stage (one thread issuing all 16 serialises them).
+// Item j's queue entry was last read when the consumers began item j - kFzItems; every item has
+// at least one stage, so issuing item j - 1's stages waited until the consumers had released a
+// stage of an item after that one (kFzItems - 1 >= kFzStages).
 template <typename T>
 __device__ __forceinline__ void FzProduce(const FusedDecodeParams& f, FzShared& sh, const FzShape& shape,
                                           int active) {
-  const int total = shape.Items(active);
+  const int lane = threadIdx.x & 31, total = shape.Items(active);
   const uint64_t policy = EvictFirstPolicy();
-  int next = atomicAdd(f.sync, 1);
+  int next = lane == 0 ? atomicAdd(f.sync, 1) : 0;
   uint32_t q = 0;  // stages filled
   for (int j = 0;; ++j) {
-    const int item = next < total ? next : -1;
-    if (item >= 0) next = atomicAdd(f.sync, 1);  // in flight while this item is issued
-    sh.item[j % kFzItems] = item;
-    MbarArrive(&sh.item_bar[j % kFzItems]);
+    int item = 0;
+    if (lane == 0) {
+      item = next < total ? next : -1;
+      if (item >= 0) next = atomicAdd(f.sync, 1);  // in flight while this item is issued
+      sh.item[j % kFzItems] = item;
+      MbarArrive(&sh.item_bar[j % kFzItems]);
+    }
+    item = __shfl_sync(0xffffffffu, item, 0);
     if (item < 0) return;
     const FzItem it = shape.Decode(item, active);
     const int e = sh.slot_e[it.slot], K = it.first ? f.p1.D : f.p2.I;
-    const T* rows[16];
-    uint32_t nrows = 0;
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      rows[r] = it.first ? Tile1Row<T>(f.p1, e, it.tile, r) : Tile2Row<T>(f.p2, e, it.tile, r);
-      nrows += rows[r] != nullptr;
-    }
+    const T* row = nullptr;
+    if (lane < 16) row = it.first ? Tile1Row<T>(f.p1, e, it.tile, lane) : Tile2Row<T>(f.p2, e, it.tile, lane);
+    const uint32_t nrows = __popc(__ballot_sync(0xffffffffu, row != nullptr));
     for (int st = it.st0; st < it.st1; ++st, ++q) {
       const int s = q % kFzStages;
-      if (q >= kFzStages) MbarWait(&sh.empty[s], (q / kFzStages + 1) & 1);
       const int k0 = st * kFzKC, klen = min(kFzKC, K - k0);
-      MbarExpectTx(&sh.full[s], nrows * klen * 2);
-#pragma unroll
-      for (int r = 0; r < 16; ++r)
-        if (rows[r]) BulkLoad(sh.stage[s] + r * kFzRowBytes, rows[r] + k0, klen * 2, &sh.full[s], policy);
+      if (lane == 0) {
+        if (q >= kFzStages) MbarWait(&sh.empty[s], (q / kFzStages + 1) & 1);
+        MbarExpectTx(&sh.full[s], nrows * klen * 2);
+      }
+      __syncwarp();
+      if (row) BulkLoad(sh.stage[s] + lane * kFzRowBytes, row + k0, klen * 2, &sh.full[s], policy);
     }
   }
 }
 
 // One stage of a consumer warp: its quarter of the stage's k-blocks. The tokens' values of the
-// first token tile are requested before waiting for the weights.
-template <typename T, bool kFromL2>
+// first token tile are requested before waiting for the weights. X is read-only (the non-coherent
+// path); H is written by this kernel, read through L1 (ld.ca) only after the acquire of its
+// expert's counter, which leaves no stale line of it in this SM's L1.
+template <typename T, bool kWrittenHere>
 __device__ __forceinline__ void FzStage(float (&acc)[kNT][4], const uint8_t* stage, bool va, bool vb,
                                         const T* const (&brow)[kNT], int ntiles, int k0, int klen,
                                         uint64_t* full, uint32_t parity) {
@@ -445,7 +462,7 @@ __device__ __forceinline__ void FzStage(float (&acc)[kNT][4], const uint8_t* sta
     for (int u = 0; u < kFzKbPerWarp; ++u) {
       const int k = (kb0 + u) * 32 + t * 8;
       const uint4* src = reinterpret_cast<const uint4*>(brow[i] + k0 + k);
-      x[u] = kb0 + u < kb1 && k < klen && brow[i] ? (kFromL2 ? __ldcg(src) : __ldg(src)) : zero;
+      x[u] = kb0 + u < kb1 && k < klen && brow[i] ? (kWrittenHere ? __ldca(src) : __ldg(src)) : zero;
     }
     if (i == 0) MbarWait(full, parity);
 #pragma unroll
@@ -485,10 +502,13 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
                 : it.first  ? X + static_cast<int64_t>(sh.row_src[s.r0 + c]) * f.p1.D
                             : H + static_cast<int64_t>(s.r0 + c) * f.p2.I;
     }
-    if (!it.first) {
+    // (every consumer thread takes the same branch: the flag is set after this barrier and read
+    // again only after the reduction's barrier)
+    if (!it.first && !sh.slot_ready[it.slot]) {
       if (threadIdx.x == 0)
         while (LoadAcquire(f.sync + 1 + it.slot) < shape.n1) __nanosleep(64);
       sync();
+      if (threadIdx.x == 0) sh.slot_ready[it.slot] = 1;
     }
     const int K = it.first ? f.p1.D : f.p2.I;
     // MMA rows g and g + 8 of the tile: valid unless past I (projection 1) or D (projection 2)
@@ -511,10 +531,7 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
     if (it.first) {
       StoreH<T>(f.p1, s, 0, ntiles, ua, ub, v);
       sync();  // every thread's H values are written (and red is free again)
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(f.sync + 1 + it.slot, 1);
-      }
+      if (threadIdx.x == 0) RedRelease(f.sync + 1 + it.slot, 1);
     } else {
       StoreOut<T>(f.p2, s, 0, ntiles, it.z, da, db, Bias2<T>(f.p2, s, it.z, da, db), v);
       sync();  // red is free again
@@ -523,7 +540,7 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
 }
 
 template <typename T>
-__global__ void __launch_bounds__((kWarps + 1) * 32, 1) FusedDecodeKernel(const __grid_constant__ FusedDecodeParams f) {
+__global__ void __launch_bounds__((kWarps + 1) * 32, kFzBlocksPerSm) FusedDecodeKernel(const __grid_constant__ FusedDecodeParams f) {
   extern __shared__ __align__(128) uint8_t fz_raw[];
   FzShared& sh = *reinterpret_cast<FzShared*>(fz_raw);
   GridDepWait();
@@ -540,6 +557,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, 1) FusedDecodeKernel(const 
     sh.num_active = *g.num_active;
   }
   if (tid < kSkinnyFusedMaxPairs) {
+    sh.slot_ready[tid] = 0;
     if (tid < *g.num_active) {
       const int e = g.active[tid];
       sh.slot_e[tid] = e;
@@ -551,7 +569,7 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, 1) FusedDecodeKernel(const 
   __syncthreads();
   const FzShape shape(f);
   if (tid >= kWarps * 32) {
-    if (tid == kWarps * 32) FzProduce<T>(f, sh, shape, sh.num_active);
+    FzProduce<T>(f, sh, shape, sh.num_active);
     return;
   }
   FzConsume<T>(f, sh, shape, sh.num_active);
@@ -596,7 +614,12 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
   if (cudaError_t e = cudaFuncSetAttribute(FusedDecodeKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)))
     return e;
-  return Launch(FusedDecodeKernel<T>, dim3(static_cast<unsigned>(num_sms)), dim3((kWarps + 1) * 32), smem,
+  int per_sm = 0;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedDecodeKernel<T>,
+                                                                    (kWarps + 1) * 32, smem))
+    return e;
+  const int blocks = num_sms * std::max(1, std::min(per_sm, kFzBlocksPerSm));
+  return Launch(FusedDecodeKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3((kWarps + 1) * 32), smem,
                 stream, f);
 }
 
