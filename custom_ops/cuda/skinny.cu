@@ -319,12 +319,12 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
 //
 // Measured on an H200 it matches the two kernels at T = 1 and is a few percent slower at T = 4
 // (docs/performance.md), so it is off by default (MOEFUSE_CUDA_DECODE=fused). One block per SM
-// was 1.3x slower than three: each item's latency (reduction, epilogue, counters) stalls its
-// block's stream, and only more blocks hide it.
+// (4 stages of 1024) was 1.3x slower than three (3 stages of 512): a block's stream stalls on each
+// item's own latency (reduction, epilogue, counters), which other blocks hide.
 
 constexpr int kFzStages = 3;
 constexpr int kFzKC = 512;  // k of one stage
-constexpr int kFzBlocksPerSm = 3;  // blocks per SM: one block's per-item latencies hide behind the others'
+constexpr int kFzBlocksPerSm = 3;  // one block's per-item latencies hide behind the others' streams
 constexpr int kFzKbPerWarp = kFzKC / 32 / kWarps;
 // Stage rows are 64 bytes longer than their data: the two rows a quarter-warp's 16-byte loads
 // touch then fall on different banks.
@@ -402,7 +402,7 @@ struct ConsumerSync {
 };
 
 // The producer warp: lane 0 takes tickets and announces each item in the item queue; lane r < 16
-// issues the bulk copy of weight row r of each stage (one thread issuing all 16 serialises them).
+// issues the bulk copy of weight row r of each stage.
 // Item j's queue entry was last read when the consumers began item j - kFzItems; every item has
 // at least one stage, so issuing item j - 1's stages waited until the consumers had released a
 // stage of an item after that one (kFzItems - 1 >= kFzStages).
@@ -540,7 +540,8 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
 }
 
 template <typename T>
-__global__ void __launch_bounds__((kWarps + 1) * 32, kFzBlocksPerSm) FusedDecodeKernel(const __grid_constant__ FusedDecodeParams f) {
+__global__ void __launch_bounds__((kWarps + 1) * 32, kFzBlocksPerSm)
+    FusedDecodeKernel(const __grid_constant__ FusedDecodeParams f) {
   extern __shared__ __align__(128) uint8_t fz_raw[];
   FzShared& sh = *reinterpret_cast<FzShared*>(fz_raw);
   GridDepWait();
