@@ -256,6 +256,7 @@ OrtStatus* Kernel::EnsureDevice(const void* p) {
       return CudaError(e, "cudaDeviceGetAttribute");
     if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device))
       return CudaError(e, "cudaDeviceGetAttribute");
+    // (the kernel's attributes are those of the current device: asked only when it is this one)
     int cur = -1;
     if (cudaGetDevice(&cur) == cudaSuccess && cur == d.device) d.fused_decode = d.major == 9 && SkinnyFusedAvailable();
     dev_ = d;
@@ -698,8 +699,8 @@ OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain, bool shape_i
 // Lets tests and tools tell a CUDA build of the library from a CPU-only one.
 extern "C" MOEFUSE_EXPORT int MoefuseCudaBuilt(void) { return 1; }
 
-// Whether decode calls on the current device run both projections in one kernel: 1 yes, 0 no
-// although it is a Hopper GPU (a build without sm_90a code), -1 not a Hopper GPU (or no device).
+// Whether the current device can run the one-kernel decode (MOEFUSE_CUDA_DECODE=fused): 1 yes, 0
+// no although it is a Hopper GPU (a build without sm_90a code), -1 not a Hopper GPU (or no device).
 extern "C" MOEFUSE_EXPORT int MoefuseCudaFusedDecode(void) {
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev))
