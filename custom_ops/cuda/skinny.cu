@@ -319,8 +319,9 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
 //
 // Measured on an H200 it matches the two kernels at T = 1 and is a few percent slower at T = 4
 // (docs/performance.md), so it is off by default (MOEFUSE_CUDA_DECODE=fused). One block per SM
-// (4 stages of 1024) was 1.3x slower than three (3 stages of 512): a block's stream stalls on each
-// item's own latency (reduction, epilogue, counters), which other blocks hide.
+// (4 stages of 1024) was 1.14x-1.32x slower at T = 1 than three (3 stages of 512): a block's
+// stream stalls on each item's own latency (reduction, epilogue, counters), which other blocks
+// hide.
 
 constexpr int kFzStages = 3;
 constexpr int kFzKC = 512;  // k of one stage
@@ -329,7 +330,8 @@ constexpr int kFzKbPerWarp = kFzKC / 32 / kWarps;
 // Stage rows are 64 bytes longer than their data: the two rows a quarter-warp's 16-byte loads
 // touch then fall on different banks.
 constexpr int kFzRowBytes = kFzKC * 2 + 64;
-constexpr int kFzItems = 2 * kFzStages;  // item queue; must exceed kFzStages (see FzProduce)
+constexpr int kFzItems = 2 * kFzStages;  // item queue
+static_assert(kFzItems > kFzStages, "the item queue's reuse argument (FzProduce)");
 static_assert(kSkinnyFusedMaxPairs <= kNT * 8, "one pass of token tiles per expert");
 
 struct FzShared {
