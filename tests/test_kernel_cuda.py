@@ -230,6 +230,40 @@ def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
               experts=8, hidden=136)
 
 
+# Narrow tiles' projection 2 starts on an expert as soon as projection 1 has finished it, taking
+# its tiles from a counter (the default; MOEFUSE_CUDA_OVERLAP=0 waits for all of projection 1):
+# against the reference and bit for bit against the waiting schedule, with more tiles than CTAs in
+# both projections and experts of one and of several m-tiles.
+OVERLAP = [
+    ("wide", dict(k=4, gate_up_layout="interleaved"), dict(hidden=2048, inter=1536, experts=16),
+     (32, 200)),
+    ("many_experts", dict(k=8), dict(hidden=512, inter=768, experts=128), (32, 90)),
+]
+
+
+@pytest.mark.parametrize("rows", ["32", "64"])
+@pytest.mark.parametrize("name,changes,size,counts", OVERLAP, ids=[o[0] for o in OVERLAP])
+def test_narrow_overlap(name, changes, size, counts, rows, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", rows)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    attrs = MoEFFNAttrs(k=2).replace(**changes)
+    counts = counts if not MEMCHECK else counts[:1]
+    check(attrs, {}, size["inter"], True, False, BF16, counts, experts=size["experts"],
+          hidden=size["hidden"])
+    base = random_inputs(attrs, 2, size["hidden"], size["inter"], size["experts"], biases=True,
+                         dtype=BF16, seed=4)
+    model = make_moeffn_model(attrs, base)
+    overlapped = cuda_session(model)
+    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
+    waiting = cuda_session(model)
+    for t in counts:
+        inputs = dict(base, **feeds(random_inputs(attrs, t, size["hidden"], size["inter"],
+                                                  size["experts"], dtype=BF16, seed=300 + t)))
+        a = run(overlapped, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        b = run(waiting, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+
+
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
 # unequal length, projection-2 bias added once.
 @pytest.mark.parametrize("splits", ["2", "3", "auto"])

@@ -134,6 +134,8 @@ class Kernel {
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
+  bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: narrow tiles' projection 2 waits for
+                                   // all of projection 1 (not per expert)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -164,6 +166,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
+  k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
@@ -402,7 +405,11 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
-  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : 0;
+  // narrow tiles: projection 2 starts per expert as projection 1 finishes it
+  const bool overlap = narrow && overlap_;
+  // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
+  // tile counter and per-expert counts
+  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
   const size_t o_sync = cv.Add(static_cast<size_t>(sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
   if (!small) {
@@ -603,6 +610,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.est_tiles = max_active * CeilDiv64(CeilDiv64(P, max_active), 128);
     g.tile_rows = bm;
     g.order_n = order_n_;
+    if (overlap) {
+      g.next_tile = s.zero;
+      g.ready = s.zero + 1;
+    }
     Gemm1Params g1;
     g1.dtype = dt;
     g1.D = static_cast<int>(D);

@@ -14,7 +14,7 @@ namespace cuda {
 namespace {
 
 constexpr int kRouteWarps = 4;       // warps (tokens in flight) per block, multi-kernel path
-constexpr int kFusedThreads = 512;   // one block: route + group, small T
+constexpr int kFusedThreads = 1024;  // one block: route + group, small T (a warp per token)
 constexpr int kFusedMaxTokens = 32;
 constexpr int kScanThreads = 1024;
 

@@ -384,12 +384,6 @@ struct FzShape {
 
 #ifdef MOEFUSE_SM90A
 
-__device__ __forceinline__ int LoadAcquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Adds v with release semantics (the block's writes before its barrier are visible first), without
 // waiting for the result.
 __device__ __forceinline__ void RedRelease(int* p, int v) {

@@ -57,6 +57,13 @@ struct WgArgs {
   int64_t bias2_off = 0, bias2_es = 0, bias2_us = 1;
   ActParams act;
   int expert_major = 1;  // tile order: expert, n-tile, m-tile (else n-tile, then all m-tiles)
+  // Narrow tiles (Groups::ready): projection 1 counts its finished tiles per expert in
+  // ready_signal; projection 2 takes tiles from *next_tile and gathers an expert's rows once
+  // ready_wait[e] reaches ready_need per m-tile of the expert.
+  int* ready_signal = nullptr;
+  const int* ready_wait = nullptr;
+  int ready_need = 0;
+  int* next_tile = nullptr;
 };
 
 // Shared-memory bytes of a ring (SetUpRing's layout, plus the alignment slack).
@@ -329,11 +336,18 @@ __device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes
   return r;
 }
 
+__device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 3, 128;" ::: "memory"); }
+
 // Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
 // weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
 // box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
 // activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
 // swizzle wgmma reads, zero-filled past the tile's rows and past K.
+//
+// Tiles are blockIdx.x + i * gridDim.x, or (p.next_tile) taken from a counter, so that the CTAs
+// that start first take more; the end is then published as a tile of expert -1 on the next stage.
+// With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
+// are ready.
 template <typename T, int BM, int S>
 __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMap& tm2, const WgArgs& p,
                                         const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
@@ -347,6 +361,16 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
   int stage = 0;
   uint32_t phase = 0;
   const int64_t step = gridDim.x;
+  // A counter's tile goes to the warpgroup through two shared slots: a slot is written again only
+  // after every thread has passed the barrier that follows its read.
+  __shared__ int taken[2];
+  int fetches = 0;
+  auto take = [&]() -> int64_t {
+    const int slot = fetches++ & 1;
+    if (tid == 0) taken[slot] = atomicAdd(p.next_tile, 1);
+    ProducerSync();
+    return taken[slot];
+  };
   Tile cur, nxt;
   int src[kRows], nsrc[kRows];
   auto rows_of = [&](const Tile& t, int (&out)[kRows]) {
@@ -356,13 +380,14 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
       out[j] = rr < t.rows ? (p.row_map ? p.row_map[t.r0 + rr] : t.r0 + rr) : -1;
     }
   };
-  int64_t tile = blockIdx.x;
+  int64_t tile = p.next_tile ? take() : blockIdx.x;
   if (tile < total) {
     cur = DecodeTile<BM>(p, tile, mtiles);
     rows_of(cur, src);
   }
-  for (int local = 0; tile < total; tile += step, ++local) {
-    const bool has_next = tile + step < total;
+  int local = 0;
+  for (; tile < total; ++local) {
+    int64_t next = tile + step;
     // published before the tile's first stage completes (the expect_tx arrive below releases it)
     if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
     const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
@@ -377,6 +402,13 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
         TmaLoad2d(bs, &tm1, kb * kBK, y1, ring.full + stage);
         if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &tm2, kb * kBK, y2, ring.full + stage);
       }
+      if (kb == 0 && p.ready_wait) {  // the expert's rows of the previous kernel
+        if (tid == 0) {
+          const int need = p.ready_need * (p.g.tile_prefix[cur.e + 1] - p.g.tile_prefix[cur.e]);
+          while (LoadAcquire(p.ready_wait + cur.e) < need) __nanosleep(128);
+        }
+        ProducerSync();
+      }
       const int k = kb * kBK + chunk * 8;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
@@ -390,16 +422,26 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
         stage = 0;
         phase ^= 1;
       }
-      if (kb == 0 && has_next) {  // the next tile and its rows, while this one streams
-        nxt = DecodeTile<BM>(p, tile + step, mtiles);
-        rows_of(nxt, nsrc);
+      if (kb == 0) {  // the next tile and its rows, while this one streams
+        if (p.next_tile) next = take();
+        if (next < total) {
+          nxt = DecodeTile<BM>(p, next, mtiles);
+          rows_of(nxt, nsrc);
+        }
       }
     }
-    if (has_next) {
+    tile = next;
+    if (tile < total) {
       cur = nxt;
 #pragma unroll
       for (int j = 0; j < kRows; ++j) src[j] = nsrc[j];
     }
+  }
+  if (p.next_tile) {  // the end, as a stage completed without data
+    MbarWait(ring.empty + stage, phase ^ 1);
+    if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(-1, 0, 0, 0);
+    MbarArrive(ring.full + stage);
+    if (tid == 0) MbarArrive(ring.full + stage);  // in place of the TMA's arrival
   }
 }
 
@@ -734,7 +776,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
   const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, 8);
-  GridDepWait();
+  // Projection 2 with ready_wait reads nothing of projection 1's before its counts say so (the
+  // routing results it reads were complete before projection 1 let this kernel start).
+  if (!p.ready_wait) GridDepWait();
   GridDepLaunch();
   const int64_t mtiles = MTiles<BT>(p);
   const int64_t total = mtiles * p.n_tiles;
@@ -750,15 +794,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   int stage = 0;
   uint32_t phase = 0;
   float accg[BT / 2] = {}, accu[BT / 2] = {};
-  int local = 0;
-  for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
+  int64_t tile = blockIdx.x;  // (static schedule)
+  for (int local = 0; p.next_tile || tile < total; ++local, tile += gridDim.x) {
+    MbarWait(ring.full + stage, phase);  // the tile's first stage: its description came before
+    const Tile t = ReadTile(ring.tinfo[local % C::kInfo]);
+    if (t.e < 0) break;  // the producer's end of a counted schedule
     // two main loops rather than a branch between the MMAs, which makes the compiler serialise them
     const int prev = p.mode == 2 ? NarrowMainLoop<T, BT, S, true>(ring, cw, lane, nkb, stage, phase, accg, accu)
                                  : NarrowMainLoop<T, BT, S, false>(ring, cw, lane, nkb, stage, phase, accg, accu);
     WgmmaWait<0>();
     if (prev >= 0 && lane == 0) MbarArrive(ring.empty + prev);
-    const Tile t = ReadTile(ring.tinfo[local % C::kInfo]);  // published before stage 0 completed
     NarrowEpilogue<T, BT>(p, t, accg, accu, cw);
+    if (p.ready_signal) {  // this warpgroup's part of the tile is in H, visible to the GPU
+      __threadfence();
+      WarpgroupSync(1 + cw);
+      if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
+    }
   }
 }
 
@@ -936,6 +987,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_us = p.w.bu_us;
   CUtensorMap m1, m2;
   if (p.g.tile_rows != kBM) {  // narrow tiles
+    a.ready_signal = p.g.ready;
     if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m1, &m2)) return cudaErrorInvalidValue;
     return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
   }
@@ -968,6 +1020,12 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   if (p.g.tile_rows != kBM) {
     if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
     a.b1_rpe = p.D;
+    if (p.g.ready) {  // counts of projection 1's narrow tiles: two warpgroups each
+      if (!p.g.next_tile || p.g.dense_rows >= 0) return cudaErrorInvalidValue;
+      a.ready_wait = p.g.ready;
+      a.ready_need = 2 * static_cast<int>(CeilDiv(p.I, NarrowCfg<32>::kUnits));
+      a.next_tile = p.g.next_tile;
+    }
     return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
