@@ -230,23 +230,24 @@ def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
               experts=8, hidden=136)
 
 
-# Narrow tiles' projection 2 starts on an expert as soon as projection 1 has finished it, taking
+# The wgmma path's projection 2 starts on an expert as soon as projection 1 has finished it, taking
 # its tiles from a counter (the default; MOEFUSE_CUDA_OVERLAP=0 waits for all of projection 1):
-# against the reference and bit for bit against the waiting schedule, with more tiles than CTAs in
-# both projections and experts of one and of several m-tiles.
+# against the reference and bit for bit against the waiting schedule, narrow (32, 64) and 128-row
+# tiles, with more tiles than CTAs in both projections and experts of one and of several m-tiles.
 OVERLAP = [
     ("wide", dict(k=4, gate_up_layout="interleaved"), dict(hidden=2048, inter=1536, experts=16),
-     (32, 200)),
-    ("many_experts", dict(k=8), dict(hidden=512, inter=768, experts=128), (32, 90)),
+     (32, 200), (200, 1200)),
+    ("many_experts", dict(k=8), dict(hidden=512, inter=768, experts=128), (32, 90), (90, 600)),
 ]
 
 
-@pytest.mark.parametrize("rows", ["32", "64"])
-@pytest.mark.parametrize("name,changes,size,counts", OVERLAP, ids=[o[0] for o in OVERLAP])
-def test_narrow_overlap(name, changes, size, counts, rows, monkeypatch):
+@pytest.mark.parametrize("rows", ["32", "64", "0"])
+@pytest.mark.parametrize("name,changes,size,narrow_counts,counts", OVERLAP, ids=[o[0] for o in OVERLAP])
+def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", rows)
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     attrs = MoEFFNAttrs(k=2).replace(**changes)
+    counts = narrow_counts if rows != "0" else counts
     counts = counts if not MEMCHECK else counts[:1]
     check(attrs, {}, size["inter"], True, False, BF16, counts, experts=size["experts"],
           hidden=size["hidden"])

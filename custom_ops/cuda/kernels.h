@@ -101,12 +101,14 @@ struct Groups {
   int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64
                                      // for the wgmma path's narrow tiles
   int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)
-  // Narrow wgmma tiles, routed experts: projection 2 starts while projection 1 finishes. ready[e]
-  // counts projection 1's finished (tile, consumer warpgroup) pairs of expert e; projection 2 takes
-  // its tiles from the *next_tile counter and gathers an expert's rows of H once its count is
-  // complete. Zeroed by the routing kernel. Null: projection 2 waits for all of projection 1.
+  // wgmma path, routed experts: projection 2 starts while projection 1 finishes. ready[e] counts
+  // projection 1's finished (tile, consumer warpgroup) pairs of expert e, ready_need per m-tile of
+  // the expert when complete (WgmmaFirstProjSignals); projection 2 takes its tiles from the
+  // *next_tile counter and gathers an expert's rows of H once its count is complete. Zeroed by the
+  // routing kernel. Null: projection 2 waits for all of projection 1.
   int* ready = nullptr;
   int* next_tile = nullptr;
+  int ready_need = 0;
 };
 
 // Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.
@@ -173,6 +175,8 @@ cudaError_t LaunchSimtGemm2(const Gemm2Params& p, cudaStream_t stream);
 bool WgmmaAvailable();
 cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t stream);
 cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream);
+// Groups::ready_need of projection 1's launch (p.g.ready set; not with the ping-pong schedule).
+int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms);
 
 // --- combine ------------------------------------------------------------------------------------
 

@@ -134,8 +134,8 @@ class Kernel {
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
-  bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: narrow tiles' projection 2 waits for
-                                   // all of projection 1 (not per expert)
+  bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: the wgmma path's projection 2 waits
+                                   // for all of projection 1 (not per expert)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -405,8 +405,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
-  // narrow tiles: projection 2 starts per expert as projection 1 finishes it
-  const bool overlap = narrow && overlap_;
+  // wgmma path: projection 2 starts per expert as projection 1 finishes it (not with the ping-pong
+  // schedule of 128-row tiles)
+  const bool overlap = rpath == Path::kWgmma && overlap_ && (narrow || !pingpong_);
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
@@ -641,6 +642,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.pingpong = pingpong_;
     g2.splits = ypair_planes;
     g2.plane = P * D;
+    if (overlap) g2.g.ready_need = WgmmaFirstProjSignals(g1, dev_.num_sms);
     switch (rpath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))

@@ -57,8 +57,8 @@ struct WgArgs {
   int64_t bias2_off = 0, bias2_es = 0, bias2_us = 1;
   ActParams act;
   int expert_major = 1;  // tile order: expert, n-tile, m-tile (else n-tile, then all m-tiles)
-  // Narrow tiles (Groups::ready): projection 1 counts its finished tiles per expert in
-  // ready_signal; projection 2 takes tiles from *next_tile and gathers an expert's rows once
+  // Groups::ready (cooperative and narrow tiles): projection 1 counts its finished tiles per expert
+  // in ready_signal; projection 2 takes tiles from *next_tile and gathers an expert's rows once
   // ready_wait[e] reaches ready_need per m-tile of the expert.
   int* ready_signal = nullptr;
   const int* ready_wait = nullptr;
@@ -512,6 +512,14 @@ __device__ __forceinline__ void WarpgroupSync(int id) {
   asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
 
+// Projection 1 (p.ready_signal): consumer warpgroup cw's part of tile t is in H, visible to the GPU.
+__device__ __forceinline__ void SignalReady(const WgArgs& p, const Tile& t, int cw) {
+  if (!p.ready_signal) return;
+  __threadfence();
+  WarpgroupSync(1 + cw);
+  if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
+}
+
 // One tile's epilogue for this thread's accumulators (rows 64 cw .. 64 cw + 63 of the tile), mode
 // and activation fixed at compile time (Epilogue dispatches), so that the unrolled body holds the
 // code of one case only.
@@ -594,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* const empty = ring.empty;
   uint64_t* const mma_done = empty + S;  // ping-pong: consumer warpgroup c finished a main loop
   const int4* const tinfo = ring.tinfo;
-  GridDepWait();
+  if (!p.ready_wait) GridDepWait();  // (as in WgNarrowKernel)
   GridDepLaunch();
   const int64_t mtiles = MTiles<kBM>(p);
   const int64_t total = mtiles * p.n_tiles;
@@ -614,8 +622,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       int stage = 0;
       uint32_t phase = 0;
       float acc[BN / 2] = {};
-      int local = 0;
-      for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x, ++local) {
+      int64_t tile = blockIdx.x;  // (static schedule)
+      for (int local = 0; p.next_tile || tile < total; ++local, tile += gridDim.x) {
+        MbarWait(full + stage, phase);  // the tile's first stage: its description came before
+        const Tile t = ReadTile(tinfo[local % C::kInfo]);
+        if (t.e < 0) break;  // the producer's end of a counted schedule
         int prev = -1;
         for (int kb = 0; kb < nkb; ++kb) {
           AcquireStage(full + stage, phase);
@@ -627,8 +638,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         WgmmaWait<0>();
         if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
-        const Tile t = ReadTile(tinfo[local % C::kInfo]);  // published before stage 0 completed
         Epilogue<T, BN>(p, t, acc, cw, ToGlobal<T>{static_cast<T*>(p.out), p.ldo, t.r0});
+        SignalReady(p, t, cw);
       }
     } else {
       // Ping-pong: tiles cw, cw + 2, ... of this CTA, all 128 rows (accumulators [0, 64): rows
@@ -805,11 +816,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     WgmmaWait<0>();
     if (prev >= 0 && lane == 0) MbarArrive(ring.empty + prev);
     NarrowEpilogue<T, BT>(p, t, accg, accu, cw);
-    if (p.ready_signal) {  // this warpgroup's part of the tile is in H, visible to the GPU
-      __threadfence();
-      WarpgroupSync(1 + cw);
-      if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
-    }
+    SignalReady(p, t, cw);
   }
 }
 
@@ -957,9 +964,22 @@ int PickBn(const Groups& g, int64_t n_cols, int num_sms) {
   return (n_cols > 128 && 2 * m * CeilDiv(n_cols, 256) >= num_sms) ? 256 : 128;
 }
 
+// Projection 1's tile width with 128-row tiles (the gated kinds' box is half of it).
+int FirstProjBn(const Gemm1Params& p, int num_sms) {
+  if (p.bn) return p.bn;
+  return PickBn(p.g, p.w.up ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+}
+
 }  // namespace
 
 bool WgmmaAvailable() { return GetEncode() != nullptr; }
+
+int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms) {
+  // two consumer warpgroups signal each tile, narrow or cooperative
+  if (p.g.tile_rows != kBM) return 2 * static_cast<int>(CeilDiv(p.I, NarrowCfg<32>::kUnits));
+  const int bn = FirstProjBn(p, num_sms);
+  return 2 * static_cast<int>(CeilDiv(p.I, p.w.up ? bn / 2 : bn));
+}
 
 cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t stream) {
   if (p.dtype == DType::kF32) return cudaErrorInvalidValue;
@@ -985,14 +1005,15 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_off = p.w.bu_off;
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
+  a.ready_signal = p.g.ready;
+  if (p.g.ready && p.g.tile_rows == kBM && p.pingpong) return cudaErrorInvalidValue;
   CUtensorMap m1, m2;
   if (p.g.tile_rows != kBM) {  // narrow tiles
-    a.ready_signal = p.g.ready;
     if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m1, &m2)) return cudaErrorInvalidValue;
     return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, gated ? 2 * static_cast<int64_t>(p.I) : p.I, num_sms);
+  const int bn = FirstProjBn(p, num_sms);
   const int box = gated ? bn / 2 : bn;
   if (!FirstProjMaps(p, box, a, &m1, &m2)) return cudaErrorInvalidValue;
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
@@ -1015,17 +1036,18 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.bias1 = p.b2;
   a.bias1_es = p.D;
   a.bias1_us = 1;
+  if (p.g.ready) {
+    if (!p.g.next_tile || p.g.dense_rows >= 0 || p.g.ready_need <= 0 || (p.g.tile_rows == kBM && p.pingpong))
+      return cudaErrorInvalidValue;
+    a.ready_wait = p.g.ready;
+    a.ready_need = p.g.ready_need;
+    a.next_tile = p.g.next_tile;
+  }
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
   CUtensorMap m1;
   if (p.g.tile_rows != kBM) {
     if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
     a.b1_rpe = p.D;
-    if (p.g.ready) {  // counts of projection 1's narrow tiles: two warpgroups each
-      if (!p.g.next_tile || p.g.dense_rows >= 0) return cudaErrorInvalidValue;
-      a.ready_wait = p.g.ready;
-      a.ready_need = 2 * static_cast<int>(CeilDiv(p.I, NarrowCfg<32>::kUnits));
-      a.next_tile = p.g.next_tile;
-    }
     return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
