@@ -14,8 +14,11 @@ namespace cuda {
 namespace {
 
 constexpr int kRouteWarps = 4;       // warps (tokens in flight) per block, multi-kernel path
-constexpr int kFusedThreads = 1024;  // one block: route + group, small T (a warp per token)
+// Small T: one block routes and groups, a warp per token. Up to 16 tokens it has 512 threads: on an
+// H200, 1024 took the routing kernel from 13.4 to 10.7 µs at T = 32, and cost 0.7-1.3 µs per
+// decode call at T = 1 in that run, 0.2-0.3 µs in another (docs/performance.md).
 constexpr int kFusedMaxTokens = 32;
+constexpr int kFusedSmallTokens = 16;
 constexpr int kScanThreads = 1024;
 
 enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3 };
@@ -353,8 +356,8 @@ __global__ void ScatterKernel(SortParams s) {
 // Small T: routing, counting, grouping and scattering in one block. The picks, counts and offsets
 // stay in shared memory (a decode call waits for this kernel: each trip to global memory and back
 // would be on its critical path); global memory gets only what later kernels read.
-template <typename T, int M>
-__global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, SortParams s) {
+template <typename T, int M, int kThreads>
+__global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParams s) {
   GridDepWait();
   const int E = r.E, n = r.T * r.K;
   extern __shared__ int fsm[];
@@ -377,7 +380,7 @@ __global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, Sort
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int t = warp; t < r.T; t += nwarps) Route<T, M>(rr, t, gscr + warp * r.n_group);
   __syncthreads();
-  Group<kFusedThreads>(s, cnt, scan, off);
+  Group<kThreads>(s, cnt, scan, off);
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int e = ids[i];
@@ -399,10 +402,12 @@ __global__ void __launch_bounds__(kFusedThreads) FusedKernel(RouteParams r, Sort
 template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
   const int gfloats = (M == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
+  const int threads = r.T <= kFusedSmallTokens ? 512 : 1024;
   const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
-                            static_cast<size_t>(kFusedThreads / 32) * gfloats * sizeof(float);
+                            static_cast<size_t>(threads / 32) * gfloats * sizeof(float);
   if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
-    return Launch(FusedKernel<T, M>, dim3(1), dim3(kFusedThreads), fused_smem, stream, r, s);
+    return threads == 512 ? Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s)
+                          : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
   if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * r.E, stream)) return e;
   if (s.zero_count > 0) {
