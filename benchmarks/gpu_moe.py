@@ -12,7 +12,9 @@ the same inputs, bound on the GPU. For each layer shape, dtype and token count T
   overhead when the host is the bottleneck;
 - the roofline: ``mem_us`` = bytes of the experts the routing activates / HBM bandwidth, and
   ``flop_us`` = 2 * T * k * 3 * H * I / dense tensor-core rate; fractions are those over
-  ``gpu_us``.
+  ``gpu_us``;
+- with ``--timeline``, ``timeline``: where a call's time goes, each kernel's start and end from
+  the start of the call's first kernel (medians over synchronized calls).
 
 Writes benchmarks/results/gpu_moe.{json,md,png}. Needs a CUDA GPU, onnxruntime-gpu, torch (for
 events, the profiler and random weights), matplotlib for the plot, and the moefuse library built
@@ -196,6 +198,49 @@ class Runner:
         top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
         return busy / calls, [(n[:60], round(v / calls, 1)) for n, v in top]
 
+    def timeline(self, calls=30):
+        """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        self.call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                self.call()
+                torch.cuda.synchronize()
+        events = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                  if ev.device_type == torch.autograd.DeviceType.CUDA]
+        kernels, span, used = call_timeline(events)
+        return {"calls": used, "span_us": round(span, 1),
+                "kernels": [{"name": n[:80], "start_us": round(a, 1), "end_us": round(b, 1)}
+                            for n, a, b in kernels]}
+
+
+def call_timeline(events, gap_us: float = 20.0):
+    """Medians of the kernels' intervals within a call, from (start, end, name) intervals in µs of
+    calls separated by idle gaps longer than gap_us. Calls whose kernel count is not the most
+    common one are left out; returns ([(name, start, end), ...], median span, calls used)."""
+    calls, cur, last_end = [], [], None
+    for a, b, name in sorted(events):
+        if cur and a - last_end > gap_us:
+            calls.append(cur)
+            cur = []
+        cur.append((a, b, name))
+        last_end = b if last_end is None else max(last_end, b)
+    if cur:
+        calls.append(cur)
+    if not calls:
+        return [], 0.0, 0
+    n = statistics.mode(len(c) for c in calls)
+    calls = [c for c in calls if len(c) == n]
+    kernels = []
+    for i in range(n):
+        kernels.append((calls[0][i][2], statistics.median(c[i][0] - c[0][0] for c in calls),
+                        statistics.median(c[i][1] - c[0][0] for c in calls)))
+    span = statistics.median(max(b for _, b, _ in c) - c[0][0] for c in calls)
+    return kernels, span, len(calls)
+
 
 def variant_env(name: str) -> dict:
     """Environment of a MoEFFN variant (see --paths; "a+b" combines two); the kernel reads it at
@@ -262,6 +307,9 @@ def main():
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also record each point's kernel timeline (start and end of every kernel "
+                    "of a call, medians over 30 synchronized calls)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--workdir", default="", help="where the temporary models go")
     ap.add_argument("--hbm-tbps", type=float, default=0.0,
@@ -340,6 +388,8 @@ def main():
                                 rec["wall_us"] = round(r.wall_us(), 2)
                                 gpu_us, rec["top_kernels"] = r.gpu_us()
                                 rec["gpu_us"] = round(gpu_us, 2)
+                                if args.timeline:
+                                    rec["timeline"] = r.timeline()
                             except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                                 rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                         roofline_fields(rec, hbm_bytes_per_s, tc_flops)

@@ -88,3 +88,22 @@ def test_variant_environment_restored(monkeypatch):
         assert os.environ["MOEFUSE_CUDA_BN"] == "128"
     assert os.environ["MOEFUSE_LIBRARY"] == "/tmp/default.so"
     assert "MOEFUSE_CUDA_BN" not in os.environ
+
+
+def test_call_timeline_medians_per_kernel():
+    """Calls split at idle gaps; each kernel's start and end are medians from its call's start;
+    a call with a kernel too few is left out."""
+    gpu_moe = _gpu_moe()
+    events = []
+    for c, (t0, shift) in enumerate([(0.0, 0.0), (100.0, 1.0), (200.0, 2.0), (300.0, 0.0)]):
+        events += [(t0, t0 + 5 + shift, "route"), (t0 + 5, t0 + 20, "proj1"),
+                   (t0 + 15, t0 + 30 + shift, "proj2")]
+        if c == 3:  # the fourth call lacks its last kernel
+            events.pop()
+    kernels, span, used = gpu_moe.call_timeline(events)
+    assert used == 3
+    assert [n for n, _, _ in kernels] == ["route", "proj1", "proj2"]
+    assert kernels[0] == ("route", 0.0, 6.0)
+    assert kernels[2] == ("proj2", 15.0, 31.0)
+    assert span == 31.0
+    assert gpu_moe.call_timeline([]) == ([], 0.0, 0)
