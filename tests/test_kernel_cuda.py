@@ -3,7 +3,7 @@
 Against reference.py: the trait matrix of tests/cases.py (routing mode x expert kind x biases x
 shared expert) in float16, bfloat16 and float32, with token counts that take the decode (skinny)
 and prefill (grouped GEMM) paths; every path forced on its own; shapes spanning many tiles with K
-and N tails; weights stored in_out and weights that are not constants; precomputed ids out of
+and N tails; projection 2 overlapping projection 1 bit for bit against the waiting schedule; weights stored in_out and weights that are not constants; precomputed ids out of
 range; empty batches; errors worded as the CPU kernel words them. Against the CPU kernel: real
 transformers blocks exported, converted and run on both execution providers.
 
