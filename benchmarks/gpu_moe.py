@@ -170,7 +170,9 @@ class Runner:
             samples.append(start.elapsed_time(end) * 1e3 / n)
         return statistics.median(samples)
 
-    def gpu_us(self, calls=10):
+    def profiled(self, calls, wait_each):
+        """(start, end, name) in µs of the GPU activity of `calls` calls (after one unprofiled
+        call), each waited for when wait_each, else back to back."""
         torch = self.torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -179,12 +181,17 @@ class Runner:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
                 self.call()
+                if wait_each:
+                    torch.cuda.synchronize()
             torch.cuda.synchronize()
+        return [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA]
+
+    def gpu_us(self, calls=10):
         spans, names = [], {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                spans.append((ev.time_range.start, ev.time_range.end))
-                names[ev.name] = names.get(ev.name, 0.0) + ev.time_range.elapsed_us()
+        for a, b, name in self.profiled(calls, wait_each=False):
+            spans.append((a, b))
+            names[name] = names.get(name, 0.0) + (b - a)
         # GPU busy time: the union of the kernels' intervals (kernels launched with programmatic
         # dependent launch start before their predecessor ends; their durations overlap)
         busy, end = 0.0, None
@@ -200,18 +207,7 @@ class Runner:
 
     def timeline(self, calls=30):
         """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
-        torch = self.torch
-        from torch.profiler import ProfilerActivity, profile
-
-        self.call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                self.call()
-                torch.cuda.synchronize()
-        events = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
-                  if ev.device_type == torch.autograd.DeviceType.CUDA]
-        kernels, span, used = call_timeline(events)
+        kernels, span, used = call_timeline(self.profiled(calls, wait_each=True))
         return {"calls": used, "span_us": round(span, 1),
                 "kernels": [{"name": n[:80], "start_us": round(a, 1), "end_us": round(b, 1)}
                             for n, a, b in kernels]}

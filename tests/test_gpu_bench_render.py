@@ -107,3 +107,17 @@ def test_call_timeline_medians_per_kernel():
     assert kernels[2] == ("proj2", 15.0, 31.0)
     assert span == 31.0
     assert gpu_moe.call_timeline([]) == ([], 0.0, 0)
+
+
+def test_gpu_time_is_the_union_of_kernel_intervals():
+    """Overlapping kernels (programmatic dependent launch) count once; idle gaps not at all."""
+    gpu_moe = _gpu_moe()
+
+    class Profiled:
+        def profiled(self, calls, wait_each):
+            assert not wait_each
+            return [(0.0, 10.0, "a"), (8.0, 15.0, "b"), (40.0, 45.0, "a"), (41.0, 44.0, "c")]
+
+    busy, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2)
+    assert busy == (15.0 + 5.0) / 2
+    assert top[0] == ("a", 7.5) and ("b", 3.5) in top and ("c", 1.5) in top
