@@ -122,6 +122,7 @@ struct Gemm1Params {
   ActParams act;
   Groups g;
   void* H = nullptr;  // [rows, I] in dtype
+  int64_t rows = 0;   // rows of A when row_map is null (the wgmma path then reads them by TMA)
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
 };
@@ -135,6 +136,7 @@ struct Gemm2Params {
   const void* b2 = nullptr;  // [G, D] or null
   Groups g;
   void* out = nullptr;  // [rows, D]
+  int64_t rows = 0;     // rows of H (the wgmma path reads them by TMA; 0: by cp.async)
   bool out_f32 = true;  // float32 output (else dtype)
   int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
@@ -222,6 +224,12 @@ cudaError_t LaunchDirect(const DirectParams& p, cudaStream_t stream);
 // into [E, out, in]).
 cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, int64_t rows,
                             int64_t cols, cudaStream_t stream);
+
+// dst[r] = src[rows[r]] for r < min(n, *count) (a device count): rows of `cols` 16-bit values (a
+// multiple of 8), e.g. the tokens' rows of X in sorted order, so that the wgmma path reads them by
+// TMA.
+cudaError_t LaunchGatherRows(const void* src, const int* rows, const int* count, int64_t n, int64_t cols,
+                             void* dst, int num_sms, cudaStream_t stream);
 
 // Programmatic dependent launch between the kernels of one call (sm_90+).
 void SetUsePdl(bool on);

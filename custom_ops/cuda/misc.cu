@@ -1,5 +1,6 @@
 // Combine (weighted sum of each token's expert outputs plus the shared expert), the direct path
 // for small-intermediate experts, and the layout transpose used when weights are stored in_out.
+#include <algorithm>
 #include <atomic>
 
 #include "common.cuh"
@@ -237,6 +238,22 @@ __global__ void TransposeKernel(const E* src, E* dst, int64_t rows, int64_t cols
   }
 }
 
+// dst[r] = src[rows[r]] for r < min(n, *count), 16-byte chunks; a warp per row. Waits for the
+// kernel that wrote `rows`.
+__global__ void __launch_bounds__(kThreads) GatherRowsKernel(const uint4* src, const int* rows, const int* count,
+                                                             int64_t n, int chunks, uint4* dst) {
+  GridDepWait();
+  GridDepLaunch();
+  n = min(n, static_cast<int64_t>(*count));
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5; r < n;
+       r += static_cast<int64_t>(gridDim.x) * (kThreads / 32)) {
+    const uint4* s = src + static_cast<int64_t>(rows[r]) * chunks;
+    uint4* d = dst + r * chunks;
+    for (int c = lane; c < chunks; c += 32) d[c] = s[c];
+  }
+}
+
 template <typename T>
 cudaError_t CombineT(const CombineParams& p, cudaStream_t stream) {
   const unsigned gy = static_cast<unsigned>(CeilDiv(p.D, kThreads * 8));
@@ -279,6 +296,16 @@ cudaError_t LaunchDirect(const DirectParams& p, cudaStream_t stream) {
     default:
       return DirectT<float>(p, stream);
   }
+}
+
+cudaError_t LaunchGatherRows(const void* src, const int* rows, const int* count, int64_t n, int64_t cols,
+                             void* dst, int num_sms, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (cols % 8 != 0) return cudaErrorInvalidValue;
+  const int64_t blocks = std::min<int64_t>(CeilDiv(n, kThreads / 32), 4 * static_cast<int64_t>(num_sms));
+  return Launch(GatherRowsKernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                static_cast<const uint4*>(src), rows, count, n, static_cast<int>(cols / 8),
+                static_cast<uint4*>(dst));
 }
 
 cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, int64_t rows,

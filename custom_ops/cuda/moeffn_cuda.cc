@@ -51,6 +51,7 @@ constexpr int kDenseSkinnyRows = 16;
 // 128-row tensor-core tiles.
 constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
+constexpr int kGatherMinI = 2048;
 
 enum class Path { kSkinny, kWgmma, kSimt };
 
@@ -134,6 +135,9 @@ class Kernel {
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
+  int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
+                                   // cp.async (0), by TMA where already in order (1), and X's rows
+                                   // gathered in order first where it pays (2, auto) or always (3)
   bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: the wgmma path's projection 2 waits
                                    // for all of projection 1 (not per expert)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
@@ -167,6 +171,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
+  k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
@@ -412,7 +417,15 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // tile counter and per-expert counts
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
   const size_t o_sync = cv.Add(static_cast<size_t>(sync_count) * 4);
-  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0;
+  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
+  // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
+  // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
+  // pipe went from 78% to 90% busy). Only where the tiles are full on average and I is large: the
+  // copy moves 4 P D bytes against projection 1's 4 P D I FLOPs, about 200 / I of its time at
+  // 600 TFLOP/s and 3 TB/s (computed), and TMA boxes of half-empty tiles read rows they discard.
+  const bool gather_x = rpath == Path::kWgmma && !narrow && D % 8 == 0 &&
+                        (tma_rows_ == 3 || (tma_rows_ == 2 && I >= kGatherMinI && P >= 128 * max_active));
+  if (gather_x) o_xs = cv.Add(static_cast<size_t>(P * D) * ts);
   if (!small) {
     o_h = cv.Add(static_cast<size_t>(P * I) * ts);
     o_y = cv.Add(static_cast<size_t>(P * D) * (ypair_f32 ? 4 : ts) * ypair_planes);
@@ -549,6 +562,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.act = ActParams{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
     g1.g = g;
     g1.H = at(o_hs);
+    g1.rows = tma_rows_ >= 1 ? T : 0;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -558,6 +572,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.g = g;
     g2.out = at(o_s);
     g2.out_f32 = shared_f32;
+    g2.rows = g1.rows;
     switch (spath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
@@ -642,9 +657,17 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.pingpong = pingpong_;
     g2.splits = ypair_planes;
     g2.plane = P * D;
+    g2.rows = tma_rows_ >= 1 ? P : 0;
     if (overlap) g2.g.ready_need = WgmmaFirstProjSignals(g1, dev_.num_sms);
     switch (rpath) {
       case Path::kWgmma:
+        if (gather_x) {
+          if ((e = LaunchGatherRows(g1.A, s.sorted_row, s.offsets + E, P, D, at(o_xs), dev_.num_sms, stream)))
+            return CudaError(e, "experts (gathering X)");
+          g1.A = at(o_xs);
+          g1.row_map = nullptr;
+          g1.rows = P;
+        }
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
           return CudaError(e, "experts (wgmma)");
         break;

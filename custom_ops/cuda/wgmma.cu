@@ -64,6 +64,15 @@ struct WgArgs {
   const int* ready_wait = nullptr;
   int ready_need = 0;
   int* next_tile = nullptr;
+  // A's rows are the sorted rows themselves (no row_map): the producer loads them with the TMA
+  // (TmaMaps::a, boxes of kBK x BM rows), not with cp.async.
+  int a_tma = 0;
+};
+
+// The kernels' TMA maps: weight boxes (gate and up views, or one view twice) and, with
+// WgArgs::a_tma, the activation rows.
+struct TmaMaps {
+  CUtensorMap w1, w2, a;
 };
 
 // Shared-memory bytes of a ring (SetUpRing's layout, plus the alignment slack).
@@ -349,7 +358,7 @@ __device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 3, 128;"
 // With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
 // are ready.
 template <typename T, int BM, int S>
-__device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMap& tm2, const WgArgs& p,
+__device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
                                         const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
                                         int nkb) {
   constexpr int kRows = BM / 16;  // rows per thread
@@ -357,7 +366,7 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
   const T* A = static_cast<const T*>(p.A);
   const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
   const bool two_boxes = p.mode == 2;
-  const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2;
+  const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2 + (p.a_tma ? BM * kBK * 2 : 0);
   int stage = 0;
   uint32_t phase = 0;
   const int64_t step = gridDim.x;
@@ -399,25 +408,34 @@ __device__ __forceinline__ void Produce(const CUtensorMap& tm1, const CUtensorMa
       uint8_t* bs = ring.Bs + stage * ring.b_bytes;
       if (tid == 0) {
         MbarExpectTx(ring.full + stage, tx_bytes);
-        TmaLoad2d(bs, &tm1, kb * kBK, y1, ring.full + stage);
-        if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &tm2, kb * kBK, y2, ring.full + stage);
+        TmaLoad2d(bs, &maps.w1, kb * kBK, y1, ring.full + stage);
+        if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &maps.w2, kb * kBK, y2, ring.full + stage);
       }
       if (kb == 0 && p.ready_wait) {  // the expert's rows of the previous kernel
         if (tid == 0) {
           const int need = p.ready_need * (p.g.tile_prefix[cur.e + 1] - p.g.tile_prefix[cur.e]);
           while (LoadAcquire(p.ready_wait + cur.e) < need) __nanosleep(128);
+          // the rows were stored by other CTAs' generic stores; the TMA reads them (async proxy)
+          if (p.a_tma) asm volatile("fence.proxy.async.global;" ::: "memory");
         }
         ProducerSync();
       }
-      const int k = kb * kBK + chunk * 8;
+      if (p.a_tma) {
+        // rows past the tile's (the next expert's, or zeros past the matrix) are computed and
+        // never stored: each output row depends on its own A row only
+        if (tid == 0) TmaLoad2d(as, &maps.a, kb * kBK, cur.r0, ring.full + stage);
+        MbarArrive(ring.full + stage);
+      } else {
+        const int k = kb * kBK + chunk * 8;
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        const int rr = rbase + 16 * j;
-        const bool ok = src[j] >= 0 && k < p.K;
-        const T* g = ok ? A + static_cast<int64_t>(src[j]) * p.lda + k : A;
-        CpAsync16(as + rr * 128 + ((chunk ^ (rr & 7)) << 4), g, ok ? 16 : 0);
+        for (int j = 0; j < kRows; ++j) {
+          const int rr = rbase + 16 * j;
+          const bool ok = src[j] >= 0 && k < p.K;
+          const T* g = ok ? A + static_cast<int64_t>(src[j]) * p.lda + k : A;
+          CpAsync16(as + rr * 128 + ((chunk ^ (rr & 7)) << 4), g, ok ? 16 : 0);
+        }
+        CpAsyncArrive(ring.full + stage);
       }
-      CpAsyncArrive(ring.full + stage);
       if (++stage == S) {
         stage = 0;
         phase ^= 1;
@@ -589,8 +607,7 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
 
 template <typename T, int BN, bool PingPong>
 __global__ void __launch_bounds__(kThreads, 1)
-    WgKernel(const __grid_constant__ CUtensorMap tm1, const __grid_constant__ CUtensorMap tm2,
-             const __grid_constant__ WgArgs p) {
+    WgKernel(const __grid_constant__ TmaMaps maps, const __grid_constant__ WgArgs p) {
   using C = Cfg<BN, PingPong>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -611,7 +628,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    Produce<T, kBM, S>(tm1, tm2, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
+    Produce<T, kBM, S>(maps, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
   } else {
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -781,8 +798,7 @@ __device__ __forceinline__ int NarrowMainLoop(const Ring& ring, int cw, int lane
 
 template <typename T, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
-    WgNarrowKernel(const __grid_constant__ CUtensorMap tm1, const __grid_constant__ CUtensorMap tm2,
-                   const __grid_constant__ WgArgs p) {
+    WgNarrowKernel(const __grid_constant__ TmaMaps maps, const __grid_constant__ WgArgs p) {
   using C = NarrowCfg<BT>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -797,7 +813,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x >> 7;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    Produce<T, BT, S>(tm1, tm2, p, ring, C::kUnits, total, mtiles, nkb);
+    Produce<T, BT, S>(maps, p, ring, C::kUnits, total, mtiles, nkb);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -823,12 +839,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else  // not sm_90a: never launched (WgmmaAvailable() checks the device)
 
 template <typename T, int BN, bool PingPong>
-__global__ void WgKernel(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap,
-                         const __grid_constant__ WgArgs) {}
+__global__ void WgKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) {}
 
 template <typename T, int BT>
-__global__ void WgNarrowKernel(const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap,
-                               const __grid_constant__ WgArgs) {}
+__global__ void WgNarrowKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) {}
 
 #endif
 
@@ -869,7 +883,7 @@ bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t 
 }
 
 template <typename T, int BN, bool PingPong>
-cudaError_t Run(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, int64_t tiles_ub,
+cudaError_t Run(const TmaMaps& m, const WgArgs& a, int64_t tiles_ub,
                 int num_sms, cudaStream_t stream) {
   using C = Cfg<BN, PingPong>;
   static const cudaError_t attr = cudaFuncSetAttribute(
@@ -878,23 +892,23 @@ cudaError_t Run(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, i
   const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
   if (grid <= 0) return cudaSuccess;
   return Launch(WgKernel<T, BN, PingPong>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                static_cast<size_t>(C::kSmem), stream, m1, m2, a);
+                static_cast<size_t>(C::kSmem), stream, m, a);
 }
 
 template <typename T>
-cudaError_t DispatchT(int bn, bool pingpong, const CUtensorMap& m1, const CUtensorMap& m2,
+cudaError_t DispatchT(int bn, bool pingpong, const TmaMaps& m,
                       const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
-  if (bn == 256) return Run<T, 256, false>(m1, m2, a, tiles_ub, num_sms, stream);
-  if (pingpong) return Run<T, 128, true>(m1, m2, a, tiles_ub, num_sms, stream);
-  return Run<T, 128, false>(m1, m2, a, tiles_ub, num_sms, stream);
+  if (bn == 256) return Run<T, 256, false>(m, a, tiles_ub, num_sms, stream);
+  if (pingpong) return Run<T, 128, true>(m, a, tiles_ub, num_sms, stream);
+  return Run<T, 128, false>(m, a, tiles_ub, num_sms, stream);
 }
 
-cudaError_t Dispatch(DType t, int bn, bool pingpong, const CUtensorMap& m1, const CUtensorMap& m2,
+cudaError_t Dispatch(DType t, int bn, bool pingpong, const TmaMaps& m,
                      const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
   // the ping-pong epilogue's 16-byte stores (the tensor-core paths take only such sizes)
   if (pingpong && bn == 128 && (a.N % 8 != 0 || a.ldo % 8 != 0)) return cudaErrorInvalidValue;
-  return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream)
-                           : DispatchT<__half>(bn, pingpong, m1, m2, a, tiles_ub, num_sms, stream);
+  return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m, a, tiles_ub, num_sms, stream)
+                           : DispatchT<__half>(bn, pingpong, m, a, tiles_ub, num_sms, stream);
 }
 
 int64_t MTilesUpperBound(const Groups& g) {
@@ -912,7 +926,7 @@ bool MakeUnitMap(CUtensorMap* map, const void* w, DType t, int64_t rows, int64_t
 }
 
 template <typename T, int BT>
-cudaError_t RunNarrow(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs& a, int num_sms,
+cudaError_t RunNarrow(const TmaMaps& m, const WgArgs& a, int num_sms,
                       cudaStream_t stream) {
   using C = NarrowCfg<BT>;
   static const cudaError_t attr = cudaFuncSetAttribute(
@@ -922,22 +936,22 @@ cudaError_t RunNarrow(const CUtensorMap& m1, const CUtensorMap& m2, const WgArgs
   const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
   if (grid <= 0) return cudaSuccess;
   return Launch(WgNarrowKernel<T, BT>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                static_cast<size_t>(C::kSmem), stream, m1, m2, a);
+                static_cast<size_t>(C::kSmem), stream, m, a);
 }
 
 // Narrow tiles for groups whose m-tiles are g.tile_rows (32 or 64) rows: grouped (not dense) only.
-cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2, WgArgs& a,
+cudaError_t DispatchNarrow(DType t, const TmaMaps& m, WgArgs& a,
                            int num_sms, cudaStream_t stream) {
   if (a.g.dense_rows >= 0) return cudaErrorInvalidValue;
   a.n_tiles = static_cast<int>(CeilDiv(a.N, NarrowCfg<32>::kUnits));
   const bool bf = t == DType::kBF16;
   switch (a.g.tile_rows) {
     case 32:
-      return bf ? RunNarrow<__nv_bfloat16, 32>(m1, m2, a, num_sms, stream)
-                : RunNarrow<__half, 32>(m1, m2, a, num_sms, stream);
+      return bf ? RunNarrow<__nv_bfloat16, 32>(m, a, num_sms, stream)
+                : RunNarrow<__half, 32>(m, a, num_sms, stream);
     case 64:
-      return bf ? RunNarrow<__nv_bfloat16, 64>(m1, m2, a, num_sms, stream)
-                : RunNarrow<__half, 64>(m1, m2, a, num_sms, stream);
+      return bf ? RunNarrow<__nv_bfloat16, 64>(m, a, num_sms, stream)
+                : RunNarrow<__half, 64>(m, a, num_sms, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -945,15 +959,23 @@ cudaError_t DispatchNarrow(DType t, const CUtensorMap& m1, const CUtensorMap& m2
 
 // Projection 1's weights as TMA maps with boxes of box_rows rows: gated (mode 2), a gate and an up
 // unit map, so that every layout (halves, interleaved, separate) is two boxes; else (mode 0) one map.
-bool FirstProjMaps(const Gemm1Params& p, int box_rows, WgArgs& a, CUtensorMap* m1, CUtensorMap* m2) {
+bool FirstProjMaps(const Gemm1Params& p, int box_rows, WgArgs& a, TmaMaps* m) {
   const FirstProj& w = p.w;
-  if (!MakeUnitMap(m1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, box_rows, &a.b1_rpe))
+  if (!MakeUnitMap(&m->w1, w.gate, p.dtype, w.gate_rows, w.gate_row0, w.gate_rpe, w.gate_rpu, p.D, box_rows,
+                   &a.b1_rpe))
     return false;
-  *m2 = *m1;
+  m->w2 = m->w1;
   a.mode = 0;
   if (!w.up) return true;
   a.mode = 2;
-  return MakeUnitMap(m2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, box_rows, &a.b2_rpe);
+  return MakeUnitMap(&m->w2, w.up, p.dtype, w.up_rows, w.up_row0, w.up_rpe, w.up_rpu, p.D, box_rows, &a.b2_rpe);
+}
+
+// The activation rows by TMA when they are the sorted rows themselves (a [rows, K] matrix, no row
+// map) and the map can be made; else (a.a_tma = 0) the producer gathers them by cp.async.
+void ActivationMap(DType t, int64_t rows, int box_rows, WgArgs& a, TmaMaps* m) {
+  a.a_tma = !a.row_map && rows > 0 && MakeMap(&m->a, a.A, t, rows, a.K, box_rows, a.lda);
+  if (!a.a_tma) m->a = m->w1;  // unused
 }
 
 // 128 x 256 tiles unless there would be fewer than half a wave of them (then 128 x 128 tiles put
@@ -1007,17 +1029,19 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_us = p.w.bu_us;
   a.ready_signal = p.g.ready;
   if (p.g.ready && p.g.tile_rows == kBM && p.pingpong) return cudaErrorInvalidValue;
-  CUtensorMap m1, m2;
+  TmaMaps m;
   if (p.g.tile_rows != kBM) {  // narrow tiles
-    if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m1, &m2)) return cudaErrorInvalidValue;
-    return DispatchNarrow(p.dtype, m1, m2, a, num_sms, stream);
+    if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m)) return cudaErrorInvalidValue;
+    ActivationMap(p.dtype, p.rows, p.g.tile_rows, a, &m);
+    return DispatchNarrow(p.dtype, m, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
   const int bn = FirstProjBn(p, num_sms);
   const int box = gated ? bn / 2 : bn;
-  if (!FirstProjMaps(p, box, a, &m1, &m2)) return cudaErrorInvalidValue;
+  if (!FirstProjMaps(p, box, a, &m)) return cudaErrorInvalidValue;
+  ActivationMap(p.dtype, p.rows, kBM, a, &m);
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
-  return Dispatch(p.dtype, bn, p.pingpong, m1, m2, a, mt * a.n_tiles, num_sms, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m, a, mt * a.n_tiles, num_sms, stream);
 }
 
 cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream) {
@@ -1044,18 +1068,21 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
     a.next_tile = p.g.next_tile;
   }
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
-  CUtensorMap m1;
+  TmaMaps m;
+  a.b1_rpe = p.D;
   if (p.g.tile_rows != kBM) {
-    if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
-    a.b1_rpe = p.D;
-    return DispatchNarrow(p.dtype, m1, m1, a, num_sms, stream);
+    if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
+    m.w2 = m.w1;
+    ActivationMap(p.dtype, p.rows, p.g.tile_rows, a, &m);
+    return DispatchNarrow(p.dtype, m, a, num_sms, stream);
   }
   const int64_t mt = MTilesUpperBound(p.g);
   const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
-  if (!MakeMap(&m1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
-  a.b1_rpe = p.D;
+  if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
+  m.w2 = m.w1;
+  ActivationMap(p.dtype, p.rows, kBM, a, &m);
   a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
-  return Dispatch(p.dtype, bn, p.pingpong, m1, m1, a, mt * a.n_tiles, num_sms, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m, a, mt * a.n_tiles, num_sms, stream);
 }
 
 }  // namespace cuda
