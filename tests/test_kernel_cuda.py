@@ -265,6 +265,34 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
         np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
 
 
+# The wgmma path's activation rows: by TMA where they are in sorted order (projection 2, the shared
+# expert), X's rows copied in sorted order first (forced: 3), or all gathered by cp.async (0).
+# Against the reference and bit for bit against cp.async: K tails in both projections (hidden 200,
+# intermediate 264), weight on the input, biases, a shared expert, experts of several m-tiles.
+@pytest.mark.parametrize("rows", ["32", "0"])
+@pytest.mark.parametrize("tma", ["1", "3"])
+def test_activation_rows_by_tma(tma, rows, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", rows)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    attrs = MoEFFNAttrs(k=2, routing="sigmoid_topk", normalize_topk=0, weight_on_input=1)
+    hidden, inter, experts = 200, 264, 8
+    counts = ((24, 70) if rows != "0" else (70, 700)) if not MEMCHECK else (70,)
+    base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, shared_inter=72,
+                         dtype=BF16, seed=6)
+    model = make_moeffn_model(attrs, base)
+    monkeypatch.setenv("MOEFUSE_CUDA_TMA_ROWS", tma)
+    by_tma = cuda_session(model)
+    monkeypatch.setenv("MOEFUSE_CUDA_TMA_ROWS", "0")
+    gathered = cuda_session(model)
+    for t in counts:
+        inputs = dict(base, **feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16,
+                                                  seed=500 + t)))
+        a = run(by_tma, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(a, moeffn(attrs, **inputs), BF16, f"TMA rows {tma}, narrow {rows}, T={t}")
+        b = run(gathered, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"TMA rows {tma}, narrow {rows}, T={t}")
+
+
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
 # unequal length, projection-2 bias added once.
 @pytest.mark.parametrize("splits", ["2", "3", "auto"])
