@@ -207,23 +207,35 @@ class Runner:
 
     def timeline(self, calls=30):
         """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
-        kernels, span, used = call_timeline(self.profiled(calls, wait_each=True))
+        kernels, span, used = call_timeline(self.profiled(calls, wait_each=True), calls)
         return {"calls": used, "span_us": round(span, 1),
                 "kernels": [{"name": n[:80], "start_us": round(a, 1), "end_us": round(b, 1)}
                             for n, a, b in kernels]}
 
 
-def call_timeline(events, gap_us: float = 20.0):
-    """Medians of the kernels' intervals within a call, from (start, end, name) intervals in µs of
-    calls separated by idle gaps longer than gap_us. Calls whose kernel count is not the most
-    common one are left out; returns ([(name, start, end), ...], median span, calls used)."""
-    calls, cur, last_end = [], [], None
-    for a, b, name in sorted(events):
-        if cur and a - last_end > gap_us:
+def call_timeline(events, calls: int = 0, gap_us: float = 20.0):
+    """Medians of the kernels' intervals within a call, from (start, end, name) intervals in µs.
+    With the number of calls, they are split at the calls - 1 longest idle gaps (a call that waits
+    on the host, as com.microsoft.MoE's do, has idle gaps of its own, shorter than the host's time
+    between synchronized calls); else at every gap longer than gap_us. Calls whose kernel count is
+    not the most common one are left out; returns ([(name, start, end), ...], median span, calls
+    used)."""
+    events = sorted(events)
+    gaps, last_end = [], None  # (idle time before event i, i)
+    for i, (a, b, _) in enumerate(events):
+        if last_end is not None:
+            gaps.append((a - last_end, i))
+        last_end = b if last_end is None else max(last_end, b)
+    if calls > 1:
+        cuts = {i for _, i in sorted(gaps, reverse=True)[:calls - 1]}
+    else:
+        cuts = {i for g, i in gaps if g > gap_us}
+    calls, cur = [], []
+    for i, ev in enumerate(events):
+        if i in cuts:
             calls.append(cur)
             cur = []
-        cur.append((a, b, name))
-        last_end = b if last_end is None else max(last_end, b)
+        cur.append(ev)
     if cur:
         calls.append(cur)
     if not calls:

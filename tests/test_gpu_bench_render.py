@@ -106,7 +106,22 @@ def test_call_timeline_medians_per_kernel():
     assert kernels[0] == ("route", 0.0, 6.0)
     assert kernels[2] == ("proj2", 15.0, 31.0)
     assert span == 31.0
+    assert gpu_moe.call_timeline(events, calls=4)[2] == 3
     assert gpu_moe.call_timeline([]) == ([], 0.0, 0)
+
+
+def test_call_timeline_splits_at_the_longest_gaps_given_the_call_count():
+    """A call that waits on the host mid-way (an idle gap of 25 µs) is one call when the number of
+    calls is known; split at every gap over 20 µs it would be two."""
+    gpu_moe = _gpu_moe()
+    events = []
+    for t0 in (0.0, 200.0, 400.0):
+        events += [(t0, t0 + 4, "route"), (t0 + 29, t0 + 60, "gemm1"), (t0 + 62, t0 + 90, "gemm2")]
+    kernels, span, used = gpu_moe.call_timeline(events, calls=3)
+    assert used == 3
+    assert kernels == [("route", 0.0, 4.0), ("gemm1", 29.0, 60.0), ("gemm2", 62.0, 90.0)]
+    assert span == 90.0
+    assert len(gpu_moe.call_timeline(events)[0]) < 3  # each call in two pieces
 
 
 def test_gpu_time_is_the_union_of_kernel_intervals():
