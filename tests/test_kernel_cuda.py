@@ -376,22 +376,28 @@ def test_empty_batch():
         assert sess.run(None, empty)[0].shape == (0, D)
 
 
-def test_precomputed_ids_out_of_range(monkeypatch):
+@pytest.mark.parametrize("tokens", [4, 40], ids=["one_block_routing", "multi_kernel_routing"])
+def test_precomputed_ids_out_of_range(tokens, monkeypatch):
     """An id outside [0, E) is dropped (its pair adds nothing) without a host round trip; with
-    MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message."""
+    MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message naming the first such
+    pair's token, and valid ids pass the check. Routing in one block (T <= 32) and in several
+    kernels."""
     attrs, opts, inter = case("precomputed", "swiglu_halves")
-    inputs = random_inputs(attrs, 4, D, inter, E, dtype=np.float16, seed=3)
+    valid = random_inputs(attrs, tokens, D, inter, E, dtype=np.float16, seed=3)
+    inputs = dict(valid, topk_ids=valid["topk_ids"].copy())
     inputs["topk_ids"][1, 0] = E + 3
+    inputs["topk_ids"][tokens - 1, 1] = -2
     model = make_moeffn_model(attrs, inputs)
     got = cuda_session(model).run(None, feeds(inputs))[0]
-    kept = dict(inputs, topk_weights=inputs["topk_weights"].copy())
+    kept = dict(inputs, topk_weights=inputs["topk_weights"].copy(), topk_ids=valid["topk_ids"])
     kept["topk_weights"][1, 0] = 0
-    kept["topk_ids"] = inputs["topk_ids"].copy()
-    kept["topk_ids"][1, 0] = 0
-    close(got, moeffn(attrs, **kept), np.float16, "dropped pair")
+    kept["topk_weights"][tokens - 1, 1] = 0
+    close(got, moeffn(attrs, **kept), np.float16, "dropped pairs")
     monkeypatch.setenv("MOEFUSE_CUDA_CHECK_IDS", "1")
+    checked = cuda_session(model)
+    close(checked.run(None, feeds(valid))[0], moeffn(attrs, **valid), np.float16, "valid ids")
     with pytest.raises(Exception) as info:
-        cuda_session(model).run(None, feeds(inputs))
+        checked.run(None, feeds(inputs))
     assert "'topk_ids' (#9) holds an expert id outside [0, 4): 7 for token 1" in str(info.value)
 
 

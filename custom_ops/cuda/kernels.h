@@ -42,8 +42,11 @@ struct RouteParams {
   float* w = nullptr;     // [T*K] routing weights (scaled)
   int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
   int* counts = nullptr;  // [E] pairs per expert (zeroed by the launcher)
-  int* bad = nullptr;     // [2] first invalid (token*K + slot, id) or (-1, 0)
+  int* bad = nullptr;     // [1] index (token*K + slot) of the first invalid pair, or kNoBadPair
 };
+
+// RouteParams::bad when every pair is valid: each byte 0x7f, so that one memset sets it.
+constexpr int kNoBadPair = 0x7f7f7f7f;
 
 // Pairs grouped by expert ("sorted" rows, contiguous per expert) and the tile schedule.
 struct SortParams {

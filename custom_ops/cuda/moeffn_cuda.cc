@@ -338,7 +338,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   if (T == 0) return nullptr;
   void* ydata = nullptr;
   if (OrtStatus* st = api->GetTensorMutableData(yv, &ydata)) return st;
-  if (T * K >= INT_MAX || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
+  if (T * K >= kNoBadPair || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
 
   void* stream_ptr = nullptr;
@@ -527,11 +527,11 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.zero_count = sync_count;
   if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
   if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
-    int bad = INT_MAX;
+    int bad = kNoBadPair;
     if ((e = cudaMemcpyAsync(&bad, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
         (e = cudaStreamSynchronize(stream)))
       return CudaError(e, "topk_ids check");
-    if (bad != INT_MAX) {
+    if (bad != kNoBadPair) {
       int64_t id = 0;
       const size_t isz = r.ids_int64 ? 8 : 4;
       const char* src = static_cast<const char*>(in[kTopkIds].data) + static_cast<size_t>(bad) * isz;

@@ -370,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParam
   float* gscr = w + n;             // warps * n_group
   for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
   for (int i = threadIdx.x; i < s.zero_count; i += blockDim.x) s.zero[i] = 0;
-  if (threadIdx.x == 0) *r.bad = INT32_MAX;
+  if (threadIdx.x == 0) *r.bad = kNoBadPair;
   __syncthreads();
   RouteParams rr = r;
   rr.counts = cnt;
@@ -408,7 +408,7 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
   if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
     return threads == 512 ? Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s)
                           : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
-  if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;
+  if (cudaError_t e = cudaMemsetAsync(r.bad, 0x7f, sizeof(int), stream)) return e;  // kNoBadPair
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * r.E, stream)) return e;
   if (s.zero_count > 0) {
     if (cudaError_t e = cudaMemsetAsync(s.zero, 0, sizeof(int) * s.zero_count, stream)) return e;
