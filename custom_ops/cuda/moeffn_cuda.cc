@@ -420,11 +420,13 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
-  // pipe went from 78% to 90% busy). Only where the tiles are full on average and I is large: the
-  // copy moves 4 P D bytes against projection 1's 4 P D I FLOPs, about 200 / I of its time at
-  // 600 TFLOP/s and 3 TB/s (computed), and TMA boxes of half-empty tiles read rows they discard.
+  // pipe went from 77.6% to 90.3% busy; docs/performance.md). Only where the tiles are full on
+  // average and I is large: the copy moves 4 P D bytes against projection 1's 4 P D I FLOPs, about
+  // 200 / I of its time at 600 TFLOP/s and 3 TB/s (computed), and TMA boxes of half-empty tiles
+  // read rows they discard.
+  const bool gather_pays = I >= kGatherMinI && P >= 128 * max_active;
   const bool gather_x = rpath == Path::kWgmma && !narrow && D % 8 == 0 &&
-                        (tma_rows_ == 3 || (tma_rows_ == 2 && I >= kGatherMinI && P >= 128 * max_active));
+                        (tma_rows_ == 3 || (tma_rows_ == 2 && gather_pays));
   if (gather_x) o_xs = cv.Add(static_cast<size_t>(P * D) * ts);
   if (!small) {
     o_h = cv.Add(static_cast<size_t>(P * I) * ts);
