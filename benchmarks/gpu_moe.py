@@ -490,18 +490,50 @@ def table(records, meta) -> str:
                      f"{speed['gpu_us']} | {speed['wall_us']} | {ref['mem_us']:.1f} | {ref['flop_us']:.1f} | {memf} | {flopf} |")
     extra = [r for r in records if r["variant"].startswith("MoEFFN[")]
     if extra:
-        lines += ["", "MoEFFN variants (GPU µs / wall µs; speed relative to the default MoEFFN, "
-                  "GPU time; max relative difference from com.microsoft.MoE's output):", "",
-                  "| shape | dtype | T | variant | time | vs default | max rel diff |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "MoEFFN variants (GPU µs / wall µs; speed relative to the default MoEFFN, by "
+                  "GPU time and by wall time; max relative difference from com.microsoft.MoE's "
+                  "output):", "",
+                  "| shape | dtype | T | variant | time | vs default (GPU) | vs default (wall) | max rel diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in extra:
             base = by.get((r["shape"], r["dtype"], r["T"], "MoEFFN"))
-            rel = (f"{base['gpu_us'] / r['gpu_us']:.2f}x" if base and "gpu_us" in base and "gpu_us" in r
-                   else "—")
+            rel = {key: (f"{base[key] / r[key]:.2f}x" if base and key in base and key in r else "—")
+                   for key in ("gpu_us", "wall_us")}
             diff = f"{r['max_rel_diff_vs_ms']:.2g}" if "max_rel_diff_vs_ms" in r else "—"
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} | "
-                         f"{rel} | {diff} |")
-    return "\n".join(lines) + "\n"
+                         f"{rel['gpu_us']} | {rel['wall_us']} | {diff} |")
+    timed = [r for r in records if r.get("timeline", {}).get("kernels")]
+    if timed:
+        lines += ["", "Kernel timelines (--timeline): each kernel's start and end in µs from the start "
+                  "of the call's first kernel, medians over synchronized calls.", ""]
+        for r in timed:
+            tl = r["timeline"]
+            lines += [f"{r['shape']}, {r['dtype']}, T = {r['T']}, {r['variant']}: {tl['span_us']:.1f} µs "
+                      f"({tl['calls']} calls)", "", "| kernel | start | end |", "| --- | --- | --- |"]
+            lines += [f"| {short_kernel_name(k['name'])} | {k['start_us']:.1f} | {k['end_us']:.1f} |"
+                      for k in tl["kernels"]]
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def short_kernel_name(name: str) -> str:
+    """A profiler's kernel name without return type, namespaces and parameter list, template
+    arguments kept: "void ns::(anonymous namespace)::Kern<float, 2>(Args)" -> "Kern<float, 2>"."""
+    n = name.replace("(anonymous namespace)::", "")
+    if n.startswith("void "):
+        n = n[5:]
+    depth, start = 0, 0
+    for i, ch in enumerate(n):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif depth == 0 and ch == "(":
+            n = n[:i]
+            break
+        elif depth == 0 and n.startswith("::", i):
+            start = i + 2
+    return n[start:].strip()
 
 
 def plot(records, meta, path):

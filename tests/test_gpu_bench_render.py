@@ -63,7 +63,32 @@ def test_render_variant_table(tmp_path):
     subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out)],
                    check=True, capture_output=True, text=True)
     table = (out / "gpu_moe.md").read_text()
-    assert "| MoEFFN[narrow0] | 1000.0 / 1000.0 | 0.80x | 0.0078 |" in table
+    assert "| MoEFFN[narrow0] | 1000.0 / 1000.0 | 0.80x | 0.80x | 0.0078 |" in table
+
+
+def test_render_timeline_table(tmp_path):
+    """A record's kernel timeline is listed under it, kernel names shortened."""
+    ours = dict(_record("MoEFFN", 800.0), timeline={"calls": 29, "span_us": 286.8, "kernels": [
+        {"name": "void moefuse::cuda::(anonymous namespace)::FusedKernel<__nv_bfloat16, 0, 1024>(m",
+         "start_us": 0.0, "end_us": 10.6},
+        {"name": "Memset (Device)", "start_us": 11.0, "end_us": 11.9}]})
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "onnxruntime": "1.31.1"},
+                               "records": [ours, _record("com.microsoft.MoE", 700.0)]}))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    table = (out / "gpu_moe.md").read_text()
+    assert "Mixtral-8x7B, bfloat16, T = 32, MoEFFN: 286.8 µs (29 calls)" in table
+    assert "| FusedKernel<__nv_bfloat16, 0, 1024> | 0.0 | 10.6 |" in table
+    assert "| Memset | 11.0 | 11.9 |" in table
+
+
+def test_short_kernel_names():
+    gpu_moe = _gpu_moe()
+    assert gpu_moe.short_kernel_name("void a::b::K<c::d<int>, 3>(a::P)") == "K<c::d<int>, 3>"
+    assert gpu_moe.short_kernel_name("moefuse::cuda::(anonymous namespace)::GroupKernel(x)") == "GroupKernel"
+    assert gpu_moe.short_kernel_name("_ZN7cutlass6KernelINS_4gemm") == "_ZN7cutlass6KernelINS_4gemm"
 
 
 def test_variant_environments():
