@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from moefuse import MoEFFNAttrs, make_moeffn_model
 from moefuse.reference import moeffn
@@ -94,3 +96,13 @@ def check_parity(session, attrs, opts, inter, biases, shared, rank, dtype=np.flo
             other = run(fb, feeds(inputs), shapes)[0]
             np.testing.assert_allclose(f32(got), f32(other), rtol=rtol, atol=atol,
                                        err_msg="vs fallback " + msg)
+
+
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every initializer turned into a graph input (not constant)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
+                                                               list(init.dims)))
+    del model.graph.initializer[:]
+    return model

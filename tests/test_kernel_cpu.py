@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cases import ALL, D, E, case, check_parity, f32, stock_session
+from cases import ALL, D, E, case, check_parity, f32, stock_session, weights_as_inputs
 from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn
 from moefuse.runtime import library_path, session_options
@@ -129,16 +129,6 @@ def test_threads_bit_identical(routing, experts):
     np.testing.assert_allclose(got[0], moeffn(attrs, **inputs), rtol=1e-4, atol=2e-5)
 
 
-def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model with every initializer turned into a graph input (not constant)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for init in model.graph.initializer:
-        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
-                                                               list(init.dims)))
-    del model.graph.initializer[:]
-    return model
-
-
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
                                              ("topk_softmax", "gptoss_clamp"),
                                              ("sigmoid_grouped", "geglu_separate"),
@@ -149,7 +139,7 @@ def test_weights_not_constant(routing, experts, dtype):
     inputs = random_inputs(attrs, 2 * E + 3, 80, inter, E, biases=True, shared_inter=40,
                            shared_gate=True, selection_bias=opts.get("selection_bias", False),
                            dtype=dtype, seed=5)
-    model = _weights_as_inputs(make_moeffn_model(attrs, inputs))
+    model = weights_as_inputs(make_moeffn_model(attrs, inputs))
     sess = kernel_session(model)
     tol = 1e-5 if dtype == np.float32 else 2e-2
     for _ in range(2):  # a second call reuses the scratch arena

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cases import ALL, D, E, case
+from cases import ALL, D, E, case, weights_as_inputs
 from moefuse import MoEFFNAttrs, make_moeffn_model
 from moefuse.builder import attrs_of
 from moefuse.reference import moeffn
@@ -341,15 +341,6 @@ def test_one_kernel_decode_on_hopper():
     assert ctypes.CDLL(library_path()).MoefuseCudaFusedDecode() != 0
 
 
-def _weights_as_inputs(model):
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for init in model.graph.initializer:
-        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type,
-                                                               list(init.dims)))
-    del model.graph.initializer[:]
-    return model
-
-
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
                                              ("topk_softmax", "gptoss_clamp"),
                                              ("sigmoid_on_input", "rank1_silu")])
@@ -359,7 +350,7 @@ def test_weights_not_constant(routing, experts):
     for dtype in DTYPES:
         inputs = random_inputs(attrs, 300, 80, inter, E, biases=True, shared_inter=40,
                                shared_gate=True, dtype=dtype, seed=5)
-        sess = cuda_session(_weights_as_inputs(make_moeffn_model(attrs, inputs)))
+        sess = cuda_session(weights_as_inputs(make_moeffn_model(attrs, inputs)))
         for t in (300, 2):
             part = dict(inputs, **{n: a[:t] for n, a in feeds(inputs).items()})
             got = run(sess, part, {"Y": part["X"].shape})[0]
