@@ -502,6 +502,7 @@ def table(records, meta) -> str:
             diff = f"{r['max_rel_diff_vs_ms']:.2g}" if "max_rel_diff_vs_ms" in r else "—"
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} | "
                          f"{rel['gpu_us']} | {rel['wall_us']} | {diff} |")
+    lines += targets(records)
     timed = [r for r in records if r.get("timeline", {}).get("kernels")]
     if timed:
         lines += ["", "Kernel timelines (--timeline): each kernel's start and end in µs from the start "
@@ -514,6 +515,57 @@ def table(records, meta) -> str:
                       for k in tl["kernels"]]
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def targets(records) -> list:
+    """The GPU issue's targets, per dtype, from the default MoEFFN and com.microsoft.MoE records
+    (lines of a markdown table; none when a dtype lacks pairs of them)."""
+    pairs = {}
+    for r in records:
+        if r["variant"] in ("MoEFFN", "com.microsoft.MoE") and "gpu_us" in r:
+            pairs.setdefault((r["shape"], r["dtype"], r["T"]), {})[r["variant"]] = r
+    pairs = {key: p for key, p in pairs.items() if len(p) == 2}
+    if not pairs:
+        return []
+    names = [name for name, *_ in SHAPES]
+    qwen = names[0]  # (2048, 768, 128, 8): the shape of the 3x and 1.5x targets
+
+    def order(kv):
+        (shape, _, T), _ = kv
+        return T, names.index(shape) if shape in names else len(names), shape
+
+    def pts(dtype, keep):
+        return [(s.split("-")[0], T, p["MoEFFN"], p["com.microsoft.MoE"])
+                for (s, d, T), p in sorted(pairs.items(), key=order)
+                if d == dtype and keep(s, T, p["MoEFFN"])]
+
+    def met(flags):
+        return "met" if all(flags) else "not met"
+
+    lines = ["", "Against the GPU issue's targets (default MoEFFN; GPU time, wall time in brackets):",
+             "", "| dtype | target | status | points |", "| --- | --- | --- | --- |"]
+    for dtype in sorted({d for _, d, _ in pairs}):
+        every = pts(dtype, lambda s, T, o: True)
+        for key, label in (("gpu_us", "GPU time"), ("wall_us", "wall time")):
+            slow = [f"{n} T={T} {m[key] / o[key]:.2f}x" for n, T, o, m in every if m[key] < o[key]]
+            lines.append(f"| {dtype} | never slower than com.microsoft.MoE ({label}) | "
+                         f"{met([not slow])} | {', '.join(slow) or f'{len(every)} points'} |")
+        dec = pts(dtype, lambda s, T, o: T in (1, 32))
+        lines.append(f"| {dtype} | decode (T = 1, 32) at >= 70% of the memory roofline | "
+                     f"{met([o['mem_us'] >= 0.7 * o['gpu_us'] for _, _, o, _ in dec])} | "
+                     + ", ".join(f"{n} T={T} {o['mem_us'] / o['gpu_us']:.0%}" for n, T, o, _ in dec) + " |")
+        for T, goal, what in ((1, 3.0, "T = 1"), (4096, 1.5, "T = 4096")):
+            one = pts(dtype, lambda s, t, o: s == qwen and t == T)
+            for n, _, o, m in one:
+                lines.append(f"| {dtype} | {what} on {qwen} >= {goal:g}x faster | "
+                             f"{met([m['gpu_us'] >= goal * o['gpu_us']])} | "
+                             f"{m['gpu_us'] / o['gpu_us']:.2f}x ({m['wall_us'] / o['wall_us']:.2f}x) |")
+        pre = pts(dtype, lambda s, T, o: T == 4096 and o["flop_us"] > o["mem_us"])
+        lines.append(f"| {dtype} | prefill (T = 4096, FLOP-bound shapes) at >= 60% of dense peak | "
+                     f"{met([o['flop_us'] >= 0.6 * o['gpu_us'] for _, _, o, _ in pre])} | "
+                     + ", ".join(f"{n} {o['flop_us'] / o['gpu_us']:.0%} ({o['flop_us'] / o['wall_us']:.0%})"
+                                 for n, _, o, _ in pre) + " |")
+    return lines
 
 
 def short_kernel_name(name: str) -> str:

@@ -161,3 +161,31 @@ def test_gpu_time_is_the_union_of_kernel_intervals():
     busy, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2)
     assert busy == (15.0 + 5.0) / 2
     assert top[0] == ("a", 7.5) and ("b", 3.5) in top and ("c", 1.5) in top
+
+
+def test_targets_table():
+    """The issue's targets from the default records: a point slower by GPU time only, decode
+    fractions, the Qwen3 speedups, the FLOP-bound prefill fraction by GPU and wall time."""
+    gpu_moe = _gpu_moe()
+
+    def rec(shape, T, variant, gpu_us, wall_us, mem_us=0.0, flop_us=0.0):
+        return {"shape": shape, "dtype": "bfloat16", "T": T, "variant": variant, "gpu_us": gpu_us,
+                "wall_us": wall_us, "mem_us": mem_us, "flop_us": flop_us}
+
+    q, m = "Qwen3-30B-A3B", "Mixtral-8x7B"
+    records = [rec(q, 1, "MoEFFN", 35.0, 90.0, mem_us=14.0), rec(q, 1, "com.microsoft.MoE", 70.0, 200.0),
+               rec(m, 1, "MoEFFN", 180.0, 180.0, mem_us=144.0), rec(m, 1, "com.microsoft.MoE", 200.0, 210.0),
+               rec(q, 4096, "MoEFFN", 800.0, 800.0, mem_us=250.0, flop_us=300.0),
+               rec(q, 4096, "com.microsoft.MoE", 1000.0, 1000.0),
+               rec(m, 4096, "MoEFFN", 5000.0, 4000.0, mem_us=600.0, flop_us=2900.0),
+               rec(m, 4096, "com.microsoft.MoE", 4900.0, 4400.0),
+               rec(m, 32, "MoEFFN[bn128]", 1.0, 1.0)]
+    table = "\n".join(gpu_moe.targets(records))
+    assert "| never slower than com.microsoft.MoE (GPU time) | not met | Mixtral T=4096 0.98x |" in table
+    assert "| never slower than com.microsoft.MoE (wall time) | met | 4 points |" in table
+    assert "| not met | Qwen3 T=1 40%, Mixtral T=1 80% |" in table
+    assert "| T = 1 on Qwen3-30B-A3B >= 3x faster | not met | 2.00x (2.22x) |" in table
+    assert "| T = 4096 on Qwen3-30B-A3B >= 1.5x faster | not met | 1.25x (1.25x) |" in table
+    assert "| not met | Qwen3 38% (38%), Mixtral 58% (72%) |" in table
+    assert gpu_moe.targets(records[-1:]) == []
+
