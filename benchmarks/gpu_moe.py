@@ -230,24 +230,24 @@ def call_timeline(events, calls: int = 0, gap_us: float = 20.0):
         cuts = {i for _, i in sorted(gaps, reverse=True)[:calls - 1]}
     else:
         cuts = {i for g, i in gaps if g > gap_us}
-    calls, cur = [], []
+    groups, cur = [], []
     for i, ev in enumerate(events):
         if i in cuts:
-            calls.append(cur)
+            groups.append(cur)
             cur = []
         cur.append(ev)
     if cur:
-        calls.append(cur)
-    if not calls:
+        groups.append(cur)
+    if not groups:
         return [], 0.0, 0
-    n = statistics.mode(len(c) for c in calls)
-    calls = [c for c in calls if len(c) == n]
+    n = statistics.mode(len(c) for c in groups)
+    groups = [c for c in groups if len(c) == n]
     kernels = []
     for i in range(n):
-        kernels.append((calls[0][i][2], statistics.median(c[i][0] - c[0][0] for c in calls),
-                        statistics.median(c[i][1] - c[0][0] for c in calls)))
-    span = statistics.median(max(b for _, b, _ in c) - c[0][0] for c in calls)
-    return kernels, span, len(calls)
+        kernels.append((groups[0][i][2], statistics.median(c[i][0] - c[0][0] for c in groups),
+                        statistics.median(c[i][1] - c[0][0] for c in groups)))
+    span = statistics.median(max(b for _, b, _ in c) - c[0][0] for c in groups)
+    return kernels, span, len(groups)
 
 
 def variant_env(name: str) -> dict:
