@@ -293,6 +293,44 @@ def test_activation_rows_by_tma(tma, rows, monkeypatch):
         np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"TMA rows {tma}, narrow {rows}, T={t}")
 
 
+# Decode calls of a few tokens route in projection 1's blocks (the default) rather than in a
+# routing kernel (MOEFUSE_CUDA_SELF_ROUTE=0): the same output bit for bit, in every routing mode
+# (group-limited sigmoid with a selection bias, precomputed ids with an invalid one), with the
+# weight on the input, more active experts than the grid's blocks hold at once (128 experts,
+# k = 8: items taken in several rounds), and up to the largest call that routes itself (8 tokens).
+SELF_ROUTED = [
+    ("softmax_topk", dict(k=2), dict(experts=8), (1, 3, 8)),
+    ("topk_softmax", dict(k=3, routing="topk_softmax", weight_on_input=1), dict(experts=6), (1, 5)),
+    ("sigmoid_groups", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3, routed_scaling_factor=2.5),
+     dict(experts=128), (1, 4, 8)),
+    ("precomputed", dict(k=2, routing="precomputed"), dict(experts=8), (1, 2)),
+]
+
+
+@pytest.mark.parametrize("name,changes,size,counts", SELF_ROUTED, ids=[c[0] for c in SELF_ROUTED])
+def test_decode_routed_in_projection_1(name, changes, size, counts, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    attrs = MoEFFNAttrs(k=2).replace(**changes)
+    hidden, inter, experts = 264, 200, size["experts"]
+    base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, shared_inter=40,
+                         selection_bias=attrs.routing == "sigmoid_topk", dtype=BF16, seed=8)
+    model = make_moeffn_model(attrs, base)
+    routed_in_p1 = cuda_session(model)
+    monkeypatch.setenv("MOEFUSE_CUDA_SELF_ROUTE", "0")
+    routing_kernel = cuda_session(model)
+    for t in counts if not MEMCHECK else counts[:1]:
+        inputs = dict(base, **feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16,
+                                                  seed=700 + t)))
+        if attrs.routing == "precomputed":
+            inputs["topk_ids"] = inputs["topk_ids"].copy()
+            inputs["topk_ids"][t - 1, 1] = experts  # dropped
+        a = run(routed_in_p1, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        b = run(routing_kernel, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+        if attrs.routing != "precomputed":
+            close(a, moeffn(attrs, **inputs), BF16, f"{name} T={t}")
+
+
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
 # unequal length, projection-2 bias added once.
 @pytest.mark.parametrize("splits", ["2", "3", "auto"])
@@ -367,21 +405,23 @@ def test_empty_batch():
         assert sess.run(None, empty)[0].shape == (0, D)
 
 
-@pytest.mark.parametrize("tokens", [4, 40], ids=["one_block_routing", "multi_kernel_routing"])
+@pytest.mark.parametrize("tokens", [1, 4, 40],
+                         ids=["routed_in_projection_1", "one_block_routing", "multi_kernel_routing"])
 def test_precomputed_ids_out_of_range(tokens, monkeypatch):
     """An id outside [0, E) is dropped (its pair adds nothing) without a host round trip; with
     MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message naming the first such
-    pair's token, and valid ids pass the check. Routing in one block (T <= 32) and in several
-    kernels."""
+    pair's token, and valid ids pass the check. Routing in the decode projection's blocks (T = 1),
+    in one block (T <= 32) and in several kernels."""
     attrs, opts, inter = case("precomputed", "swiglu_halves")
     valid = random_inputs(attrs, tokens, D, inter, E, dtype=np.float16, seed=3)
     inputs = dict(valid, topk_ids=valid["topk_ids"].copy())
-    inputs["topk_ids"][1, 0] = E + 3
+    first = min(1, tokens - 1)
+    inputs["topk_ids"][first, 0] = E + 3
     inputs["topk_ids"][tokens - 1, 1] = -2
     model = make_moeffn_model(attrs, inputs)
     got = cuda_session(model).run(None, feeds(inputs))[0]
     kept = dict(inputs, topk_weights=inputs["topk_weights"].copy(), topk_ids=valid["topk_ids"])
-    kept["topk_weights"][1, 0] = 0
+    kept["topk_weights"][first, 0] = 0
     kept["topk_weights"][tokens - 1, 1] = 0
     close(got, moeffn(attrs, **kept), np.float16, "dropped pairs")
     monkeypatch.setenv("MOEFUSE_CUDA_CHECK_IDS", "1")
@@ -389,7 +429,7 @@ def test_precomputed_ids_out_of_range(tokens, monkeypatch):
     close(checked.run(None, feeds(valid))[0], moeffn(attrs, **valid), np.float16, "valid ids")
     with pytest.raises(Exception) as info:
         checked.run(None, feeds(inputs))
-    assert "'topk_ids' (#9) holds an expert id outside [0, 4): 7 for token 1" in str(info.value)
+    assert f"'topk_ids' (#9) holds an expert id outside [0, 4): 7 for token {first}" in str(info.value)
 
 
 def test_nan_stays_in_its_token():

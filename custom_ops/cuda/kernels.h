@@ -41,12 +41,15 @@ struct RouteParams {
   int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E)
   float* w = nullptr;     // [T*K] routing weights (scaled)
   int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
-  int* counts = nullptr;  // [E] pairs per expert (zeroed by the launcher)
-  int* bad = nullptr;     // [1] index (token*K + slot) of the first invalid pair, or kNoBadPair
+  // counts, bad and SortParams::zero lie back to back in one buffer, which the launcher clears
+  // (one memset where several kernels route; LaunchRouteAndSort checks the layout).
+  int* counts = nullptr;  // [E] pairs per expert
+  int* bad = nullptr;     // [1] BadPairMark of the first invalid pair, or 0 when all are valid
 };
 
-// RouteParams::bad when every pair is valid: each byte 0x7f, so that one memset sets it.
-constexpr int kNoBadPair = 0x7f7f7f7f;
+// RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax
+// keeps the lowest index); 0 when every pair is valid, so that clearing the counters clears it.
+constexpr int kBadPairBase = 0x7fffffff;
 
 // Pairs grouped by expert ("sorted" rows, contiguous per expert) and the tile schedule.
 struct SortParams {
@@ -65,7 +68,8 @@ struct SortParams {
   int* sorted_row = nullptr;   // [T*K] token of each sorted row
   float* sorted_w = nullptr;   // [T*K] its routing weight
   int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), -1 when dropped
-  int* zero = nullptr;         // [zero_count] ints zeroed for a later kernel (fused decode's counters)
+  int* zero = nullptr;         // [zero_count] ints zeroed for a later kernel (fused decode's
+                               // counters), right after RouteParams::bad
   int zero_count = 0;
 };
 
@@ -152,6 +156,12 @@ struct Gemm2Params {
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
+// Decode calls of a few tokens: projection 1 routes and groups the call itself in every block
+// (r and s as for LaunchRouteAndSort, whose outputs it writes too), so that the weights do not wait
+// for a routing kernel. A persistent grid: one wave of blocks on `num_sms` SMs.
+bool SkinnyRoutesItself(const RouteParams& r);  // the call is small enough
+cudaError_t LaunchSkinnyGemm1Routed(const Gemm1Params& p, const RouteParams& r, const SortParams& s, int num_sms,
+                                    cudaStream_t stream);
 // How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);

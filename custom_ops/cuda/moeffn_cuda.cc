@@ -6,8 +6,9 @@
 //      scattered per expert, the per-expert tile schedule, all in device memory;
 //   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
 //      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
-//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync (on
-//          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel);
+//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync.
+//          Calls of a few tokens skip step 1: projection 1 routes them itself in every block. On
+//          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel;
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
@@ -134,6 +135,8 @@ class Kernel {
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
+  bool self_route_ = true;         // MOEFUSE_CUDA_SELF_ROUTE=0: decode calls of a few tokens route
+                                   // in a kernel of their own rather than in projection 1
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
                                    // cp.async (0), by TMA where already in order (1), and X's rows
@@ -170,6 +173,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
+  k->self_route_ = std::string(EnvOr("MOEFUSE_CUDA_SELF_ROUTE", "1")) != "0";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
@@ -338,7 +342,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   if (T == 0) return nullptr;
   void* ydata = nullptr;
   if (OrtStatus* st = api->GetTensorMutableData(yv, &ydata)) return st;
-  if (T * K >= kNoBadPair || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
+  if (T * K >= kBadPairBase || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
 
   void* stream_ptr = nullptr;
@@ -397,7 +401,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // --- scratch ---
   Carver cv;
   const size_t o_ids = cv.Add(P * 4), o_w = cv.Add(P * 4), o_rank = cv.Add(P * 4);
-  const size_t o_counts = cv.Add(E * 4), o_bad = cv.Add(8);
   const size_t o_offsets = cv.Add((E + 1) * 4), o_prefix = cv.Add((E + 1) * 4);
   const size_t o_active = cv.Add(2 * E * 4), o_nact = cv.Add(4);
   const size_t o_srow = cv.Add(P * 4), o_sw = cv.Add(P * 4), o_pos = cv.Add(P * 4);
@@ -416,7 +419,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
-  const size_t o_sync = cv.Add(static_cast<size_t>(sync_count) * 4);
+  // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
+  const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
@@ -506,7 +510,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.w = static_cast<float*>(at(o_w));
   r.rank = static_cast<int*>(at(o_rank));
   r.counts = static_cast<int*>(at(o_counts));
-  r.bad = static_cast<int*>(at(o_bad));
+  r.bad = r.counts + E;
   SortParams s;
   s.T = r.T;
   s.E = r.E;
@@ -525,15 +529,20 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.sorted_row = static_cast<int*>(at(o_srow));
   s.sorted_w = static_cast<float*>(at(o_sw));
   s.pair_pos = static_cast<int*>(at(o_pos));
-  s.zero = sync_count ? static_cast<int*>(at(o_sync)) : nullptr;
+  s.zero = sync_count ? r.bad + 1 : nullptr;
   s.zero_count = sync_count;
-  if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
-  if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
-    int bad = kNoBadPair;
-    if ((e = cudaMemcpyAsync(&bad, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
+  // decode calls of a few tokens: projection 1 routes them itself, in every block
+  const bool self_route = rpath == Path::kSkinny && !fused_decode && self_route_ && SkinnyRoutesItself(r);
+  if (!self_route && (e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
+  // MOEFUSE_CUDA_CHECK_IDS=1: the first invalid topk_ids pair, once the routing has run (synchronizes)
+  auto check_ids = [&]() -> OrtStatus* {
+    if (!check_ids_ || a.routing_kind != Routing::kPrecomputed) return nullptr;
+    int mark = 0;
+    if ((e = cudaMemcpyAsync(&mark, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
         (e = cudaStreamSynchronize(stream)))
       return CudaError(e, "topk_ids check");
-    if (bad != kNoBadPair) {
+    if (mark != 0) {
+      const int bad = kBadPairBase - mark;
       int64_t id = 0;
       const size_t isz = r.ids_int64 ? 8 : 4;
       const char* src = static_cast<const char*>(in[kTopkIds].data) + static_cast<size_t>(bad) * isz;
@@ -546,7 +555,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                              std::to_string(E) + "): " + std::to_string(id) + " for token " +
                                              std::to_string(bad / K));
     }
-  }
+    return nullptr;
+  };
+  if (!self_route)
+    if (OrtStatus* st = check_ids()) return st;
 
   // --- shared expert: one dense group over all tokens ---
   if (has_shared) {
@@ -681,8 +693,12 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
           f.pairs = static_cast<int>(P);
           f.sync = s.zero;
           if ((e = LaunchSkinnyFused(f, dev_.num_sms, stream))) return CudaError(e, "experts (fused decode)");
-        } else if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream))) {
-          return CudaError(e, "experts (skinny)");
+        } else {
+          if ((e = self_route ? LaunchSkinnyGemm1Routed(g1, r, s, dev_.num_sms, stream) : LaunchSkinnyGemm1(g1, stream)))
+            return CudaError(e, "experts (skinny)");
+          if (self_route)
+            if (OrtStatus* st = check_ids()) return st;
+          if ((e = LaunchSkinnyGemm2(g2, stream))) return CudaError(e, "experts (skinny)");
         }
         break;
       default:
