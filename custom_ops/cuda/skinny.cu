@@ -11,6 +11,7 @@
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
 // units. Projection 2 tiles hold 16 output features.
 #include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 #include "route.cuh"
@@ -661,8 +662,16 @@ cudaError_t Gemm1RoutedT(const Gemm1Params& p, const RouteParams& r, const SortP
   const size_t smem = RoutedSmem(r);
   return routing::ForMode(r.mode, [&](auto m) {
     const auto kernel = Gemm1RoutedKernel<T, decltype(m)::value>;
+    // blocks per SM, asked once per kernel and shared-memory size (the last one asked is kept)
+    static std::atomic<int64_t> known{-1};  // smem << 8 | blocks per SM
     int per_sm = 0;
-    if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem)) return e;
+    const int64_t k = known.load(std::memory_order_relaxed);
+    if (k >= 0 && static_cast<size_t>(k >> 8) == smem) {
+      per_sm = static_cast<int>(k & 0xff);
+    } else {
+      if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem)) return e;
+      known.store(static_cast<int64_t>(smem) << 8 | std::min(per_sm, 255), std::memory_order_relaxed);
+    }
     const int64_t blocks = std::min<int64_t>(items, static_cast<int64_t>(std::max(per_sm, 1)) * std::max(num_sms, 1));
     return Launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), smem, stream, p, r, s);
   });
