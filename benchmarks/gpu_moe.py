@@ -282,6 +282,8 @@ def variant_env(name: str) -> dict:
         return {"MOEFUSE_CUDA_TMA_ROWS": name[7:]}
     if name == "routekernel":
         return {"MOEFUSE_CUDA_SELF_ROUTE": "0"}
+    if name == "combinekernel":
+        return {"MOEFUSE_CUDA_FOLD_COMBINE": "0"}
     return {"MOEFUSE_CUDA_PATH": name}
 
 
@@ -316,7 +318,9 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
-                    "routekernel (MOEFUSE_CUDA_SELF_ROUTE=0: decode routes in a kernel of its own), fused (MOEFUSE_CUDA_DECODE=fused: decode "
+                    "routekernel (MOEFUSE_CUDA_SELF_ROUTE=0: decode routes in a kernel of its own), "
+                    "combinekernel (MOEFUSE_CUDA_FOLD_COMBINE=0: the skinny path's combine in a kernel "
+                    "of its own), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")

@@ -293,42 +293,60 @@ def test_activation_rows_by_tma(tma, rows, monkeypatch):
         np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"TMA rows {tma}, narrow {rows}, T={t}")
 
 
-# Decode calls of a few tokens route in projection 1's blocks (the default) rather than in a
-# routing kernel (MOEFUSE_CUDA_SELF_ROUTE=0): the same output bit for bit, in every routing mode
-# (group-limited sigmoid with a selection bias, precomputed ids with an invalid one), with the
-# weight on the input, more active experts than the grid's blocks hold at once (128 experts,
-# k = 8: items taken in several rounds), and up to the largest call that routes itself (8 tokens).
-SELF_ROUTED = [
-    ("softmax_topk", dict(k=2), dict(experts=8), (1, 3, 8)),
-    ("topk_softmax", dict(k=3, routing="topk_softmax", weight_on_input=1), dict(experts=6), (1, 5)),
+# Decode calls of a few tokens route in projection 1's blocks (MOEFUSE_CUDA_SELF_ROUTE) rather
+# than in a routing kernel, and the skinny path combines in projection 2's last block per column
+# tile (MOEFUSE_CUDA_FOLD_COMBINE) rather than in a combine kernel. Each switched off in turn gives
+# the same output bit for bit: in every routing mode (group-limited sigmoid with a selection bias,
+# precomputed ids with an invalid one, or all invalid), weight on the input, more active experts
+# than one wave of blocks holds (128 experts, k = 8), the largest call that routes itself (8
+# tokens), a hidden size that ends in half a column tile (264), projection 2 split over K, a shared
+# expert with and without its gate (the gated one keeps the combine kernel).
+SKINNY_DECODE = [
+    ("softmax_topk", dict(k=2), dict(experts=8), (1, 3, 8), {}),
+    ("topk_softmax", dict(k=3, routing="topk_softmax", weight_on_input=1), dict(experts=6), (1, 5), {}),
     ("sigmoid_groups", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3, routed_scaling_factor=2.5),
-     dict(experts=128), (1, 4, 8)),
-    ("precomputed", dict(k=2, routing="precomputed"), dict(experts=8), (1, 2)),
+     dict(experts=128), (1, 4, 8), {}),
+    ("precomputed", dict(k=2, routing="precomputed"), dict(experts=8), (1, 2), {}),
+    ("none_valid", dict(k=2, routing="precomputed"), dict(experts=8), (1, 3), {}),
+    ("split_k", dict(k=2), dict(experts=8, inter=1032), (1, 4), {"MOEFUSE_CUDA_SPLITK": "3"}),
+    ("shared_gate", dict(k=2), dict(experts=8, shared_gate=True), (1, 6), {}),
 ]
 
 
-@pytest.mark.parametrize("name,changes,size,counts", SELF_ROUTED, ids=[c[0] for c in SELF_ROUTED])
-def test_decode_routed_in_projection_1(name, changes, size, counts, monkeypatch):
+@pytest.mark.parametrize("name,changes,size,counts,env", SKINNY_DECODE, ids=[c[0] for c in SKINNY_DECODE])
+def test_decode_without_routing_and_combine_kernels(name, changes, size, counts, env, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     attrs = MoEFFNAttrs(k=2).replace(**changes)
-    hidden, inter, experts = 264, 200, size["experts"]
+    hidden, inter, experts = 264, size.get("inter", 200), size["experts"]
     base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, shared_inter=40,
+                         shared_gate=size.get("shared_gate", False),
                          selection_bias=attrs.routing == "sigmoid_topk", dtype=BF16, seed=8)
     model = make_moeffn_model(attrs, base)
-    routed_in_p1 = cuda_session(model)
-    monkeypatch.setenv("MOEFUSE_CUDA_SELF_ROUTE", "0")
-    routing_kernel = cuda_session(model)
+    sessions = {"default": cuda_session(model)}
+    for switch in ("MOEFUSE_CUDA_SELF_ROUTE", "MOEFUSE_CUDA_FOLD_COMBINE"):
+        monkeypatch.setenv(switch, "0")
+        sessions[switch] = cuda_session(model)
+        monkeypatch.delenv(switch)
     for t in counts if not MEMCHECK else counts[:1]:
         inputs = dict(base, **feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16,
                                                   seed=700 + t)))
+        want_inputs = inputs
         if attrs.routing == "precomputed":
-            inputs["topk_ids"] = inputs["topk_ids"].copy()
-            inputs["topk_ids"][t - 1, 1] = experts  # dropped
-        a = run(routed_in_p1, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        b = run(routing_kernel, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
-        if attrs.routing != "precomputed":
-            close(a, moeffn(attrs, **inputs), BF16, f"{name} T={t}")
+            ids, w = inputs["topk_ids"].copy(), inputs["topk_weights"].copy()
+            if name == "none_valid":
+                ids[:] = experts + 1
+                w[:] = 0
+            else:
+                ids[t - 1, 1] = -1
+                w[t - 1, 1] = 0
+            want_inputs = dict(inputs, topk_weights=w, topk_ids=np.where(ids < 0, 0, ids) % experts)
+            inputs = dict(inputs, topk_ids=ids)
+        got = {k: run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0] for k, sess in sessions.items()}
+        close(got["default"], moeffn(attrs, **want_inputs), BF16, f"{name} T={t}")
+        for k in sessions:
+            np.testing.assert_array_equal(f32(got[k]), f32(got["default"]), err_msg=f"{name} T={t}: {k}=0")
 
 
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of

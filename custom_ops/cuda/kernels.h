@@ -118,6 +118,26 @@ struct Groups {
   int ready_need = 0;
 };
 
+// The combine: each token's pairs (rows of ypair) weighted and summed in pick order, plus the
+// shared expert. Launched on its own (LaunchCombine, below) or folded into the skinny projection 2
+// (Gemm2Params::done).
+struct CombineParams {
+  DType dtype = DType::kF16;
+  int T = 0, D = 0, K = 0;
+  const void* X = nullptr;
+  const int* pair_pos = nullptr;  // [T*K]
+  const float* w = nullptr;       // [T*K]
+  int weight_on_input = 0;
+  const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
+  bool ypair_f32 = true;
+  int ypair_planes = 1;
+  int64_t ypair_plane = 0;  // elements between planes
+  const void* shared = nullptr;  // [T, D] shared expert output or null
+  bool shared_f32 = true;
+  const void* shared_gate = nullptr;  // [D] or null
+  void* Y = nullptr;
+};
+
 // Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.
 struct Gemm1Params {
   DType dtype = DType::kF16;
@@ -151,6 +171,11 @@ struct Gemm2Params {
   // (out + z * plane elements); the combine adds the planes in order (deterministic).
   int splits = 1;
   int64_t plane = 0;
+  // Skinny path only, when set: the combine folded in. done[x] counts the blocks that finished
+  // column tile x (16 output features; zeroed by the routing); the last one, over all slots and
+  // parts of K, combines those features for every token (`combine`, whose ypair is `out`).
+  int* done = nullptr;
+  CombineParams combine;
 };
 
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
@@ -193,24 +218,6 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
 // Groups::ready_need of projection 1's launch (p.g.ready set; not with the ping-pong schedule).
 int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms);
 
-// --- combine ------------------------------------------------------------------------------------
-
-struct CombineParams {
-  DType dtype = DType::kF16;
-  int T = 0, D = 0, K = 0;
-  const void* X = nullptr;
-  const int* pair_pos = nullptr;  // [T*K]
-  const float* w = nullptr;       // [T*K]
-  int weight_on_input = 0;
-  const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
-  bool ypair_f32 = true;
-  int ypair_planes = 1;
-  int64_t ypair_plane = 0;  // elements between planes
-  const void* shared = nullptr;  // [T, D] shared expert output or null
-  bool shared_f32 = true;
-  const void* shared_gate = nullptr;  // [D] or null
-  void* Y = nullptr;
-};
 cudaError_t LaunchCombine(const CombineParams& p, cudaStream_t stream);
 
 // Small-intermediate experts (rank-1 "flash expert" layers): per token, k dot-product experts,

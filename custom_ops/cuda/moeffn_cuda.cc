@@ -135,6 +135,8 @@ class Kernel {
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
+  bool fold_combine_ = true;       // MOEFUSE_CUDA_FOLD_COMBINE=0: the skinny path's combine as a
+                                   // kernel of its own rather than in projection 2's last blocks
   bool self_route_ = true;         // MOEFUSE_CUDA_SELF_ROUTE=0: decode calls of a few tokens route
                                    // in a kernel of their own rather than in projection 1
                                    // on Hopper (experimental: not faster, docs/performance.md)
@@ -174,6 +176,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->self_route_ = std::string(EnvOr("MOEFUSE_CUDA_SELF_ROUTE", "1")) != "0";
+  k->fold_combine_ = std::string(EnvOr("MOEFUSE_CUDA_FOLD_COMBINE", "1")) != "0";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
@@ -416,9 +419,15 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // wgmma path: projection 2 starts per expert as projection 1 finishes it (not with the ping-pong
   // schedule of 128-row tiles)
   const bool overlap = rpath == Path::kWgmma && overlap_ && (narrow || !pingpong_);
-  // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
-  // tile counter and per-expert counts
-  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
+  // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, the overlap's
+  // tile counter and per-expert counts, or the folded combine's per-column-tile counts
+  // skinny path: the combine folded into projection 2 (not with a gated shared expert: its gate
+  // needs each token's whole row of X)
+  const bool fold_combine = rpath == Path::kSkinny && !fused_decode && fold_combine_ && !in[kSharedGate].data;
+  const int sync_count = fused_decode   ? static_cast<int>(1 + max_active)
+                         : overlap      ? static_cast<int>(1 + E)
+                         : fold_combine ? static_cast<int>(CeilDiv64(D, 16))
+                                        : 0;
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
@@ -672,6 +681,27 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.splits = ypair_planes;
     g2.plane = P * D;
     g2.rows = tma_rows_ >= 1 ? P : 0;
+    CombineParams cp;
+    cp.dtype = dt;
+    cp.T = static_cast<int>(T);
+    cp.D = static_cast<int>(D);
+    cp.K = static_cast<int>(K);
+    cp.X = in[kX].data;
+    cp.pair_pos = s.pair_pos;
+    cp.w = r.w;
+    cp.weight_on_input = woi;
+    cp.ypair = at(o_y);
+    cp.ypair_f32 = ypair_f32;
+    cp.ypair_planes = ypair_planes;
+    cp.ypair_plane = P * D;
+    cp.shared = has_shared ? at(o_s) : nullptr;
+    cp.shared_f32 = shared_f32;
+    cp.shared_gate = in[kSharedGate].data;
+    cp.Y = ydata;
+    if (fold_combine) {
+      g2.done = s.zero;
+      g2.combine = cp;
+    }
     if (overlap) g2.g.ready_need = WgmmaFirstProjSignals(g1, dev_.num_sms);
     switch (rpath) {
       case Path::kWgmma:
@@ -705,24 +735,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
           return CudaError(e, "experts (simt)");
     }
-    CombineParams cp;
-    cp.dtype = dt;
-    cp.T = static_cast<int>(T);
-    cp.D = static_cast<int>(D);
-    cp.K = static_cast<int>(K);
-    cp.X = in[kX].data;
-    cp.pair_pos = s.pair_pos;
-    cp.w = r.w;
-    cp.weight_on_input = woi;
-    cp.ypair = at(o_y);
-    cp.ypair_f32 = ypair_f32;
-    cp.ypair_planes = ypair_planes;
-    cp.ypair_plane = P * D;
-    cp.shared = has_shared ? at(o_s) : nullptr;
-    cp.shared_f32 = shared_f32;
-    cp.shared_gate = in[kSharedGate].data;
-    cp.Y = ydata;
-    if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
+    if (!fold_combine && (e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
   }
   if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
   return nullptr;

@@ -326,13 +326,39 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1RoutedKernel(Gemm1Params p, 
   }
 }
 
+// The combine folded into projection 2: the last block to finish column tile x (of all the slots'
+// blocks and parts of K) computes the call's output for those 16 features, so that no combine
+// kernel follows. Its arrival is ordered after its stores by a fence (the threadfence reduction
+// pattern); the last block reads the others' rows through L2.
+template <typename T>
+__device__ __forceinline__ void CombineTile(const Gemm2Params& p, int x) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  // (no active expert: block (x, 0, 0) alone arrives, and writes the shared expert or zeros)
+  const int na = *p.g.num_active, need = na > 0 ? na * p.splits : 1;
+  if (threadIdx.x == 0) last = atomicAdd(p.done + x, 1) == need - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const CombineParams& c = p.combine;
+  const int d0 = x * 16;
+  for (int i = threadIdx.x; i < c.T * 16; i += blockDim.x) {
+    const int t = i >> 4, d = d0 + (i & 15);
+    if (d < c.D) static_cast<T*>(c.Y)[static_cast<int64_t>(t) * c.D + d] = FromF<T>(CombineElement<T>(c, t, d, 1.0f));
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   GridDepWait();
   GridDepLaunch();
   __shared__ float red[kRedFloats];
   Slot s;
-  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+  if (!GetSlot(p.g, blockIdx.y, &s)) {
+    if (p.done && blockIdx.y == 0 && blockIdx.z == 0) CombineTile<T>(p, blockIdx.x);
+    return;
+  }
   const int g = (threadIdx.x & 31) >> 2, I = p.I;
   const int da = blockIdx.x * 16 + g, db = da + 8;
   const T* wa = Tile2Row<T>(p, s.e, blockIdx.x, g);
@@ -357,6 +383,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
     __syncthreads();
   }
+  if (p.done) CombineTile<T>(p, blockIdx.x);
 }
 
 // ---- decode on Hopper: both projections in one persistent kernel (opt-in) ---------------------
@@ -683,6 +710,9 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
   if (p.splits < 1 || (p.splits > 1 && !p.out_f32)) return cudaErrorInvalidValue;
+  // the folded combine: no shared-expert gate (it needs a whole row of X per token), whole planes
+  if (p.done && (p.combine.shared_gate || p.combine.ypair != p.out || p.combine.ypair_planes != p.splits))
+    return cudaErrorInvalidValue;
   return Launch(Gemm2Kernel<T>,
                 dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
                 dim3(kWarps * 32), 0, stream, p);
