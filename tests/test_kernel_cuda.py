@@ -324,11 +324,14 @@ def test_decode_without_routing_and_combine_kernels(name, changes, size, counts,
                          shared_gate=size.get("shared_gate", False),
                          selection_bias=attrs.routing == "sigmoid_topk", dtype=BF16, seed=8)
     model = make_moeffn_model(attrs, base)
-    sessions = {"default": cuda_session(model)}
-    for switch in ("MOEFUSE_CUDA_SELF_ROUTE", "MOEFUSE_CUDA_FOLD_COMBINE"):
+    switches = ("MOEFUSE_CUDA_SELF_ROUTE", "MOEFUSE_CUDA_FOLD_COMBINE")
+    for switch in switches:
+        monkeypatch.setenv(switch, "1")
+    sessions = {"both": cuda_session(model)}
+    for switch in switches:
         monkeypatch.setenv(switch, "0")
         sessions[switch] = cuda_session(model)
-        monkeypatch.delenv(switch)
+        monkeypatch.setenv(switch, "1")
     for t in counts if not MEMCHECK else counts[:1]:
         inputs = dict(base, **feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16,
                                                   seed=700 + t)))
@@ -344,9 +347,9 @@ def test_decode_without_routing_and_combine_kernels(name, changes, size, counts,
             want_inputs = dict(inputs, topk_weights=w, topk_ids=np.where(ids < 0, 0, ids) % experts)
             inputs = dict(inputs, topk_ids=ids)
         got = {k: run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0] for k, sess in sessions.items()}
-        close(got["default"], moeffn(attrs, **want_inputs), BF16, f"{name} T={t}")
+        close(got["both"], moeffn(attrs, **want_inputs), BF16, f"{name} T={t}")
         for k in sessions:
-            np.testing.assert_array_equal(f32(got[k]), f32(got["default"]), err_msg=f"{name} T={t}: {k}=0")
+            np.testing.assert_array_equal(f32(got[k]), f32(got["both"]), err_msg=f"{name} T={t}: {k}=0")
 
 
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
