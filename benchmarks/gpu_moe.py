@@ -250,40 +250,40 @@ def call_timeline(events, calls: int = 0, gap_us: float = 20.0):
     return kernels, span, len(groups)
 
 
+# --paths names: exact names, then prefixes whose rest is the value ("" for the knob's default)
+VARIANTS = {
+    "nopdl": {"MOEFUSE_CUDA_PDL": "0"},
+    "order_n": {"MOEFUSE_CUDA_ORDER": "n"},
+    "pingpong": {"MOEFUSE_CUDA_SCHEDULE": "pingpong"},
+    "cooperative": {"MOEFUSE_CUDA_SCHEDULE": "cooperative"},
+    "split": {"MOEFUSE_CUDA_DECODE": "split"},
+    "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
+    "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
+    "routekernel": {"MOEFUSE_CUDA_SELF_ROUTE": "0"},
+    "combinekernel": {"MOEFUSE_CUDA_FOLD_COMBINE": "0"},
+}
+VARIANT_PREFIXES = [
+    ("lib=", "MOEFUSE_LIBRARY", None),  # another build of the library, side by side in one run
+    ("narrow", "MOEFUSE_CUDA_NARROW", "auto"),
+    ("splitk", "MOEFUSE_CUDA_SPLITK", "auto"),
+    ("bn", "MOEFUSE_CUDA_BN", None),
+    ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
+]
+
+
 def variant_env(name: str) -> dict:
     """Environment of a MoEFFN variant (see --paths; "a+b" combines two); the kernel reads it at
-    session creation."""
+    session creation. Other names force a path (MOEFUSE_CUDA_PATH)."""
     if "+" in name:
         env = {}
         for part in name.split("+"):
             env.update(variant_env(part))
         return env
-    if name.startswith("lib="):  # another build of the library, side by side in one run
-        return {"MOEFUSE_LIBRARY": name[4:]}
-    if name == "nopdl":
-        return {"MOEFUSE_CUDA_PDL": "0"}
-    if name == "order_n":
-        return {"MOEFUSE_CUDA_ORDER": "n"}
-    if name == "pingpong":
-        return {"MOEFUSE_CUDA_SCHEDULE": "pingpong"}
-    if name == "cooperative":
-        return {"MOEFUSE_CUDA_SCHEDULE": "cooperative"}
-    if name.startswith("narrow"):
-        return {"MOEFUSE_CUDA_NARROW": name[6:] or "auto"}
-    if name.startswith("splitk"):
-        return {"MOEFUSE_CUDA_SPLITK": name[6:] or "auto"}
-    if name.startswith("bn"):
-        return {"MOEFUSE_CUDA_BN": name[2:]}
-    if name in ("split", "fused"):
-        return {"MOEFUSE_CUDA_DECODE": name}
-    if name == "nooverlap":
-        return {"MOEFUSE_CUDA_OVERLAP": "0"}
-    if name.startswith("tmarows"):
-        return {"MOEFUSE_CUDA_TMA_ROWS": name[7:]}
-    if name == "routekernel":
-        return {"MOEFUSE_CUDA_SELF_ROUTE": "0"}
-    if name == "combinekernel":
-        return {"MOEFUSE_CUDA_FOLD_COMBINE": "0"}
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    for prefix, key, default in VARIANT_PREFIXES:
+        if name.startswith(prefix):
+            return {key: name[len(prefix):] or default or ""}
     return {"MOEFUSE_CUDA_PATH": name}
 
 
