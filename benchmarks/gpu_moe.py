@@ -260,7 +260,9 @@ VARIANTS = {
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
     "routekernel": {"MOEFUSE_CUDA_SELF_ROUTE": "0"},
+    "selfroute": {"MOEFUSE_CUDA_SELF_ROUTE": "1"},
     "combinekernel": {"MOEFUSE_CUDA_FOLD_COMBINE": "0"},
+    "foldcombine": {"MOEFUSE_CUDA_FOLD_COMBINE": "1"},
 }
 VARIANT_PREFIXES = [
     ("lib=", "MOEFUSE_LIBRARY", None),  # another build of the library, side by side in one run
@@ -318,9 +320,10 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
-                    "routekernel (MOEFUSE_CUDA_SELF_ROUTE=0: decode routes in a kernel of its own), "
-                    "combinekernel (MOEFUSE_CUDA_FOLD_COMBINE=0: the skinny path's combine in a kernel "
-                    "of its own), fused (MOEFUSE_CUDA_DECODE=fused: decode "
+                    "selfroute / routekernel (MOEFUSE_CUDA_SELF_ROUTE=1 / 0: decode calls of a few tokens "
+                    "route in projection 1 / in a kernel of their own), foldcombine / combinekernel "
+                    "(MOEFUSE_CUDA_FOLD_COMBINE=1 / 0: the skinny path's combine in projection 2 / in a "
+                    "kernel of its own), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")

@@ -135,10 +135,11 @@ class Kernel {
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
-  bool fold_combine_ = true;       // MOEFUSE_CUDA_FOLD_COMBINE=0: the skinny path's combine as a
-                                   // kernel of its own rather than in projection 2's last blocks
-  bool self_route_ = true;         // MOEFUSE_CUDA_SELF_ROUTE=0: decode calls of a few tokens route
-                                   // in a kernel of their own rather than in projection 1
+  // Opt-in until measured on a GPU (docs/runtime.md):
+  bool fold_combine_ = false;      // MOEFUSE_CUDA_FOLD_COMBINE=1: the skinny path's combine in
+                                   // projection 2's last blocks rather than in a kernel of its own
+  bool self_route_ = false;        // MOEFUSE_CUDA_SELF_ROUTE=1: decode calls of a few tokens route
+                                   // in projection 1 rather than in a kernel of their own
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
                                    // cp.async (0), by TMA where already in order (1), and X's rows
@@ -175,8 +176,8 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
-  k->self_route_ = std::string(EnvOr("MOEFUSE_CUDA_SELF_ROUTE", "1")) != "0";
-  k->fold_combine_ = std::string(EnvOr("MOEFUSE_CUDA_FOLD_COMBINE", "1")) != "0";
+  k->self_route_ = std::string(EnvOr("MOEFUSE_CUDA_SELF_ROUTE", "0")) == "1";
+  k->fold_combine_ = std::string(EnvOr("MOEFUSE_CUDA_FOLD_COMBINE", "0")) == "1";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
