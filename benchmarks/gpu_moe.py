@@ -131,9 +131,11 @@ class Runner:
     """One session; its inputs and output bound to device buffers; timed on a torch stream that
     onnxruntime uses as its compute stream."""
 
-    def __init__(self, ort, torch, path, so, stream, dtype):
+    def __init__(self, ort, torch, path, so, stream, dtype, graph=False):
         self.ort, self.torch, self.stream, self.dtype = ort, torch, stream, dtype
         opts = {"device_id": 0, "user_compute_stream": str(stream.cuda_stream)}
+        if graph:  # onnxruntime captures the call as a CUDA graph and replays it: no host launches
+            opts["enable_cuda_graph"] = "1"
         self.sess = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", opts)])
         self.ro = ort.RunOptions()
         self.ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -263,6 +265,7 @@ VARIANTS = {
     "selfroute": {"MOEFUSE_CUDA_SELF_ROUTE": "1"},
     "combinekernel": {"MOEFUSE_CUDA_FOLD_COMBINE": "0"},
     "foldcombine": {"MOEFUSE_CUDA_FOLD_COMBINE": "1"},
+    "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
     ("lib=", "MOEFUSE_LIBRARY", None),  # another build of the library, side by side in one run
@@ -287,6 +290,12 @@ def variant_env(name: str) -> dict:
         if name.startswith(prefix):
             return {key: name[len(prefix):] or default or ""}
     return {"MOEFUSE_CUDA_PATH": name}
+
+
+def uses_graph(name: str) -> bool:
+    """Whether a variant runs as a CUDA graph that onnxruntime captures (one session per T: a
+    captured graph holds its shapes and buffers)."""
+    return "graph" in name.split("+")
 
 
 @contextlib.contextmanager
@@ -323,7 +332,8 @@ def main():
                     "selfroute / routekernel (MOEFUSE_CUDA_SELF_ROUTE=1 / 0: decode calls of a few tokens "
                     "route in projection 1 / in a kernel of their own), foldcombine / combinekernel "
                     "(MOEFUSE_CUDA_FOLD_COMBINE=1 / 0: the skinny path's combine in projection 2 / in a "
-                    "kernel of its own), fused (MOEFUSE_CUDA_DECODE=fused: decode "
+                    "kernel of its own), graph (the call captured and replayed as a CUDA graph: "
+                    "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")
@@ -372,6 +382,7 @@ def main():
                 print(f"{name} {dtype}: weights written in {time.time() - t0:.1f}s", flush=True)
                 variants = [("MoEFFN", ours_path, {}), ("com.microsoft.MoE", ms_path, None)]
                 variants += [(f"MoEFFN[{p}]", ours_path, variant_env(p)) for p in forced]
+                graphs = {f"MoEFFN[{p}]" for p in forced if uses_graph(p)}
                 gen = torch.Generator(device="cuda").manual_seed(2)
                 tmax = max(tokens)
                 x_all = torch.randn(tmax, H, generator=gen, device="cuda").to(tdt)
@@ -384,8 +395,11 @@ def main():
                         else:
                             so = ort.SessionOptions()
                             so.log_severity_level = 3
+                        make = (lambda path=path, so=so, graph=vname in graphs:
+                                Runner(ort, torch, path, so, stream, dtype, graph=graph))
                         try:
-                            runners[vname] = Runner(ort, torch, path, so, stream, dtype)
+                            # graph variants: a fresh session per T (made with the variant's environment)
+                            runners[vname] = ((make, env) if vname in graphs else make())
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                             runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
@@ -400,6 +414,9 @@ def main():
                             rec["error"] = r
                         else:
                             try:
+                                if isinstance(r, tuple):  # a graph variant's session for this T
+                                    with variant_environment(r[1] or {}):
+                                        r = r[0]()
                                 y = torch.empty(T, H, device="cuda", dtype=tdt)
                                 r.bind(x, logits, y)
                                 r.call()

@@ -473,6 +473,37 @@ def test_repeated_calls_are_deterministic():
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+# onnxruntime's CUDA graphs (provider option enable_cuda_graph): the call is captured once and
+# replayed with new inputs copied into the bound buffers. Nothing in a call may synchronize or
+# allocate outside the EP's allocator. Decode (skinny, with and without the opt-in routing in
+# projection 1 and folded combine) and prefill (grouped GEMM), float16; each replay against the
+# reference.
+@pytest.mark.parametrize("tokens,env", [(1, {}), (3, {"MOEFUSE_CUDA_SELF_ROUTE": "1", "MOEFUSE_CUDA_FOLD_COMBINE": "1"}),
+                                        (200, {})], ids=["decode", "decode_switches", "prefill"])
+def test_cuda_graph_replays(tokens, env, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves")
+    base = random_inputs(attrs, tokens, D, inter, E, biases=True, shared_inter=8, dtype=np.float16, seed=4)
+    model = make_moeffn_model(attrs, base)
+    del model.functions[:]
+    so = session_options(log_severity_level=3)
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=[("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})])
+    bound = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in feeds(base).items()}
+    y = ort.OrtValue.ortvalue_from_shape_and_type(base["X"].shape, np.float16, "cuda", 0)
+    binding = sess.io_binding()
+    for n, v in bound.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_ortvalue_output("Y", y)
+    for call in range(4):  # the first calls run as usual, then onnxruntime captures and replays
+        fresh = feeds(random_inputs(attrs, tokens, D, inter, E, dtype=np.float16, seed=40 + call))
+        for n, v in bound.items():
+            v.update_inplace(fresh[n])
+        sess.run_with_iobinding(binding)
+        close(y.numpy(), moeffn(attrs, **dict(base, **fresh)), np.float16, f"T={tokens} call {call}")
+
+
 # --- errors: the shared validation, same words as the CPU kernel --------------------------------
 
 
