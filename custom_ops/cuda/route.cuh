@@ -325,8 +325,11 @@ __host__ __device__ inline int SmallRouteInts(int E, int T, int K, int warps, in
 // for this, and each trip to global memory and back would be on its critical path. s's outputs
 // (offsets, tile prefix, active list, m-tiles, sorted rows and weights) go where s points; with
 // `all`, so does what only later kernels read (r.ids, r.w, r.counts, r.bad, s.pair_pos, s.zero).
+// With `token_order`, the pairs of an expert are ranked in (token, pick) order rather than in the
+// order their atomic counts happened to run: every block that routes the same call then agrees on
+// the sorted rows (the blocks of the decode projection that routes its call itself).
 template <typename T, int M, int kThreads>
-__device__ void RouteSmall(const RouteParams& r, const SortParams& s, int* sm, bool all) {
+__device__ void RouteSmall(const RouteParams& r, const SortParams& s, int* sm, bool all, bool token_order = false) {
   const int E = r.E, n = r.T * r.K;
   int* cnt = sm;                   // E
   int* off = cnt + E;              // E
@@ -350,6 +353,15 @@ __device__ void RouteSmall(const RouteParams& r, const SortParams& s, int* sm, b
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int t = warp; t < r.T; t += nwarps) Route<T, M>(rr, t, gscr + warp * r.n_group);
   __syncthreads();
+  if (token_order) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int e = ids[i];
+      int before = 0;
+      for (int j = 0; j < i; ++j) before += ids[j] == e;
+      rank[i] = e < 0 ? 0 : before;
+    }
+    __syncthreads();
+  }
   Group<kThreads>(s, cnt, scan, off);
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {

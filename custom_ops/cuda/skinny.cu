@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1RoutedKernel(Gemm1Params p, 
     ls.sorted_w = reinterpret_cast<float*>(ls.sorted_row + n);
     ls.max_tiles = 0;
   }
-  routing::RouteSmall<T, M, kWarps * 32>(r, ls, rsm, writer);
+  routing::RouteSmall<T, M, kWarps * 32>(r, ls, rsm, writer, /*token_order=*/true);
   __syncthreads();
   Gemm1Params q = p;
   q.g.offsets = ls.offsets;
