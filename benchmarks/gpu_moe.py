@@ -261,10 +261,6 @@ VARIANTS = {
     "split": {"MOEFUSE_CUDA_DECODE": "split"},
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
-    "routekernel": {"MOEFUSE_CUDA_SELF_ROUTE": "0"},
-    "selfroute": {"MOEFUSE_CUDA_SELF_ROUTE": "1"},
-    "combinekernel": {"MOEFUSE_CUDA_FOLD_COMBINE": "0"},
-    "foldcombine": {"MOEFUSE_CUDA_FOLD_COMBINE": "1"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -329,10 +325,7 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
-                    "selfroute / routekernel (MOEFUSE_CUDA_SELF_ROUTE=1 / 0: decode calls of a few tokens "
-                    "route in projection 1 / in a kernel of their own), foldcombine / combinekernel "
-                    "(MOEFUSE_CUDA_FOLD_COMBINE=1 / 0: the skinny path's combine in projection 2 / in a "
-                    "kernel of its own), graph (the call captured and replayed as a CUDA graph: "
+                    "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "

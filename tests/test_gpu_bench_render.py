@@ -99,12 +99,8 @@ def test_variant_environments():
                                                      "MOEFUSE_CUDA_BN": "128"}
     assert gpu_moe.variant_env("decode") == {"MOEFUSE_CUDA_PATH": "decode"}
     assert gpu_moe.variant_env("split") == {"MOEFUSE_CUDA_DECODE": "split"}
-    assert gpu_moe.variant_env("routekernel") == {"MOEFUSE_CUDA_SELF_ROUTE": "0"}
-    assert gpu_moe.variant_env("combinekernel") == {"MOEFUSE_CUDA_FOLD_COMBINE": "0"}
-    assert gpu_moe.variant_env("graph+selfroute") == {"MOEFUSE_CUDA_SELF_ROUTE": "1"}
-    assert gpu_moe.uses_graph("graph+selfroute") and not gpu_moe.uses_graph("foldcombine")
-    assert gpu_moe.variant_env("selfroute+foldcombine") == {"MOEFUSE_CUDA_SELF_ROUTE": "1",
-                                                            "MOEFUSE_CUDA_FOLD_COMBINE": "1"}
+    assert gpu_moe.variant_env("graph+tmarows0") == {"MOEFUSE_CUDA_TMA_ROWS": "0"}
+    assert gpu_moe.uses_graph("graph+tmarows0") and not gpu_moe.uses_graph("tmarows0")
     assert gpu_moe.variant_env("lib=/x.so+nooverlap") == {"MOEFUSE_LIBRARY": "/x.so",
                                                           "MOEFUSE_CUDA_OVERLAP": "0"}
 

@@ -293,65 +293,6 @@ def test_activation_rows_by_tma(tma, rows, monkeypatch):
         np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"TMA rows {tma}, narrow {rows}, T={t}")
 
 
-# Decode calls of a few tokens route in projection 1's blocks (MOEFUSE_CUDA_SELF_ROUTE) rather
-# than in a routing kernel, and the skinny path combines in projection 2's last block per column
-# tile (MOEFUSE_CUDA_FOLD_COMBINE) rather than in a combine kernel. Each switched off in turn gives
-# the same output bit for bit: in every routing mode (group-limited sigmoid with a selection bias,
-# precomputed ids with an invalid one, or all invalid), weight on the input, more active experts
-# than one wave of blocks holds (128 experts, k = 8), the largest call that routes itself (8
-# tokens), a hidden size that ends in half a column tile (264), projection 2 split over K, a shared
-# expert with and without its gate (the gated one keeps the combine kernel).
-SKINNY_DECODE = [
-    ("softmax_topk", dict(k=2), dict(experts=8), (1, 3, 8), {}),
-    ("topk_softmax", dict(k=3, routing="topk_softmax", weight_on_input=1), dict(experts=6), (1, 5), {}),
-    ("sigmoid_groups", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3, routed_scaling_factor=2.5),
-     dict(experts=128), (1, 4, 8), {}),
-    ("precomputed", dict(k=2, routing="precomputed"), dict(experts=8), (1, 2), {}),
-    ("none_valid", dict(k=2, routing="precomputed"), dict(experts=8), (1, 3), {}),
-    ("split_k", dict(k=2), dict(experts=8, inter=1032), (1, 4), {"MOEFUSE_CUDA_SPLITK": "3"}),
-    ("shared_gate", dict(k=2), dict(experts=8, shared_gate=True), (1, 6), {}),
-]
-
-
-@pytest.mark.parametrize("name,changes,size,counts,env", SKINNY_DECODE, ids=[c[0] for c in SKINNY_DECODE])
-def test_decode_without_routing_and_combine_kernels(name, changes, size, counts, env, monkeypatch):
-    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    attrs = MoEFFNAttrs(k=2).replace(**changes)
-    hidden, inter, experts = 264, size.get("inter", 200), size["experts"]
-    base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, shared_inter=40,
-                         shared_gate=size.get("shared_gate", False),
-                         selection_bias=attrs.routing == "sigmoid_topk", dtype=BF16, seed=8)
-    model = make_moeffn_model(attrs, base)
-    switches = ("MOEFUSE_CUDA_SELF_ROUTE", "MOEFUSE_CUDA_FOLD_COMBINE")
-    for switch in switches:
-        monkeypatch.setenv(switch, "1")
-    sessions = {"both": cuda_session(model)}
-    for switch in switches:
-        monkeypatch.setenv(switch, "0")
-        sessions[switch] = cuda_session(model)
-        monkeypatch.setenv(switch, "1")
-    for t in counts if not MEMCHECK else counts[:1]:
-        inputs = dict(base, **feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16,
-                                                  seed=700 + t)))
-        want_inputs = inputs
-        if attrs.routing == "precomputed":
-            ids, w = inputs["topk_ids"].copy(), inputs["topk_weights"].copy()
-            if name == "none_valid":
-                ids[:] = experts + 1
-                w[:] = 0
-            else:
-                ids[t - 1, 1] = -1
-                w[t - 1, 1] = 0
-            want_inputs = dict(inputs, topk_weights=w, topk_ids=np.where(ids < 0, 0, ids) % experts)
-            inputs = dict(inputs, topk_ids=ids)
-        got = {k: run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0] for k, sess in sessions.items()}
-        close(got["both"], moeffn(attrs, **want_inputs), BF16, f"{name} T={t}")
-        for k in sessions:
-            np.testing.assert_array_equal(f32(got[k]), f32(got["both"]), err_msg=f"{name} T={t}: {k}=0")
-
-
 # The decode path's projection 2 with K split into parts summed by the combine (opt-in): parts of
 # unequal length, projection-2 bias added once.
 @pytest.mark.parametrize("splits", ["2", "3", "auto"])
@@ -426,13 +367,12 @@ def test_empty_batch():
         assert sess.run(None, empty)[0].shape == (0, D)
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 40],
-                         ids=["routed_in_projection_1", "one_block_routing", "multi_kernel_routing"])
+@pytest.mark.parametrize("tokens", [4, 40], ids=["one_block_routing", "multi_kernel_routing"])
 def test_precomputed_ids_out_of_range(tokens, monkeypatch):
     """An id outside [0, E) is dropped (its pair adds nothing) without a host round trip; with
     MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message naming the first such
-    pair's token, and valid ids pass the check. Routing in the decode projection's blocks (T = 1),
-    in one block (T <= 32) and in several kernels."""
+    pair's token, and valid ids pass the check. Routing in one block (T <= 32) and in several
+    kernels (after one memset of their counters and the invalid-pair mark)."""
     attrs, opts, inter = case("precomputed", "swiglu_halves")
     valid = random_inputs(attrs, tokens, D, inter, E, dtype=np.float16, seed=3)
     inputs = dict(valid, topk_ids=valid["topk_ids"].copy())
@@ -475,14 +415,12 @@ def test_repeated_calls_are_deterministic():
 
 # onnxruntime's CUDA graphs (provider option enable_cuda_graph): the call is captured once and
 # replayed with new inputs copied into the bound buffers. Nothing in a call may synchronize or
-# allocate outside the EP's allocator. Decode (skinny, with and without the opt-in routing in
-# projection 1 and folded combine) and prefill (grouped GEMM), float16; each replay against the
-# reference.
-@pytest.mark.parametrize("tokens,env", [(1, {}), (3, {"MOEFUSE_CUDA_SELF_ROUTE": "1", "MOEFUSE_CUDA_FOLD_COMBINE": "1"}),
-                                        (200, {})], ids=["decode", "decode_switches", "prefill"])
-def test_cuda_graph_replays(tokens, env, monkeypatch):
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+# allocate outside the EP's allocator. Decode (skinny) and prefill (grouped GEMM), float16; each
+# replay against the reference. Not under the memory checker: its exact per-buffer cudaMalloc
+# (MOEFUSE_CUDA_EXACT_ALLOC) cannot be captured.
+@pytest.mark.skipif(MEMCHECK, reason="MOEFUSE_CUDA_EXACT_ALLOC allocates with cudaMalloc, which a capture refuses")
+@pytest.mark.parametrize("tokens", [1, 200], ids=["decode", "prefill"])
+def test_cuda_graph_replays(tokens):
     attrs, opts, inter = case("softmax_topk_norm", "swiglu_halves")
     base = random_inputs(attrs, tokens, D, inter, E, biases=True, shared_inter=8, dtype=np.float16, seed=4)
     model = make_moeffn_model(attrs, base)

@@ -233,48 +233,6 @@ __device__ __forceinline__ void WarpBest(float& v, int& i) {
   }
 }
 
-// Element i of a float32 (f32) or T tensor, as float32, read through L2 (rows that other blocks of
-// the same kernel may just have stored).
-template <typename T>
-__device__ __forceinline__ float LoadAny(const void* p, int64_t i, bool f32) {
-  return f32 ? __ldcg(static_cast<const float*>(p) + i) : ToF(__ldcg(static_cast<const T*>(p) + i));
-}
-
-// One output element of the combine: token t's pairs in pick order (each summed over the planes of
-// a split K), weighted, plus the shared expert times its gate sg. The pairs are fetched kChunk at a
-// time (one round trip for their positions and weights, one for their rows). The combine kernel and
-// the combine folded into the skinny projection 2 share it, so that both give the same bits.
-template <typename T>
-__device__ __forceinline__ float CombineElement(const CombineParams& p, int t, int d, float sg) {
-  constexpr int kChunk = 8;
-  const int64_t row = static_cast<int64_t>(t) * p.K;
-  float acc = 0.0f;
-  for (int j0 = 0; j0 < p.K; j0 += kChunk) {
-    int pos[kChunk];
-    float w[kChunk], v[kChunk];
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q) {
-      pos[q] = j0 + q < p.K ? p.pair_pos[row + j0 + q] : -1;
-      w[q] = j0 + q < p.K && !p.weight_on_input ? p.w[row + j0 + q] : 1.0f;
-    }
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q)
-      v[q] = pos[q] >= 0 ? LoadAny<T>(p.ypair, static_cast<int64_t>(pos[q]) * p.D + d, p.ypair_f32) : 0.0f;
-    for (int pl = 1; pl < p.ypair_planes; ++pl)
-#pragma unroll
-      for (int q = 0; q < kChunk; ++q)
-        if (pos[q] >= 0) v[q] += LoadAny<T>(p.ypair, pl * p.ypair_plane + static_cast<int64_t>(pos[q]) * p.D + d, true);
-#pragma unroll
-    for (int q = 0; q < kChunk; ++q)
-      if (pos[q] >= 0) acc += w[q] * v[q];  // one fused multiply-add, as in the combine's vector loop
-  }
-  if (p.shared) {
-    const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * p.D + d, p.shared_f32);
-    acc += p.shared_gate ? z * sg : z;
-  }
-  return acc;
-}
-
 // Programmatic dependent launch: wait for the previous kernel's results / let the next start.
 __device__ __forceinline__ void GridDepWait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

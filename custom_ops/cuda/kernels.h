@@ -44,7 +44,7 @@ struct RouteParams {
   // counts, bad and SortParams::zero lie back to back in one buffer, which the launcher clears
   // (one memset where several kernels route; LaunchRouteAndSort checks the layout).
   int* counts = nullptr;  // [E] pairs per expert
-  int* bad = nullptr;     // [1] BadPairMark of the first invalid pair, or 0 when all are valid
+  int* bad = nullptr;     // [1] kBadPairBase - index of the first invalid pair, or 0 when all are valid
 };
 
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax
@@ -118,26 +118,6 @@ struct Groups {
   int ready_need = 0;
 };
 
-// The combine: each token's pairs (rows of ypair) weighted and summed in pick order, plus the
-// shared expert. Launched on its own (LaunchCombine, below) or folded into the skinny projection 2
-// (Gemm2Params::done).
-struct CombineParams {
-  DType dtype = DType::kF16;
-  int T = 0, D = 0, K = 0;
-  const void* X = nullptr;
-  const int* pair_pos = nullptr;  // [T*K]
-  const float* w = nullptr;       // [T*K]
-  int weight_on_input = 0;
-  const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
-  bool ypair_f32 = true;
-  int ypair_planes = 1;
-  int64_t ypair_plane = 0;  // elements between planes
-  const void* shared = nullptr;  // [T, D] shared expert output or null
-  bool shared_f32 = true;
-  const void* shared_gate = nullptr;  // [D] or null
-  void* Y = nullptr;
-};
-
 // Projection 1: H[r, u] = epilogue(A[row(r)] . gate(e,u), A[row(r)] . up(e,u)), r over sorted rows.
 struct Gemm1Params {
   DType dtype = DType::kF16;
@@ -171,22 +151,11 @@ struct Gemm2Params {
   // (out + z * plane elements); the combine adds the planes in order (deterministic).
   int splits = 1;
   int64_t plane = 0;
-  // Skinny path only, when set: the combine folded in. done[x] counts the blocks that finished
-  // column tile x (16 output features; zeroed by the routing); the last one, over all slots and
-  // parts of K, combines those features for every token (`combine`, whose ypair is `out`).
-  int* done = nullptr;
-  CombineParams combine;
 };
 
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
-// Decode calls of a few tokens: projection 1 routes and groups the call itself in every block
-// (r and s as for LaunchRouteAndSort, whose outputs it writes too), so that the weights do not wait
-// for a routing kernel. A persistent grid: one wave of blocks on `num_sms` SMs.
-bool SkinnyRoutesItself(const RouteParams& r);  // the call is small enough
-cudaError_t LaunchSkinnyGemm1Routed(const Gemm1Params& p, const RouteParams& r, const SortParams& s, int num_sms,
-                                    cudaStream_t stream);
 // How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
@@ -218,6 +187,24 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
 // Groups::ready_need of projection 1's launch (p.g.ready set; not with the ping-pong schedule).
 int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms);
 
+// --- combine ------------------------------------------------------------------------------------
+
+struct CombineParams {
+  DType dtype = DType::kF16;
+  int T = 0, D = 0, K = 0;
+  const void* X = nullptr;
+  const int* pair_pos = nullptr;  // [T*K]
+  const float* w = nullptr;       // [T*K]
+  int weight_on_input = 0;
+  const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
+  bool ypair_f32 = true;
+  int ypair_planes = 1;
+  int64_t ypair_plane = 0;  // elements between planes
+  const void* shared = nullptr;  // [T, D] shared expert output or null
+  bool shared_f32 = true;
+  const void* shared_gate = nullptr;  // [D] or null
+  void* Y = nullptr;
+};
 cudaError_t LaunchCombine(const CombineParams& p, cudaStream_t stream);
 
 // Small-intermediate experts (rank-1 "flash expert" layers): per token, k dot-product experts,

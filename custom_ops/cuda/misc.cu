@@ -39,6 +39,10 @@ __device__ float SharedGate(const T* x, const void* gate, int D, float* smem) {
   return Sigmoid(BlockSum(s, smem));
 }
 
+template <typename T>
+__device__ __forceinline__ float LoadAny(const void* p, int64_t i, bool f32) {
+  return f32 ? static_cast<const float*>(p)[i] : ToF(static_cast<const T*>(p)[i]);
+}
 
 // 8 consecutive values (16- or 32-byte aligned) as float.
 template <typename T>
@@ -128,7 +132,20 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   for (int q = 0; q < 8; ++q) {
     const int d = d0 + q * kThreads + threadIdx.x;
     if (d >= D) continue;
-    y[d] = FromF<T>(CombineElement<T>(p, t, d, sg));
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const int pos = p.pair_pos[row + j];
+      if (pos < 0) continue;
+      float v = LoadAny<T>(p.ypair, static_cast<int64_t>(pos) * D + d, p.ypair_f32);
+      for (int pl = 1; pl < p.ypair_planes; ++pl)
+        v += LoadAny<T>(p.ypair, pl * p.ypair_plane + static_cast<int64_t>(pos) * D + d, true);
+      acc += p.weight_on_input ? v : p.w[row + j] * v;
+    }
+    if (p.shared) {
+      const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
+      acc += p.shared_gate ? z * sg : z;
+    }
+    y[d] = FromF<T>(acc);
   }
 }
 

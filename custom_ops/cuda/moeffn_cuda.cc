@@ -6,9 +6,8 @@
 //      scattered per expert, the per-expert tile schedule, all in device memory;
 //   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
 //      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
-//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync.
-//          Calls of a few tokens skip step 1: projection 1 routes them itself in every block. On
-//          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel;
+//        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync (on
+//          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel);
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
@@ -135,11 +134,6 @@ class Kernel {
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
-  // Opt-in until measured on a GPU (docs/runtime.md):
-  bool fold_combine_ = false;      // MOEFUSE_CUDA_FOLD_COMBINE=1: the skinny path's combine in
-                                   // projection 2's last blocks rather than in a kernel of its own
-  bool self_route_ = false;        // MOEFUSE_CUDA_SELF_ROUTE=1: decode calls of a few tokens route
-                                   // in projection 1 rather than in a kernel of their own
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
                                    // cp.async (0), by TMA where already in order (1), and X's rows
@@ -176,8 +170,6 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
-  k->self_route_ = std::string(EnvOr("MOEFUSE_CUDA_SELF_ROUTE", "0")) == "1";
-  k->fold_combine_ = std::string(EnvOr("MOEFUSE_CUDA_FOLD_COMBINE", "0")) == "1";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
@@ -420,15 +412,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // wgmma path: projection 2 starts per expert as projection 1 finishes it (not with the ping-pong
   // schedule of 128-row tiles)
   const bool overlap = rpath == Path::kWgmma && overlap_ && (narrow || !pingpong_);
-  // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, the overlap's
-  // tile counter and per-expert counts, or the folded combine's per-column-tile counts
-  // skinny path: the combine folded into projection 2 (not with a gated shared expert: its gate
-  // needs each token's whole row of X)
-  const bool fold_combine = rpath == Path::kSkinny && !fused_decode && fold_combine_ && !in[kSharedGate].data;
-  const int sync_count = fused_decode   ? static_cast<int>(1 + max_active)
-                         : overlap      ? static_cast<int>(1 + E)
-                         : fold_combine ? static_cast<int>(CeilDiv64(D, 16))
-                                        : 0;
+  // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
+  // tile counter and per-expert counts
+  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
@@ -541,12 +527,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.pair_pos = static_cast<int*>(at(o_pos));
   s.zero = sync_count ? r.bad + 1 : nullptr;
   s.zero_count = sync_count;
-  // decode calls of a few tokens: projection 1 routes them itself, in every block
-  const bool self_route = rpath == Path::kSkinny && !fused_decode && self_route_ && SkinnyRoutesItself(r);
-  if (!self_route && (e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
-  // MOEFUSE_CUDA_CHECK_IDS=1: the first invalid topk_ids pair, once the routing has run (synchronizes)
-  auto check_ids = [&]() -> OrtStatus* {
-    if (!check_ids_ || a.routing_kind != Routing::kPrecomputed) return nullptr;
+  if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
+  if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
     int mark = 0;
     if ((e = cudaMemcpyAsync(&mark, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
         (e = cudaStreamSynchronize(stream)))
@@ -565,10 +547,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                              std::to_string(E) + "): " + std::to_string(id) + " for token " +
                                              std::to_string(bad / K));
     }
-    return nullptr;
-  };
-  if (!self_route)
-    if (OrtStatus* st = check_ids()) return st;
+  }
 
   // --- shared expert: one dense group over all tokens ---
   if (has_shared) {
@@ -682,27 +661,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.splits = ypair_planes;
     g2.plane = P * D;
     g2.rows = tma_rows_ >= 1 ? P : 0;
-    CombineParams cp;
-    cp.dtype = dt;
-    cp.T = static_cast<int>(T);
-    cp.D = static_cast<int>(D);
-    cp.K = static_cast<int>(K);
-    cp.X = in[kX].data;
-    cp.pair_pos = s.pair_pos;
-    cp.w = r.w;
-    cp.weight_on_input = woi;
-    cp.ypair = at(o_y);
-    cp.ypair_f32 = ypair_f32;
-    cp.ypair_planes = ypair_planes;
-    cp.ypair_plane = P * D;
-    cp.shared = has_shared ? at(o_s) : nullptr;
-    cp.shared_f32 = shared_f32;
-    cp.shared_gate = in[kSharedGate].data;
-    cp.Y = ydata;
-    if (fold_combine) {
-      g2.done = s.zero;
-      g2.combine = cp;
-    }
     if (overlap) g2.g.ready_need = WgmmaFirstProjSignals(g1, dev_.num_sms);
     switch (rpath) {
       case Path::kWgmma:
@@ -724,19 +682,32 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
           f.pairs = static_cast<int>(P);
           f.sync = s.zero;
           if ((e = LaunchSkinnyFused(f, dev_.num_sms, stream))) return CudaError(e, "experts (fused decode)");
-        } else {
-          if ((e = self_route ? LaunchSkinnyGemm1Routed(g1, r, s, dev_.num_sms, stream) : LaunchSkinnyGemm1(g1, stream)))
-            return CudaError(e, "experts (skinny)");
-          if (self_route)
-            if (OrtStatus* st = check_ids()) return st;
-          if ((e = LaunchSkinnyGemm2(g2, stream))) return CudaError(e, "experts (skinny)");
+        } else if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream))) {
+          return CudaError(e, "experts (skinny)");
         }
         break;
       default:
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
           return CudaError(e, "experts (simt)");
     }
-    if (!fold_combine && (e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
+    CombineParams cp;
+    cp.dtype = dt;
+    cp.T = static_cast<int>(T);
+    cp.D = static_cast<int>(D);
+    cp.K = static_cast<int>(K);
+    cp.X = in[kX].data;
+    cp.pair_pos = s.pair_pos;
+    cp.w = r.w;
+    cp.weight_on_input = woi;
+    cp.ypair = at(o_y);
+    cp.ypair_f32 = ypair_f32;
+    cp.ypair_planes = ypair_planes;
+    cp.ypair_plane = P * D;
+    cp.shared = has_shared ? at(o_s) : nullptr;
+    cp.shared_f32 = shared_f32;
+    cp.shared_gate = in[kSharedGate].data;
+    cp.Y = ydata;
+    if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
   }
   if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
   return nullptr;

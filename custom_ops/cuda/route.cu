@@ -1,8 +1,13 @@
-// The routing kernels: small T in one block (RouteSmall), larger T as routing (a warp per token),
-// grouping (one block) and scattering kernels. Their device code is in route.cuh.
+// Routing (top-k selection and weights, one warp per token) and grouping of the (token, expert)
+// pairs by expert: counts, offsets, the grouped GEMM's tile schedule and the sorted row lists.
+//
+// Top-k is k selection passes over the token's scores: pass j picks the best score ranked after
+// pick j-1 (numpy's stable argsort order: larger first, NaN last, ties to the lower index), so no
+// per-token storage is needed whatever E is (up to 256 experts a lane keeps its scores in registers;
+// beyond, they are recomputed from the logits in each pass).
 #include <climits>
 
-#include "route.cuh"
+#include "common.cuh"
 
 namespace moefuse {
 namespace cuda {
@@ -16,7 +21,226 @@ constexpr int kFusedMaxTokens = 32;
 constexpr int kFusedSmallTokens = 16;
 constexpr int kScanThreads = 1024;
 
-using namespace routing;
+enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3 };
+
+// Kernels are compiled per routing mode: a decode call waits for the routing kernel, which runs on
+// one SM with a cold instruction cache, so the code it walks through must be short (with every
+// mode in one body the executed path was strewn over 95 KB of code).
+template <typename T, int M>
+struct Token {
+  const T* lg;  // this token's logits
+  const T* bias;
+  int E;
+  float m, sum;         // softmax statistics
+  const float* gkeep;   // group mask (1.0 kept) or null
+  int gsize;
+
+  // The score that ranks experts for selection.
+  __device__ __forceinline__ float Choice(int e) const {
+    const float l = ToF(lg[e]);
+    if constexpr (M == kSoftmaxTopk) return expf(l - m) / sum;
+    if constexpr (M == kTopkSoftmax) return l;
+    float c = Sigmoid(l);
+    if (bias) c = c + ToF(bias[e]);
+    if (gkeep && gkeep[e / gsize] != 1.0f) c = -INFINITY;
+    return c;
+  }
+};
+
+// Given ids and weights (precomputed routing): copied, scaled and counted; ids outside [0, E)
+// become -1 and the first is reported in r.bad.
+template <typename T>
+__device__ void CopyPicks(const RouteParams& r, int t) {
+  const int lane = threadIdx.x & 31;
+  const int E = r.E, K = r.K;
+  float* wout = r.w + static_cast<int64_t>(t) * K;
+  int* iout = r.ids + static_cast<int64_t>(t) * K;
+  int* rout = r.rank + static_cast<int64_t>(t) * K;
+  for (int j = lane; j < K; j += 32) {
+    const int64_t idx = static_cast<int64_t>(t) * K + j;
+    const int64_t id = r.ids_int64 ? static_cast<const int64_t*>(r.ids_in)[idx]
+                                   : static_cast<const int32_t*>(r.ids_in)[idx];
+    const float w = ToF(static_cast<const T*>(r.w_in)[idx]) * r.scale;
+    wout[j] = w;
+    if (id < 0 || id >= E) {
+      iout[j] = -1;
+      rout[j] = 0;
+      atomicMax(r.bad, kBadPairBase - static_cast<int>(idx));
+    } else {
+      iout[j] = static_cast<int>(id);
+      rout[j] = atomicAdd(r.counts + id, 1);
+    }
+  }
+}
+
+// Routes one token with a full warp. `gscratch` holds n_group floats (sigmoid_topk, n_group > 1).
+template <typename T, int M>
+__device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
+  const int lane = threadIdx.x & 31;
+  const int E = r.E, K = r.K;
+  float* wout = r.w + static_cast<int64_t>(t) * K;
+  int* iout = r.ids + static_cast<int64_t>(t) * K;
+  int* rout = r.rank + static_cast<int64_t>(t) * K;
+
+  Token<T, M> tok;
+  tok.lg = static_cast<const T*>(r.logits) + static_cast<int64_t>(t) * E;
+  tok.bias = static_cast<const T*>(r.sel_bias);
+  tok.E = E;
+  tok.m = 0.0f;
+  tok.sum = 1.0f;
+  tok.gkeep = nullptr;
+  tok.gsize = 1;
+  if constexpr (M == kSoftmaxTopk) {
+    float m = -INFINITY;
+    for (int e = lane; e < E; e += 32) m = NanMax(m, ToF(tok.lg[e]));
+    m = WarpNanMax(m);
+    float s = 0.0f;
+    for (int e = lane; e < E; e += 32) s += expf(ToF(tok.lg[e]) - m);
+    tok.m = m;
+    tok.sum = WarpSum(s);
+  }
+  if (M == kSigmoidTopk && r.n_group > 1) {
+    // Group score: sum of the group's top min(2, size) choices; keep the topk_group best groups.
+    const int G = r.n_group, gs = E / G, top = gs < 2 ? gs : 2;
+    tok.gsize = gs;
+    for (int g = lane; g < G; g += 32) {
+      float b0 = 0.0f, b1 = 0.0f;
+      int i0 = INT32_MAX, i1 = INT32_MAX;
+      for (int e = g * gs; e < (g + 1) * gs; ++e) {
+        const float c = tok.Choice(e);
+        if (i0 == INT32_MAX || Better(c, e, b0, i0)) {
+          b1 = b0;
+          i1 = i0;
+          b0 = c;
+          i0 = e;
+        } else if (i1 == INT32_MAX || Better(c, e, b1, i1)) {
+          b1 = c;
+          i1 = e;
+        }
+      }
+      gscratch[g] = top == 2 ? b0 + b1 : b0;
+    }
+    __syncwarp();
+    // Select the kept groups, then turn the scratch into the mask (1 kept, 0 not).
+    float pv = 0.0f;
+    int pi = INT32_MAX;
+    for (int j = 0; j < r.topk_group; ++j) {
+      float bv = 0.0f;
+      int bi = INT32_MAX;
+      for (int g = lane; g < G; g += 32) {
+        const float v = gscratch[g];
+        if (pi != INT32_MAX && !Better(pv, pi, v, g)) continue;
+        if (bi == INT32_MAX || Better(v, g, bv, bi)) {
+          bv = v;
+          bi = g;
+        }
+      }
+      WarpBest(bv, bi);
+      pv = bv;
+      pi = bi;
+    }
+    __syncwarp();
+    for (int g = lane; g < G; g += 32) {
+      const float v = gscratch[g];
+      gscratch[g] = (g == pi || Better(v, g, pv, pi)) ? 1.0f : 0.0f;
+    }
+    __syncwarp();
+    tok.gkeep = gscratch;
+  }
+
+  // k selection passes; the raw weights go to wout, finished below. Up to 256 experts, each
+  // lane keeps its experts' scores in registers; beyond, scores are recomputed in every pass.
+  // E <= 256: each lane keeps its experts' choice values and their order keys in registers; a
+  // pick is two warp reductions (best key, then lowest expert holding it). Otherwise the values
+  // are re-read per pick.
+  constexpr int kCache = 8;
+  const bool cached = E <= 32 * kCache;
+  float cv[kCache];
+  unsigned key[kCache];
+  if (cached) {
+#pragma unroll
+    for (int q = 0; q < kCache; ++q) {
+      const int e = q * 32 + lane;
+      cv[q] = e < E ? tok.Choice(e) : 0.0f;
+      key[q] = e < E ? OrderKey(cv[q]) : 0u;
+    }
+  }
+  float pv = 0.0f;
+  int pi = INT32_MAX;
+  float wsum = 0.0f, lmax = -INFINITY;
+  for (int j = 0; j < K; ++j) {
+    float bv = 0.0f;
+    int bi = INT32_MAX;
+    if (cached) {
+      unsigned bk = 0u;
+      int bq = 0;
+#pragma unroll
+      for (int q = 0; q < kCache; ++q) {
+        if (key[q] > bk) {  // strict: the lowest expert of equal keys
+          bk = key[q];
+          bq = q;
+        }
+      }
+      const unsigned mk = WarpExtreme<true>(bk);
+      bi = WarpExtreme<false>(bk == mk && bk != 0u ? bq * 32 + lane : INT32_MAX);
+      const int oq = bi >> 5, ol = bi & 31;
+      float mine = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kCache; ++q) {
+        if (q == oq) {
+          mine = cv[q];
+          if (lane == ol) key[q] = 0u;  // picked
+        }
+      }
+      bv = __shfl_sync(0xffffffffu, mine, ol);
+    } else {
+      for (int e = lane; e < E; e += 32) {
+        const float c = tok.Choice(e);
+        if (pi != INT32_MAX && !Better(pv, pi, c, e)) continue;
+        if (bi == INT32_MAX || Better(c, e, bv, bi)) {
+          bv = c;
+          bi = e;
+        }
+      }
+      WarpBest(bv, bi);  // warp-uniform from here
+    }
+    pv = bv;
+    pi = bi;
+    float w;
+    if constexpr (M == kSoftmaxTopk) {
+      w = bv;  // the probability
+    } else if constexpr (M == kTopkSoftmax) {
+      w = bv;  // the logit: softmax over the picks below
+      lmax = NanMax(lmax, bv);
+    } else {
+      w = Sigmoid(ToF(tok.lg[bi]));
+    }
+    wsum += w;  // in pick order, as the reference's sum over k
+    if (lane == 0) {
+      iout[j] = bi;
+      wout[j] = w;
+    }
+  }
+  __syncwarp();
+  if constexpr (M == kTopkSoftmax) {
+    float s = 0.0f;
+    for (int j = lane; j < K; j += 32) s += expf(wout[j] - lmax);
+    s = WarpSum(s);
+    for (int j = lane; j < K; j += 32) wout[j] = expf(wout[j] - lmax) / s;
+  } else if (r.normalize) {
+    for (int j = lane; j < K; j += 32) wout[j] = wout[j] / wsum;
+  }
+  for (int j = lane; j < K; j += 32) {
+    if (r.scale != 1.0f) wout[j] = wout[j] * r.scale;
+    rout[j] = atomicAdd(r.counts + iout[j], 1);
+  }
+}
+
+template <typename T, int M>
+__device__ __forceinline__ void Route(const RouteParams& r, int t, float* gscratch) {
+  if constexpr (M == kPrecomputed) CopyPicks<T>(r, t);
+  else RouteToken<T, M>(r, t, gscratch);
+}
 
 template <typename T, int M>
 __global__ void RouteKernel(RouteParams r) {
@@ -25,6 +249,85 @@ __global__ void RouteKernel(RouteParams r) {
   const int warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kRouteWarps + warp;
   if (t < r.T) Route<T, M>(r, t, gscratch_all + warp * r.n_group);
+}
+
+// Exclusive block scan of three values per thread at once; returns the prefixes, *total gets the
+// sums. `smem` holds 3 * 32 ints.
+template <int kThreads>
+__device__ int3 BlockScan3(int3 v, int3* total, int* smem) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "one partial sum per warp, at most 32 warps");
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int3 x = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int a = __shfl_up_sync(0xffffffffu, x.x, o), b = __shfl_up_sync(0xffffffffu, x.y, o),
+              c = __shfl_up_sync(0xffffffffu, x.z, o);
+    if (lane >= o) {
+      x.x += a;
+      x.y += b;
+      x.z += c;
+    }
+  }
+  if (lane == 31) {
+    smem[warp] = x.x;
+    smem[32 + warp] = x.y;
+    smem[64 + warp] = x.z;
+  }
+  __syncthreads();
+  if (warp < 3) {  // warp w scans the warps' sums of value w
+    int sum = lane < kWarps ? smem[warp * 32 + lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, sum, o);
+      if (lane >= o) sum += y;
+    }
+    if (lane < kWarps) smem[warp * 32 + lane] = sum;
+  }
+  __syncthreads();
+  const int3 before = make_int3((warp > 0 ? smem[warp - 1] : 0) + x.x - v.x,
+                                (warp > 0 ? smem[32 + warp - 1] : 0) + x.y - v.y,
+                                (warp > 0 ? smem[64 + warp - 1] : 0) + x.z - v.z);
+  *total = make_int3(smem[kWarps - 1], smem[32 + kWarps - 1], smem[64 + kWarps - 1]);
+  __syncthreads();
+  return before;
+}
+
+// offsets, tile prefix and active list from counts (in `cnt`, E entries). One block. The offsets
+// also go to `off_copy` when given (the fused kernel's shared memory).
+template <int kThreads>
+__device__ void Group(const SortParams& s, const int* cnt, int* smem, int* off_copy = nullptr) {
+  const int E = s.E;
+  const int per = (E + kThreads - 1) / kThreads;
+  const int e0 = threadIdx.x * per;
+  int rows = 0, tiles = 0, act = 0;
+  for (int e = e0; e < e0 + per && e < E; ++e) {
+    const int c = cnt[e];
+    rows += c;
+    tiles += (c + s.bm - 1) / s.bm;
+    act += c > 0;
+  }
+  int3 total;
+  const int3 first = BlockScan3<kThreads>(make_int3(rows, tiles, act), &total, smem);
+  int r0 = first.x, t0 = first.y, a0 = first.z;
+  for (int e = e0; e < e0 + per && e < E; ++e) {
+    const int c = cnt[e];
+    s.offsets[e] = r0;
+    if (off_copy) off_copy[e] = r0;
+    s.tile_prefix[e] = t0;
+    if (c > 0) {
+      s.active[a0] = e;
+      s.active[E + a0] = c;
+      ++a0;
+    }
+    for (int m = 0; m * s.bm < c; ++m)
+      if (t0 + m < s.max_tiles) s.mtiles[t0 + m] = make_int4(e, r0 + m * s.bm, min(s.bm, c - m * s.bm), 0);
+    r0 += c;
+    t0 += (c + s.bm - 1) / s.bm;
+  }
+  if (threadIdx.x == 0) {
+    s.offsets[E] = total.x;
+    s.tile_prefix[E] = total.y;
+    *s.num_active = total.z;
+  }
 }
 
 __global__ void GroupKernel(SortParams s) {
@@ -50,23 +353,61 @@ __global__ void ScatterKernel(SortParams s) {
   }
 }
 
-// Small T: routing and grouping in one block.
+// Small T: routing, counting, grouping and scattering in one block. The picks, counts and offsets
+// stay in shared memory (a decode call waits for this kernel: each trip to global memory and back
+// would be on its critical path); global memory gets only what later kernels read.
 template <typename T, int M, int kThreads>
 __global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParams s) {
   GridDepWait();
+  const int E = r.E, n = r.T * r.K;
   extern __shared__ int fsm[];
-  routing::RouteSmall<T, M, kThreads>(r, s, fsm, true);
+  int* cnt = fsm;                  // E
+  int* off = cnt + E;              // E
+  int* scan = off + E;             // 3 * 32
+  int* ids = scan + 3 * 32;        // T*K picks
+  int* rank = ids + n;             // T*K
+  float* w = reinterpret_cast<float*>(rank + n);  // T*K
+  float* gscr = w + n;             // warps * n_group
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  for (int i = threadIdx.x; i < s.zero_count; i += blockDim.x) s.zero[i] = 0;
+  if (threadIdx.x == 0) *r.bad = 0;
+  __syncthreads();
+  RouteParams rr = r;
+  rr.counts = cnt;
+  rr.ids = ids;
+  rr.rank = rank;
+  rr.w = w;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int t = warp; t < r.T; t += nwarps) Route<T, M>(rr, t, gscr + warp * r.n_group);
+  __syncthreads();
+  Group<kThreads>(s, cnt, scan, off);
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int e = ids[i];
+    r.ids[i] = e;
+    r.w[i] = w[i];
+    if (e < 0) {
+      s.pair_pos[i] = -1;
+      continue;
+    }
+    const int p = off[e] + rank[i];
+    s.sorted_row[p] = i / r.K;
+    s.sorted_w[p] = w[i];
+    s.pair_pos[i] = p;
+  }
+  // counts for the host-side debug check and the multi-kernel layout
+  for (int e = threadIdx.x; e < E; e += blockDim.x) r.counts[e] = cnt[e];
 }
 
 template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
   const int gfloats = (M == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
   const int threads = r.T <= kFusedSmallTokens ? 512 : 1024;
-  const size_t fused_smem = SmallRouteInts(r.E, r.T, r.K, threads / 32, gfloats) * sizeof(int);
-  if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024) {
+  const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
+                            static_cast<size_t>(threads / 32) * gfloats * sizeof(float);
+  if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
     return threads == 512 ? Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s)
                           : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
-  }
   // counts, bad and the later kernels' counters: one buffer, one memset
   if (r.bad != r.counts + r.E || (s.zero_count > 0 && s.zero != r.bad + 1)) return cudaErrorInvalidValue;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * (r.E + 1 + s.zero_count), stream)) return e;
@@ -87,7 +428,18 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
 
 template <typename T>
 cudaError_t RouteModeT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
-  return ForMode(r.mode, [&](auto m) { return RouteT<T, decltype(m)::value>(r, s, stream); });
+  switch (r.mode) {
+    case kSoftmaxTopk:
+      return RouteT<T, kSoftmaxTopk>(r, s, stream);
+    case kTopkSoftmax:
+      return RouteT<T, kTopkSoftmax>(r, s, stream);
+    case kSigmoidTopk:
+      return RouteT<T, kSigmoidTopk>(r, s, stream);
+    case kPrecomputed:
+      return RouteT<T, kPrecomputed>(r, s, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace

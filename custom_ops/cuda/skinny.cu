@@ -11,10 +11,8 @@
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
 // units. Projection 2 tiles hold 16 output features.
 #include <algorithm>
-#include <atomic>
 
 #include "common.cuh"
-#include "route.cuh"
 #include "sm90.cuh"
 
 namespace moefuse {
@@ -23,11 +21,6 @@ namespace {
 
 constexpr int kWarps = 4;  // split K
 constexpr int kNT = 4;     // token tiles (of 8) per pass: 32 tokens
-constexpr int kRedFloats = kWarps * kNT * 4 * 32;  // the warps' accumulators of a pass (Reduce)
-// Self-routed projection 1: each block routes all the call's tokens (kWarps at a time), so only
-// for a few; its routing scratch fits beside the 8 KiB of static shared memory.
-constexpr int kSelfRoutedMaxTokens = 8;
-constexpr size_t kSelfRoutedMaxSmem = 24 * 1024;
 static_assert(kWarps == kNT, "warp i reduces and finishes token tile i");
 
 template <typename T>
@@ -241,16 +234,20 @@ __device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, in
   }
 }
 
-// Projection 1's weight tile `tile` of slot s's expert, for all the slot's rows.
 template <typename T>
-__device__ __forceinline__ void Gemm1Tile(const Gemm1Params& p, const Slot& s, int tile, float* red) {
+__global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
+  GridDepWait();
+  GridDepLaunch();
+  __shared__ float red[kWarps * kNT * 4 * 32];
+  Slot s;
+  if (!GetSlot(p.g, blockIdx.y, &s)) return;
   const int g = (threadIdx.x & 31) >> 2, D = p.D;
   const bool gated = p.w.up != nullptr;
   // this thread's two weight rows
-  const int ua = gated ? tile * 8 + g : tile * 16 + g;
+  const int ua = gated ? blockIdx.x * 8 + g : blockIdx.x * 16 + g;
   const int ub = gated ? ua : ua + 8;
-  const T* wa = Tile1Row<T>(p, s.e, tile, g);
-  const T* wb = Tile1Row<T>(p, s.e, tile, g + 8);
+  const T* wa = Tile1Row<T>(p, s.e, blockIdx.x, g);
+  const T* wb = Tile1Row<T>(p, s.e, blockIdx.x, g + 8);
   const T* A = static_cast<const T*>(p.A);
   for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
     const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
@@ -275,90 +272,12 @@ __device__ __forceinline__ void Gemm1Tile(const Gemm1Params& p, const Slot& s, i
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
-  GridDepWait();
-  GridDepLaunch();
-  __shared__ float red[kRedFloats];
-  Slot s;
-  if (GetSlot(p.g, blockIdx.y, &s)) Gemm1Tile<T>(p, s, blockIdx.x, red);
-}
-
-// Decode without a routing kernel: every block routes and groups the call's few tokens itself
-// (routing::RouteSmall, into shared memory) and takes its experts from there; block 0 also writes
-// what the later kernels read. Blocks are persistent (one wave) and take the (slot, tile) items in
-// order, so each routes once. The call's weights then start streaming after a block's own routing
-// rather than after a one-block routing kernel and the launch that follows it.
-template <typename T, int M>
-__global__ void __launch_bounds__(kWarps * 32) Gemm1RoutedKernel(Gemm1Params p, RouteParams r, SortParams s) {
-  GridDepWait();
-  GridDepLaunch();
-  __shared__ float red[kRedFloats];
-  extern __shared__ int rsm[];
-  const int E = r.E, n = r.T * r.K;
-  const int gfloats = (M == routing::kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
-  const bool writer = blockIdx.x == 0;
-  // The grouping's outputs: global memory in the writer block, this block's shared memory elsewhere.
-  SortParams ls = s;
-  if (!writer) {
-    int* q = rsm + routing::SmallRouteInts(E, r.T, r.K, kWarps, gfloats);
-    ls.offsets = q;
-    ls.tile_prefix = q + (E + 1);
-    ls.active = q + 2 * (E + 1);
-    ls.num_active = q + 2 * (E + 1) + 2 * E;
-    ls.sorted_row = ls.num_active + 1;
-    ls.sorted_w = reinterpret_cast<float*>(ls.sorted_row + n);
-    ls.max_tiles = 0;
-  }
-  routing::RouteSmall<T, M, kWarps * 32>(r, ls, rsm, writer, /*token_order=*/true);
-  __syncthreads();
-  Gemm1Params q = p;
-  q.g.offsets = ls.offsets;
-  q.g.active = ls.active;
-  q.g.num_active = ls.num_active;
-  q.row_map = ls.sorted_row;
-  q.row_scale = p.row_scale ? ls.sorted_w : nullptr;
-  const int tiles = static_cast<int>(CeilDiv(p.I, p.w.up ? 8 : 16));
-  const int items = tiles * *ls.num_active;
-  for (int it = blockIdx.x; it < items; it += gridDim.x) {
-    Slot sl;
-    GetSlot(q.g, it / tiles, &sl);
-    Gemm1Tile<T>(q, sl, it % tiles, red);
-  }
-}
-
-// The combine folded into projection 2: the last block to finish column tile x (of all the slots'
-// blocks and parts of K) computes the call's output for those 16 features, so that no combine
-// kernel follows. Its arrival is ordered after its stores by a fence (the threadfence reduction
-// pattern); the last block reads the others' rows through L2.
-template <typename T>
-__device__ __forceinline__ void CombineTile(const Gemm2Params& p, int x) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  // (no active expert: block (x, 0, 0) alone arrives, and writes the shared expert or zeros)
-  const int na = *p.g.num_active, need = na > 0 ? na * p.splits : 1;
-  if (threadIdx.x == 0) last = atomicAdd(p.done + x, 1) == need - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const CombineParams& c = p.combine;
-  const int d0 = x * 16;
-  for (int i = threadIdx.x; i < c.T * 16; i += blockDim.x) {
-    const int t = i >> 4, d = d0 + (i & 15);
-    if (d < c.D) static_cast<T*>(c.Y)[static_cast<int64_t>(t) * c.D + d] = FromF<T>(CombineElement<T>(c, t, d, 1.0f));
-  }
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   GridDepWait();
   GridDepLaunch();
-  __shared__ float red[kRedFloats];
+  __shared__ float red[kWarps * kNT * 4 * 32];
   Slot s;
-  if (!GetSlot(p.g, blockIdx.y, &s)) {
-    if (p.done && blockIdx.y == 0 && blockIdx.z == 0) CombineTile<T>(p, blockIdx.x);
-    return;
-  }
+  if (!GetSlot(p.g, blockIdx.y, &s)) return;
   const int g = (threadIdx.x & 31) >> 2, I = p.I;
   const int da = blockIdx.x * 16 + g, db = da + 8;
   const T* wa = Tile2Row<T>(p, s.e, blockIdx.x, g);
@@ -383,7 +302,6 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
     __syncthreads();
   }
-  if (p.done) CombineTile<T>(p, blockIdx.x);
 }
 
 // ---- decode on Hopper: both projections in one persistent kernel (opt-in) ---------------------
@@ -418,7 +336,7 @@ static_assert(kSkinnyFusedMaxPairs <= kNT * 8, "one pass of token tiles per expe
 
 struct FzShared {
   uint8_t stage[kFzStages][16 * kFzRowBytes];
-  float red[kRedFloats];
+  float red[kWarps * kNT * 4 * 32];
   uint64_t full[kFzStages], empty[kFzStages], item_bar[kFzItems];
   int item[kFzItems];
   int slot_e[kSkinnyFusedMaxPairs], slot_r0[kSkinnyFusedMaxPairs], slot_rows[kSkinnyFusedMaxPairs];
@@ -671,48 +589,12 @@ cudaError_t Gemm1T(const Gemm1Params& p, cudaStream_t stream) {
                 dim3(kWarps * 32), 0, stream, p);
 }
 
-// Shared memory of Gemm1RoutedKernel beyond its static part: RouteSmall's, then the grouping's
-// outputs (offsets, tile prefix, active list and count, sorted rows and weights).
-size_t RoutedSmem(const RouteParams& r) {
-  const int gfloats = (r.mode == routing::kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
-  const int64_t n = static_cast<int64_t>(r.T) * r.K;
-  return (routing::SmallRouteInts(r.E, r.T, r.K, kWarps, gfloats) + 4 * static_cast<int64_t>(r.E) + 3 + 2 * n) *
-         sizeof(int);
-}
-
-template <typename T>
-cudaError_t Gemm1RoutedT(const Gemm1Params& p, const RouteParams& r, const SortParams& s, int num_sms,
-                         cudaStream_t stream) {
-  if (p.g.dense_rows >= 0 || !SkinnyRoutesItself(r)) return cudaErrorInvalidValue;
-  // at least one block: block 0 writes the routing the later kernels read
-  const int64_t items = std::max<int64_t>(1, CeilDiv(p.I, p.w.up ? 8 : 16) * p.g.max_slots);
-  const size_t smem = RoutedSmem(r);
-  return routing::ForMode(r.mode, [&](auto m) {
-    const auto kernel = Gemm1RoutedKernel<T, decltype(m)::value>;
-    // blocks per SM, asked once per kernel and shared-memory size (the last one asked is kept)
-    static std::atomic<int64_t> known{-1};  // smem << 8 | blocks per SM
-    int per_sm = 0;
-    const int64_t k = known.load(std::memory_order_relaxed);
-    if (k >= 0 && static_cast<size_t>(k >> 8) == smem) {
-      per_sm = static_cast<int>(k & 0xff);
-    } else {
-      if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem)) return e;
-      known.store(static_cast<int64_t>(smem) << 8 | std::min(per_sm, 255), std::memory_order_relaxed);
-    }
-    const int64_t blocks = std::min<int64_t>(items, static_cast<int64_t>(std::max(per_sm, 1)) * std::max(num_sms, 1));
-    return Launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), smem, stream, p, r, s);
-  });
-}
-
 template <typename T>
 cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   const int64_t tiles = CeilDiv(p.D, 16);
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
   if (p.splits < 1 || (p.splits > 1 && !p.out_f32)) return cudaErrorInvalidValue;
-  // the folded combine: no shared-expert gate (it needs a whole row of X per token), whole planes
-  if (p.done && (p.combine.shared_gate || p.combine.ypair != p.out || p.combine.ypair_planes != p.splits))
-    return cudaErrorInvalidValue;
   return Launch(Gemm2Kernel<T>,
                 dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
                 dim3(kWarps * 32), 0, stream, p);
@@ -768,17 +650,6 @@ int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) return Gemm1T<__nv_bfloat16>(p, stream);
   if (p.dtype == DType::kF16) return Gemm1T<__half>(p, stream);
-  return cudaErrorInvalidValue;
-}
-
-bool SkinnyRoutesItself(const RouteParams& r) {
-  return r.T <= kSelfRoutedMaxTokens && RoutedSmem(r) <= kSelfRoutedMaxSmem;
-}
-
-cudaError_t LaunchSkinnyGemm1Routed(const Gemm1Params& p, const RouteParams& r, const SortParams& s, int num_sms,
-                                    cudaStream_t stream) {
-  if (p.dtype == DType::kBF16) return Gemm1RoutedT<__nv_bfloat16>(p, r, s, num_sms, stream);
-  if (p.dtype == DType::kF16) return Gemm1RoutedT<__half>(p, r, s, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 
