@@ -556,21 +556,14 @@ struct Job {
 
 OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const OrtApi* api = api_;
-  Value in[kNumInputs];
-  InputDescs descs;
-  if (OrtStatus* st = ReadInputs(api, ctx, node_name_, in, &descs)) return st;
-  MoEFFNAttrs a = attrs_;
-  MoEFFNShape sh;
-  std::string err = Validate(a, descs, node_name_, &sh);
-  if (!err.empty()) return Error(ORT_INVALID_ARGUMENT, err);
-
-  OrtValue* yv = nullptr;
-  const auto& xdims = in[kX].dims;
-  if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, xdims.data(), xdims.size(), &yv)) return st;
+  CallStart call;
+  if (OrtStatus* st = StartCall(api, ctx, node_name_, attrs_, &call)) return st;
+  const Value* in = call.in;
+  const MoEFFNAttrs& a = call.attrs;
+  const MoEFFNShape& sh = call.shape;
   const int64_t T = sh.tokens, D = sh.hidden, E = sh.experts, I = sh.inter, Is = sh.shared_inter;
   if (T == 0) return nullptr;
-  void* ydata = nullptr;
-  if (OrtStatus* st = api->GetTensorMutableData(yv, &ydata)) return st;
+  void* ydata = call.y;
 
   const int t_type = sh.elem_type;
   const bool f32 = t_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

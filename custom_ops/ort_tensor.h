@@ -86,4 +86,28 @@ inline OrtStatus* ReadInputs(const OrtApi* api, OrtKernelContext* ctx, const std
   return nullptr;
 }
 
+// The start of one call, the same for the CPU and the CUDA kernel: the inputs read and validated
+// (so that both refuse bad input with the same words), Y allocated with X's shape.
+struct CallStart {
+  Value in[kNumInputs];
+  MoEFFNAttrs attrs;  // the node's, as Validate completes them
+  MoEFFNShape shape;
+  void* y = nullptr;  // Y's data; null when there are no tokens (then there is nothing to do)
+};
+
+inline OrtStatus* StartCall(const OrtApi* api, OrtKernelContext* ctx, const std::string& node_name,
+                            const MoEFFNAttrs& attrs, CallStart* c) {
+  InputDescs descs;
+  if (OrtStatus* st = ReadInputs(api, ctx, node_name, c->in, &descs)) return st;
+  c->attrs = attrs;
+  const std::string err = Validate(c->attrs, descs, node_name, &c->shape);
+  if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
+  OrtValue* yv = nullptr;
+  const auto& xdims = c->in[kX].dims;
+  if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, xdims.data(), xdims.size(), &yv)) return st;
+  c->y = nullptr;
+  if (c->shape.tokens == 0) return nullptr;
+  return api->GetTensorMutableData(yv, &c->y);
+}
+
 }  // namespace moefuse

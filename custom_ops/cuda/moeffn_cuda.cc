@@ -322,22 +322,15 @@ FirstProj MakeFirstProj(const MoEFFNAttrs& a, bool separate, const void* w1, con
 
 OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const OrtApi* api = api_;
-  Value in[kNumInputs];
-  InputDescs descs;
-  if (OrtStatus* st = ReadInputs(api, ctx, node_name_, in, &descs)) return st;
-  MoEFFNAttrs a = attrs_;
-  MoEFFNShape sh;
-  std::string err = Validate(a, descs, node_name_, &sh);
-  if (!err.empty()) return Error(ORT_INVALID_ARGUMENT, err);
-
-  OrtValue* yv = nullptr;
-  const auto& xdims = in[kX].dims;
-  if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, xdims.data(), xdims.size(), &yv)) return st;
+  CallStart call;
+  if (OrtStatus* st = StartCall(api, ctx, node_name_, attrs_, &call)) return st;
+  const Value* in = call.in;
+  const MoEFFNAttrs& a = call.attrs;
+  const MoEFFNShape& sh = call.shape;
   const int64_t T = sh.tokens, D = sh.hidden, E = sh.experts, I = sh.inter, Is = sh.shared_inter;
   const int64_t K = a.k;
   if (T == 0) return nullptr;
-  void* ydata = nullptr;
-  if (OrtStatus* st = api->GetTensorMutableData(yv, &ydata)) return st;
+  void* ydata = call.y;
   if (T * K >= kBadPairBase || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
 
