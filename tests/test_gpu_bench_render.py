@@ -190,4 +190,6 @@ def test_targets_table():
     assert "| T = 4096 on Qwen3-30B-A3B >= 1.5x faster | not met | 1.25x (1.25x) |" in table
     assert "| not met | Qwen3 38% (38%), Mixtral 58% (72%) |" in table
     assert gpu_moe.targets(records[-1:]) == []
+    decode_only = "\n".join(gpu_moe.targets(records[:4]))  # no T = 4096 point ran
+    assert "dense peak" not in decode_only and "| decode (T = 1, 32)" in decode_only
 
