@@ -3,9 +3,10 @@
 Against reference.py: the trait matrix of tests/cases.py (routing mode x expert kind x biases x
 shared expert) in float16, bfloat16 and float32, with token counts that take the decode (skinny)
 and prefill (grouped GEMM) paths; every path forced on its own; shapes spanning many tiles with K
-and N tails; projection 2 overlapping projection 1 bit for bit against the waiting schedule; weights stored in_out and weights that are not constants; precomputed ids out of
-range; empty batches; calls captured and replayed as onnxruntime CUDA graphs; errors worded as the
-CPU kernel words them. Against the CPU kernel: real
+and N tails; expert row counts at the tiles' boundaries; projection 2 overlapping projection 1
+bit for bit against the waiting schedule; weights stored in_out and weights that are not
+constants; precomputed ids out of range; empty batches; calls captured and replayed as
+onnxruntime CUDA graphs; errors worded as the CPU kernel words them. Against the CPU kernel: real
 transformers blocks exported, converted and run on both execution providers.
 
 Needs a CUDA GPU, onnxruntime-gpu and a library built with nvcc: skipped otherwise (marker
@@ -209,6 +210,29 @@ def test_prefill_many_tiles_per_cta(layout, bn, schedule, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     attrs = MoEFFNAttrs(k=2, gate_up_layout=layout)
     check(attrs, {}, 1032, False, False, BF16, (1200,), experts=8, hidden=136)
+
+
+# Exact per-expert counts around the 128-row tiles' boundaries (precomputed ids): last tiles of
+# 64 and 65 rows (one consumer warpgroup's rows, or one more), experts of 1, 64, 65, 128 and 129
+# rows, one with none; both tile widths, K tails in both projections (hidden 200, intermediate 264).
+BOUNDARY_COUNTS = (192, 193, 1, 0, 64, 65, 128, 129)
+
+
+@pytest.mark.parametrize("bn", ["128", "256"])
+def test_prefill_tile_boundaries(bn, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
+    monkeypatch.setenv("MOEFUSE_CUDA_BN", bn)
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
+    hidden, inter, experts = 200, 264, len(BOUNDARY_COUNTS)
+    ids = np.repeat(np.arange(experts), BOUNDARY_COUNTS)  # sorted: a token's two halves differ
+    tokens = ids.size // 2
+    for dtype in DTYPES:
+        inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=dtype, seed=8)
+        inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
+        sess = cuda_session(make_moeffn_model(attrs, inputs))
+        got = run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(got, moeffn(attrs, **inputs), dtype, f"tile boundaries, bn {bn}")
 
 
 # Narrow wgmma tiles (32 or 64 token rows on wgmma's N side, the weight rows on its M side;
