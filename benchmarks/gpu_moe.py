@@ -6,7 +6,9 @@ the same inputs, bound on the GPU. For each layer shape, dtype and token count T
 
 - ``gpu_us``: GPU time per call: the time the GPU is busy with the call's kernels (and device
   copies or memsets), the union of their intervals as the CUDA profiling interface reports them
-  (torch.profiler / CUPTI) over several back-to-back calls;
+  (torch.profiler / CUPTI) over 10 back-to-back calls, the median of three such rounds
+  (``gpu_us_rounds``: each round's value; the report names points whose rounds differ by more
+  than 10%);
 - ``wall_us``: time per call of back-to-back runs (IO binding, no synchronization between runs)
   measured with CUDA events on onnxruntime's compute stream: includes launch gaps and host
   overhead when the host is the bottleneck;
@@ -189,23 +191,19 @@ class Runner:
         return [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
                 if ev.device_type == torch.autograd.DeviceType.CUDA]
 
-    def gpu_us(self, calls=10):
-        spans, names = [], {}
-        for a, b, name in self.profiled(calls, wait_each=False):
-            spans.append((a, b))
-            names[name] = names.get(name, 0.0) + (b - a)
-        # GPU busy time: the union of the kernels' intervals (kernels launched with programmatic
-        # dependent launch start before their predecessor ends; their durations overlap)
-        busy, end = 0.0, None
-        for a, b in sorted(spans):
-            if end is None or a > end:
-                busy += b - a
-                end = b
-            elif b > end:
-                busy += b - end
-                end = b
+    def gpu_us(self, calls=10, rounds=3):
+        """GPU busy time per call: the median over `rounds` profiled rounds of `calls` calls, the
+        rounds' values, and the kernels with the most time per call."""
+        per_round, names = [], {}
+        for _ in range(rounds):
+            spans = []
+            for a, b, name in self.profiled(calls, wait_each=False):
+                spans.append((a, b))
+                names[name] = names.get(name, 0.0) + (b - a)
+            per_round.append(busy_time(spans) / calls)
         top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
-        return busy / calls, [(n[:60], round(v / calls, 1)) for n, v in top]
+        return (statistics.median(per_round), per_round,
+                [(n[:60], round(v / (calls * rounds), 1)) for n, v in top])
 
     def timeline(self, calls=30):
         """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
@@ -213,6 +211,20 @@ class Runner:
         return {"calls": used, "span_us": round(span, 1),
                 "kernels": [{"name": n[:80], "start_us": round(a, 1), "end_us": round(b, 1)}
                             for n, a, b in kernels]}
+
+
+def busy_time(spans) -> float:
+    """The union of (start, end) intervals: kernels launched with programmatic dependent launch
+    start before their predecessor ends, so their durations overlap; idle gaps count not at all."""
+    busy, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy
 
 
 def call_timeline(events, calls: int = 0, gap_us: float = 20.0):
@@ -416,8 +428,9 @@ def main():
                                 torch.cuda.synchronize()
                                 outs[vname] = y.float().cpu().numpy()
                                 rec["wall_us"] = round(r.wall_us(), 2)
-                                gpu_us, rec["top_kernels"] = r.gpu_us()
+                                gpu_us, rounds, rec["top_kernels"] = r.gpu_us()
                                 rec["gpu_us"] = round(gpu_us, 2)
+                                rec["gpu_us_rounds"] = [round(v, 2) for v in rounds]
                                 if args.timeline:
                                     rec["timeline"] = r.timeline()
                             except Exception as exc:  # noqa: BLE001 - recorded, not hidden
@@ -508,6 +521,7 @@ def table(records, meta) -> str:
         flopf = f"{100 * ours['flop_fraction']:.0f}%" if ours and "flop_fraction" in ours else "—"
         lines.append(f"| {name} ({H}, {I}, {E}, {k}) | {dtype} | {T} | {cell(ours)} | {cell(ms)} | "
                      f"{speed['gpu_us']} | {speed['wall_us']} | {ref['mem_us']:.1f} | {ref['flop_us']:.1f} | {memf} | {flopf} |")
+    lines += spread_note(records)
     extra = [r for r in records if r["variant"].startswith("MoEFFN[")]
     if extra:
         lines += ["", "MoEFFN variants (GPU µs / wall µs; speed relative to the default MoEFFN, by "
@@ -535,6 +549,22 @@ def table(records, meta) -> str:
                       for k in tl["kernels"]]
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+GPU_SPREAD = 1.10  # rounds' largest over smallest profiled GPU time that the report points out
+
+
+def spread_note(records) -> list:
+    """Report lines naming the records whose profiled rounds differed by more than GPU_SPREAD
+    (their GPU-time ratios are then less certain than their wall-time ratios)."""
+    wide = [r for r in records if len(r.get("gpu_us_rounds", [])) > 1
+            and max(r["gpu_us_rounds"]) > GPU_SPREAD * min(r["gpu_us_rounds"])]
+    if not wide:
+        return []
+    return ["", f"Profiled GPU time differed by more than {GPU_SPREAD - 1:.0%} between the rounds "
+            "of these points (µs per call, each round's value): "
+            + "; ".join(f"{r['shape']} {r['dtype']} T = {r['T']} {r['variant']}: "
+                        + ", ".join(f"{v:.1f}" for v in r["gpu_us_rounds"]) for r in wide) + "."]
 
 
 def targets(records) -> list:

@@ -152,17 +152,38 @@ def test_call_timeline_splits_at_the_longest_gaps_given_the_call_count():
 
 
 def test_gpu_time_is_the_union_of_kernel_intervals():
-    """Overlapping kernels (programmatic dependent launch) count once; idle gaps not at all."""
+    """Overlapping kernels (programmatic dependent launch) count once; idle gaps not at all; the
+    median of the profiled rounds is the GPU time, and every round's value is kept."""
     gpu_moe = _gpu_moe()
 
     class Profiled:
+        shift = iter([0.0, 0.0, 30.0])  # the third round's second call is 30 µs longer
+
         def profiled(self, calls, wait_each):
             assert not wait_each
-            return [(0.0, 10.0, "a"), (8.0, 15.0, "b"), (40.0, 45.0, "a"), (41.0, 44.0, "c")]
+            d = next(self.shift)
+            return [(0.0, 10.0, "a"), (8.0, 15.0, "b"), (40.0, 45.0 + d, "a"), (41.0, 44.0, "c")]
 
-    busy, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2)
-    assert busy == (15.0 + 5.0) / 2
-    assert top[0] == ("a", 7.5) and ("b", 3.5) in top and ("c", 1.5) in top
+    busy, rounds, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2, rounds=3)
+    assert rounds == [10.0, 10.0, 25.0] and busy == 10.0
+    assert top[0] == ("a", 12.5) and ("b", 3.5) in top and ("c", 1.5) in top
+
+
+def test_report_names_points_whose_rounds_differ(tmp_path):
+    """A point whose profiled rounds differ by more than 10% is named under the table with its
+    rounds; one within 10%, or without rounds (older results), is not."""
+    gpu_moe = _gpu_moe()
+    wide = dict(_record("MoEFFN", 5000.0, 4850.0), T=4096, gpu_us_rounds=[4285.3, 5000.0, 5981.0])
+    narrow = dict(_record("com.microsoft.MoE", 5200.0), T=4096, gpu_us_rounds=[5100.0, 5200.0, 5300.0])
+    old = _record("MoEFFN", 300.0)
+    meta = {"gpu": "NVIDIA H200", "onnxruntime": "1.31.1", "hbm_bytes_per_s": 4.8e12,
+            "tensor_flops": 989e12}
+    text = gpu_moe.table([wide, narrow, old], meta)
+    note = [line for line in text.splitlines() if line.startswith("Profiled GPU time differed")]
+    assert note == ["Profiled GPU time differed by more than 10% between the rounds of these points "
+                    "(µs per call, each round's value): Mixtral-8x7B bfloat16 T = 4096 MoEFFN: "
+                    "4285.3, 5000.0, 5981.0."]
+    assert gpu_moe.table([narrow, old], meta).count("Profiled GPU time differed") == 0
 
 
 def test_targets_table():
