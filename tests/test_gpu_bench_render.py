@@ -169,7 +169,7 @@ def test_gpu_time_is_the_union_of_kernel_intervals():
     assert top[0] == ("a", 12.5) and ("b", 3.5) in top and ("c", 1.5) in top
 
 
-def test_report_names_points_whose_rounds_differ(tmp_path):
+def test_report_names_points_whose_rounds_differ():
     """A point whose profiled rounds differ by more than 10% is named under the table with its
     rounds; one within 10%, or without rounds (older results), is not."""
     gpu_moe = _gpu_moe()
