@@ -496,7 +496,8 @@ def table(records, meta) -> str:
              f"active expert bytes / {meta['hbm_bytes_per_s'] / 1e12:.2f} TB/s (mem), "
              f"FLOPs / {meta['tensor_flops'] / 1e12:.0f} TFLOP/s (flop).", "",
              "Speedup: com.microsoft.MoE's time over MoEFFN's, by GPU time and by wall time (the "
-             "profiler that measures GPU time can slow long calls).", "",
+             "profiled GPU time of long calls can lie above or below their wall time and vary "
+             "between rounds).", "",
              "| shape (H, I, E, k) | dtype | T | MoEFFN | com.microsoft.MoE | speedup (GPU) | "
              "speedup (wall) | mem roofline | flop roofline | MoEFFN % mem | MoEFFN % flop |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
