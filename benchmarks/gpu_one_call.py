@@ -1,0 +1,53 @@
+"""One call of MoEFFN (or com.microsoft.MoE) on the CUDA EP inside an NVTX range, for Nsight Compute.
+
+The benchmark's wall and profiled times move with the GPU's clocks, which an H200 at its power
+limit changes from run to run (docs/performance.md). Nsight Compute runs each kernel at locked
+clocks, so its per-kernel durations compare two builds, or our kernels and com.microsoft.MoE's,
+within about 1% across machines and days. This script builds one benchmark layer (gpu_moe.SHAPES,
+by name prefix), makes WARMUP calls (sessions, autotuning), then one call inside the NVTX range
+"last", which Nsight Compute can select:
+
+    ncu --nvtx --nvtx-include "last/" --kernel-name regex:Wg \\
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
+        python benchmarks/gpu_one_call.py Qwen 4096 bfloat16 2 [ours|ms]
+
+com.microsoft.MoE's GEMMs are matched by `--kernel-name regex:"^(device_kernel|Kernel)$"`. Needs
+what gpu_moe.py needs (onnxruntime-gpu, torch with CUDA; MOEFUSE_LIBRARY picks the build).
+"""
+
+import os
+import sys
+import tempfile
+
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_moe as g  # noqa: E402
+from moefuse.runtime import session_options  # noqa: E402
+
+if hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()
+name, T, dtype, warmup = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+which = sys.argv[5] if len(sys.argv) > 5 else "ours"
+_, H, I, E, k = [s for s in g.SHAPES if s[0].startswith(name)][0]
+wdir = tempfile.mkdtemp()
+off = g.write_weights(torch, wdir + "/weights.bin", H, I, E, dtype, 1)
+ours, ms = g.models(dtype, H, I, E, k, wdir, off)
+stream = torch.cuda.Stream()
+runner = g.Runner(ort, torch, ours if which == "ours" else ms, session_options(log_severity_level=3),
+                  stream, dtype)
+tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+gen = torch.Generator(device="cuda").manual_seed(2)
+x = torch.randn(T, H, generator=gen, device="cuda").to(tdt)
+logits = (torch.randn(T, E, generator=gen, device="cuda") * 2).to(tdt)
+y = torch.empty(T, H, device="cuda", dtype=tdt)
+runner.bind(x, logits, y)
+for _ in range(warmup):
+    runner.call()
+torch.cuda.synchronize()
+torch.cuda.nvtx.range_push("last")
+runner.call()
+torch.cuda.synchronize()
+torch.cuda.nvtx.range_pop()
+print("done", float(y.float().abs().mean()))
