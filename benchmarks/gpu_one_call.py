@@ -11,7 +11,8 @@ by name prefix), makes WARMUP calls (sessions, autotuning), then one call inside
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
         python benchmarks/gpu_one_call.py Qwen 4096 bfloat16 2 [ours|ms]
 
-com.microsoft.MoE's GEMMs are matched by `--kernel-name regex:"^(device_kernel|Kernel)$"`. Needs
+com.microsoft.MoE's GEMMs are matched by `--kernel-name regex:"^(device_kernel|Kernel)$"`.
+`benchmarks/ncu_kernels.py` puts the printed metrics of several such runs side by side. Needs
 what gpu_moe.py needs (onnxruntime-gpu, torch with CUDA; MOEFUSE_LIBRARY picks the build).
 """
 

@@ -1,0 +1,117 @@
+"""Per-kernel Nsight Compute metrics of two or more runs, side by side (no GPU needed).
+
+Reads the text `ncu --metrics ...` prints (a block per kernel launch: the kernel's signature line,
+then its "Command line profiler metrics"), for example of `benchmarks/gpu_one_call.py` under two
+builds of the library, and prints a markdown table with a row per launch in launch order: each
+run's value of each metric (durations in µs, byte counts in MB) and its speed against the first
+run (the first run's duration over its own: above 1.00x it is faster). ncu prints 3 significant
+digits in its automatic units (1.02 ms); its `--print-units base` prints base units (not tried
+here).
+
+    python benchmarks/ncu_kernels.py committed=a.txt build=b.txt \\
+        [--metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,...]
+"""
+
+import argparse
+import re
+import sys
+
+DURATION = "gpu__time_duration.sum"
+_HEADER = re.compile(r"^  (\S.*) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context \d+, Stream \d+")
+_METRIC = re.compile(r"^    ([A-Za-z_][\w.]*)\s+(.*?)\s*([-+]?[\d,]*\.?\d+|n/a)$")
+_TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+          "s": 1e6, "second": 1e6}
+_TO_MB = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "Tbyte": 1e6}
+
+
+def kernel_name(signature: str) -> str:
+    """'void ns::Kernel<a, b>(args)' -> 'Kernel<a, b>'; template arguments over 40 characters
+    (CUTLASS's) are left out."""
+    head = signature.split("(", 1)[0].strip()
+    if head.startswith("void "):
+        head = head[5:]
+    base, _, args = head.partition("<")
+    base = base.rsplit("::", 1)[-1]
+    args = "<" + args if args else ""
+    return base + args if len(args) <= 40 else base
+
+
+def _value(unit: str, text: str):
+    """A metric's value: times in µs, bytes in MB (also per block or per second: ncu scales each
+    value's unit on its own), other units as printed; None for n/a."""
+    if text == "n/a":
+        return None
+    v = float(text.replace(",", ""))
+    per = unit.split("/")[0]
+    if unit in _TO_US:
+        return v * _TO_US[unit]
+    return v * _TO_MB[per] if per in _TO_MB else v
+
+
+def parse(text: str) -> list:
+    """The launches in `text`, in order: dicts with 'kernel' and each metric's value."""
+    launches = []
+    for line in text.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            launches.append({"kernel": kernel_name(m.group(1))})
+            continue
+        m = _METRIC.match(line)
+        if m and launches and m.group(1) != "Metric":
+            launches[-1][m.group(1)] = _value(m.group(2), m.group(3))
+    return launches
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if abs(v) >= 10 or v != int(v) else f"{v:.0f}"
+
+
+def table(runs: list, metrics: list) -> str:
+    """Markdown table of runs [(label, launches)]; `metrics` after the duration."""
+    first = runs[0][0]
+    cols = ["#", "kernel"]
+    for label, _ in runs:
+        cols.append(f"{label} µs")
+        cols += [f"{label} {m}" for m in metrics]
+    cols += [f"{label} vs {first}" for label, _ in runs[1:]]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for i in range(max(len(launches) for _, launches in runs)):
+        row = [str(i + 1)]
+        names = {launches[i]["kernel"] for _, launches in runs if i < len(launches)}
+        row.append(" / ".join(sorted(names)))
+        times = []
+        for _, launches in runs:
+            got = launches[i] if i < len(launches) else {}
+            times.append(got.get(DURATION))
+            row.append(_cell(got.get(DURATION)))
+            row += [_cell(got.get(m)) for m in metrics]
+        for t in times[1:]:
+            row.append(f"{times[0] / t:.2f}x" if t and times[0] else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="LABEL=FILE", help="ncu text output of one run")
+    ap.add_argument("--metrics", default="", help="comma-separated metrics to show after the duration")
+    args = ap.parse_args(argv)
+    runs = []
+    for spec in args.runs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            ap.error(f"{spec!r}: expected LABEL=FILE")
+        with open(path) as f:
+            launches = parse(f.read())
+        if not launches:
+            ap.error(f"{path}: no kernel launches with metrics (is it the text ncu printed?)")
+        runs.append((label, launches))
+    metrics = [m for m in args.metrics.split(",") if m and m != DURATION]
+    print(table(runs, metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

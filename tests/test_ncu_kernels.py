@@ -1,0 +1,76 @@
+"""benchmarks/ncu_kernels.py: per-kernel Nsight Compute metrics side by side, read from the text
+outputs kept in benchmarks/results (no GPU needed)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "ncu_kernels.py")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "h200-2026-12-04-kernels")
+
+
+def _module():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import ncu_kernels
+    finally:
+        sys.path.pop(0)
+    return ncu_kernels
+
+
+def _read(name):
+    with open(os.path.join(RESULTS, name)) as f:
+        return f.read()
+
+
+def test_parses_our_launches_in_order_with_units():
+    nk = _module()
+    launches = nk.parse(_read("ncu_t4096_gptoss_ours.txt"))
+    assert [x["kernel"] for x in launches] == ["WgKernel<__nv_bfloat16, 256, 0>"] * 2
+    assert [x[nk.DURATION] for x in launches] == pytest.approx([1020.0, 567.62])  # 1.02 ms, 567.62 us
+    assert [x["dram__bytes_read.sum"] for x in launches] == pytest.approx([1270.0, 670.21])  # MB
+    assert launches[0]["launch__registers_per_thread"] == 168
+    assert launches[0]["sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"] is None  # n/a
+
+
+def test_cutlass_names_lose_their_template_arguments():
+    nk = _module()
+    launches = nk.parse(_read("ncu_t4096_gptoss_ms.txt"))
+    assert [x["kernel"] for x in launches] == ["device_kernel"] * 2
+    assert [x["launch__cluster_dim_x"] for x in launches] == [0, 2]
+    assert [x[nk.DURATION] for x in launches] == pytest.approx([1080.0, 614.59])
+
+
+@pytest.mark.parametrize("unit,text,want", [("nsecond", "1,020,485", 1020.485), ("second", "0.5", 5e5),
+                                            ("Kbyte/block", "197.50", 0.1975), ("%", "59.96", 59.96)])
+def test_units(unit, text, want):
+    assert _module()._value(unit, text) == pytest.approx(want)
+
+
+def test_table_gives_each_run_against_the_first():
+    nk = _module()
+    runs = [("ours", nk.parse(_read("ncu_t32_qwen_ours.txt"))), ("ms", nk.parse(_read("ncu_t32_qwen_ms.txt")))]
+    lines = nk.table(runs, ["dram__throughput.avg.pct_of_peak_sustained_elapsed"]).splitlines()
+    assert lines[0].split(" | ")[-1] == "ms vs ours |"
+    assert len(lines) == 2 + 2  # header, rule, two launches
+    row = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert row[:3] == ["2", "WgNarrowKernel<__nv_bfloat16, 32> / device_kernel", "127.4"]
+    assert row[3] == "58.1" and row[4] == "92.8" and row[5] == "79.7"
+    assert row[-1] == f"{127.39 / 92.83:.2f}x"  # the first run's time over the second's
+
+
+def test_cli_table_and_refusals(tmp_path):
+    ok = subprocess.run([sys.executable, SCRIPT, "a=" + os.path.join(RESULTS, "ncu_skip_loop_GPT_4096_committed.txt"),
+                         "b=" + os.path.join(RESULTS, "ncu_skip_loop_GPT_4096_build.txt")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "| 2 | WgKernel<__nv_bfloat16, 256, 0> | 561.8 | 564.2 | 1.00x |" in ok.stdout
+    empty = tmp_path / "empty.txt"
+    empty.write_text("==PROF== Disconnected\n")
+    bad = subprocess.run([sys.executable, SCRIPT, f"a={empty}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no kernel launches" in bad.stderr and str(empty) in bad.stderr
+    nolabel = subprocess.run([sys.executable, SCRIPT, str(empty)], capture_output=True, text=True)
+    assert nolabel.returncode == 2 and "expected LABEL=FILE" in nolabel.stderr
