@@ -7,17 +7,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_moe.py")
+from benchmark_scripts import load, script
+
+SCRIPT = script("gpu_moe")
 
 
 def _gpu_moe():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import gpu_moe
-    finally:
-        sys.path.pop(0)
-    return gpu_moe
+    return load("gpu_moe")
 
 
 def _record(variant, gpu_us, wall_us=None):

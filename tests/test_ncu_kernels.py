@@ -7,18 +7,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "ncu_kernels.py")
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "h200-2026-12-04-kernels")
+from benchmark_scripts import BENCHMARKS, load, script
+
+SCRIPT = script("ncu_kernels")
+RESULTS = os.path.join(BENCHMARKS, "results", "h200-2026-12-04-kernels")
 
 
 def _module():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import ncu_kernels
-    finally:
-        sys.path.pop(0)
-    return ncu_kernels
+    return load("ncu_kernels")
 
 
 def _read(name):
