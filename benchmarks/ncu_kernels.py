@@ -63,9 +63,7 @@ def parse(text: str) -> list:
 
 
 def _cell(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1f}" if abs(v) >= 10 or v != int(v) else f"{v:.0f}"
+    return "-" if v is None else f"{v:.4g}"
 
 
 def table(runs: list, metrics: list) -> str:
