@@ -42,10 +42,10 @@ def _value(unit: str, text: str):
     if text == "n/a":
         return None
     v = float(text.replace(",", ""))
-    per = unit.split("/")[0]
+    amount = unit.split("/")[0]  # Kbyte of Kbyte/block
     if unit in _TO_US:
         return v * _TO_US[unit]
-    return v * _TO_MB[per] if per in _TO_MB else v
+    return v * _TO_MB[amount] if amount in _TO_MB else v
 
 
 def parse(text: str) -> list:
@@ -57,7 +57,7 @@ def parse(text: str) -> list:
             launches.append({"kernel": kernel_name(m.group(1))})
             continue
         m = _METRIC.match(line)
-        if m and launches and m.group(1) != "Metric":
+        if m and launches:
             launches[-1][m.group(1)] = _value(m.group(2), m.group(3))
     return launches
 
