@@ -263,9 +263,8 @@ __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
 }
 
 // Tile order. Expert-major (default): expert by expert, n-tile by n-tile, m-tiles innermost, so
-// that the CTAs working at the same time share the expert's weight tile and its rows in L2; the
-// expert of a tile is a binary search over the (L1-resident) tile prefix. N-major: n-tile by
-// n-tile over all m-tiles, one table load. Only the producer decodes; the consumers read the tile
+// that the CTAs working at the same time share the expert's weight tile and its rows in L2.
+// N-major: n-tile by n-tile over all m-tiles, one table load. Only the producer decodes; the consumers read the tile
 // from a shared-memory ring.
 template <int BM>
 __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_t mtiles) {
@@ -278,23 +277,25 @@ __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_
     t.rows = min(BM, p.g.dense_rows - t.r0);
     return t;
   }
-  int64_t mt;
   if (p.expert_major) {
+    // The expert's tiles are [pre[e], pre[e + 1]) * n_tiles, so m-tile tile / n_tiles is one of
+    // its own: three dependent loads (two when the expert has one m-tile) rather than a binary
+    // search over the experts, which stalled the producer between two tiles.
+    const int64_t mt0 = tile / p.n_tiles;
+    const int4 first = p.g.mtiles[mt0];
     const int* pre = p.g.tile_prefix;
-    int lo = 0, hi = p.g.num_groups - 1;  // last expert whose first tile is <= tile
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (static_cast<int64_t>(pre[mid]) * p.n_tiles <= tile) lo = mid; else hi = mid - 1;
-    }
-    const int me = pre[lo + 1] - pre[lo];
-    const int64_t local = tile - static_cast<int64_t>(pre[lo]) * p.n_tiles;
+    const int p0 = pre[first.x], me = pre[first.x + 1] - p0;
+    const int64_t local = tile - static_cast<int64_t>(p0) * p.n_tiles;
     t.n = static_cast<int>(local / me);
-    mt = pre[lo] + local % me;
-  } else {
-    mt = tile % mtiles;
-    t.n = static_cast<int>(tile / mtiles);
+    const int64_t mt = p0 + local % me;
+    const int4 info = mt == mt0 ? first : p.g.mtiles[mt];
+    t.e = info.x;
+    t.r0 = info.y;
+    t.rows = info.z;
+    return t;
   }
-  const int4 info = p.g.mtiles[mt];
+  const int4 info = p.g.mtiles[tile % mtiles];
+  t.n = static_cast<int>(tile / mtiles);
   t.e = info.x;
   t.r0 = info.y;
   t.rows = info.z;
