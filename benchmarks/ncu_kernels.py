@@ -1,15 +1,18 @@
 """Per-kernel Nsight Compute metrics of two or more runs, side by side (no GPU needed).
 
-Reads the text `ncu --metrics ...` prints (a block per kernel launch: the kernel's signature line,
-then its "Command line profiler metrics"), for example of `benchmarks/gpu_one_call.py` under two
-builds of the library, and prints a markdown table with a row per launch in launch order: each
-run's value of each metric (durations in µs, byte counts in MB) and its speed against the first
-run (the first run's duration over its own: above 1.00x it is faster). ncu prints 3 significant
+Reads the text ncu prints (a block per kernel launch: the kernel's signature line, then tables of
+metric name, unit and value: the "Command line profiler metrics" of `--metrics ...`, or the
+tables of `--section ...`, whose names are words, such as "DRAM Throughput"), for example of
+`benchmarks/gpu_one_call.py` under two builds of the library, and prints a markdown table with a
+row per launch in launch order: each run's value of each metric (durations in µs, byte counts in
+MB) and its speed against the first run (the first run's duration over its own: above 1.00x it
+is faster). A section table's "Duration" stands for gpu__time_duration.sum; a name found in two
+sections of one launch (ncu's "Memory Throughput": % and Tbyte/s) keeps the later value. ncu prints 3 significant
 digits in its automatic units (1.02 ms); its `--print-units base` prints base units (not tried
 here).
 
     python benchmarks/ncu_kernels.py committed=a.txt build=b.txt \\
-        [--metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,...]
+        [--metrics "dram__throughput.avg.pct_of_peak_sustained_elapsed,DRAM Throughput,..."]
 """
 
 import argparse
@@ -17,8 +20,10 @@ import re
 import sys
 
 DURATION = "gpu__time_duration.sum"
+SECTION_DURATION = "Duration"
 _HEADER = re.compile(r"^  (\S.*) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context \d+, Stream \d+")
-_METRIC = re.compile(r"^    ([A-Za-z_][\w.]*)\s+(.*?)\s*([-+]?[\d,]*\.?\d+|n/a)$")
+_RULE = re.compile(r"^ +-+ -+ -+$")  # above, below and under the header of a metrics table
+_NUMBER = re.compile(r"^([-+]?[\d,]*\.?\d+|n/a)$")
 _TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
           "s": 1e6, "second": 1e6}
 _TO_MB = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "Tbyte": 1e6}
@@ -49,16 +54,35 @@ def _value(unit: str, text: str):
 
 
 def parse(text: str) -> list:
-    """The launches in `text`, in order: dicts with 'kernel' and each metric's value."""
+    """The launches in `text`, in order: dicts with 'kernel' and each metric's value. A table's
+    rows are cut where the rule's unit column starts, so names may hold spaces."""
     launches = []
+    unit_col = None  # where the unit column starts in the table whose rows are being read
+    after_header = False
     for line in text.splitlines():
         m = _HEADER.match(line)
         if m:
             launches.append({"kernel": kernel_name(m.group(1))})
+            unit_col, after_header = None, False
             continue
-        m = _METRIC.match(line)
-        if m and launches:
-            launches[-1][m.group(1)] = _value(m.group(2), m.group(3))
+        if _RULE.match(line):
+            if after_header:  # the rule under the header: the rows follow
+                starts = [i for i in range(1, len(line)) if line[i] == "-" and line[i - 1] == " "]
+                unit_col = starts[1]
+            else:  # the rule above the header, or the table's end
+                unit_col = None
+            after_header = False
+            continue
+        if unit_col is None:
+            after_header = line.split() == ["Metric", "Name", "Metric", "Unit", "Metric", "Value"]
+            continue
+        name, rest = line[:unit_col].strip(), line[unit_col:].split()
+        # the value is the last word: ncu may write a flag before it, as in "(!) n/a"
+        if launches and name and rest and _NUMBER.match(rest[-1]):
+            launches[-1][name] = _value(" ".join(rest[:-1]), rest[-1])
+    for launch in launches:
+        if DURATION not in launch and SECTION_DURATION in launch:
+            launch[DURATION] = launch[SECTION_DURATION]
     return launches
 
 

@@ -11,14 +11,15 @@ from benchmark_scripts import BENCHMARKS, load, script
 
 SCRIPT = script("ncu_kernels")
 RESULTS = os.path.join(BENCHMARKS, "results", "h200-2026-12-04-kernels")
+SECTIONS = os.path.join(BENCHMARKS, "results", "h200-2026-12-04-tile-decode")
 
 
 def _module():
     return load("ncu_kernels")
 
 
-def _read(name):
-    with open(os.path.join(RESULTS, name)) as f:
+def _read(name, folder=RESULTS):
+    with open(os.path.join(folder, name)) as f:
         return f.read()
 
 
@@ -38,6 +39,21 @@ def test_cutlass_names_lose_their_template_arguments():
     assert [x["kernel"] for x in launches] == ["device_kernel"] * 2
     assert [x["launch__cluster_dim_x"] for x in launches] == [0, 2]
     assert [x[nk.DURATION] for x in launches] == pytest.approx([1080.0, 614.59])
+
+
+def test_section_tables_names_of_words_and_their_duration():
+    """`ncu --section ...`: rows named in words, cut at the unit column; "Duration" is the time."""
+    nk = _module()
+    ours = nk.parse(_read("ncu_sections_Qwen_32_previous.txt", SECTIONS))
+    ms = nk.parse(_read("ncu_sections_Qwen_32_ms.txt", SECTIONS))
+    assert [x["kernel"] for x in ours] == ["WgNarrowKernel<__nv_bfloat16, 32>"] * 2
+    assert [x["kernel"] for x in ms] == ["device_kernel"] * 2
+    assert [x[nk.DURATION] for x in ours] == pytest.approx([198.98, 127.20])
+    assert [x["DRAM Throughput"] for x in ms] == pytest.approx([69.11, 62.30])
+    assert ours[0]["Elapsed Cycles"] == 269507  # thousands separators
+    assert ours[0]["Dynamic Shared Memory Per Block"] == pytest.approx(0.22258)  # Kbyte/block in MB
+    assert ours[0]["Memory Throughput"] == pytest.approx(3.56e6)  # Tbyte/s in MB/s (the SOL row
+    # of the same name, 74.04 %, comes first and is overwritten by the later table's)
 
 
 @pytest.mark.parametrize("unit,text,want", [("nsecond", "1,020,485", 1020.485), ("second", "0.5", 5e5),
