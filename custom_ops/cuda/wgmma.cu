@@ -264,8 +264,8 @@ __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
 
 // Tile order. Expert-major (default): expert by expert, n-tile by n-tile, m-tiles innermost, so
 // that the CTAs working at the same time share the expert's weight tile and its rows in L2.
-// N-major: n-tile by n-tile over all m-tiles, one table load. Only the producer decodes; the consumers read the tile
-// from a shared-memory ring.
+// N-major: n-tile by n-tile over all m-tiles, one table load. Only the producer decodes; the
+// consumers read the tile from a shared-memory ring.
 template <int BM>
 __device__ __forceinline__ Tile DecodeTile(const WgArgs& p, int64_t tile, int64_t mtiles) {
   Tile t;
