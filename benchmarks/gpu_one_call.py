@@ -16,39 +16,69 @@ com.microsoft.MoE's GEMMs are matched by `--kernel-name regex:"^(device_kernel|K
 what gpu_moe.py needs (onnxruntime-gpu, torch with CUDA; MOEFUSE_LIBRARY picks the build).
 """
 
+import argparse
 import os
 import sys
 import tempfile
 
-import onnxruntime as ort
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_moe as g  # noqa: E402
-from moefuse.runtime import session_options  # noqa: E402
 
-if hasattr(ort, "preload_dlls"):
-    ort.preload_dlls()
-name, T, dtype, warmup = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-which = sys.argv[5] if len(sys.argv) > 5 else "ours"
-_, H, I, E, k = [s for s in g.SHAPES if s[0].startswith(name)][0]
-wdir = tempfile.mkdtemp()
-off = g.write_weights(torch, wdir + "/weights.bin", H, I, E, dtype, 1)
-ours, ms = g.models(dtype, H, I, E, k, wdir, off)
-stream = torch.cuda.Stream()
-runner = g.Runner(ort, torch, ours if which == "ours" else ms, session_options(log_severity_level=3),
-                  stream, dtype)
-tdt = torch.float16 if dtype == "float16" else torch.bfloat16
-gen = torch.Generator(device="cuda").manual_seed(2)
-x = torch.randn(T, H, generator=gen, device="cuda").to(tdt)
-logits = (torch.randn(T, E, generator=gen, device="cuda") * 2).to(tdt)
-y = torch.empty(T, H, device="cuda", dtype=tdt)
-runner.bind(x, logits, y)
-for _ in range(warmup):
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The layer and the call, checked before anything touches the GPU."""
+    names = [s[0] for s in g.SHAPES]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("shape", help="a prefix of one of " + ", ".join(names))
+    ap.add_argument("tokens", type=int, help="T, the tokens of the call")
+    ap.add_argument("dtype", choices=["float16", "bfloat16"])
+    ap.add_argument("warmup", type=int, help="calls before the one in the NVTX range")
+    ap.add_argument("op", nargs="?", default="ours", choices=["ours", "ms"],
+                    help="MoEFFN (ours) or com.microsoft.MoE (ms)")
+    args = ap.parse_args(argv)
+    matches = [s for s in g.SHAPES if s[0].startswith(args.shape)]
+    if len(matches) != 1:
+        ap.error(f"shape {args.shape!r} names {len(matches)} of the layers {', '.join(names)}; "
+                 "give a prefix of exactly one")
+    if args.tokens < 1 or args.warmup < 0:
+        ap.error(f"tokens must be >= 1 and warmup >= 0 (got {args.tokens} and {args.warmup})")
+    args.layer = matches[0]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import onnxruntime as ort
+    import torch
+
+    from moefuse.runtime import session_options
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    _, H, I, E, k = args.layer
+    T, dtype = args.tokens, args.dtype
+    wdir = tempfile.mkdtemp()
+    off = g.write_weights(torch, wdir + "/weights.bin", H, I, E, dtype, 1)
+    ours, ms = g.models(dtype, H, I, E, k, wdir, off)
+    stream = torch.cuda.Stream()
+    runner = g.Runner(ort, torch, ours if args.op == "ours" else ms,
+                      session_options(log_severity_level=3), stream, dtype)
+    tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(T, H, generator=gen, device="cuda").to(tdt)
+    logits = (torch.randn(T, E, generator=gen, device="cuda") * 2).to(tdt)
+    y = torch.empty(T, H, device="cuda", dtype=tdt)
+    runner.bind(x, logits, y)
+    for _ in range(args.warmup):
+        runner.call()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("last")
     runner.call()
-torch.cuda.synchronize()
-torch.cuda.nvtx.range_push("last")
-runner.call()
-torch.cuda.synchronize()
-torch.cuda.nvtx.range_pop()
-print("done", float(y.float().abs().mean()))
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+    print("done", float(y.float().abs().mean()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
