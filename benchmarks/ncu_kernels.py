@@ -31,14 +31,55 @@ _TO_MB = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "Tbyte": 1e6}
 
 def kernel_name(signature: str) -> str:
     """'void ns::Kernel<a, b>(args)' -> 'Kernel<a, b>'; template arguments over 40 characters
-    (CUTLASS's) are left out."""
+    (CUTLASS's) are left out, and a CUTLASS GEMM's tile, stages and cluster (gemm_config) shown
+    in their place."""
     head = signature.split("(", 1)[0].strip()
     if head.startswith("void "):
         head = head[5:]
     base, _, args = head.partition("<")
     base = base.rsplit("::", 1)[-1]
     args = "<" + args if args else ""
-    return base + args if len(args) <= 40 else base
+    if len(args) <= 40:
+        return base + args
+    config = gemm_config(head)
+    return f"{base} ({config})" if config else base
+
+
+_C = r"(?:cute::)?C<(\d+)>"
+_SHAPE = rf"(?:cute::)?tuple<{_C}, {_C}, {_C}>"
+# Hopper: CollectiveMma<MainloopSm90...<stages, cluster shape, schedule>, tile shape, ...>
+_SM90 = re.compile(rf"MainloopSm90\w*<(\d+), {_SHAPE}, [\w:]+>, {_SHAPE}")
+# Ampere: MmaMultistage<GemmShape<tile>, 6 iterator arguments, element, layout, MmaPolicy<...>, stages
+_SM80 = re.compile(r"MmaMultistage<GemmShape<(\d+), (\d+), (\d+)>")
+
+
+def _closing(text: str, i: int) -> int:
+    """Index of the '>' that closes the '<' at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"<": 1, ">": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    return -1
+
+
+def gemm_config(name: str):
+    """A CUTLASS GEMM kernel's tile (M x N x K), stages and cluster, read from its template
+    arguments ('128x16x64, 12 stages'; '256x128x64, 4 stages, 2x1x1 cluster'; Ampere's kernels
+    'SM80 64x128x64, 4 stages'); None for others."""
+    m = _SM90.search(name)
+    if m:
+        stages, cluster, tile = m.group(1), m.groups()[1:4], m.groups()[4:7]
+        text = f"{'x'.join(tile)}, {stages} stages"
+        return text if cluster == ("1", "1", "1") else f"{text}, {'x'.join(cluster)} cluster"
+    m = _SM80.search(name)
+    if m:
+        text = "x".join(m.groups())
+        policy = name.find("MmaPolicy<", m.end())
+        end = _closing(name, name.find("<", policy)) if policy >= 0 else -1
+        stages = re.match(r", (\d+),", name[end + 1:]) if end >= 0 else None
+        return f"SM80 {text}, {stages.group(1)} stages" if stages else f"SM80 {text}"
+    return None
 
 
 def _value(unit: str, text: str):
