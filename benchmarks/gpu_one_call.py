@@ -1,4 +1,4 @@
-"""One call of MoEFFN (or com.microsoft.MoE) on the CUDA EP inside an NVTX range, for Nsight Compute.
+"""One call of MoEFFN (or com.microsoft.MoE) on the CUDA EP in an NVTX range, for Nsight Compute.
 
 The benchmark's wall and profiled times move with the GPU's clocks, which an H200 at its power
 limit changes from run to run (docs/performance.md). Nsight Compute runs each kernel at locked
@@ -57,26 +57,27 @@ def main(argv=None) -> int:
         ort.preload_dlls()
     _, H, I, E, k = args.layer
     T, dtype = args.tokens, args.dtype
-    wdir = tempfile.mkdtemp()
-    off = g.write_weights(torch, wdir + "/weights.bin", H, I, E, dtype, 1)
-    ours, ms = g.models(dtype, H, I, E, k, wdir, off)
-    stream = torch.cuda.Stream()
-    runner = g.Runner(ort, torch, ours if args.op == "ours" else ms,
-                      session_options(log_severity_level=3), stream, dtype)
-    tdt = torch.float16 if dtype == "float16" else torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(T, H, generator=gen, device="cuda").to(tdt)
-    logits = (torch.randn(T, E, generator=gen, device="cuda") * 2).to(tdt)
-    y = torch.empty(T, H, device="cuda", dtype=tdt)
-    runner.bind(x, logits, y)
-    for _ in range(args.warmup):
+    # the weights file (2.8 GB for Mixtral) goes when the call is done, as in gpu_moe.py
+    with tempfile.TemporaryDirectory() as wdir:
+        off = g.write_weights(torch, wdir + "/weights.bin", H, I, E, dtype, 1)
+        ours, ms = g.models(dtype, H, I, E, k, wdir, off)
+        stream = torch.cuda.Stream()
+        runner = g.Runner(ort, torch, ours if args.op == "ours" else ms,
+                          session_options(log_severity_level=3), stream, dtype)
+        tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        x = torch.randn(T, H, generator=gen, device="cuda").to(tdt)
+        logits = (torch.randn(T, E, generator=gen, device="cuda") * 2).to(tdt)
+        y = torch.empty(T, H, device="cuda", dtype=tdt)
+        runner.bind(x, logits, y)
+        for _ in range(args.warmup):
+            runner.call()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("last")
         runner.call()
-    torch.cuda.synchronize()
-    torch.cuda.nvtx.range_push("last")
-    runner.call()
-    torch.cuda.synchronize()
-    torch.cuda.nvtx.range_pop()
-    print("done", float(y.float().abs().mean()))
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        print("done", float(y.float().abs().mean()))
     return 0
 
 

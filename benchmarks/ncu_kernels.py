@@ -7,9 +7,9 @@ tables of `--section ...`, whose names are words, such as "DRAM Throughput"), fo
 row per launch in launch order: each run's value of each metric (durations in µs, byte counts in
 MB) and its speed against the first run (the first run's duration over its own: above 1.00x it
 is faster). A section table's "Duration" stands for gpu__time_duration.sum; a name found in two
-sections of one launch (ncu's "Memory Throughput": % and Tbyte/s) keeps the later value. ncu prints 3 significant
-digits in its automatic units (1.02 ms); its `--print-units base` prints base units (not tried
-here).
+sections of one launch (ncu's "Memory Throughput": % and Tbyte/s) keeps the later value. ncu
+prints 3 significant digits in its automatic units (1.02 ms); its `--print-units base` prints
+base units (not tried here).
 
     python benchmarks/ncu_kernels.py committed=a.txt build=b.txt \\
         [--metrics "dram__throughput.avg.pct_of_peak_sustained_elapsed,DRAM Throughput,..."]
@@ -49,7 +49,8 @@ _C = r"(?:cute::)?C<(\d+)>"
 _SHAPE = rf"(?:cute::)?tuple<{_C}, {_C}, {_C}>"
 # Hopper: CollectiveMma<MainloopSm90...<stages, cluster shape, schedule>, tile shape, ...>
 _SM90 = re.compile(rf"MainloopSm90\w*<(\d+), {_SHAPE}, [\w:]+>, {_SHAPE}")
-# Ampere: MmaMultistage<GemmShape<tile>, 6 iterator arguments, element, layout, MmaPolicy<...>, stages
+# Ampere: MmaMultistage<GemmShape<tile>, iterators and cache ops of A and B, element, layout,
+#   MmaPolicy<...>, stages, ...>
 _SM80 = re.compile(r"MmaMultistage<GemmShape<(\d+), (\d+), (\d+)>")
 
 
