@@ -273,6 +273,7 @@ VARIANTS = {
     "split": {"MOEFUSE_CUDA_DECODE": "split"},
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
+    "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -337,6 +338,7 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
+                    "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

@@ -366,6 +366,80 @@ def test_one_kernel_decode_on_hopper():
     assert ctypes.CDLL(library_path()).MoefuseCudaFusedDecode() != 0
 
 
+# One-token calls: the routing kernel ranks the experts in parallel (a thread per expert;
+# MOEFUSE_CUDA_RANK_ROUTE=0 runs the selection passes of the multi-token routing instead) where the
+# routing allows (softmax_topk, topk_softmax, sigmoid_topk without expert groups; k <= 32,
+# E <= 256). Bit for bit the selection passes' result, against the reference too, with the cases
+# that keep the passes (expert groups, more than 256 experts, precomputed ids) beside them, and
+# the one-kernel decode, whose counters the routing kernel clears. Biases, a gated shared expert.
+ONE_TOKEN = [
+    ("softmax_norm_k8", dict(k=8), dict(experts=128, hidden=256, inter=96)),
+    ("softmax_scaled", dict(k=3, normalize_topk=0, routed_scaling_factor=2.5),
+     dict(experts=6, hidden=136, inter=200)),
+    ("topk_softmax", dict(k=4, routing="topk_softmax", gate_up_layout="interleaved", clamp_limit=7.0,
+                          activation_alpha=1.702, up_offset=1.0), dict(experts=32, hidden=264, inter=128)),
+    ("sigmoid_on_input", dict(k=1, routing="sigmoid_topk", normalize_topk=0, weight_on_input=1),
+     dict(experts=8, hidden=136, inter=200)),
+    ("sigmoid_norm_ungated", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh",
+                                  routed_scaling_factor=1.5), dict(experts=64, hidden=200, inter=264)),
+    ("k32_e256", dict(k=32), dict(experts=256, hidden=128, inter=64)),
+    ("one_kernel_decode", dict(k=8), dict(experts=128, hidden=256, inter=96, decode="fused")),
+    ("groups_keep_passes", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
+     dict(experts=128, hidden=128, inter=64)),
+    ("e300_keeps_passes", dict(k=4), dict(experts=300, hidden=128, inter=64)),
+    ("precomputed_keeps_passes", dict(k=2, routing="precomputed"), dict(experts=8, hidden=128, inter=64)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name,changes,size", ONE_TOKEN, ids=[c[0] for c in ONE_TOKEN])
+def test_one_token_routing(name, changes, size, dtype, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", size.get("decode", "split"))
+    attrs = MoEFFNAttrs().replace(**changes)
+    inputs = random_inputs(attrs, 1, size["hidden"], size["inter"], size["experts"], biases=True,
+                           shared_inter=64, shared_gate=True,
+                           selection_bias=attrs.routing == "sigmoid_topk", dtype=dtype, seed=11)
+    model = make_moeffn_model(attrs, inputs)
+    outs = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("MOEFUSE_CUDA_RANK_ROUTE", rank)
+        sess = cuda_session(model)
+        for seed in (12, 13, 14):
+            fresh = dict(inputs, **feeds(random_inputs(attrs, 1, size["hidden"], size["inter"],
+                                                       size["experts"], dtype=dtype, seed=seed)))
+            got = run(sess, feeds(fresh), {"Y": fresh["X"].shape})[0]
+            close(got, moeffn(attrs, **fresh), dtype, f"{name} T=1 seed {seed} rank routing {rank}")
+            outs[rank, seed] = f32(got)
+    for seed in (12, 13, 14):
+        np.testing.assert_array_equal(outs["1", seed], outs["0", seed], err_msg=f"{name} seed {seed}")
+
+
+def test_one_token_routing_kernels(monkeypatch):
+    """The routing kernel a call runs (through the profiler): ranks for one token, the selection
+    passes for two tokens, for more than 256 experts and with MOEFUSE_CUDA_RANK_ROUTE=0."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(tokens, experts, rank):
+        monkeypatch.setenv("MOEFUSE_CUDA_RANK_ROUTE", rank)
+        attrs = MoEFFNAttrs(k=8)
+        inputs = random_inputs(attrs, tokens, 128, 64, experts, dtype=BF16, seed=4)
+        sess = cuda_session(make_moeffn_model(attrs, inputs))
+        run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+            torch.cuda.synchronize()
+        return " ".join(ev.name for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+
+    one = kernels(1, 128, "1")
+    assert "RouteOneKernel" in one and "FusedKernel" not in one, one
+    for names in (kernels(2, 128, "1"), kernels(1, 300, "1"), kernels(1, 128, "0")):
+        assert "FusedKernel" in names and "RouteOneKernel" not in names, names
+
+
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
                                              ("topk_softmax", "gptoss_clamp"),
                                              ("sigmoid_on_input", "rank1_silu")])

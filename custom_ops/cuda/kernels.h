@@ -45,6 +45,9 @@ struct RouteParams {
   // (one memset where several kernels route; LaunchRouteAndSort checks the layout).
   int* counts = nullptr;  // [E] pairs per expert
   int* bad = nullptr;     // [1] kBadPairBase - index of the first invalid pair, or 0 when all are valid
+  // One-token calls routed by a block in parallel (a thread per expert ranks it; the same picks as
+  // the selection passes, bit for bit) where the routing allows; 0: by the selection passes.
+  int rank_one = 1;
 };
 
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax

@@ -133,6 +133,8 @@ class Kernel {
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
+  bool rank_one_ = true;           // MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the
+                                   // selection passes (else by rank, in parallel)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
@@ -169,6 +171,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
+  k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -500,6 +503,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.rank = static_cast<int*>(at(o_rank));
   r.counts = static_cast<int*>(at(o_counts));
   r.bad = r.counts + E;
+  r.rank_one = rank_one_;
   SortParams s;
   s.T = r.T;
   s.E = r.E;

@@ -1,13 +1,10 @@
-// Routing (top-k selection and weights, one warp per token) and grouping of the (token, expert)
-// pairs by expert: counts, offsets, the grouped GEMM's tile schedule and the sorted row lists.
-//
-// Top-k is k selection passes over the token's scores: pass j picks the best score ranked after
-// pick j-1 (numpy's stable argsort order: larger first, NaN last, ties to the lower index), so no
-// per-token storage is needed whatever E is (up to 256 experts a lane keeps its scores in registers;
-// beyond, they are recomputed from the logits in each pass).
+// Routing (top-k selection and weights: route_token.cuh, one warp per token, or one block for a
+// call of one token) and grouping of the (token, expert) pairs by expert: counts, offsets, the
+// grouped GEMM's tile schedule and the sorted row lists.
 #include <climits>
 
 #include "common.cuh"
+#include "route_token.cuh"
 
 namespace moefuse {
 namespace cuda {
@@ -21,31 +18,11 @@ constexpr int kFusedMaxTokens = 32;
 constexpr int kFusedSmallTokens = 16;
 constexpr int kScanThreads = 1024;
 
-enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3 };
+using namespace routing;
 
 // Kernels are compiled per routing mode: a decode call waits for the routing kernel, which runs on
 // one SM with a cold instruction cache, so the code it walks through must be short (with every
 // mode in one body the executed path was strewn over 95 KB of code).
-template <typename T, int M>
-struct Token {
-  const T* lg;  // this token's logits
-  const T* bias;
-  int E;
-  float m, sum;         // softmax statistics
-  const float* gkeep;   // group mask (1.0 kept) or null
-  int gsize;
-
-  // The score that ranks experts for selection.
-  __device__ __forceinline__ float Choice(int e) const {
-    const float l = ToF(lg[e]);
-    if constexpr (M == kSoftmaxTopk) return expf(l - m) / sum;
-    if constexpr (M == kTopkSoftmax) return l;
-    float c = Sigmoid(l);
-    if (bias) c = c + ToF(bias[e]);
-    if (gkeep && gkeep[e / gsize] != 1.0f) c = -INFINITY;
-    return c;
-  }
-};
 
 // Given ids and weights (precomputed routing): copied, scaled and counted; ids outside [0, E)
 // become -1 and the first is reported in r.bad.
@@ -82,23 +59,7 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   int* iout = r.ids + static_cast<int64_t>(t) * K;
   int* rout = r.rank + static_cast<int64_t>(t) * K;
 
-  Token<T, M> tok;
-  tok.lg = static_cast<const T*>(r.logits) + static_cast<int64_t>(t) * E;
-  tok.bias = static_cast<const T*>(r.sel_bias);
-  tok.E = E;
-  tok.m = 0.0f;
-  tok.sum = 1.0f;
-  tok.gkeep = nullptr;
-  tok.gsize = 1;
-  if constexpr (M == kSoftmaxTopk) {
-    float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = NanMax(m, ToF(tok.lg[e]));
-    m = WarpNanMax(m);
-    float s = 0.0f;
-    for (int e = lane; e < E; e += 32) s += expf(ToF(tok.lg[e]) - m);
-    tok.m = m;
-    tok.sum = WarpSum(s);
-  }
+  Token<T, M> tok = MakeToken<T, M>(r, t);
   if (M == kSigmoidTopk && r.n_group > 1) {
     // Group score: sum of the group's top min(2, size) choices; keep the topk_group best groups.
     const int G = r.n_group, gs = E / G, top = gs < 2 ? gs : 2;
@@ -148,90 +109,21 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
     tok.gkeep = gscratch;
   }
 
-  // k selection passes; the raw weights go to wout, finished below. Up to 256 experts, each
-  // lane keeps its experts' scores in registers; beyond, scores are recomputed in every pass.
-  // E <= 256: each lane keeps its experts' choice values and their order keys in registers; a
-  // pick is two warp reductions (best key, then lowest expert holding it). Otherwise the values
-  // are re-read per pick.
-  constexpr int kCache = 8;
-  const bool cached = E <= 32 * kCache;
-  float cv[kCache];
-  unsigned key[kCache];
-  if (cached) {
-#pragma unroll
-    for (int q = 0; q < kCache; ++q) {
-      const int e = q * 32 + lane;
-      cv[q] = e < E ? tok.Choice(e) : 0.0f;
-      key[q] = e < E ? OrderKey(cv[q]) : 0u;
-    }
-  }
-  float pv = 0.0f;
-  int pi = INT32_MAX;
-  float wsum = 0.0f, lmax = -INFINITY;
-  for (int j = 0; j < K; ++j) {
-    float bv = 0.0f;
-    int bi = INT32_MAX;
-    if (cached) {
-      unsigned bk = 0u;
-      int bq = 0;
-#pragma unroll
-      for (int q = 0; q < kCache; ++q) {
-        if (key[q] > bk) {  // strict: the lowest expert of equal keys
-          bk = key[q];
-          bq = q;
-        }
-      }
-      const unsigned mk = WarpExtreme<true>(bk);
-      bi = WarpExtreme<false>(bk == mk && bk != 0u ? bq * 32 + lane : INT32_MAX);
-      const int oq = bi >> 5, ol = bi & 31;
-      float mine = 0.0f;
-#pragma unroll
-      for (int q = 0; q < kCache; ++q) {
-        if (q == oq) {
-          mine = cv[q];
-          if (lane == ol) key[q] = 0u;  // picked
-        }
-      }
-      bv = __shfl_sync(0xffffffffu, mine, ol);
-    } else {
-      for (int e = lane; e < E; e += 32) {
-        const float c = tok.Choice(e);
-        if (pi != INT32_MAX && !Better(pv, pi, c, e)) continue;
-        if (bi == INT32_MAX || Better(c, e, bv, bi)) {
-          bv = c;
-          bi = e;
-        }
-      }
-      WarpBest(bv, bi);  // warp-uniform from here
-    }
-    pv = bv;
-    pi = bi;
-    float w;
-    if constexpr (M == kSoftmaxTopk) {
-      w = bv;  // the probability
-    } else if constexpr (M == kTopkSoftmax) {
-      w = bv;  // the logit: softmax over the picks below
-      lmax = NanMax(lmax, bv);
-    } else {
-      w = Sigmoid(ToF(tok.lg[bi]));
-    }
-    wsum += w;  // in pick order, as the reference's sum over k
+  // the raw weights go to wout, finished below
+  const PickSums sums = SelectPicks(tok, K, [&](int j, int e, float w) {
     if (lane == 0) {
-      iout[j] = bi;
+      iout[j] = e;
       wout[j] = w;
     }
-  }
+  });
   __syncwarp();
+  float esum = 0.0f;
   if constexpr (M == kTopkSoftmax) {
-    float s = 0.0f;
-    for (int j = lane; j < K; j += 32) s += expf(wout[j] - lmax);
-    s = WarpSum(s);
-    for (int j = lane; j < K; j += 32) wout[j] = expf(wout[j] - lmax) / s;
-  } else if (r.normalize) {
-    for (int j = lane; j < K; j += 32) wout[j] = wout[j] / wsum;
+    for (int j = lane; j < K; j += 32) esum += expf(wout[j] - sums.lmax);
+    esum = WarpSum(esum);
   }
   for (int j = lane; j < K; j += 32) {
-    if (r.scale != 1.0f) wout[j] = wout[j] * r.scale;
+    wout[j] = Finish<M>(r, wout[j], sums, esum);
     rout[j] = atomicAdd(r.counts + iout[j], 1);
   }
 }
@@ -399,8 +291,68 @@ __global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParam
   for (int e = threadIdx.x; e < E; e += blockDim.x) r.counts[e] = cnt[e];
 }
 
+// One token: routed by the block in parallel (RouteTokenByRank), where the selection passes of the
+// fused kernel are a chain of k dependent warp reductions; a decode call waits for this kernel (on
+// an H200, 4.4 µs instead of 5.7 at the Qwen3 shape, 2.8 instead of 4.2 at GPT-OSS's:
+// docs/performance.md). Every (token, expert) pair is an expert of its own with one row, so the
+// grouping is the picks' order by expert.
+bool RoutesOneByRank(const RouteParams& r) {
+  const bool computed = r.mode == kSoftmaxTopk || r.mode == kTopkSoftmax || (r.mode == kSigmoidTopk && r.n_group <= 1);
+  return r.rank_one && computed && r.T == 1 && r.K >= 1 && r.K <= 32 && r.E >= r.K && r.E <= kCachedMaxExperts;
+}
+
+constexpr int kRankThreads = 128;
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, SortParams s) {
+  GridDepWait();
+  __shared__ RankScratch sm;
+  for (int i = threadIdx.x; i < s.zero_count; i += blockDim.x) s.zero[i] = 0;
+  int id;
+  float w;
+  RouteTokenByRank<T, M>(r, 0, sm, &id, &w);
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x, E = r.E, K = r.K;
+  // the pick's sorted row: the picks of lower experts (a token's picks are distinct)
+  int pos = 0;
+  for (int j = 0; j < K; ++j) pos += __shfl_sync(0xffffffffu, id, j) < id;
+  if (lane < K) {
+    r.ids[lane] = id;
+    r.w[lane] = w;
+    r.rank[lane] = 0;
+    s.pair_pos[lane] = pos;
+    s.sorted_row[pos] = 0;
+    s.sorted_w[pos] = w;
+    s.active[pos] = id;
+    s.active[E + pos] = 1;
+    if (pos < s.max_tiles) s.mtiles[pos] = make_int4(id, pos, 1, 0);
+  }
+  for (int e0 = 0; e0 <= E; e0 += 32) {
+    const int e = e0 + lane;
+    int below = 0, here = 0;
+    for (int j = 0; j < K; ++j) {
+      const int v = __shfl_sync(0xffffffffu, id, j);
+      below += v < e;
+      here += v == e;
+    }
+    if (e <= E) {
+      s.offsets[e] = below;
+      s.tile_prefix[e] = below;  // one row, so one m-tile, per picked expert
+    }
+    if (e < E) r.counts[e] = here;
+  }
+  if (lane == 0) {
+    *s.num_active = K;
+    *r.bad = 0;
+  }
+}
+
 template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
+  if constexpr (M != kPrecomputed) {
+    if (RoutesOneByRank(r))
+      return Launch(RouteOneKernel<T, M>, dim3(1), dim3(kRankThreads), 0, stream, r, s);
+  }
   const int gfloats = (M == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
   const int threads = r.T <= kFusedSmallTokens ? 512 : 1024;
   const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
