@@ -293,9 +293,10 @@ __global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParam
 
 // One token: routed by the block in parallel (RouteTokenByRank), where the selection passes of the
 // fused kernel are a chain of k dependent warp reductions; a decode call waits for this kernel (on
-// an H200, 4.4 µs instead of 5.7 at the Qwen3 shape, 2.8 instead of 4.2 at GPT-OSS's:
+// an H200, 3.9 µs instead of 5.7 at the Qwen3 shape, 2.8 instead of 4.2 at GPT-OSS's:
 // docs/performance.md). Every (token, expert) pair is an expert of its own with one row, so the
-// grouping is the picks' order by expert.
+// grouping is the picks' order by expert, and each expert's offset and count take K reads of the
+// picks by its own thread (by one warp, E / 32 rounds of K shuffles each cost 0.5 µs at E = 128).
 bool RoutesOneByRank(const RouteParams& r) {
   const bool computed = r.mode == kSoftmaxTopk || r.mode == kTopkSoftmax || (r.mode == kSigmoidTopk && r.n_group <= 1);
   return r.rank_one && computed && r.T == 1 && r.K >= 1 && r.K <= 32 && r.E >= r.K && r.E <= kCachedMaxExperts;
@@ -311,37 +312,35 @@ __global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, So
   int id;
   float w;
   RouteTokenByRank<T, M>(r, 0, sm, &id, &w);
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x, E = r.E, K = r.K;
-  // the pick's sorted row: the picks of lower experts (a token's picks are distinct)
-  int pos = 0;
-  for (int j = 0; j < K; ++j) pos += __shfl_sync(0xffffffffu, id, j) < id;
-  if (lane < K) {
-    r.ids[lane] = id;
-    r.w[lane] = w;
-    r.rank[lane] = 0;
-    s.pair_pos[lane] = pos;
+  const int E = r.E, K = r.K;
+  if (threadIdx.x < K) {
+    // the pick's sorted row: the picks of lower experts (a token's picks are distinct)
+    int pos = 0;
+    for (int j = 0; j < K; ++j) pos += sm.pick[j] < id;
+    const int j = threadIdx.x;
+    r.ids[j] = id;
+    r.w[j] = w;
+    r.rank[j] = 0;
+    s.pair_pos[j] = pos;
     s.sorted_row[pos] = 0;
     s.sorted_w[pos] = w;
     s.active[pos] = id;
     s.active[E + pos] = 1;
     if (pos < s.max_tiles) s.mtiles[pos] = make_int4(id, pos, 1, 0);
   }
-  for (int e0 = 0; e0 <= E; e0 += 32) {
-    const int e = e0 + lane;
+  // every expert's first sorted row and count, a thread per expert
+  for (int e = threadIdx.x; e <= E; e += blockDim.x) {
     int below = 0, here = 0;
     for (int j = 0; j < K; ++j) {
-      const int v = __shfl_sync(0xffffffffu, id, j);
+      const int v = sm.pick[j];
       below += v < e;
       here += v == e;
     }
-    if (e <= E) {
-      s.offsets[e] = below;
-      s.tile_prefix[e] = below;  // one row, so one m-tile, per picked expert
-    }
+    s.offsets[e] = below;
+    s.tile_prefix[e] = below;  // one row, so one m-tile, per picked expert
     if (e < E) r.counts[e] = here;
   }
-  if (lane == 0) {
+  if (threadIdx.x == 0) {
     *s.num_active = K;
     *r.bad = 0;
   }
