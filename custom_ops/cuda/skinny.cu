@@ -5,7 +5,8 @@
 // the B operand (n = 8 tokens per MMA). Both operands use the same permutation of k inside each
 // block of 32 (lane t of a quad holds k = 8t..8t+7), which leaves the dot products unchanged and
 // lets every load be 16 bytes wide. The four warps of a block split K and reduce through shared
-// memory; warp i then runs the fused epilogue of token tile i.
+// memory; warp i then runs the fused epilogue of token tile i. (Projection 2 with short K: a warp
+// per weight tile over all of K, Gemm2WarpKernel.)
 //
 // Projection 1 tiles hold 8 units: MMA row g is the gate (or fc1) row of unit u0+g and row g+8
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
@@ -90,20 +91,25 @@ constexpr int kBatch = 8;
 // k-blocks of this warp (its quarter of the block's k-blocks [kbeg, kend)). A batch's token
 // loads are issued together too (one L2 round trip per token tile and batch, not one per
 // k-block); lanes past K or the batch load zeros.
-template <typename T>
+// kWholeK: this warp takes all of [kbeg, kend) (a warp per weight tile, Gemm2WarpKernel).
+template <typename T, bool kWholeK = false>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
                                          const T* const (&brow)[kNT], int ntiles, int K, int kbeg,
                                          int kend) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
-  const int kb0 = kbeg + warp * (kend - kbeg) / kWarps, kb1 = kbeg + (warp + 1) * (kend - kbeg) / kWarps;
+  const int kb0 = kWholeK ? kbeg : kbeg + warp * (kend - kbeg) / kWarps;
+  const int kb1 = kWholeK ? kend : kbeg + (warp + 1) * (kend - kbeg) / kWarps;
   for (int kb = kb0; kb < kb1; kb += kBatch) {
-    uint4 a[kBatch], b[kBatch];
+    uint4 a[kBatch], b[kBatch], x0[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int k = (kb + u) * 32 + t * 8;
       const bool in = kb + u < kb1 && k < K;
       a[u] = LdStream(in && wa ? wa + k : nullptr);
       b[u] = LdStream(in && wb ? wb + k : nullptr);
+      // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved
+      // them down to their MMAs otherwise, one L2 round trip per k-block)
+      if constexpr (kWholeK) x0[u] = Ld16(in && brow[0] ? brow[0] + k : nullptr);
     }
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
@@ -112,7 +118,7 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = (kb + u) * 32 + t * 8;
-        x[u] = Ld16(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
+        x[u] = kWholeK && i == 0 ? x0[u] : Ld16(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) MmaK32<T>(acc[i], a[u], b[u], x[u]);
@@ -211,15 +217,15 @@ __device__ __forceinline__ float2 Bias2(const Gemm2Params& p, const Slot& s, int
   return b;
 }
 
-// Projection 2's epilogue for this warp's token tile: (part z of K of) output rows, plus bias.
+// Projection 2's epilogue for the token tile of rows c8 .. c8 + 7 of slot s: (part z of K of)
+// output rows, plus bias.
 template <typename T>
-__device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, int c0, int ntiles, int z,
-                                         int da, int db, float2 bias, const float (&v)[4]) {
-  const int warp = threadIdx.x >> 5, t = threadIdx.x & 3, D = p.D;
-  if (warp >= ntiles) return;
+__device__ __forceinline__ void StoreOutTile(const Gemm2Params& p, const Slot& s, int c8, int z, int da, int db,
+                                             float2 bias, const float (&v)[4]) {
+  const int t = threadIdx.x & 3, D = p.D;
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
-    const int col = c0 + warp * 8 + 2 * t + c;
+    const int col = c8 + 2 * t + c;
     if (col >= s.rows) continue;
     const int64_t r = s.r0 + col;
     if (p.out_f32) {
@@ -232,6 +238,15 @@ __device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, in
       if (db < D) o[db] = FromF<T>(v[2 + c] + bias.y);
     }
   }
+}
+
+// ... for this warp's token tile of the pass at c0 (`v` from Reduce).
+template <typename T>
+__device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, int c0, int ntiles, int z,
+                                         int da, int db, float2 bias, const float (&v)[4]) {
+  const int warp = threadIdx.x >> 5;
+  if (warp >= ntiles) return;
+  StoreOutTile<T>(p, s, c0 + warp * 8, z, da, db, bias, v);
 }
 
 template <typename T>
@@ -301,6 +316,41 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     Reduce(acc, red, v);
     StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
     __syncthreads();
+  }
+}
+
+// Projection 2 when K is short: each warp takes a whole weight tile (16 output features) over all
+// of K, four tiles a block, and no reduction through shared memory follows. With K split over the
+// block's warps, a warp of (2048, 768, 128, 8) got 6 k-blocks, less than one batch of loads, then
+// waited at the block's barrier. On an H200 that shape's projection 2 at T = 4 went from 31.1 to
+// 27.7 µs after projection 1's end; at T = 1 it stayed at 10.2-10.9 µs (docs/performance.md).
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
+  GridDepWait();
+  GridDepLaunch();
+  Slot s;
+  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+  const int g = (threadIdx.x & 31) >> 2, I = p.I;
+  const int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (tile * 16 >= p.D) return;  // warp-uniform; nothing below waits for the block
+  const int da = tile * 16 + g, db = da + 8;
+  const T* wa = Tile2Row<T>(p, s.e, tile, g);
+  const T* wb = Tile2Row<T>(p, s.e, tile, g + 8);
+  const T* H = static_cast<const T*>(p.H);
+  const float2 bias = Bias2<T>(p, s, 0, da, db);
+  for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
+    const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
+    const T* brow[kNT];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+      const int c = c0 + i * 8 + g;
+      brow[i] = (i < ntiles && c < s.rows) ? H + static_cast<int64_t>(s.r0 + c) * I : nullptr;
+    }
+    float acc[kNT][4] = {};
+    MainLoop<T, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32);
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+      if (i < ntiles) StoreOutTile<T>(p, s, c0 + i * 8, 0, da, db, bias, acc[i]);
   }
 }
 
@@ -595,6 +645,9 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
   if (p.splits < 1 || (p.splits > 1 && !p.out_f32)) return cudaErrorInvalidValue;
+  if (p.splits == 1 && CeilDiv(p.I, 32) < kWarps * kBatch)  // less than a batch per warp if split
+    return Launch(Gemm2WarpKernel<T>, dim3(static_cast<unsigned>(CeilDiv(tiles, kWarps)), static_cast<unsigned>(slots)),
+                  dim3(kWarps * 32), 0, stream, p);
   return Launch(Gemm2Kernel<T>,
                 dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
                 dim3(kWarps * 32), 0, stream, p);
