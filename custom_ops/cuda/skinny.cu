@@ -286,6 +286,20 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
   }
 }
 
+// Projection 2's token rows (rows of H) of this thread's MMA column g in the pass at c0, null past
+// the slot's rows.
+template <typename T>
+__device__ __forceinline__ void HRows(const Gemm2Params& p, const Slot& s, int c0, int ntiles,
+                                      const T* (&brow)[kNT]) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const T* H = static_cast<const T*>(p.H);
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+    const int c = c0 + i * 8 + g;
+    brow[i] = (i < ntiles && c < s.rows) ? H + static_cast<int64_t>(s.r0 + c) * p.I : nullptr;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   GridDepWait();
@@ -297,7 +311,6 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   const int da = blockIdx.x * 16 + g, db = da + 8;
   const T* wa = Tile2Row<T>(p, s.e, blockIdx.x, g);
   const T* wb = Tile2Row<T>(p, s.e, blockIdx.x, g + 8);
-  const T* H = static_cast<const T*>(p.H);
   // this block's part of K; part 0 adds the bias
   const int z = blockIdx.z, nkb = (I + 31) / 32;
   const int kbeg = z * nkb / p.splits, kend = (z + 1) * nkb / p.splits;
@@ -305,11 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
     const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
     const T* brow[kNT];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      const int c = c0 + i * 8 + g;
-      brow[i] = (i < ntiles && c < s.rows) ? H + static_cast<int64_t>(s.r0 + c) * I : nullptr;
-    }
+    HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
     MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
     float v[4];
@@ -336,16 +345,11 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
   const int da = tile * 16 + g, db = da + 8;
   const T* wa = Tile2Row<T>(p, s.e, tile, g);
   const T* wb = Tile2Row<T>(p, s.e, tile, g + 8);
-  const T* H = static_cast<const T*>(p.H);
   const float2 bias = Bias2<T>(p, s, 0, da, db);
   for (int c0 = 0; c0 < s.rows; c0 += kNT * 8) {
     const int ntiles = min(kNT, (s.rows - c0 + 7) / 8);
     const T* brow[kNT];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-      const int c = c0 + i * 8 + g;
-      brow[i] = (i < ntiles && c < s.rows) ? H + static_cast<int64_t>(s.r0 + c) * I : nullptr;
-    }
+    HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
     MainLoop<T, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32);
 #pragma unroll
