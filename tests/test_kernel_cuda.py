@@ -4,9 +4,10 @@ Against reference.py: the trait matrix of tests/cases.py (routing mode x expert 
 shared expert) in float16, bfloat16 and float32, with token counts that take the decode (skinny)
 and prefill (grouped GEMM) paths; every path forced on its own; shapes spanning many tiles with K
 and N tails; expert row counts at the tiles' boundaries; projection 2 overlapping projection 1
-bit for bit against the waiting schedule; weights stored in_out and weights that are not
-constants; precomputed ids out of range; empty batches; calls captured and replayed as
-onnxruntime CUDA graphs; errors worded as the CPU kernel words them. Against the CPU kernel: real
+bit for bit against the waiting schedule; one-token calls routed by rank bit for bit against the
+selection passes; weights stored in_out and weights that are not constants; precomputed ids out
+of range; empty batches; calls captured and replayed as onnxruntime CUDA graphs; errors worded as
+the CPU kernel words them. Against the CPU kernel: real
 transformers blocks exported, converted and run on both execution providers.
 
 Needs a CUDA GPU, onnxruntime-gpu and a library built with nvcc: skipped otherwise (marker
