@@ -331,6 +331,71 @@ def test_decode_split_k(splits, monkeypatch):
     check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
 
 
+# The decode path's projection 2 starting on each expert once projection 1's blocks of it are done
+# (Hopper, with programmatic dependent launch; MOEFUSE_CUDA_OVERLAP=0 waits for all of projection
+# 1): against the reference and bit for bit against the waiting order, with the warp-per-tile
+# kernel (short K) and the split kernel (long K, several passes of 32 rows at T = 40), K split in
+# parts, many experts, weight on the input, an ungated activation; biases and a shared expert.
+PER_EXPERT = [
+    ("short_k", dict(k=8), dict(hidden=256, inter=96, experts=128), (1, 4, 40), "1"),
+    ("long_k_parts", dict(k=2, gate_up_layout="interleaved"), dict(hidden=328, inter=1032, experts=8),
+     (1, 5, 40), "2"),
+    ("on_input_ungated", dict(k=3, gated=0, activation="gelu_tanh", weight_on_input=1,
+                              routing="sigmoid_topk", normalize_topk=0),
+     dict(hidden=200, inter=264, experts=6), (1, 7), "1"),
+]
+
+
+@pytest.mark.parametrize("name,changes,size,counts,splits", PER_EXPERT, ids=[c[0] for c in PER_EXPERT])
+def test_decode_per_expert_start(name, changes, size, counts, splits, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "decode")
+    monkeypatch.setenv("MOEFUSE_CUDA_SPLITK", splits)
+    attrs = MoEFFNAttrs().replace(**changes)
+    counts = counts if not MEMCHECK else counts[:1]
+    check(attrs, {}, size["inter"], True, True, BF16, counts, experts=size["experts"],
+          hidden=size["hidden"])
+    base = random_inputs(attrs, 2, size["hidden"], size["inter"], size["experts"], biases=True,
+                         shared_inter=8, dtype=BF16, seed=4)
+    model = make_moeffn_model(attrs, base)
+    started = cuda_session(model)
+    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
+    waiting = cuda_session(model)
+    for t in counts:
+        inputs = dict(base, **feeds(random_inputs(attrs, t, size["hidden"], size["inter"],
+                                                  size["experts"], dtype=BF16, seed=500 + t)))
+        a = run(started, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        b = run(waiting, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+
+
+def test_decode_per_expert_start_kernels(monkeypatch):
+    """On Hopper the decode's projection 2 runs its per-expert form (through the profiler), and the
+    waiting form with MOEFUSE_CUDA_OVERLAP=0."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the per-expert start is built for Hopper (programmatic dependent launch)")
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(inter, overlap):
+        monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
+        attrs = MoEFFNAttrs(k=8)
+        inputs = random_inputs(attrs, 1, 128, inter, 64, dtype=BF16, seed=4)
+        sess = cuda_session(make_moeffn_model(attrs, inputs))
+        run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+            torch.cuda.synchronize()
+        return [ev.name for ev in prof.events() if "Gemm2" in ev.name]
+
+    for inter, kernel in ((64, "Gemm2WarpKernel"), (2048, "Gemm2Kernel")):
+        started, waiting = kernels(inter, "1"), kernels(inter, "0")
+        assert any(kernel + "<" in n and ", true>" in n for n in started), started
+        assert any(kernel + "<" in n and ", false>" in n for n in waiting), waiting
+
+
 # The one-kernel decode (Hopper, opt-in; calls of at most 32 (token, expert) pairs) and the
 # default two-kernel one: work items of several shared-memory stages with K and N tails (hidden 1096,
 # intermediate 1032), projection 2 in parts of K (intermediate 8200: two parts), gate and up

@@ -245,6 +245,19 @@ __device__ __forceinline__ void GridDepLaunch() {
 #endif
 }
 
+// Counters between the CTAs of running kernels (a producer's finished work, a consumer's wait).
+__device__ __forceinline__ int LoadAcquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Adds v with release semantics (the block's writes before its barrier are visible first), without
+// waiting for the result.
+__device__ __forceinline__ void RedRelease(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // Launch with the programmatic-stream-serialization attribute when enabled (launch.cu).
 bool UsePdl();
 

@@ -111,11 +111,15 @@ struct Groups {
   int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64
                                      // for the wgmma path's narrow tiles
   int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)
-  // wgmma path, routed experts: projection 2 starts while projection 1 finishes. ready[e] counts
-  // projection 1's finished (tile, consumer warpgroup) pairs of expert e, ready_need per m-tile of
-  // the expert when complete (WgmmaFirstProjSignals); projection 2 takes its tiles from the
-  // *next_tile counter and gathers an expert's rows of H once its count is complete. Zeroed by the
-  // routing kernel. Null: projection 2 waits for all of projection 1.
+  // Routed experts: projection 2 starts while projection 1 finishes. Zeroed by the routing kernel.
+  // Null: projection 2 waits for all of projection 1.
+  // - wgmma path: ready[e] counts projection 1's finished (tile, consumer warpgroup) pairs of
+  //   expert e, ready_need per m-tile of the expert when complete (WgmmaFirstProjSignals);
+  //   projection 2 takes its tiles from the *next_tile counter and gathers an expert's rows of H
+  //   once its count is complete.
+  // - skinny path: ready[e] counts projection 1's finished blocks of expert e, ready_need when
+  //   complete (SkinnyFirstProjSignals); each block of projection 2 starts its expert's rows once
+  //   the count is complete, its first weights already requested.
   int* ready = nullptr;
   int* next_tile = nullptr;
   int ready_need = 0;
@@ -159,6 +163,8 @@ struct Gemm2Params {
 // Tensor-core skinny path (mma.sync, sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0).
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
+// Groups::ready_need of the skinny projection 1's launch: its blocks per expert.
+int SkinnyFirstProjSignals(const Gemm1Params& p);
 // How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);

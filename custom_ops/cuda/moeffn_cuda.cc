@@ -140,8 +140,8 @@ class Kernel {
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
                                    // cp.async (0), by TMA where already in order (1), and X's rows
                                    // gathered in order first where it pays (2, auto) or always (3)
-  bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: the wgmma path's projection 2 waits
-                                   // for all of projection 1 (not per expert)
+  bool overlap_ = true;            // MOEFUSE_CUDA_OVERLAP=0: projection 2 of the routed experts
+                                   // waits for all of projection 1 (not per expert)
   bool exact_alloc_ = false;       // MOEFUSE_CUDA_EXACT_ALLOC=1: one cudaMalloc per scratch buffer
                                    // (for compute-sanitizer; synchronizes)
   // in_out weights transposed to out_in at creation (constant inputs), with their stored dims
@@ -405,9 +405,11 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
-  // wgmma path: projection 2 starts per expert as projection 1 finishes it (not with the ping-pong
-  // schedule of 128-row tiles)
-  const bool overlap = rpath == Path::kWgmma && overlap_ && (narrow || !pingpong_);
+  // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
+  // ping-pong schedule of 128-row tiles), and on the skinny path's two kernels where projection 2
+  // is launched before projection 1 ends (programmatic dependent launch).
+  const bool overlap = overlap_ && ((rpath == Path::kWgmma && (narrow || !pingpong_)) ||
+                                    (rpath == Path::kSkinny && !fused_decode && use_pdl_ && dev_.major >= 9));
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
@@ -658,7 +660,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.splits = ypair_planes;
     g2.plane = P * D;
     g2.rows = tma_rows_ >= 1 ? P : 0;
-    if (overlap) g2.g.ready_need = WgmmaFirstProjSignals(g1, dev_.num_sms);
+    if (overlap)
+      g2.g.ready_need = rpath == Path::kWgmma ? WgmmaFirstProjSignals(g1, dev_.num_sms) : SkinnyFirstProjSignals(g1);
     switch (rpath) {
       case Path::kWgmma:
         if (gather_x) {

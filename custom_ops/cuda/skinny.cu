@@ -58,6 +58,12 @@ __device__ __forceinline__ uint4 Ld16(const void* p) {
   return p ? __ldg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
+// Rows that another SM wrote while this kernel ran (projection 2 started per expert): through L2,
+// which the writer's release reached; the non-coherent path may not see them.
+__device__ __forceinline__ uint4 LdL2(const void* p) {
+  return p ? __ldcg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+}
+
 // Weights are read once: streamed (evict first).
 __device__ __forceinline__ uint4 LdStream(const void* p) {
   return p ? __ldcs(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
@@ -68,19 +74,39 @@ struct Slot {
   int e, r0, rows;
 };
 
+// kL2: read through L2 (a kernel that starts without waiting for the previous one: the routing's
+// results are complete, but this SM's L1 may hold an earlier call's).
+template <bool kL2 = false>
 __device__ __forceinline__ bool GetSlot(const Groups& g, int slot, Slot* s) {
+  auto ld = [](const int* p) { return kL2 ? __ldcg(p) : *p; };
   if (g.dense_rows >= 0) {
     s->e = 0;
     s->r0 = 0;
     s->rows = g.dense_rows;
     return slot == 0 && g.dense_rows > 0;
   }
-  if (slot >= *g.num_active) return false;
-  s->e = g.active[slot];
-  s->r0 = g.offsets[s->e];
-  s->rows = g.active[g.num_groups + slot];
+  if (slot >= ld(g.num_active)) return false;
+  s->e = ld(g.active + slot);
+  s->r0 = ld(g.offsets + s->e);
+  s->rows = ld(g.active + g.num_groups + slot);
   return true;
 }
+
+// Projection 2's start on its expert (Groups::ready): nothing to wait for, or, per warp, until the
+// expert's projection-1 blocks have all signalled. The acquire orders this warp's reads of H after
+// their writes.
+struct NoWait {
+  __device__ __forceinline__ void operator()() const {}
+};
+struct ExpertReady {
+  const int* count;
+  int need;
+  __device__ __forceinline__ void operator()() const {
+    if ((threadIdx.x & 31) == 0)
+      while (LoadAcquire(count) < need) __nanosleep(64);
+    __syncwarp();
+  }
+};
 
 // The weight loads of kBatch k-blocks are issued before their MMAs, so that each warp keeps
 // kBatch * 1 KiB of weights in flight. (Asking L2 for the k-blocks further ahead with bulk
@@ -92,10 +118,13 @@ constexpr int kBatch = 8;
 // loads are issued together too (one L2 round trip per token tile and batch, not one per
 // k-block); lanes past K or the batch load zeros.
 // kWholeK: this warp takes all of [kbeg, kend) (a warp per weight tile, Gemm2WarpKernel).
-template <typename T, bool kWholeK = false>
+// `ready` runs once the first batch's weight loads are issued, before any token row is read; with
+// kL2Rows the rows are read through L2 (LdL2).
+template <typename T, bool kWholeK = false, bool kL2Rows = false, typename Ready = NoWait>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
                                          const T* const (&brow)[kNT], int ntiles, int K, int kbeg,
-                                         int kend) {
+                                         int kend, Ready ready = {}) {
+  auto ld_row = [](const void* p) { return kL2Rows ? LdL2(p) : Ld16(p); };
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
   const int kb0 = kWholeK ? kbeg : kbeg + warp * (kend - kbeg) / kWarps;
   const int kb1 = kWholeK ? kend : kbeg + (warp + 1) * (kend - kbeg) / kWarps;
@@ -107,9 +136,16 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
       const bool in = kb + u < kb1 && k < K;
       a[u] = LdStream(in && wa ? wa + k : nullptr);
       b[u] = LdStream(in && wb ? wb + k : nullptr);
-      // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved
-      // them down to their MMAs otherwise, one L2 round trip per k-block)
-      if constexpr (kWholeK) x0[u] = Ld16(in && brow[0] ? brow[0] + k : nullptr);
+    }
+    if (kb == kb0) ready();
+    // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved them
+    // down to their MMAs otherwise, one L2 round trip per k-block)
+    if constexpr (kWholeK) {
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = (kb + u) * 32 + t * 8;
+        x0[u] = ld_row(kb + u < kb1 && k < K && brow[0] ? brow[0] + k : nullptr);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
@@ -118,7 +154,7 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = (kb + u) * 32 + t * 8;
-        x[u] = kWholeK && i == 0 ? x0[u] : Ld16(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
+        x[u] = kWholeK && i == 0 ? x0[u] : ld_row(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) MmaK32<T>(acc[i], a[u], b[u], x[u]);
@@ -282,8 +318,9 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p, s, c0, ntiles, ua, ub, v);
-    __syncthreads();  // red is reused by the next pass
+    __syncthreads();  // red is reused by the next pass (and the block's rows of H are written)
   }
+  if (p.g.ready && threadIdx.x == 0) RedRelease(p.g.ready + s.e, 1);
 }
 
 // Projection 2's token rows (rows of H) of this thread's MMA column g in the pass at c0, null past
@@ -300,13 +337,15 @@ __device__ __forceinline__ void HRows(const Gemm2Params& p, const Slot& s, int c
   }
 }
 
-template <typename T>
+// kPerExpert (Groups::ready): the block does not wait for all of projection 1 (the previous
+// kernel), only for its expert's blocks of it; a warp's first weight loads are in flight meanwhile.
+template <typename T, bool kPerExpert>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
-  GridDepWait();
+  if (!kPerExpert) GridDepWait();
   GridDepLaunch();
   __shared__ float red[kWarps * kNT * 4 * 32];
   Slot s;
-  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+  if (!GetSlot<kPerExpert>(p.g, blockIdx.y, &s)) return;
   const int g = (threadIdx.x & 31) >> 2, I = p.I;
   const int da = blockIdx.x * 16 + g, db = da + 8;
   const T* wa = Tile2Row<T>(p, s.e, blockIdx.x, g);
@@ -320,7 +359,10 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     const T* brow[kNT];
     HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
-    MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
+    if constexpr (kPerExpert)
+      MainLoop<T, false, true>(acc, wa, wb, brow, ntiles, I, kbeg, kend, ExpertReady{p.g.ready + s.e, p.g.ready_need});
+    else
+      MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
     float v[4];
     Reduce(acc, red, v);
     StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
@@ -333,12 +375,12 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
 // block's warps, a warp of (2048, 768, 128, 8) got 6 k-blocks, less than one batch of loads, then
 // waited at the block's barrier. On an H200 that shape's projection 2 at T = 4 went from 31.1 to
 // 27.7 µs after projection 1's end; at T = 1 it stayed at 10.2-10.9 µs (docs/performance.md).
-template <typename T>
+template <typename T, bool kPerExpert>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
-  GridDepWait();
+  if (!kPerExpert) GridDepWait();
   GridDepLaunch();
   Slot s;
-  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+  if (!GetSlot<kPerExpert>(p.g, blockIdx.y, &s)) return;
   const int g = (threadIdx.x & 31) >> 2, I = p.I;
   const int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (tile * 16 >= p.D) return;  // warp-uniform; nothing below waits for the block
@@ -351,7 +393,10 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
     const T* brow[kNT];
     HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
-    MainLoop<T, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32);
+    if constexpr (kPerExpert)
+      MainLoop<T, true, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32, ExpertReady{p.g.ready + s.e, p.g.ready_need});
+    else
+      MainLoop<T, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32);
 #pragma unroll
     for (int i = 0; i < kNT; ++i)
       if (i < ntiles) StoreOutTile<T>(p, s, c0 + i * 8, 0, da, db, bias, acc[i]);
@@ -437,12 +482,6 @@ struct FzShape {
 };
 
 #ifdef MOEFUSE_SM90A
-
-// Adds v with release semantics (the block's writes before its barrier are visible first), without
-// waiting for the result.
-__device__ __forceinline__ void RedRelease(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 // The consumer warps' barrier (the producer warp is not in it).
 struct ConsumerSync {
@@ -649,12 +688,15 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
   if (p.splits < 1 || (p.splits > 1 && !p.out_f32)) return cudaErrorInvalidValue;
-  if (p.splits == 1 && CeilDiv(p.I, 32) < kWarps * kBatch)  // less than a batch per warp if split
-    return Launch(Gemm2WarpKernel<T>, dim3(static_cast<unsigned>(CeilDiv(tiles, kWarps)), static_cast<unsigned>(slots)),
-                  dim3(kWarps * 32), 0, stream, p);
-  return Launch(Gemm2Kernel<T>,
-                dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits)),
-                dim3(kWarps * 32), 0, stream, p);
+  const bool per_expert = p.g.ready != nullptr;
+  if (p.splits == 1 && CeilDiv(p.I, 32) < kWarps * kBatch) {  // less than a batch per warp if split
+    const dim3 grid(static_cast<unsigned>(CeilDiv(tiles, kWarps)), static_cast<unsigned>(slots));
+    return per_expert ? Launch(Gemm2WarpKernel<T, true>, grid, dim3(kWarps * 32), 0, stream, p)
+                      : Launch(Gemm2WarpKernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
+  }
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits));
+  return per_expert ? Launch(Gemm2Kernel<T, true>, grid, dim3(kWarps * 32), 0, stream, p)
+                    : Launch(Gemm2Kernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
 }
 
 template <typename T>
@@ -686,7 +728,7 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
   static const int per_sm = [] {
     int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half>, kWarps * 32, 0) ==
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half, false>, kWarps * 32, 0) ==
                    cudaSuccess && n > 0 ? n : 1;
   }();
   const int64_t blocks = CeilDiv(D, 16) * slots, resident = static_cast<int64_t>(per_sm) * num_sms;
@@ -702,6 +744,10 @@ int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
     }
   }
   return best;
+}
+
+int SkinnyFirstProjSignals(const Gemm1Params& p) {
+  return static_cast<int>(CeilDiv(p.I, p.w.up ? 8 : 16));  // a signal per block of the expert
 }
 
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream) {
