@@ -369,8 +369,9 @@ def test_decode_per_expert_start(name, changes, size, counts, splits, monkeypatc
 
 
 def test_decode_per_expert_start_kernels(monkeypatch):
-    """On Hopper the decode's projection 2 runs its per-expert form (through the profiler), and the
-    waiting form with MOEFUSE_CUDA_OVERLAP=0."""
+    """On Hopper the decode's projection 2 runs its per-expert form (through the profiler) where
+    projection 1 takes few waves of blocks, and the waiting form where it takes many or with
+    MOEFUSE_CUDA_OVERLAP=0."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
@@ -378,10 +379,10 @@ def test_decode_per_expert_start_kernels(monkeypatch):
         pytest.skip("the per-expert start is built for Hopper (programmatic dependent launch)")
     from torch.profiler import ProfilerActivity, profile
 
-    def kernels(inter, overlap):
+    def kernels(inter, overlap, tokens=1, experts=64):
         monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
         attrs = MoEFFNAttrs(k=8)
-        inputs = random_inputs(attrs, 1, 128, inter, 64, dtype=BF16, seed=4)
+        inputs = random_inputs(attrs, tokens, 128, inter, experts, dtype=BF16, seed=4)
         sess = cuda_session(make_moeffn_model(attrs, inputs))
         run(sess, feeds(inputs), {"Y": inputs["X"].shape})
         torch.cuda.synchronize()
@@ -390,10 +391,14 @@ def test_decode_per_expert_start_kernels(monkeypatch):
             torch.cuda.synchronize()
         return [ev.name for ev in prof.events() if "Gemm2" in ev.name]
 
+    # projection 1's blocks: 8 and 256 tiles x 8 experts (at most 8 waves on any Hopper part)
     for inter, kernel in ((64, "Gemm2WarpKernel"), (2048, "Gemm2Kernel")):
         started, waiting = kernels(inter, "1"), kernels(inter, "0")
         assert any(kernel + "<" in n and ", true>" in n for n in started), started
         assert any(kernel + "<" in n and ", false>" in n for n in waiting), waiting
+    # 512 tiles x 16 experts: more than 8 waves of three blocks per SM on 132 SMs
+    many = kernels(4096, "1", tokens=2, experts=16)
+    assert any("Gemm2Kernel<" in n and ", false>" in n for n in many), many
 
 
 # The one-kernel decode (Hopper, opt-in; calls of at most 32 (token, expert) pairs) and the

@@ -165,6 +165,9 @@ cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream);
 // Groups::ready_need of the skinny projection 1's launch: its blocks per expert.
 int SkinnyFirstProjSignals(const Gemm1Params& p);
+// Whether the skinny projection 2 should start per expert (Groups::ready): projection 1's grid
+// (I units, gated or not, `slots` experts) runs in few enough waves on the GPU.
+bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms);
 // How many parts the skinny projection 2 splits K into, so that its blocks fill the GPU's waves
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);

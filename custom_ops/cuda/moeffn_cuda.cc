@@ -407,9 +407,12 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
   // ping-pong schedule of 128-row tiles), and on the skinny path's two kernels where projection 2
-  // is launched before projection 1 ends (programmatic dependent launch).
-  const bool overlap = overlap_ && ((rpath == Path::kWgmma && (narrow || !pingpong_)) ||
-                                    (rpath == Path::kSkinny && !fused_decode && use_pdl_ && dev_.major >= 9));
+  // is launched before projection 1 ends (programmatic dependent launch) and projection 1 takes
+  // few waves.
+  const bool overlap =
+      overlap_ && ((rpath == Path::kWgmma && (narrow || !pingpong_)) ||
+                   (rpath == Path::kSkinny && !fused_decode && use_pdl_ && dev_.major >= 9 &&
+                    SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;

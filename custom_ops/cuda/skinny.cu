@@ -750,6 +750,23 @@ int SkinnyFirstProjSignals(const Gemm1Params& p) {
   return static_cast<int>(CeilDiv(p.I, p.w.up ? 8 : 16));  // a signal per block of the expert
 }
 
+// Projection 2's blocks get onto the SMs only as projection 1's last wave drains; where that is
+// one of a few waves, starting them per expert gains (the experts of earlier waves are done), and
+// each of projection 1's blocks pays for its release (a memory fence) once. H200, bfloat16: 5-6%
+// faster calls at 2-4 waves (T = 1 on (2048, 768, 128, 8) and (2880, 2880, 32, 4)), 3% at 8
+// (T = 4 on the first), 1% at 9-15, and 3-5% slower at 23-36 (docs/performance.md).
+constexpr int kPerExpertMaxWaves = 8;
+
+bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms) {
+  static const int per_sm = [] {
+    int n = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half>, kWarps * 32, 0) ==
+                   cudaSuccess && n > 0 ? n : 1;
+  }();
+  const int64_t blocks = CeilDiv(I, gated ? 8 : 16) * slots;
+  return blocks <= static_cast<int64_t>(kPerExpertMaxWaves) * per_sm * num_sms;
+}
+
 cudaError_t LaunchSkinnyGemm1(const Gemm1Params& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) return Gemm1T<__nv_bfloat16>(p, stream);
   if (p.dtype == DType::kF16) return Gemm1T<__half>(p, stream);
