@@ -12,6 +12,7 @@
 // its up row, so act(gate) * up is computed in the thread that holds both. Non-gated tiles hold 16
 // units. Projection 2 tiles hold 16 output features.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "sm90.cuh"
@@ -86,9 +87,9 @@ __device__ __forceinline__ bool GetSlot(const Groups& g, int slot, Slot* s) {
     return slot == 0 && g.dense_rows > 0;
   }
   if (slot >= ld(g.num_active)) return false;
-  s->e = ld(g.active + slot);
-  s->r0 = ld(g.offsets + s->e);
-  s->rows = ld(g.active + g.num_groups + slot);
+  s->e = ld(&g.active[slot]);
+  s->r0 = ld(&g.offsets[s->e]);
+  s->rows = ld(&g.active[g.num_groups + slot]);
   return true;
 }
 
@@ -125,6 +126,7 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
                                          const T* const (&brow)[kNT], int ntiles, int K, int kbeg,
                                          int kend, Ready ready = {}) {
   auto ld_row = [](const void* p) { return kL2Rows ? LdL2(p) : Ld16(p); };
+  constexpr bool kWaits = !std::is_same<Ready, NoWait>::value;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
   const int kb0 = kWholeK ? kbeg : kbeg + warp * (kend - kbeg) / kWarps;
   const int kb1 = kWholeK ? kend : kbeg + (warp + 1) * (kend - kbeg) / kWarps;
@@ -136,11 +138,12 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
       const bool in = kb + u < kb1 && k < K;
       a[u] = LdStream(in && wa ? wa + k : nullptr);
       b[u] = LdStream(in && wb ? wb + k : nullptr);
+      // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved
+      // them down to their MMAs otherwise, one L2 round trip per k-block)
+      if constexpr (kWholeK && !kWaits) x0[u] = ld_row(in && brow[0] ? brow[0] + k : nullptr);
     }
     if (kb == kb0) ready();
-    // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved them
-    // down to their MMAs otherwise, one L2 round trip per k-block)
-    if constexpr (kWholeK) {
+    if constexpr (kWholeK && kWaits) {
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = (kb + u) * 32 + t * 8;
@@ -285,7 +288,9 @@ __device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, in
   StoreOutTile<T>(p, s, c0 + warp * 8, z, da, db, bias, v);
 }
 
-template <typename T>
+// kSignal (Groups::ready): the block counts itself done for its expert once its rows of H are
+// written (projection 2 then starts per expert).
+template <typename T, bool kSignal>
 __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
   GridDepWait();
   GridDepLaunch();
@@ -320,7 +325,9 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
     StoreH<T>(p, s, c0, ntiles, ua, ub, v);
     __syncthreads();  // red is reused by the next pass (and the block's rows of H are written)
   }
-  if (p.g.ready && threadIdx.x == 0) RedRelease(p.g.ready + s.e, 1);
+  if constexpr (kSignal) {
+    if (threadIdx.x == 0) RedRelease(p.g.ready + s.e, 1);
+  }
 }
 
 // Projection 2's token rows (rows of H) of this thread's MMA column g in the pass at c0, null past
@@ -678,8 +685,9 @@ cudaError_t Gemm1T(const Gemm1Params& p, cudaStream_t stream) {
   const int64_t tiles = CeilDiv(p.I, gated ? 8 : 16);
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
-  return Launch(Gemm1Kernel<T>, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(slots)),
-                dim3(kWarps * 32), 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
+  return p.g.ready ? Launch(Gemm1Kernel<T, true>, grid, dim3(kWarps * 32), 0, stream, p)
+                   : Launch(Gemm1Kernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
 }
 
 template <typename T>
@@ -760,7 +768,7 @@ constexpr int kPerExpertMaxWaves = 8;
 bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms) {
   static const int per_sm = [] {
     int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half>, kWarps * 32, 0) ==
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half, false>, kWarps * 32, 0) ==
                    cudaSuccess && n > 0 ? n : 1;
   }();
   const int64_t blocks = CeilDiv(I, gated ? 8 : 16) * slots;
