@@ -114,14 +114,28 @@ struct ExpertReady {
 // prefetches was measured slower on an H100: 279 -> 340 us at T=1 on (4096, 14336, 8, 2).)
 constexpr int kBatch = 8;
 
+// Token loads beside the weights' (MainLoop's kTokensEarly) where each of a block's warps gets at
+// most this many batches of K: H200, bfloat16, 1-3% faster calls at (2048, 768, 128, 8) and
+// (2880, 2880, 32, 4), T = 1 and 4 (2-3 batches); projection 1 of (4096, 14336, 8, 2) (4 batches)
+// 9-18% slower (docs/performance.md).
+constexpr int kEarlyMaxBatches = 3;
+
+__host__ __device__ inline bool TokensEarly(int64_t K) {
+  return CeilDiv(CeilDiv(K, 32), kWarps) <= kEarlyMaxBatches * kBatch;
+}
+
 // acc[i][0..3] += W rows (wa: row g, wb: row g+8) x B rows (brow[i]: token g of tile i), over the
 // k-blocks of this warp (its quarter of the block's k-blocks [kbeg, kend)). A batch's token
 // loads are issued together too (one L2 round trip per token tile and batch, not one per
 // k-block); lanes past K or the batch load zeros.
 // kWholeK: this warp takes all of [kbeg, kend) (a warp per weight tile, Gemm2WarpKernel).
+// kTokensEarly: the first token tile's loads are issued with the batch's weight loads (ptxas
+// otherwise moves them down to their MMAs, one round trip per k-block); that is faster where a
+// warp has at most kEarlyMaxBatches batches (TokensEarly), slower where it has more.
 // `ready` runs once the first batch's weight loads are issued, before any token row is read; with
 // kL2Rows the rows are read through L2 (LdL2).
-template <typename T, bool kWholeK = false, bool kL2Rows = false, typename Ready = NoWait>
+template <typename T, bool kWholeK = false, bool kTokensEarly = kWholeK, bool kL2Rows = false,
+          typename Ready = NoWait>
 __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, const T* wb,
                                          const T* const (&brow)[kNT], int ntiles, int K, int kbeg,
                                          int kend, Ready ready = {}) {
@@ -138,12 +152,10 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
       const bool in = kb + u < kb1 && k < K;
       a[u] = LdStream(in && wa ? wa + k : nullptr);
       b[u] = LdStream(in && wb ? wb + k : nullptr);
-      // the warp-per-tile kernel: the first token tile's loads beside the weights' (ptxas moved
-      // them down to their MMAs otherwise, one L2 round trip per k-block)
-      if constexpr (kWholeK && !kWaits) x0[u] = ld_row(in && brow[0] ? brow[0] + k : nullptr);
+      if constexpr (kTokensEarly && !kWaits) x0[u] = ld_row(in && brow[0] ? brow[0] + k : nullptr);
     }
     if (kb == kb0) ready();
-    if constexpr (kWholeK && kWaits) {
+    if constexpr (kTokensEarly && kWaits) {
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = (kb + u) * 32 + t * 8;
@@ -157,7 +169,7 @@ __device__ __forceinline__ void MainLoop(float (&acc)[kNT][4], const T* wa, cons
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = (kb + u) * 32 + t * 8;
-        x[u] = kWholeK && i == 0 ? x0[u] : ld_row(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
+        x[u] = kTokensEarly && i == 0 ? x0[u] : ld_row(kb + u < kb1 && k < K && brow[i] ? brow[i] + k : nullptr);
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) MmaK32<T>(acc[i], a[u], b[u], x[u]);
@@ -289,8 +301,8 @@ __device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, in
 }
 
 // kSignal (Groups::ready): the block counts itself done for its expert once its rows of H are
-// written (projection 2 then starts per expert).
-template <typename T, bool kSignal>
+// written (projection 2 then starts per expert). kTokensEarly: as in MainLoop.
+template <typename T, bool kSignal, bool kTokensEarly>
 __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
   GridDepWait();
   GridDepLaunch();
@@ -319,7 +331,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
       }
     }
     float acc[kNT][4] = {};
-    MainLoop<T>(acc, wa, wb, brow, ntiles, D, 0, (D + 31) / 32);
+    MainLoop<T, false, kTokensEarly>(acc, wa, wb, brow, ntiles, D, 0, (D + 31) / 32);
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p, s, c0, ntiles, ua, ub, v);
@@ -345,8 +357,9 @@ __device__ __forceinline__ void HRows(const Gemm2Params& p, const Slot& s, int c
 }
 
 // kPerExpert (Groups::ready): the block does not wait for all of projection 1 (the previous
-// kernel), only for its expert's blocks of it; a warp's first weight loads are in flight meanwhile.
-template <typename T, bool kPerExpert>
+// kernel), only for its expert's blocks of it; a warp's first weight loads are in flight meanwhile
+// (its token loads follow the wait). kTokensEarly: as in MainLoop (waiting form only).
+template <typename T, bool kPerExpert, bool kTokensEarly>
 __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
   if (!kPerExpert) GridDepWait();
   GridDepLaunch();
@@ -367,9 +380,10 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2Kernel(Gemm2Params p) {
     HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
     if constexpr (kPerExpert)
-      MainLoop<T, false, true>(acc, wa, wb, brow, ntiles, I, kbeg, kend, ExpertReady{p.g.ready + s.e, p.g.ready_need});
+      MainLoop<T, false, false, true>(acc, wa, wb, brow, ntiles, I, kbeg, kend,
+                                      ExpertReady{p.g.ready + s.e, p.g.ready_need});
     else
-      MainLoop<T>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
+      MainLoop<T, false, kTokensEarly>(acc, wa, wb, brow, ntiles, I, kbeg, kend);
     float v[4];
     Reduce(acc, red, v);
     StoreOut<T>(p, s, c0, ntiles, z, da, db, bias, v);
@@ -401,7 +415,8 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
     HRows<T>(p, s, c0, ntiles, brow);
     float acc[kNT][4] = {};
     if constexpr (kPerExpert)
-      MainLoop<T, true, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32, ExpertReady{p.g.ready + s.e, p.g.ready_need});
+      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32,
+                                    ExpertReady{p.g.ready + s.e, p.g.ready_need});
     else
       MainLoop<T, true>(acc, wa, wb, brow, ntiles, I, 0, (I + 31) / 32);
 #pragma unroll
@@ -685,9 +700,12 @@ cudaError_t Gemm1T(const Gemm1Params& p, cudaStream_t stream) {
   const int64_t tiles = CeilDiv(p.I, gated ? 8 : 16);
   const int slots = p.g.dense_rows >= 0 ? 1 : p.g.max_slots;
   if (tiles <= 0 || slots <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
-  return p.g.ready ? Launch(Gemm1Kernel<T, true>, grid, dim3(kWarps * 32), 0, stream, p)
-                   : Launch(Gemm1Kernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots)), block(kWarps * 32);
+  if (TokensEarly(p.D))
+    return p.g.ready ? Launch(Gemm1Kernel<T, true, true>, grid, block, 0, stream, p)
+                     : Launch(Gemm1Kernel<T, false, true>, grid, block, 0, stream, p);
+  return p.g.ready ? Launch(Gemm1Kernel<T, true, false>, grid, block, 0, stream, p)
+                   : Launch(Gemm1Kernel<T, false, false>, grid, block, 0, stream, p);
 }
 
 template <typename T>
@@ -703,8 +721,10 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
                       : Launch(Gemm2WarpKernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
   }
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots), static_cast<unsigned>(p.splits));
-  return per_expert ? Launch(Gemm2Kernel<T, true>, grid, dim3(kWarps * 32), 0, stream, p)
-                    : Launch(Gemm2Kernel<T, false>, grid, dim3(kWarps * 32), 0, stream, p);
+  if (per_expert) return Launch(Gemm2Kernel<T, true, false>, grid, dim3(kWarps * 32), 0, stream, p);
+  return TokensEarly(CeilDiv(p.I, p.splits))
+             ? Launch(Gemm2Kernel<T, false, true>, grid, dim3(kWarps * 32), 0, stream, p)
+             : Launch(Gemm2Kernel<T, false, false>, grid, dim3(kWarps * 32), 0, stream, p);
 }
 
 template <typename T>
@@ -736,7 +756,7 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
   static const int per_sm = [] {
     int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half, false>, kWarps * 32, 0) ==
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half, false, false>, kWarps * 32, 0) ==
                    cudaSuccess && n > 0 ? n : 1;
   }();
   const int64_t blocks = CeilDiv(D, 16) * slots, resident = static_cast<int64_t>(per_sm) * num_sms;
@@ -768,7 +788,7 @@ constexpr int kPerExpertMaxWaves = 8;
 bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms) {
   static const int per_sm = [] {
     int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half, false>, kWarps * 32, 0) ==
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half, false, false>, kWarps * 32, 0) ==
                    cudaSuccess && n > 0 ? n : 1;
   }();
   const int64_t blocks = CeilDiv(I, gated ? 8 : 16) * slots;
