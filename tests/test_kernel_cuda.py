@@ -17,6 +17,7 @@ Needs a CUDA GPU, onnxruntime-gpu and a library built with nvcc: skipped otherwi
 import ctypes
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -393,14 +394,18 @@ def test_decode_per_expert_start_kernels(monkeypatch):
             torch.cuda.synchronize()
         return [ev.name for ev in prof.events() if "Gemm2" in ev.name]
 
+    def per_expert(names, kernel):
+        """The per-expert flag (the template argument after the type) of `kernel`'s launches."""
+        return {m.group(1) for n in names for m in re.finditer(kernel + r"<[^,<>]+, (true|false)", n)}
+
     # projection 1's blocks: 8 and 256 tiles x 8 experts (at most 8 waves on any Hopper part)
     for inter, kernel in ((64, "Gemm2WarpKernel"), (2048, "Gemm2Kernel")):
         started, waiting = kernels(inter, "1"), kernels(inter, "0")
-        assert any(kernel + "<" in n and ", true>" in n for n in started), started
-        assert any(kernel + "<" in n and ", false>" in n for n in waiting), waiting
+        assert per_expert(started, kernel) == {"true"}, started
+        assert per_expert(waiting, kernel) == {"false"}, waiting
     # 512 tiles x 16 experts: more than 8 waves of three blocks per SM on 132 SMs
     many = kernels(4096, "1", tokens=2, experts=16)
-    assert any("Gemm2Kernel<" in n and ", false>" in n for n in many), many
+    assert per_expert(many, "Gemm2Kernel") == {"false"}, many
 
 
 # The one-kernel decode (Hopper, opt-in; calls of at most 32 (token, expert) pairs) and the
