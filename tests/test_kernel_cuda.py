@@ -257,6 +257,23 @@ def test_prefill_narrow_tiles(routing, experts, rows, monkeypatch):
               experts=8, hidden=136)
 
 
+def assert_same_as_waiting(attrs, size, counts, name, monkeypatch, shared_inter=0, seed=300):
+    """The default session's outputs bit for bit those of one whose projection 2 waits for all of
+    projection 1 (MOEFUSE_CUDA_OVERLAP=0), for calls of each token count (biases throughout)."""
+    base = random_inputs(attrs, 2, size["hidden"], size["inter"], size["experts"], biases=True,
+                         shared_inter=shared_inter, dtype=BF16, seed=4)
+    model = make_moeffn_model(attrs, base)
+    started = cuda_session(model)
+    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
+    waiting = cuda_session(model)
+    for t in counts:
+        inputs = dict(base, **feeds(random_inputs(attrs, t, size["hidden"], size["inter"],
+                                                  size["experts"], dtype=BF16, seed=seed + t)))
+        a = run(started, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        b = run(waiting, feeds(inputs), {"Y": inputs["X"].shape})[0]
+        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+
+
 # The wgmma path's projection 2 starts on an expert as soon as projection 1 has finished it, taking
 # its tiles from a counter (the default; MOEFUSE_CUDA_OVERLAP=0 waits for all of projection 1):
 # against the reference and bit for bit against the waiting schedule, narrow (32, 64) and 128-row
@@ -278,18 +295,7 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     counts = counts if not MEMCHECK else counts[:1]
     check(attrs, {}, size["inter"], True, False, BF16, counts, experts=size["experts"],
           hidden=size["hidden"])
-    base = random_inputs(attrs, 2, size["hidden"], size["inter"], size["experts"], biases=True,
-                         dtype=BF16, seed=4)
-    model = make_moeffn_model(attrs, base)
-    overlapped = cuda_session(model)
-    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
-    waiting = cuda_session(model)
-    for t in counts:
-        inputs = dict(base, **feeds(random_inputs(attrs, t, size["hidden"], size["inter"],
-                                                  size["experts"], dtype=BF16, seed=300 + t)))
-        a = run(overlapped, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        b = run(waiting, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+    assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
 # The wgmma path's activation rows: by TMA where they are in sorted order (projection 2, the shared
@@ -332,6 +338,27 @@ def test_decode_split_k(splits, monkeypatch):
     check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
 
 
+def kernel_names(tokens, inter, experts):
+    """The CUDA kernels of one call (after a first one) of a k = 8 layer with hidden 128, through
+    torch's profiler; skips where it cannot see them."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    if MEMCHECK:
+        pytest.skip("under compute-sanitizer the profiler reports no kernels")
+    from torch.profiler import ProfilerActivity, profile
+
+    attrs = MoEFFNAttrs(k=8)
+    inputs = random_inputs(attrs, tokens, 128, inter, experts, dtype=BF16, seed=4)
+    sess = cuda_session(make_moeffn_model(attrs, inputs))
+    run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(sess, feeds(inputs), {"Y": inputs["X"].shape})
+        torch.cuda.synchronize()
+    return [ev.name for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+
+
 # The decode path's projection 2 starting on each expert once projection 1's blocks of it are done
 # (Hopper, with programmatic dependent launch; MOEFUSE_CUDA_OVERLAP=0 waits for all of projection
 # 1): against the reference and bit for bit against the waiting order, with the warp-per-tile
@@ -355,18 +382,7 @@ def test_decode_per_expert_start(name, changes, size, counts, splits, monkeypatc
     counts = counts if not MEMCHECK else counts[:1]
     check(attrs, {}, size["inter"], True, True, BF16, counts, experts=size["experts"],
           hidden=size["hidden"])
-    base = random_inputs(attrs, 2, size["hidden"], size["inter"], size["experts"], biases=True,
-                         shared_inter=8, dtype=BF16, seed=4)
-    model = make_moeffn_model(attrs, base)
-    started = cuda_session(model)
-    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
-    waiting = cuda_session(model)
-    for t in counts:
-        inputs = dict(base, **feeds(random_inputs(attrs, t, size["hidden"], size["inter"],
-                                                  size["experts"], dtype=BF16, seed=500 + t)))
-        a = run(started, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        b = run(waiting, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        np.testing.assert_array_equal(f32(a), f32(b), err_msg=f"{name} T={t}")
+    assert_same_as_waiting(attrs, size, counts, name, monkeypatch, shared_inter=8, seed=500)
 
 
 def test_decode_per_expert_start_kernels(monkeypatch):
@@ -374,25 +390,12 @@ def test_decode_per_expert_start_kernels(monkeypatch):
     projection 1 takes few waves of blocks, and the waiting form where it takes many or with
     MOEFUSE_CUDA_OVERLAP=0."""
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
-    if MEMCHECK:
-        pytest.skip("under compute-sanitizer the profiler reports no kernels")
-    if torch.cuda.get_device_capability()[0] != 9:
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the per-expert start is built for Hopper (programmatic dependent launch)")
-    from torch.profiler import ProfilerActivity, profile
 
     def kernels(inter, overlap, tokens=1, experts=64):
         monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
-        attrs = MoEFFNAttrs(k=8)
-        inputs = random_inputs(attrs, tokens, 128, inter, experts, dtype=BF16, seed=4)
-        sess = cuda_session(make_moeffn_model(attrs, inputs))
-        run(sess, feeds(inputs), {"Y": inputs["X"].shape})
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(sess, feeds(inputs), {"Y": inputs["X"].shape})
-            torch.cuda.synchronize()
-        return [ev.name for ev in prof.events() if "Gemm2" in ev.name]
+        return [n for n in kernel_names(tokens, inter, experts) if "Gemm2" in n]
 
     def per_expert(names, kernel):
         """The per-expert flag (the template argument after the type) of `kernel`'s launches."""
@@ -495,24 +498,10 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
 def test_one_token_routing_kernels(monkeypatch):
     """The routing kernel a call runs (through the profiler): ranks for one token, the selection
     passes for two tokens, for more than 256 experts and with MOEFUSE_CUDA_RANK_ROUTE=0."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
-    if MEMCHECK:
-        pytest.skip("under compute-sanitizer the profiler reports no kernels")
-    from torch.profiler import ProfilerActivity, profile
 
     def kernels(tokens, experts, rank):
         monkeypatch.setenv("MOEFUSE_CUDA_RANK_ROUTE", rank)
-        attrs = MoEFFNAttrs(k=8)
-        inputs = random_inputs(attrs, tokens, 128, 64, experts, dtype=BF16, seed=4)
-        sess = cuda_session(make_moeffn_model(attrs, inputs))
-        run(sess, feeds(inputs), {"Y": inputs["X"].shape})
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(sess, feeds(inputs), {"Y": inputs["X"].shape})
-            torch.cuda.synchronize()
-        return " ".join(ev.name for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+        return " ".join(kernel_names(tokens, 64, experts))
 
     one = kernels(1, 128, "1")
     assert "RouteOneKernel" in one and "FusedKernel" not in one, one
