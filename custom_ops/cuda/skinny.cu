@@ -126,8 +126,7 @@ __host__ __device__ inline bool TokensEarly(int64_t K) {
 
 // acc[i][0..3] += W rows (wa: row g, wb: row g+8) x B rows (brow[i]: token g of tile i), over the
 // k-blocks of this warp (its quarter of the block's k-blocks [kbeg, kend)). A batch's token
-// loads are issued together too (one L2 round trip per token tile and batch, not one per
-// k-block); lanes past K or the batch load zeros.
+// loads are written together, after its weight loads; lanes past K or the batch load zeros.
 // kWholeK: this warp takes all of [kbeg, kend) (a warp per weight tile, Gemm2WarpKernel).
 // kTokensEarly: the first token tile's loads are issued with the batch's weight loads (ptxas
 // otherwise moves them down to their MMAs, one round trip per k-block); that is faster where a
