@@ -115,9 +115,9 @@ struct ExpertReady {
 constexpr int kBatch = 8;
 
 // Token loads beside the weights' (MainLoop's kTokensEarly) where each of a block's warps gets at
-// most this many batches of K: H200, bfloat16, 1-3% faster calls at (2048, 768, 128, 8) and
-// (2880, 2880, 32, 4), T = 1 and 4 (2-3 batches); projection 1 of (4096, 14336, 8, 2) (4 batches)
-// 9-18% slower (docs/performance.md).
+// most this many batches of K. H200: (2048, 768, 128, 8) T = 1 (2 batches) 1.02x-1.05x faster in
+// two runs, its T = 4 and (2880, 2880, 32, 4) T = 1 and 4 (3 batches) within -1% to +2%;
+// projection 1 of (4096, 14336, 8, 2) (4 batches) 9-18% slower (docs/performance.md).
 constexpr int kEarlyMaxBatches = 3;
 
 __host__ __device__ inline bool TokensEarly(int64_t K) {
@@ -746,6 +746,14 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
                 stream, f);
 }
 
+// Blocks of a skinny kernel (kWarps warps, static shared memory only) resident per SM on the
+// current device; 1 where the occupancy query fails.
+template <typename Kernel>
+int ResidentPerSm(Kernel kernel) {
+  int n = 0;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) == cudaSuccess && n > 0 ? n : 1;
+}
+
 }  // namespace
 
 // Wave quantization: with B blocks and C resident per wave, the last wave of ceil(B / C) may run
@@ -753,11 +761,7 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
 // K s ways costs ceil(s B / C) / s waves of the unsplit work; the least wins, fewer parts on ties,
 // and each warp keeps at least one batch of k-blocks.
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms) {
-  static const int per_sm = [] {
-    int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm2Kernel<__half, false, false>, kWarps * 32, 0) ==
-                   cudaSuccess && n > 0 ? n : 1;
-  }();
+  static const int per_sm = ResidentPerSm(Gemm2Kernel<__half, false, false>);
   const int64_t blocks = CeilDiv(D, 16) * slots, resident = static_cast<int64_t>(per_sm) * num_sms;
   const int64_t max_splits = std::min<int64_t>(4, CeilDiv(I, 32) / (kWarps * kBatch));
   if (blocks <= 0 || resident <= 0) return 1;
@@ -785,11 +789,7 @@ int SkinnyFirstProjSignals(const Gemm1Params& p) {
 constexpr int kPerExpertMaxWaves = 8;
 
 bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms) {
-  static const int per_sm = [] {
-    int n = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Gemm1Kernel<__half, false, false>, kWarps * 32, 0) ==
-                   cudaSuccess && n > 0 ? n : 1;
-  }();
+  static const int per_sm = ResidentPerSm(Gemm1Kernel<__half, false, false>);
   const int64_t blocks = CeilDiv(I, gated ? 8 : 16) * slots;
   return blocks <= static_cast<int64_t>(kPerExpertMaxWaves) * per_sm * num_sms;
 }
