@@ -16,7 +16,8 @@ the same inputs, bound on the GPU. For each layer shape, dtype and token count T
   ``flop_us`` = 2 * T * k * 3 * H * I / dense tensor-core rate; fractions are those over
   ``gpu_us``;
 - with ``--timeline``, ``timeline``: where a call's time goes, each kernel's start and end from
-  the start of the call's first kernel (medians over synchronized calls).
+  the start of the call's first kernel (medians over synchronized calls); the report gives their
+  union (busy) beside the call's span, the difference being time the GPU waited for the host.
 
 Writes benchmarks/results/gpu_moe.{json,md,png}. Needs a CUDA GPU, onnxruntime-gpu, torch (for
 events, the profiler and random weights), matplotlib for the plot, and the moefuse library built
@@ -543,11 +544,16 @@ def table(records, meta) -> str:
     timed = [r for r in records if r.get("timeline", {}).get("kernels")]
     if timed:
         lines += ["", "Kernel timelines (--timeline): each kernel's start and end in µs from the start "
-                  "of the call's first kernel, medians over synchronized calls.", ""]
+                  "of the call's first kernel, medians over synchronized calls; busy: the union of "
+                  "those intervals. Each such call starts on an idle GPU, so the span less the busy "
+                  "time is time the GPU waited for the host (its launches, or a round trip to it), which "
+                  "back-to-back calls (gpu_us, wall_us) mostly hide.", ""]
         for r in timed:
             tl = r["timeline"]
-            lines += [f"{r['shape']}, {r['dtype']}, T = {r['T']}, {r['variant']}: {tl['span_us']:.1f} µs "
-                      f"({tl['calls']} calls)", "", "| kernel | start | end |", "| --- | --- | --- |"]
+            busy = busy_time([(k["start_us"], k["end_us"]) for k in tl["kernels"]])
+            lines += [f"{r['shape']}, {r['dtype']}, T = {r['T']}, {r['variant']}: {tl['span_us']:.1f} µs, "
+                      f"busy {busy:.1f} ({tl['calls']} calls)", "", "| kernel | start | end |",
+                      "| --- | --- | --- |"]
             lines += [f"| {short_kernel_name(k['name'])} | {k['start_us']:.1f} | {k['end_us']:.1f} |"
                       for k in tl["kernels"]]
             lines.append("")

@@ -63,7 +63,8 @@ def test_render_variant_table(tmp_path):
 
 
 def test_render_timeline_table(tmp_path):
-    """A record's kernel timeline is listed under it, kernel names shortened."""
+    """A record's kernel timeline is listed under it, kernel names shortened, with the union of
+    the kernels' intervals (busy) beside the call's span."""
     ours = dict(_record("MoEFFN", 800.0), timeline={"calls": 29, "span_us": 286.8, "kernels": [
         {"name": "void moefuse::cuda::(anonymous namespace)::FusedKernel<__nv_bfloat16, 0, 1024>(m",
          "start_us": 0.0, "end_us": 10.6},
@@ -75,7 +76,7 @@ def test_render_timeline_table(tmp_path):
     subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out)],
                    check=True, capture_output=True, text=True)
     table = (out / "gpu_moe.md").read_text()
-    assert "Mixtral-8x7B, bfloat16, T = 32, MoEFFN: 286.8 µs (29 calls)" in table
+    assert "Mixtral-8x7B, bfloat16, T = 32, MoEFFN: 286.8 µs, busy 11.5 (29 calls)" in table
     assert "| FusedKernel<__nv_bfloat16, 0, 1024> | 0.0 | 10.6 |" in table
     assert "| Memset | 11.0 | 11.9 |" in table
 
@@ -112,6 +113,14 @@ def test_variant_environment_restored(monkeypatch):
         assert os.environ["MOEFUSE_CUDA_BN"] == "128"
     assert os.environ["MOEFUSE_LIBRARY"] == "/tmp/default.so"
     assert "MOEFUSE_CUDA_BN" not in os.environ
+
+
+def test_busy_time_counts_overlaps_once_and_gaps_not_at_all():
+    """Kernels launched early (programmatic dependent launch) overlap their predecessor: the
+    overlap counts once; idle time between kernels (waiting for the host) not at all."""
+    gpu_moe = _gpu_moe()
+    assert gpu_moe.busy_time([(25.0, 30.0), (0.0, 5.0), (4.0, 20.0), (6.0, 10.0)]) == 25.0
+    assert gpu_moe.busy_time([]) == 0.0
 
 
 def test_call_timeline_medians_per_kernel():
