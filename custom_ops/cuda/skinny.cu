@@ -785,7 +785,7 @@ int SkinnyFirstProjSignals(const Gemm1Params& p) {
 // one of a few waves, starting them per expert gains (the experts of earlier waves are done), and
 // each of projection 1's blocks pays for its release (a memory fence) once. H200, bfloat16: 5-6%
 // faster calls at 2-4 waves (T = 1 on (2048, 768, 128, 8) and (2880, 2880, 32, 4)), 3% at 8
-// (T = 4 on the first), 1% at 9-15, and 3-5% slower at 31-36 (docs/performance.md).
+// (T = 4 on the first), 0.7% at 9-15, and 3-5% slower at 31-36 (docs/performance.md).
 constexpr int kPerExpertMaxWaves = 8;
 
 bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms) {
