@@ -238,19 +238,30 @@ __global__ void TransposeKernel(const E* src, E* dst, int64_t rows, int64_t cols
   }
 }
 
-// dst[r] = src[rows[r]] for r < min(n, *count), 16-byte chunks; a warp per row. Waits for the
-// kernel that wrote `rows`.
-__global__ void __launch_bounds__(kThreads) GatherRowsKernel(const uint4* src, const int* rows, const int* count,
-                                                             int64_t n, int chunks, uint4* dst) {
+// dst[r] = src[rows[r]] for r < min(n, *count), 16-byte chunks; a warp per row, each lane
+// loading up to kBatch chunks before it stores any, so that a warp has a whole 4 KB row in flight
+// rather than one 512-byte slice per round trip. Waits for the kernel that wrote `rows`.
+__global__ void __launch_bounds__(kThreads) GatherRowsKernel(const uint4* __restrict__ src, const int* rows,
+                                                             const int* count, int64_t n, int chunks,
+                                                             uint4* __restrict__ dst) {
   GridDepWait();
   GridDepLaunch();
+  constexpr int kBatch = 8;
   n = min(n, static_cast<int64_t>(*count));
   const int lane = threadIdx.x & 31;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5; r < n;
        r += static_cast<int64_t>(gridDim.x) * (kThreads / 32)) {
     const uint4* s = src + static_cast<int64_t>(rows[r]) * chunks;
     uint4* d = dst + r * chunks;
-    for (int c = lane; c < chunks; c += 32) d[c] = s[c];
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (c0 + 32 * i < chunks) v[i] = s[c0 + 32 * i];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (c0 + 32 * i < chunks) d[c0 + 32 * i] = v[i];
+    }
   }
 }
 
