@@ -239,8 +239,9 @@ __global__ void TransposeKernel(const E* src, E* dst, int64_t rows, int64_t cols
 }
 
 // dst[r] = src[rows[r]] for r < min(n, *count), 16-byte chunks; a warp per row, each lane
-// loading up to kBatch chunks before it stores any, so that a warp has a whole 4 KB row in flight
-// rather than one 512-byte slice per round trip. Waits for the kernel that wrote `rows`.
+// loading up to kBatch chunks before it stores any, so that a warp has up to 4 KB of its row in
+// flight (all of a 2048-wide 16-bit row) rather than one 512-byte slice per round trip. Waits for
+// the kernel that wrote `rows`.
 __global__ void __launch_bounds__(kThreads) GatherRowsKernel(const uint4* __restrict__ src, const int* rows,
                                                              const int* count, int64_t n, int chunks,
                                                              uint4* __restrict__ dst) {
