@@ -7,7 +7,7 @@ Two ways a kernel slows down without failing the build or any GPU test:
   warning. A skipped-MMA branch written that way made the prefill GEMMs 10-21% slower on an H200
   (docs/performance.md); moving the branch outside the k-loop removed the message and the loss.
 - register spills: the decode kernels are tuned to a register budget (a build at 128 registers
-  spilled and was 4-7% slower), the wgmma kernels run at one block per SM with setmaxnreg.
+  spilled and took 4-8% longer), the wgmma kernels run at one block per SM with setmaxnreg.
 
 The test compiles each CUDA source for sm_90a alone, with ptxas's per-kernel report (about a
 minute on 2 cores, most of it wgmma.cu). Skipped where nvcc is missing (the library is then built
