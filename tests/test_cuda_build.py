@@ -1,4 +1,5 @@
-"""The CUDA kernels as ptxas compiles them for Hopper (sm_90a), checked on a machine without a GPU.
+"""The CUDA kernels as ptxas compiles them for Hopper (sm_90a) and Ampere (sm_80), checked on a
+machine without a GPU.
 
 Two ways a kernel slows down without failing the build or any GPU test:
 - ptxas serializes a kernel's wgmma instructions when one of the wgmma pipeline instructions
@@ -9,9 +10,14 @@ Two ways a kernel slows down without failing the build or any GPU test:
 - register spills: the decode kernels are tuned to a register budget (a build at 128 registers
   spilled and took 4-8% longer), the wgmma kernels run at one block per SM with setmaxnreg.
 
-The test compiles each CUDA source for sm_90a alone, with ptxas's per-kernel report (about a
-minute on 2 cores, most of it wgmma.cu). Skipped where nvcc is missing (the library is then built
-without CUDA kernels).
+The test compiles each CUDA source for each architecture alone, with ptxas's per-kernel report
+(about a minute on 2 cores, most of it wgmma.cu for sm_90a; for sm_80 its kernels are empty
+stubs). Skipped where nvcc is missing (the library is then built without CUDA kernels).
+
+One known spill is allowed: on sm_80, the SIMT fallback's projection 1 in 16-bit types
+(`Gemm1Kernel`, 256 threads at 64 registers) spills 8 bytes. It runs only where the tensor-core
+paths cannot (sizes not a multiple of 8); whether more registers and fewer blocks an SM would be
+faster there is not measured.
 """
 
 import os
@@ -36,13 +42,21 @@ def find_nvcc():
 
 NVCC = find_nvcc()
 SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+ARCHS = {"sm_90a": "compute_90a", "sm_80": "compute_80"}
+# (architecture, source, part of the kernel's name) -> spill bytes stored + loaded, at most
+KNOWN_SPILLS = {("sm_80", "simt.cu", "Gemm1Kernel"): 16}
+
+
+def allowed_spill(arch, source, kernel):
+    return max([b for (a, s, name), b in KNOWN_SPILLS.items()
+                if a == arch and s == source and name in kernel] or [0])
 
 
 def ptxas_report(text):
     """{kernel: (registers, spill bytes stored + loaded)} and the C7520 lines of a ptxas -v log."""
     kernels, current = {}, None
     for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for 'sm_90a'", line)
+        m = re.search(r"Compiling entry function '([^']+)' for 'sm_\w+'", line)
         if m:
             current = m.group(1)
             kernels[current] = [None, 0]
@@ -67,12 +81,22 @@ ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions
     kernels, serialized = ptxas_report(log)
     assert kernels == {"_Z8WgKernelv": (168, 12)}
     assert len(serialized) == 1 and "_Z8WgKernelv" in serialized[0]
+    ampere, _ = ptxas_report(log.replace("'sm_90a'", "'sm_80'"))
+    assert ampere == kernels
+
+
+def test_only_the_known_spill_is_allowed():
+    assert allowed_spill("sm_80", "simt.cu", "_ZN7moefuse4cuda11Gemm1KernelI6__halfEEvNS0_11Gemm1ParamsE") == 16
+    assert allowed_spill("sm_90a", "simt.cu", "Gemm1KernelI6__half") == 0
+    assert allowed_spill("sm_80", "simt.cu", "Gemm2KernelI6__half") == 0
+    assert allowed_spill("sm_80", "route.cu", "Gemm1Kernel") == 0
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (the library is built without CUDA kernels)")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("source", SOURCES)
-def test_kernels_are_not_serialized_and_do_not_spill(source, tmp_path):
-    cmd = [NVCC, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-cubin",
+def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
+    cmd = [NVCC, "-std=c++17", "-O3", f"-gencode=arch={ARCHS[arch]},code={arch}", "-cubin",
            "-Xptxas", "-v", "-I", str(ROOT / "custom_ops"), "-o", str(tmp_path / "k.cubin"),
            str(CUDA_DIR / source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -80,12 +104,13 @@ def test_kernels_are_not_serialized_and_do_not_spill(source, tmp_path):
     kernels, serialized = ptxas_report(done.stdout + done.stderr)
     assert kernels, f"ptxas compiled no kernel of {source}"
     assert not serialized, "ptxas serialized wgmma:\n" + "\n".join(serialized)
-    if "wgmma.mma_async" in (CUDA_DIR / source).read_text():
+    if arch == "sm_90a" and "wgmma.mma_async" in (CUDA_DIR / source).read_text():
         # the real wgmma kernels were compiled (not the stubs of other architectures)
         wgmma_kernels = {k: v for k, v in kernels.items() if "Wg" in k}
         assert wgmma_kernels and all(regs and regs > 32 for regs, _ in wgmma_kernels.values()), kernels
-    spilling = {k: spill for k, (_, spill) in kernels.items() if spill}
-    assert not spilling, f"kernels that spill registers (bytes): {spilling}"
+    spilling = {k: spill for k, (_, spill) in kernels.items()
+                if spill > allowed_spill(arch, source, k)}
+    assert not spilling, f"kernels that spill registers (bytes stored + loaded): {spilling}"
 
 
 def test_the_sources_are_found():

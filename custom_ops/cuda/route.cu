@@ -460,8 +460,17 @@ __global__ void ScatterKernel(SortParams s) {
 // Small T: routing, counting, grouping and scattering in one block. The picks, counts and offsets
 // stay in shared memory (a decode call waits for this kernel: each trip to global memory and back
 // would be on its critical path); global memory gets only what later kernels read.
+// A grid of one block has no occupancy to keep. Told only the block size, ptxas for sm_80 aims at
+// a full SM of such blocks (32 registers a thread) and spills; allowing one block an SM lets it
+// keep its values in registers. (On sm_90a it fits in 32 registers; its code is left as it was.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MOEFUSE_ONE_BLOCK_GRID(threads) __launch_bounds__(threads, 1)
+#else
+#define MOEFUSE_ONE_BLOCK_GRID(threads) __launch_bounds__(threads)
+#endif
+
 template <typename T, int M, int kThreads>
-__global__ void __launch_bounds__(kThreads) FusedKernel(RouteParams r, SortParams s) {
+__global__ void MOEFUSE_ONE_BLOCK_GRID(kThreads) FusedKernel(RouteParams r, SortParams s) {
   GridDepWait();
   const int E = r.E, n = r.T * r.K;
   extern __shared__ int fsm[];
