@@ -9,8 +9,11 @@ charges the sample to the warp's next instruction), plain or xz-compressed, and 
   issuing, the rest are reasons for not issuing). Some reasons have no column in the CSV (on an
   H200, most samples of the wgmma instructions): those samples are counted as "other";
 - the code regions: runs of instructions that drew samples, split where `--gap` or more
-  instructions in a row drew none. A kernel's loops and its warp roles' code (a producer's
-  loop, a consumer's main loop, an epilogue) usually fall into separate regions;
+  instructions in a row drew none, with the warp instructions each region executed. A kernel's
+  loops and its warp roles' code (a producer's loop, a consumer's main loop, an epilogue) usually
+  fall into separate regions; a region's executed count over its loop's trip count is the
+  instructions a warp runs per trip (how a producer's slower build was found to run 61 more a
+  k-block);
 - the instructions that drew the most samples, with their leading reasons and how often they ran.
 
 An instruction is named by its index in the listing, so that two builds' listings can be read
@@ -109,21 +112,25 @@ def reason_shares(listing: Listing) -> dict:
 
 
 def regions(listing: Listing, gap: int) -> list:
-    """(first index, last index, share of samples %) of each run of sampled instructions; a run
-    ends where `gap` or more instructions in a row drew no sample."""
+    """(first index, last index, share of samples %, warp instructions executed) of each run of
+    sampled instructions; a run ends where `gap` or more instructions in a row drew no sample."""
     total = listing.total or 1.0
-    out, start, last, acc = [], None, None, 0.0
+    spans, start, last = [], None, None
     for ins in listing.instructions:
         if not ins.samples:
             continue
         if start is not None and ins.index - last > gap:
-            out.append((start, last, 100.0 * acc / total))
-            start, acc = None, 0.0
+            spans.append((start, last))
+            start = None
         if start is None:
             start = ins.index
-        last, acc = ins.index, acc + ins.samples
+        last = ins.index
     if start is not None:
-        out.append((start, last, 100.0 * acc / total))
+        spans.append((start, last))
+    out = []
+    for a, b in spans:
+        run = listing.instructions[a:b + 1]  # the listing's instructions are in index order
+        out.append((a, b, 100.0 * sum(i.samples for i in run) / total, sum(i.executed for i in run)))
     return out
 
 
@@ -139,11 +146,11 @@ def report(listing: Listing, top_n: int = 20, gap: int = 30, min_region: float =
     lines += [f"| {k} | {v:.1f}% |" for k, v in reason_shares(listing).items() if v >= 0.05]
     lines += ["", f"Regions (runs of sampled instructions; {gap}+ unsampled ones end a run; "
               f"those under {min_region}% left out):", "",
-              "| instructions | share | first instruction |", "| --- | --- | --- |"]
+              "| instructions | share | executed | first instruction |", "| --- | --- | --- | --- |"]
     by_index = {i.index: i for i in listing.instructions}
-    for a, b, share in regions(listing, gap):
+    for a, b, share, executed in regions(listing, gap):
         if share >= min_region:
-            lines.append(f"| {a}-{b} | {share:.1f}% | `{by_index[a].source}` |")
+            lines.append(f"| {a}-{b} | {share:.1f}% | {int(executed)} | `{by_index[a].source}` |")
     lines += ["", "| instruction | share | executed | leading reasons | SASS |",
               "| --- | --- | --- | --- | --- |"]
     for ins in top(listing, top_n):

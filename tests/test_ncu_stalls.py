@@ -54,11 +54,26 @@ def test_the_top_instruction_is_the_consumers_wait_for_a_full_stage(ns, narrow):
 
 def test_regions_split_at_unsampled_runs(ns, narrow):
     spans = ns.regions(narrow, gap=30)
-    assert sum(share for _, _, share in spans) == pytest.approx(100.0)
+    assert sum(share for _, _, share, _ in spans) == pytest.approx(100.0)
     main_loop = [s for s in spans if s[0] == 132]
     assert main_loop and main_loop[0][1] == 234 and main_loop[0][2] == pytest.approx(51.6, abs=0.05)
     # a larger gap joins regions, never splits them
     assert len(ns.regions(narrow, gap=1000)) < len(spans)
+
+
+def test_executed_counts_give_a_loops_instructions_per_trip(ns):
+    """The producer's k-block loop of projection 2 at Qwen3 T = 32 (1792 tiles x 12 k-blocks x 4
+    warps = 86016 trips): main ran 76 instructions a warp per k-block, the first lookahead build
+    137 (docs/performance.md, 2026-12-04 late)."""
+    per_trip = {}
+    for build, first in (("main", 10209), ("look1", 10209)):
+        listing = ns.read(os.path.join(RESULTS, f"stalls_qwen_t32_proj2_{build}.csv.xz"))
+        # the producer's code: the regions from its k-block loop on (the consumers' barrier-retry
+        # stubs after it drew no samples, so no region holds them)
+        producer = [s for s in ns.regions(listing, gap=30) if s[0] >= first]
+        per_trip[build] = sum(s[3] for s in producer) / 86016
+    assert per_trip["main"] == pytest.approx(76, abs=2)
+    assert per_trip["look1"] == pytest.approx(137, abs=3)
 
 
 def test_cli_prints_markdown_and_refuses_other_csvs(tmp_path):
