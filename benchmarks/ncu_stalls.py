@@ -82,9 +82,10 @@ def parse(text: str) -> Listing:
     reasons = [(name[len(_REASON):], i) for i, name in enumerate(header)
                if name.startswith(_REASON) and _NOT_ISSUED not in name]
     instructions = []
-    for index, row in enumerate(rows[2:]):
+    for row in rows[2:]:
         if len(row) < len(header):
             continue  # a trailing blank line
+        index = len(instructions)
         samples = _number(row[where[SAMPLES]])
         by_reason = {name: v for name, i in reasons if (v := _number(row[i]))}
         if (rest := samples - sum(by_reason.values())) > 0:
@@ -129,7 +130,7 @@ def regions(listing: Listing, gap: int) -> list:
         spans.append((start, last))
     out = []
     for a, b in spans:
-        run = listing.instructions[a:b + 1]  # the listing's instructions are in index order
+        run = listing.instructions[a:b + 1]  # an instruction's index is its position
         out.append((a, b, 100.0 * sum(i.samples for i in run) / total, sum(i.executed for i in run)))
     return out
 
@@ -147,10 +148,9 @@ def report(listing: Listing, top_n: int = 20, gap: int = 30, min_region: float =
     lines += ["", f"Regions (runs of sampled instructions; {gap}+ unsampled ones end a run; "
               f"those under {min_region}% left out):", "",
               "| instructions | share | executed | first instruction |", "| --- | --- | --- | --- |"]
-    by_index = {i.index: i for i in listing.instructions}
     for a, b, share, executed in regions(listing, gap):
         if share >= min_region:
-            lines.append(f"| {a}-{b} | {share:.1f}% | {int(executed)} | `{by_index[a].source}` |")
+            lines.append(f"| {a}-{b} | {share:.1f}% | {int(executed)} | `{listing.instructions[a].source}` |")
     lines += ["", "| instruction | share | executed | leading reasons | SASS |",
               "| --- | --- | --- | --- | --- |"]
     for ins in top(listing, top_n):
