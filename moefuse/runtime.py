@@ -92,6 +92,29 @@ def session_options(**options) -> ort.SessionOptions:
     return so
 
 
+def cuda_build() -> Optional[dict]:
+    """What the library's CUDA kernels were compiled for, and what of them this process's current
+    GPU runs; None for a library built without them (no nvcc at build time).
+
+    ``{"archs": ["80", "90a"], "device": None}`` where no GPU is usable, else ``"device"`` is
+    ``{"wgmma": ..., "fused_decode": ..., "pdl": ...}``: whether the GPU runs the grouped GEMM's
+    and the one-kernel decode's sm_90a code, and kernels compiled for sm_90+ (so launched with
+    programmatic dependent launch). A Hopper GPU runs none of these with a build without sm_90a,
+    and a GPU newer than the build runs the compute_80 PTX, compiled for it by the driver.
+    """
+    import ctypes
+
+    _load_blas()
+    lib = ctypes.CDLL(library_path())
+    if not hasattr(lib, "MoefuseCudaBuilt"):
+        return None
+    lib.MoefuseCudaArchs.restype = ctypes.c_char_p
+    code = lib.MoefuseCudaDeviceCode()
+    device = None if code < 0 else {name: bool(code & bit) for name, bit in
+                                    (("wgmma", 1), ("fused_decode", 2), ("pdl", 4))}
+    return {"archs": lib.MoefuseCudaArchs().decode().split(","), "device": device}
+
+
 def _is_bf16(array: np.ndarray) -> bool:
     return array.dtype.name == "bfloat16"
 

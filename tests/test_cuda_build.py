@@ -11,8 +11,11 @@ Two ways a kernel slows down without failing the build or any GPU test:
   spilled and took 4-8% longer), the wgmma kernels run at one block per SM with setmaxnreg.
 
 The test compiles each CUDA source for each architecture alone, with ptxas's per-kernel report
-(about a minute on 2 cores, most of it wgmma.cu for sm_90a; for sm_80 its kernels are empty
-stubs). Skipped where nvcc is missing (the library is then built without CUDA kernels).
+(about a minute on 2 cores, most of it wgmma.cu for sm_90a; for sm_80 its kernels are stand-ins
+that trap). Skipped where nvcc is missing (the library is then built without CUDA kernels).
+
+Also: CMake refuses plain sm_90 (its code would be those stand-ins), and the built library
+reports the architectures it was compiled for and, where no GPU is usable, no device code.
 
 One known spill is allowed: on sm_80, the SIMT fallback's projection 1 in 16-bit types
 (`Gemm1Kernel`, 256 threads at 64 registers) spills 8 bytes. It runs only where the tensor-core
@@ -24,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,36 @@ def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
 def test_the_sources_are_found():
     # the check above would pass vacuously if no source matched
     assert {"wgmma.cu", "skinny.cu", "route.cu"} <= set(SOURCES)
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
+def test_plain_sm_90_is_refused(tmp_path):
+    """The Hopper kernels need sm_90a features; plain sm_90 code would be their stand-ins, which a
+    Hopper GPU would run. CMake refuses the list before compiling anything."""
+    done = subprocess.run(
+        [shutil.which("cmake"), "-S", str(ROOT), "-B", str(tmp_path), "-DMOEFUSE_CUDA=ON",
+         "-DMOEFUSE_CUDA_ARCHS=80;90", f"-DCMAKE_CUDA_COMPILER={NVCC}",
+         f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "MOEFUSE_CUDA_ARCHS has 90; the Hopper kernels need 90a" in done.stdout + done.stderr
+
+
+def test_the_library_reports_its_architectures():
+    from moefuse.runtime import cuda_build, library_path
+
+    try:
+        library_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    build = cuda_build()
+    if build is None:
+        pytest.skip("the library was built without CUDA kernels")
+    if not os.environ.get("MOEFUSE_LIBRARY"):  # the installed build: CMake's default list
+        default = re.search(r'set\(MOEFUSE_CUDA_ARCHS "([^"]+)"',
+                            (ROOT / "custom_ops" / "CMakeLists.txt").read_text()).group(1)
+        assert build["archs"] == default.split(";")
+    assert build["archs"] and all(re.fullmatch(r"\d+a?", a) for a in build["archs"]), build
+    torch = pytest.importorskip("torch")
+    # (with a GPU, tests/test_kernel_cuda.py checks what of the code it runs)
+    assert (build["device"] is None) == (not torch.cuda.is_available()), build
+

@@ -30,7 +30,7 @@ from cases import ALL, D, E, case, weights_as_inputs
 from moefuse import MoEFFNAttrs, make_moeffn_model
 from moefuse.builder import attrs_of
 from moefuse.reference import moeffn
-from moefuse.runtime import library_path, run, session_options
+from moefuse.runtime import cuda_build, library_path, run, session_options
 from moefuse.spec import ACTIVATION_INPUTS, INPUT_NAMES
 from moefuse.synthetic import feeds, random_inputs
 
@@ -386,12 +386,11 @@ def test_decode_per_expert_start(name, changes, size, counts, splits, monkeypatc
 
 
 def test_decode_per_expert_start_kernels(monkeypatch):
-    """On Hopper the decode's projection 2 runs its per-expert form (through the profiler) where
-    projection 1 takes few waves of blocks, and the waiting form where it takes many or with
-    MOEFUSE_CUDA_OVERLAP=0."""
-    torch = pytest.importorskip("torch")
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the per-expert start is built for Hopper (programmatic dependent launch)")
+    """With programmatic dependent launch (Hopper), the decode's projection 2 runs its per-expert
+    form (through the profiler) where projection 1 takes few waves of blocks, and the waiting form
+    where it takes many or with MOEFUSE_CUDA_OVERLAP=0."""
+    if not cuda_build()["device"]["pdl"]:
+        pytest.skip("the per-expert start needs programmatic dependent launch (sm_90+ code)")
 
     def kernels(inter, overlap, tokens=1, experts=64):
         monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
@@ -441,10 +440,15 @@ def test_decode_one_kernel(name, changes, size, counts, decode, monkeypatch):
           experts=size["experts"], hidden=size["hidden"], shared_inter=64)
 
 
-def test_one_kernel_decode_on_hopper():
-    """On a Hopper GPU the library has the one-kernel decode's code (so the tests that ask for it
-    run it)."""
-    assert ctypes.CDLL(library_path()).MoefuseCudaFusedDecode() != 0
+def test_device_code():
+    """A Hopper GPU runs the library's sm_90a kernels (the grouped GEMM, the one-kernel decode, the
+    waits of programmatic dependent launch) where the build has sm_90a code, so that the tests
+    that ask for them run them; any other GPU, or a build without it, runs none of them (a GPU
+    newer than the build runs its compute_80 PTX)."""
+    torch = pytest.importorskip("torch")
+    build = cuda_build()
+    sm90a = torch.cuda.get_device_capability()[0] == 9 and "90a" in build["archs"]
+    assert build["device"] == {"wgmma": sm90a, "fused_decode": sm90a, "pdl": sm90a}, build
 
 
 # One-token calls: the routing kernel ranks the experts in parallel (a thread per expert;

@@ -184,7 +184,7 @@ struct FusedDecodeParams {
   int* sync = nullptr;  // [1 + max_slots] ints, zero: the work ticket, then each slot's finished
                         // projection-1 tiles
 };
-bool SkinnyFusedAvailable();  // the current device runs the kernel's sm_90a code
+bool SkinnyFusedAvailable();  // the current device runs the kernel's sm_90a code (DeviceCode)
 int SkinnyFusedSplits(int64_t I);
 cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStream_t stream);
 
@@ -193,7 +193,7 @@ cudaError_t LaunchSimtGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchSimtGemm2(const Gemm2Params& p, cudaStream_t stream);
 
 // Hopper grouped GEMM (wgmma + TMA, sm_90a): prefill. `num_sms` sizes the persistent grid.
-bool WgmmaAvailable();
+bool WgmmaAvailable();  // the current device runs its sm_90a code (DeviceCode)
 cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t stream);
 cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream);
 // Groups::ready_need of projection 1's launch (p.g.ready set; not with the ping-pong schedule).
@@ -250,8 +250,20 @@ cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, 
 cudaError_t LaunchGatherRows(const void* src, const int* rows, const int* count, int64_t n, int64_t cols,
                              void* dst, int num_sms, cudaStream_t stream);
 
-// Programmatic dependent launch between the kernels of one call (sm_90+).
+// Programmatic dependent launch between the kernels of one call (where DeviceCode::pdl).
 void SetUsePdl(bool on);
+
+// What of this library's device code the current GPU runs, asked of the kernels themselves. A
+// build without sm_90a code run on a Hopper GPU, or a GPU newer than the build (the driver compiles
+// the build's compute_80 PTX for it), runs neither the sm_90a kernels nor the waits that make
+// programmatic dependent launch safe; the device's compute capability alone would say it does.
+struct DeviceCode {
+  bool wgmma = false;         // the grouped GEMM's sm_90a kernels (and the driver's TMA encoder)
+  bool fused_decode = false;  // the one-kernel decode's sm_90a kernel
+  bool pdl = false;           // kernels compiled for sm_90+, which wait for the previous kernel's
+                              // results (GridDepWait): their launches may overlap
+};
+DeviceCode CurrentDeviceCode();
 
 }  // namespace cuda
 }  // namespace moefuse

@@ -336,5 +336,17 @@ cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, 
   return cudaGetLastError();
 }
 
+DeviceCode CurrentDeviceCode() {
+  DeviceCode c;
+  c.wgmma = WgmmaAvailable();
+  c.fused_decode = SkinnyFusedAvailable();
+  // Every kernel is compiled for the same architectures: one that waits (GridDepWait) tells for
+  // all. Its PTX architecture is the one its code was compiled from: 80 where the driver compiled
+  // the compute_80 PTX, whose waits are compiled out.
+  cudaFuncAttributes a;
+  c.pdl = cudaFuncGetAttributes(&a, CombineKernel<__half>) == cudaSuccess && a.ptxVersion >= 90;
+  return c;
+}
+
 }  // namespace cuda
 }  // namespace moefuse

@@ -98,7 +98,7 @@ struct DeviceInfo {
   int device = -1;
   int num_sms = 0;
   int major = 0;
-  bool fused_decode = false;  // the one-kernel decode projections run here (sm_90a code)
+  DeviceCode code;  // what of the library's device code runs here
 };
 
 class Kernel {
@@ -256,25 +256,27 @@ OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
 
 OrtStatus* Kernel::EnsureDevice(const void* p) {
   std::lock_guard<std::mutex> lock(dev_mu_);
-  if (dev_.device < 0) {
+  int device = dev_.device;
+  if (device < 0) {
     cudaPointerAttributes attr;
     if (cudaError_t e = cudaPointerGetAttributes(&attr, p)) return CudaError(e, "cudaPointerGetAttributes");
     if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
       return Error(ORT_FAIL, Who(node_name_) + ": inputs are not in CUDA device memory");
-    DeviceInfo d;
-    d.device = attr.device;
-    if (cudaError_t e = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, d.device))
-      return CudaError(e, "cudaDeviceGetAttribute");
-    if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device))
-      return CudaError(e, "cudaDeviceGetAttribute");
-    // (the kernel's attributes are those of the current device: asked only when it is this one)
-    int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur == d.device) d.fused_decode = d.major == 9 && SkinnyFusedAvailable();
-    dev_ = d;
+    device = attr.device;
   }
   int cur = -1;
-  if (cudaGetDevice(&cur) != cudaSuccess || cur != dev_.device) {
-    if (cudaError_t e = cudaSetDevice(dev_.device)) return CudaError(e, "cudaSetDevice");
+  if (cudaGetDevice(&cur) != cudaSuccess || cur != device) {
+    if (cudaError_t e = cudaSetDevice(device)) return CudaError(e, "cudaSetDevice");
+  }
+  if (dev_.device < 0) {
+    DeviceInfo d;
+    d.device = device;
+    if (cudaError_t e = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device))
+      return CudaError(e, "cudaDeviceGetAttribute");
+    if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device))
+      return CudaError(e, "cudaDeviceGetAttribute");
+    d.code = CurrentDeviceCode();  // (the kernels' attributes are the current device's: this one)
+    dev_ = d;
   }
   return nullptr;
 }
@@ -341,7 +343,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   if (OrtStatus* st = api->KernelContext_GetGPUComputeStream(ctx, &stream_ptr)) return st;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (OrtStatus* st = EnsureDevice(in[kX].data)) return st;
-  SetUsePdl(use_pdl_ && dev_.major >= 9);
+  const bool pdl = use_pdl_ && dev_.code.pdl;
+  SetUsePdl(pdl);
 
   const DType dt = ToDType(sh.elem_type);
   const size_t ts = DTypeSize(dt);
@@ -367,7 +370,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // --- paths ---
   const bool small = I <= kDirectMaxInter;
   const bool tc_ok = dt != DType::kF32 && dev_.major >= 8 && D % 8 == 0;
-  const bool wg_ok = tc_ok && dev_.major == 9 && WgmmaAvailable();
+  const bool wg_ok = tc_ok && dev_.code.wgmma;
   auto pick = [&](int64_t inter, int64_t rows, int64_t active, bool dense) {
     const bool ok = tc_ok && inter % 8 == 0;
     if (!ok || path_ == "simt") return Path::kSimt;
@@ -381,7 +384,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
   // decode on Hopper, opt-in: both projections in one kernel (calls of few pairs: one pass of tokens)
-  const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.fused_decode &&
+  const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.code.fused_decode &&
                             P <= kSkinnyFusedMaxPairs;
   const bool ypair_f32 = rpath != Path::kWgmma;
   const int ypair_planes = rpath != Path::kSkinny ? 1
@@ -411,7 +414,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // few waves.
   const bool overlap =
       overlap_ && ((rpath == Path::kWgmma && (narrow || !pingpong_)) ||
-                   (rpath == Path::kSkinny && !fused_decode && use_pdl_ && dev_.major >= 9 &&
+                   (rpath == Path::kSkinny && !fused_decode && pdl &&
                     SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
@@ -741,11 +744,15 @@ OrtStatus* AddCudaOps(const OrtApi* api, OrtCustomOpDomain* domain, bool shape_i
 // Lets tests and tools tell a CUDA build of the library from a CPU-only one.
 extern "C" MOEFUSE_EXPORT int MoefuseCudaBuilt(void) { return 1; }
 
-// Whether the current device can run the one-kernel decode (MOEFUSE_CUDA_DECODE=fused): 1 yes, 0
-// no although it is a Hopper GPU (a build without sm_90a code), -1 not a Hopper GPU (or no device).
-extern "C" MOEFUSE_EXPORT int MoefuseCudaFusedDecode(void) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev))
-    return -1;
-  return major != 9 ? -1 : moefuse::cuda::SkinnyFusedAvailable() ? 1 : 0;
+// The GPU architectures the kernels were compiled for (MOEFUSE_CUDA_ARCHS, e.g. "80,90a").
+extern "C" MOEFUSE_EXPORT const char* MoefuseCudaArchs(void) { return MOEFUSE_CUDA_ARCHS_BUILT; }
+
+// What of the library's device code the current GPU runs (moefuse::cuda::DeviceCode): bit 0 the
+// grouped GEMM's sm_90a kernels, bit 1 the one-kernel decode's, bit 2 programmatic dependent
+// launch; -1 where there is no usable GPU.
+extern "C" MOEFUSE_EXPORT int MoefuseCudaDeviceCode(void) {
+  int n = 0, dev = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0 || cudaGetDevice(&dev) != cudaSuccess) return -1;
+  const moefuse::cuda::DeviceCode c = moefuse::cuda::CurrentDeviceCode();
+  return (c.wgmma ? 1 : 0) | (c.fused_decode ? 2 : 0) | (c.pdl ? 4 : 0);
 }

@@ -686,10 +686,11 @@ __global__ void __launch_bounds__((kWarps + 1) * 32, kFzBlocksPerSm)
   FzConsume<T>(f, sh, shape, sh.num_active);
 }
 
-#else  // not sm_90a: never launched (SkinnyFusedAvailable checks the device's code)
+#else  // not sm_90a: never launched (SkinnyFusedAvailable checks the device's code); a launch
+        // traps rather than leave the outputs unwritten
 
 template <typename T>
-__global__ void FusedDecodeKernel(const __grid_constant__ FusedDecodeParams) {}
+__global__ void FusedDecodeKernel(const __grid_constant__ FusedDecodeParams) { __trap(); }
 
 #endif
 

@@ -837,13 +837,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-#else  // not sm_90a: never launched (WgmmaAvailable() checks the device)
+#else  // not sm_90a: never launched (WgmmaAvailable() checks the device's code); a launch traps
+        // rather than leave the outputs unwritten
 
 template <typename T, int BN, bool PingPong>
-__global__ void WgKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) {}
+__global__ void WgKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) { __trap(); }
 
 template <typename T, int BT>
-__global__ void WgNarrowKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) {}
+__global__ void WgNarrowKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) { __trap(); }
 
 #endif
 
@@ -995,7 +996,13 @@ int FirstProjBn(const Gemm1Params& p, int num_sms) {
 
 }  // namespace
 
-bool WgmmaAvailable() { return GetEncode() != nullptr; }
+bool WgmmaAvailable() {
+  // The device runs the kernels' sm_90a code, not the stand-ins compiled for other architectures
+  // (which plain sm_90 code would be too: CMake refuses it).
+  cudaFuncAttributes a;
+  return GetEncode() != nullptr && cudaFuncGetAttributes(&a, WgKernel<__half, 128, false>) == cudaSuccess &&
+         a.binaryVersion == 90;
+}
 
 int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms) {
   // two consumer warpgroups signal each tile, narrow or cooperative
