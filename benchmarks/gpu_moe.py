@@ -364,7 +364,7 @@ def main():
     import onnxruntime as ort
     import torch
 
-    from moefuse.runtime import session_options
+    from moefuse.runtime import cuda_build, session_options
 
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
@@ -451,7 +451,7 @@ def main():
                 torch.cuda.empty_cache()
     meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "hbm_bytes_per_s": hbm_bytes_per_s,
-            "tensor_flops": tc_flops}
+            "tensor_flops": tc_flops, "moefuse_cuda": cuda_build()}
     write_results(records, meta, args.out)
 
 
@@ -490,6 +490,19 @@ def write_results(records, meta, out):
         print(f"no plot: {exc}")
 
 
+def device_code_note(build) -> list:
+    """A paragraph naming the MoEFFN library's CUDA architectures and what of its code the GPU ran
+    (results from before the library reported it have none)."""
+    if not build or not build.get("device"):
+        return []
+    ran = [name for key, name in (("wgmma", "the grouped GEMM's sm_90a code"),
+                                  ("fused_decode", "the one-kernel decode's sm_90a code"),
+                                  ("pdl", "programmatic dependent launch")) if build["device"][key]]
+    ran = " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
+    return [f"MoEFFN's library: CUDA code for {', '.join(build['archs'])}; this GPU ran "
+            f"{ran or 'none of its sm_90a code (skinny and SIMT paths only)'}.", ""]
+
+
 def table(records, meta) -> str:
     by = {}
     for r in records:
@@ -500,7 +513,7 @@ def table(records, meta) -> str:
              f"FLOPs / {meta['tensor_flops'] / 1e12:.0f} TFLOP/s (flop).", "",
              "Speedup: com.microsoft.MoE's time over MoEFFN's, by GPU time and by wall time (the "
              "profiled GPU time of long calls can lie above or below their wall time and vary "
-             "between rounds).", "",
+             "between rounds).", "", *device_code_note(meta.get("moefuse_cuda")),
              "| shape (H, I, E, k) | dtype | T | MoEFFN | com.microsoft.MoE | speedup (GPU) | "
              "speedup (wall) | mem roofline | flop roofline | MoEFFN % mem | MoEFFN % flop |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -221,3 +221,23 @@ def test_targets_table():
     decode_only = "\n".join(gpu_moe.targets(records[:4]))  # no T = 4096 point ran
     assert "dense peak" not in decode_only and "| decode (T = 1, 32)" in decode_only
 
+
+
+def test_the_table_says_what_of_the_library_the_gpu_ran():
+    """The report names the library's architectures and the sm_90a code the GPU ran, or says it
+    ran none (a build without sm_90a on a Hopper GPU would otherwise read as our Hopper figures);
+    results from before the library reported it say nothing."""
+    gpu_moe = _gpu_moe()
+    meta = {"gpu": "NVIDIA H200", "onnxruntime": "1.31.1", "hbm_bytes_per_s": 4.8e12,
+            "tensor_flops": 989e12}
+    records = [_record("MoEFFN", 300.0)]
+    hopper = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": {
+        "wgmma": True, "fused_decode": True, "pdl": True}})
+    assert ("MoEFFN's library: CUDA code for 80, 90a; this GPU ran the grouped GEMM's sm_90a code, "
+            "the one-kernel decode's sm_90a code and programmatic dependent launch."
+            ) in gpu_moe.table(records, hopper)
+    ptx = dict(meta, moefuse_cuda={"archs": ["80"], "device": {
+        "wgmma": False, "fused_decode": False, "pdl": False}})
+    assert ("MoEFFN's library: CUDA code for 80; this GPU ran none of its sm_90a code (skinny and "
+            "SIMT paths only).") in gpu_moe.table(records, ptx)
+    assert "MoEFFN's library" not in gpu_moe.table(records, meta)
