@@ -490,20 +490,10 @@ def write_results(records, meta, out):
         print(f"no plot: {exc}")
 
 
-def device_code_note(build) -> list:
-    """A paragraph naming the MoEFFN library's CUDA architectures and what of its code the GPU ran
-    (results from before the library reported it have none)."""
-    if not build or not build.get("device"):
-        return []
-    ran = [name for key, name in (("wgmma", "the grouped GEMM's sm_90a code"),
-                                  ("fused_decode", "the one-kernel decode's sm_90a code"),
-                                  ("pdl", "programmatic dependent launch")) if build["device"][key]]
-    ran = " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
-    return [f"MoEFFN's library: CUDA code for {', '.join(build['archs'])}; this GPU ran "
-            f"{ran or 'none of its sm_90a code (skinny and SIMT paths only)'}.", ""]
-
-
 def table(records, meta) -> str:
+    from moefuse.runtime import describe_cuda_build
+
+    device = describe_cuda_build(meta.get("moefuse_cuda"))  # (none in results from before it)
     by = {}
     for r in records:
         by[(r["shape"], r["dtype"], r["T"], r["variant"])] = r
@@ -513,7 +503,7 @@ def table(records, meta) -> str:
              f"FLOPs / {meta['tensor_flops'] / 1e12:.0f} TFLOP/s (flop).", "",
              "Speedup: com.microsoft.MoE's time over MoEFFN's, by GPU time and by wall time (the "
              "profiled GPU time of long calls can lie above or below their wall time and vary "
-             "between rounds).", "", *device_code_note(meta.get("moefuse_cuda")),
+             "between rounds).", "", *([device, ""] if device else []),
              "| shape (H, I, E, k) | dtype | T | MoEFFN | com.microsoft.MoE | speedup (GPU) | "
              "speedup (wall) | mem roofline | flop roofline | MoEFFN % mem | MoEFFN % flop |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

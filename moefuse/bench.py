@@ -92,6 +92,10 @@ def bench(model: onnx.ModelProto, base_dir: str, tokens: list[int], batch: int =
           provider: str = "cpu", threads: int = 0,
           log: Callable[[str], None] = lambda m: None) -> list[Variant]:
     vs = variants(model, base_dir, log)
+    if provider == "cuda":
+        from .runtime import cuda_build, describe_cuda_build
+
+        log(describe_cuda_build(cuda_build()) or "MoEFFN's library has no CUDA kernels, or no GPU is usable")
     for v in vs:
         so = v.options or ort.SessionOptions()
         so.log_severity_level = 3

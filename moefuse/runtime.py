@@ -115,6 +115,19 @@ def cuda_build() -> Optional[dict]:
     return {"archs": lib.MoefuseCudaArchs().decode().split(","), "device": device}
 
 
+def describe_cuda_build(build: Optional[dict]) -> str:
+    """One sentence on a ``cuda_build()`` result: the architectures, and what of the sm_90a code
+    the GPU runs ("" without a GPU or CUDA kernels)."""
+    if not build or not build.get("device"):
+        return ""
+    ran = [name for key, name in (("wgmma", "the grouped GEMM's sm_90a code"),
+                                  ("fused_decode", "the one-kernel decode's sm_90a code"),
+                                  ("pdl", "programmatic dependent launch")) if build["device"][key]]
+    ran = " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
+    return (f"MoEFFN's library: CUDA code for {', '.join(build['archs'])}; this GPU runs "
+            f"{ran or 'none of its sm_90a code (skinny and SIMT paths only)'}.")
+
+
 def _is_bf16(array: np.ndarray) -> bool:
     return array.dtype.name == "bfloat16"
 

@@ -233,11 +233,13 @@ def test_the_table_says_what_of_the_library_the_gpu_ran():
     records = [_record("MoEFFN", 300.0)]
     hopper = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": {
         "wgmma": True, "fused_decode": True, "pdl": True}})
-    assert ("MoEFFN's library: CUDA code for 80, 90a; this GPU ran the grouped GEMM's sm_90a code, "
+    assert ("MoEFFN's library: CUDA code for 80, 90a; this GPU runs the grouped GEMM's sm_90a code, "
             "the one-kernel decode's sm_90a code and programmatic dependent launch."
             ) in gpu_moe.table(records, hopper)
     ptx = dict(meta, moefuse_cuda={"archs": ["80"], "device": {
         "wgmma": False, "fused_decode": False, "pdl": False}})
-    assert ("MoEFFN's library: CUDA code for 80; this GPU ran none of its sm_90a code (skinny and "
+    assert ("MoEFFN's library: CUDA code for 80; this GPU runs none of its sm_90a code (skinny and "
             "SIMT paths only).") in gpu_moe.table(records, ptx)
     assert "MoEFFN's library" not in gpu_moe.table(records, meta)
+    no_gpu = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": None})
+    assert "MoEFFN's library" not in gpu_moe.table(records, no_gpu)
