@@ -198,6 +198,13 @@ def test_big_shapes(name, changes, size, dtype):
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
 
 
+def test_more_experts_than_a_grid_dimension():
+    """Weights stored in_out for more experts (70000) than a launch's grid has blocks along z
+    (65535): transposed at session creation in several launches."""
+    attrs = MoEFFNAttrs(k=2, weight_layout="in_out")
+    check(attrs, {}, 8, True, False, BF16, (1, 40), experts=70000, hidden=16)
+
+
 # Enough output tiles of projection 1 (about 24 row tiles x 17 or 9 column tiles over the GPU's
 # persistent CTAs) that CTAs take several: each consumer schedule (cooperative 128- and 256-wide
 # tiles; ping-pong 128-wide tiles, opt-in) forced, with gate and up interleaved and as separate

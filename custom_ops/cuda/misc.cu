@@ -323,17 +323,22 @@ cudaError_t LaunchGatherRows(const void* src, const int* rows, const int* count,
 cudaError_t LaunchTranspose(DType t, const void* src, void* dst, int64_t batch, int64_t rows,
                             int64_t cols, cudaStream_t stream) {
   if (batch <= 0 || rows <= 0 || cols <= 0) return cudaSuccess;
-  dim3 grid(static_cast<unsigned>(CeilDiv(cols, 32)), static_cast<unsigned>(CeilDiv(rows, 32)),
-            static_cast<unsigned>(batch));
-  dim3 block(32, 8);
-  if (t == DType::kF32) {
-    TransposeKernel<uint32_t><<<grid, block, 0, stream>>>(static_cast<const uint32_t*>(src),
-                                                          static_cast<uint32_t*>(dst), rows, cols);
-  } else {
-    TransposeKernel<uint16_t><<<grid, block, 0, stream>>>(static_cast<const uint16_t*>(src),
-                                                          static_cast<uint16_t*>(dst), rows, cols);
+  constexpr int64_t kMaxGridZ = 65535;  // a launch's batches (experts) at most
+  const dim3 block(32, 8);
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridZ) {
+    const dim3 grid(static_cast<unsigned>(CeilDiv(cols, 32)), static_cast<unsigned>(CeilDiv(rows, 32)),
+                    static_cast<unsigned>(std::min(kMaxGridZ, batch - b0)));
+    const int64_t off = b0 * rows * cols;
+    if (t == DType::kF32) {
+      TransposeKernel<uint32_t><<<grid, block, 0, stream>>>(static_cast<const uint32_t*>(src) + off,
+                                                            static_cast<uint32_t*>(dst) + off, rows, cols);
+    } else {
+      TransposeKernel<uint16_t><<<grid, block, 0, stream>>>(static_cast<const uint16_t*>(src) + off,
+                                                            static_cast<uint16_t*>(dst) + off, rows, cols);
+    }
+    if (cudaError_t e = cudaGetLastError()) return e;
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 DeviceCode CurrentDeviceCode() {
