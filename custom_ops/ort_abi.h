@@ -159,7 +159,11 @@ struct OrtApi {
   MOEFUSE_ORT_SLOTS(245, 4);
   /* 249 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfoGetConstantInput_tensor)(
       const OrtKernelInfo* info, size_t index, int* is_constant, const OrtValue** out);
-  MOEFUSE_ORT_SLOTS(250, 17);
+  MOEFUSE_ORT_SLOTS(250, 3);
+  /* 253 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelContext_GetAllocator)(const OrtKernelContext* ctx,
+                                                                       const OrtMemoryInfo* mem_info,
+                                                                       OrtAllocator** out);
+  MOEFUSE_ORT_SLOTS(254, 13);
   /* 267 */ OrtStatusPtr(MOEFUSE_ORT_CALL* ShapeInferContext_GetInputCount)(
       const OrtShapeInferContext* ctx, size_t* out);
   /* 268 */ OrtStatusPtr(MOEFUSE_ORT_CALL* ShapeInferContext_GetInputTypeShape)(
@@ -172,7 +176,10 @@ struct OrtApi {
                                                                       void (*fn)(void*, size_t),
                                                                       size_t total, size_t num_batch,
                                                                       void* user_data);
-  MOEFUSE_ORT_SLOTS(275, 3);
+  MOEFUSE_ORT_SLOTS(275, 2);
+  /* 277 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelContext_GetScratchBuffer)(const OrtKernelContext* ctx,
+                                                                           const OrtMemoryInfo* mem_info,
+                                                                           size_t bytes, void** out);
   /* 278 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfoGetAllocator)(const OrtKernelInfo* info,
                                                                   OrtMemType mem_type,
                                                                   OrtAllocator** out);
@@ -251,4 +258,6 @@ MOEFUSE_ORT_SLOT_AT(KernelContext_ParallelFor, 274);
 MOEFUSE_ORT_SLOT_AT(ReleaseAllocator, 132);
 MOEFUSE_ORT_SLOT_AT(KernelContext_GetGPUComputeStream, 193);
 MOEFUSE_ORT_SLOT_AT(KernelInfoGetAllocator, 278);
+MOEFUSE_ORT_SLOT_AT(KernelContext_GetAllocator, 253);
+MOEFUSE_ORT_SLOT_AT(KernelContext_GetScratchBuffer, 277);
 #undef MOEFUSE_ORT_SLOT_AT

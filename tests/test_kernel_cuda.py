@@ -536,6 +536,31 @@ def test_weights_not_constant(routing, experts):
             close(got, moeffn(attrs, **part), dtype, f"{attrs} T={t}")
 
 
+def test_concurrent_runs():
+    """Threads running one session at once (concurrent Runs may get streams of their own): each
+    call's output is bit for bit that of the same call run alone. A call's scratch memory goes
+    back to the arena while its kernels may still be running; only a stream that has waited for
+    them may be given it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    attrs = MoEFFNAttrs(k=2)
+    hidden, inter, experts = 512, 768, 16
+    base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, dtype=BF16, seed=9)
+    sess = cuda_session(make_moeffn_model(attrs, base))
+    counts = (1, 40, 700, 2000) * 2 if not MEMCHECK else (1, 700)
+    calls = [feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16, seed=600 + i))
+             for i, t in enumerate(counts)]
+
+    def call(inputs):
+        return f32(run(sess, feeds(dict(base, **inputs)), {"Y": inputs["X"].shape})[0])
+
+    alone = [call(c) for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        for round_ in range(3 if not MEMCHECK else 1):
+            for i, (got, want) in enumerate(zip(pool.map(call, calls), alone)):
+                np.testing.assert_array_equal(got, want, err_msg=f"round {round_}, call {i}")
+
+
 def test_empty_batch():
     for routing, experts in [("sigmoid_grouped", "swiglu_halves"), ("precomputed", "rank1_silu")]:
         attrs, opts, inter = case(routing, experts)

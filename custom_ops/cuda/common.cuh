@@ -1,6 +1,7 @@
 // Device helpers shared by the moefuse CUDA kernels.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -280,6 +281,19 @@ cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 }
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device. The attribute is a
+// device's: set once per device (the first 64), for each kernel its own `devices_done` mask.
+template <typename Kernel>
+cudaError_t AllowDynamicSmem(Kernel kernel, int bytes, std::atomic<uint64_t>& devices_done) {
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device)) return e;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit & devices_done.load(std::memory_order_relaxed)) return cudaSuccess;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) return e;
+  devices_done.fetch_or(bit, std::memory_order_relaxed);
+  return cudaSuccess;
+}
 
 }  // namespace cuda
 }  // namespace moefuse

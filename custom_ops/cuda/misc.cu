@@ -1,7 +1,6 @@
 // Combine (weighted sum of each token's expert outputs plus the shared expert), the direct path
 // for small-intermediate experts, and the layout transpose used when weights are stored in_out.
 #include <algorithm>
-#include <atomic>
 
 #include "common.cuh"
 
@@ -9,11 +8,13 @@ namespace moefuse {
 namespace cuda {
 
 namespace {
-std::atomic<bool> g_use_pdl{false};
+// Set by each call before its launches, all on the calling thread: per thread, so that calls on
+// GPUs that differ (one running code without the waits) do not set it for each other.
+thread_local bool g_use_pdl = false;
 }  // namespace
 
-bool UsePdl() { return g_use_pdl.load(std::memory_order_relaxed); }
-void SetUsePdl(bool on) { g_use_pdl.store(on, std::memory_order_relaxed); }
+bool UsePdl() { return g_use_pdl; }
+void SetUsePdl(bool on) { g_use_pdl = on; }
 
 namespace {
 

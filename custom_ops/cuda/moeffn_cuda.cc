@@ -334,7 +334,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const MoEFFNShape& sh = call.shape;
   const int64_t T = sh.tokens, D = sh.hidden, E = sh.experts, I = sh.inter, Is = sh.shared_inter;
   const int64_t K = a.k;
-  if (T == 0) return nullptr;
+  if (T == 0 || D == 0) return nullptr;  // Y has no elements
   void* ydata = call.y;
   if (T * K >= kBadPairBase || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
@@ -444,19 +444,24 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   for (int i : kWeightInputs)
     if (need_t[i]) o_t[i] = cv.Add(static_cast<size_t>(need_t[i]));
   // One allocation from the EP's arena, carved; or, for memory checkers, one exact cudaMalloc
-  // per buffer (freed after the stream drains).
+  // per buffer (freed after the stream drains). The arena's buffer is onnxruntime's scratch
+  // buffer, tied to this call's stream: it goes back to the arena as Compute returns, while the
+  // kernels queued here may still run, and only a stream that has waited for this one gets it
+  // again. (A plain Alloc would be free for any stream at once, e.g. a concurrent Run's.)
   struct Scratch {
-    OrtAllocator* a = nullptr;
+    const OrtApi* api = nullptr;
+    OrtAllocator* a = nullptr;  // the kernel context's allocator, which frees `base`
     char* base = nullptr;
     std::vector<std::pair<size_t, void*>> exact;  // (offset, buffer)
     cudaStream_t stream = nullptr;
     ~Scratch() {
       if (base) a->Free(a, base);
+      if (a) api->ReleaseAllocator(a);
       if (!exact.empty()) cudaStreamSynchronize(stream);
       for (auto& b : exact) cudaFree(b.second);
     }
   } scratch;
-  scratch.a = alloc_;
+  scratch.api = api_;
   scratch.stream = stream;
   if (exact_alloc_) {
     for (const auto& part : cv.parts()) {
@@ -466,7 +471,11 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
       scratch.exact.push_back({part.first, p});
     }
   } else {
-    scratch.base = static_cast<char*>(alloc_->Alloc(alloc_, cv.bytes()));
+    const OrtMemoryInfo* device_memory = alloc_->Info(alloc_);
+    if (OrtStatus* st = api->KernelContext_GetAllocator(ctx, device_memory, &scratch.a)) return st;
+    void* base = nullptr;
+    if (OrtStatus* st = api->KernelContext_GetScratchBuffer(ctx, device_memory, cv.bytes(), &base)) return st;
+    scratch.base = static_cast<char*>(base);
     if (!scratch.base)
       return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for " +
                                  std::to_string(cv.bytes()) + " bytes of scratch");

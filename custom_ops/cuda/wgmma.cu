@@ -888,9 +888,8 @@ template <typename T, int BN, bool PingPong>
 cudaError_t Run(const TmaMaps& m, const WgArgs& a, int64_t tiles_ub,
                 int num_sms, cudaStream_t stream) {
   using C = Cfg<BN, PingPong>;
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      WgKernel<T, BN, PingPong>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-  if (attr != cudaSuccess) return attr;
+  static std::atomic<uint64_t> smem_allowed{0};
+  if (cudaError_t e = AllowDynamicSmem(WgKernel<T, BN, PingPong>, C::kSmem, smem_allowed)) return e;
   const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
   if (grid <= 0) return cudaSuccess;
   return Launch(WgKernel<T, BN, PingPong>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
@@ -931,9 +930,8 @@ template <typename T, int BT>
 cudaError_t RunNarrow(const TmaMaps& m, const WgArgs& a, int num_sms,
                       cudaStream_t stream) {
   using C = NarrowCfg<BT>;
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      WgNarrowKernel<T, BT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-  if (attr != cudaSuccess) return attr;
+  static std::atomic<uint64_t> smem_allowed{0};
+  if (cudaError_t e = AllowDynamicSmem(WgNarrowKernel<T, BT>, C::kSmem, smem_allowed)) return e;
   const int64_t tiles_ub = a.g.max_tiles * a.n_tiles;
   const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
   if (grid <= 0) return cudaSuccess;
