@@ -450,13 +450,14 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // again. (A plain Alloc would be free for any stream at once, e.g. a concurrent Run's.)
   struct Scratch {
     const OrtApi* api = nullptr;
-    OrtAllocator* a = nullptr;  // the kernel context's allocator, which frees `base`
+    OrtAllocator* a = nullptr;  // frees `base`: the kernel context's allocator, or the EP's
+    bool release_a = false;     // (the kernel context's, released here)
     char* base = nullptr;
     std::vector<std::pair<size_t, void*>> exact;  // (offset, buffer)
     cudaStream_t stream = nullptr;
     ~Scratch() {
       if (base) a->Free(a, base);
-      if (a) api->ReleaseAllocator(a);
+      if (release_a) api->ReleaseAllocator(a);
       if (!exact.empty()) cudaStreamSynchronize(stream);
       for (auto& b : exact) cudaFree(b.second);
     }
@@ -471,10 +472,16 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
       scratch.exact.push_back({part.first, p});
     }
   } else {
-    const OrtMemoryInfo* device_memory = alloc_->Info(alloc_);
-    if (OrtStatus* st = api->KernelContext_GetAllocator(ctx, device_memory, &scratch.a)) return st;
     void* base = nullptr;
-    if (OrtStatus* st = api->KernelContext_GetScratchBuffer(ctx, device_memory, cv.bytes(), &base)) return st;
+    if (!stream) {  // no compute stream: the legacy default stream orders all work
+      scratch.a = alloc_;
+      base = alloc_->Alloc(alloc_, cv.bytes());
+    } else {
+      const OrtMemoryInfo* device_memory = alloc_->Info(alloc_);
+      if (OrtStatus* st = api->KernelContext_GetAllocator(ctx, device_memory, &scratch.a)) return st;
+      scratch.release_a = true;
+      if (OrtStatus* st = api->KernelContext_GetScratchBuffer(ctx, device_memory, cv.bytes(), &base)) return st;
+    }
     scratch.base = static_cast<char*>(base);
     if (!scratch.base)
       return Error(ORT_FAIL, Who(node_name_) + ": out of device memory for " +
