@@ -197,8 +197,8 @@ OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
     api_->ReleaseStatus(st);
     return nullptr;
   }
-  cudaStream_t stream = nullptr;
-  bool made_stream = false;
+  // a stream of its own, made for the first weight, destroyed on every way out
+  std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> own_stream(nullptr, cudaStreamDestroy);
   for (int i : kWeightInputs) {
     if (static_cast<size_t>(i) >= count) continue;
     int is_const = 0;
@@ -222,11 +222,13 @@ OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
     if (dev_.device < 0) {
       if (OrtStatus* st = EnsureDevice(dst)) return st;
     }
-    if (!made_stream) {
-      if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking))
+    if (!own_stream) {
+      cudaStream_t made = nullptr;
+      if (cudaError_t e = cudaStreamCreateWithFlags(&made, cudaStreamNonBlocking))
         return CudaError(e, "stream creation");
-      made_stream = true;
+      own_stream.reset(made);
     }
+    cudaStream_t stream = own_stream.get();
     // the constant may live on the host (onnxruntime keeps a CPU copy): stage it on the device
     cudaPointerAttributes attr;
     const void* src = val.data;
@@ -236,8 +238,10 @@ OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
       cudaGetLastError();
       staged = alloc_->Alloc(alloc_, bytes);
       if (!staged) return Error(ORT_FAIL, Who(node_name_) + ": out of device memory staging weights");
-      if (cudaError_t e = cudaMemcpyAsync(staged, src, bytes, cudaMemcpyHostToDevice, stream))
+      if (cudaError_t e = cudaMemcpyAsync(staged, src, bytes, cudaMemcpyHostToDevice, stream)) {
+        alloc_->Free(alloc_, staged);
         return CudaError(e, "weight upload");
+      }
       src = staged;
     }
     const int64_t batch = d.size() == 3 ? d[0] : 1;
@@ -250,7 +254,6 @@ OrtStatus* Kernel::Prepack(const OrtKernelInfo* info) {
     if (e) return CudaError(e, "weight transposition");
     packed_dims_[i] = d;
   }
-  if (made_stream) cudaStreamDestroy(stream);
   return nullptr;
 }
 
