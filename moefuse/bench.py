@@ -99,11 +99,16 @@ def bench(model: onnx.ModelProto, base_dir: str, tokens: list[int], batch: int =
     for v in vs:
         so = v.options or ort.SessionOptions()
         so.log_severity_level = 3
+        # (the model goes in as bytes: its external data is found beside the file it came from)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
         if threads:
             so.intra_op_num_threads = threads
         log(f"session: {v.name}")
         v.session = ort.InferenceSession(v.model.SerializeToString(), so,
                                          providers=PROVIDERS[provider])
+        if PROVIDERS[provider][0] not in v.session.get_providers():  # fell back to the CPU
+            raise RuntimeError(f"onnxruntime could not use {PROVIDERS[provider][0]} (no usable "
+                               f"GPU?); the session runs on {v.session.get_providers()}")
     for t in tokens:
         feeds = feeds_for(model, t, batch)
         ref = None

@@ -90,6 +90,8 @@ def convert(model, output, partial, report_path, check, target, quiet):
     from .converter.io import ModelFileError, check_opset, copy_unchanged, save
 
     progress = _progress(quiet)
+    if report_path:
+        _check_report_path(report_path, model, output)
     proto = _load(model)
     progress(f"loaded {model}: {len(proto.graph.node)} nodes")
     try:
@@ -105,7 +107,7 @@ def convert(model, output, partial, report_path, check, target, quiet):
     try:
         if not blocks:
             click.echo("no MoE blocks found; the output is a copy of the input")
-            copy_unchanged(model, output)
+            copy_unchanged(proto, model, output)
             report["written"] = True
             return
         click.echo(_table(blocks))
@@ -116,6 +118,8 @@ def convert(model, output, partial, report_path, check, target, quiet):
                 f"(--partial converts the {len(result.converted)} that did)")
         removed = sum(b.nodes_removed for b in result.converted)
         report["blocks"] = [b.to_json() for b in blocks]
+        # the original's session before the output is written: it may replace the input
+        original = _session_or_exit(model) if check else None
         save(result.model, output, model)
         report["written"] = True
         ops = Counter(b.emitted for b in result.converted)
@@ -128,21 +132,55 @@ def convert(model, output, partial, report_path, check, target, quiet):
                            f"{b.target_note}")
         if check:
             progress("checking original vs converted on random inputs")
-            err = _check(model, output, proto)
+            err = _check(original, output, proto)
             report["check_max_relative_error"] = err
             click.echo(f"check: max relative error {err:.2e} over all outputs")
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if report_path:
-            with open(report_path, "w") as f:
-                json.dump(report, f, indent=2)
+            try:
+                with open(report_path, "w") as f:
+                    json.dump(report, f, indent=2)
+            except OSError as exc:
+                # (after the model's fate is settled: said, and the exit fails, but nothing is undone)
+                click.echo(f"Error: --report {report_path}: cannot write ({exc.strerror})", err=True)
+                if sys.exc_info()[0] is None:
+                    sys.exit(1)
+
+
+def _check_report_path(report_path, model, output):
+    """The report may not overwrite the model, the output or a folder; its folder must exist."""
+    real = os.path.realpath(report_path)
+    for what, path in (("the model", model), ("the output", output)):
+        if real == os.path.realpath(path):
+            raise click.BadParameter(f"{report_path} is {what}; give the report its own path",
+                                     param_hint="--report")
+    if os.path.isdir(real) or not os.path.isdir(os.path.dirname(real)):
+        raise click.BadParameter(f"{report_path}: no such folder, or a folder itself",
+                                 param_hint="--report")
+
+
+def _session_or_exit(model_or_path, shown=None):
+    """An onnxruntime CPU session, or a click error naming the model and onnxruntime's reason."""
+    from .compare import session
+
+    try:
+        return session(model_or_path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        name = shown or model_or_path
+        raise click.ClickException(f"{name}: onnxruntime cannot run it: {str(exc).strip()[:500]}") from None
 
 
 def _check(original, converted, proto) -> float:
-    from .compare import compare_sessions, session
+    from .compare import compare_sessions
 
-    return compare_sessions(session(original), session(converted), proto)
+    try:
+        return compare_sessions(original, _session_or_exit(converted), proto)
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"check: running the models failed: {str(exc).strip()[:500]}") from None
 
 
 @main.command()
@@ -179,25 +217,43 @@ def diff(a, b, as_json, summary):
     click.echo(json.dumps(d, indent=2) if as_json else format_diff(d))
 
 
+def _token_counts(ctx, param, value):
+    try:
+        counts = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated whole numbers, e.g. 1,16,256") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r}: expected token counts of at least 1")
+    return counts
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--tokens", default="1,16,256", show_default=True,
+@click.option("--tokens", default="1,16,256", show_default=True, callback=_token_counts,
               help="Comma-separated token counts (the sequence dim; others take --batch).")
-@click.option("--batch", default=1, show_default=True, help="Batch size when the input has two "
-                                                            "symbolic dims.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batch size when the input has two symbolic dims.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", default=0, help="intra-op threads (0: onnxruntime's default).")
+@click.option("--threads", default=0, type=click.IntRange(0, 1024),
+              help="intra-op threads (0: onnxruntime's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def bench(model, tokens, batch, provider, threads, as_json, quiet):
     """Time MODEL, its MoEFFN version and its com.microsoft.MoE version side by side."""
+    import onnxruntime as ort
+
     from .bench import bench as run_bench, table, to_json
 
-    counts = [int(t) for t in tokens.split(",") if t.strip()]
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise click.BadParameter("this onnxruntime has no CUDA execution provider (install "
+                                 "onnxruntime-gpu)", param_hint="--provider")
     proto = _load(model)
-    vs = run_bench(proto, os.path.dirname(os.path.abspath(model)), counts, batch, provider,
-                   threads, log=_progress(quiet))
-    click.echo(json.dumps(to_json(vs), indent=2) if as_json else table(vs, counts))
+    try:
+        vs = run_bench(proto, os.path.dirname(os.path.abspath(model)), tokens, batch, provider,
+                       threads, log=_progress(quiet))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise click.ClickException(f"{model}: running it failed: {str(exc).strip()[:500]}") from None
+    click.echo(json.dumps(to_json(vs), indent=2) if as_json else table(vs, tokens))
 
 
 @main.command()
@@ -214,7 +270,10 @@ def validate(model):
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - keep the declared shapes if inference cannot run
         pass
-    known = declared_shapes(proto)
+    try:
+        known = declared_shapes(proto)
+    except Exception as exc:  # noqa: BLE001 - a malformed value info or initializer
+        raise click.ClickException(f"{model}: cannot read its declared shapes ({exc!r})") from None
     nodes = list(_moeffn_nodes(proto.graph))
     if not nodes:
         click.echo("no MoEFFN nodes")
@@ -223,11 +282,15 @@ def validate(model):
     for node in nodes:
         try:
             size = validate_node(proto, node, known)
+            attrs = attrs_of(node)
         except MoEFFNError as exc:
             bad += 1
             click.echo(f"FAIL {exc}")
             continue
-        attrs = attrs_of(node)
+        except (ValueError, TypeError, KeyError) as exc:  # an attribute of the wrong type
+            bad += 1
+            click.echo(f"FAIL {node.name or '<unnamed>'}: cannot read the node ({exc!r})")
+            continue
         click.echo(f"ok   {node.name or '<unnamed>'}: E={size.experts} k={attrs.k} D={size.hidden} "
                    f"I={size.inter} routing={attrs.routing} activation={attrs.activation}"
                    f"{'' if attrs.gated else ' (non-gated)'}")

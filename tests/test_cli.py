@@ -188,3 +188,139 @@ def test_inspect_lists_each_near_miss_reason_once(tmp_path):
     line = next(t for t in text.splitlines() if t.startswith("near miss"))
     assert line.count("expected 2 or 3 stacked expert weight tensors") == 1, line
     assert line.count("output size differs from the block input's") == 1, line
+
+
+# --- external data, output paths and the report: nothing of the user's overwritten ------------
+
+def external_tiny(folder, location="model.onnx.data"):
+    """The tiny model with its weights in an external data file, as torch's exporter names it."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(TINY), path, save_as_external_data=True, location=location)
+    return path
+
+
+def runs(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()
+
+
+def test_in_place_conversion_keeps_the_weights_file(tmp_path, monkeypatch):
+    """New tensors of a re-layout go to a file of their own, not over the model's
+    `model.onnx.data` that the kept tensors still read; --check compares with the original."""
+    from moefuse.converter import io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 1024)  # the tiny model's new tensors go out too
+    path = external_tiny(tmp_path)
+    before = (tmp_path / "model.onnx.data").read_bytes()
+    code, text = invoke("convert", path, "-o", path, "--target", "ort", "--check", "-q")
+    assert code == 0, text
+    assert (tmp_path / "model.onnx.data").read_bytes() == before
+    locations = {e.value for t in onnx.load(path, load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data", "model.onnx.moefuse.data"}
+    assert runs(path)
+    assert "max relative error 0.00e+00" not in text  # (the converted model against itself)
+
+
+def test_output_in_another_folder_gets_the_data(tmp_path):
+    """onnxruntime refuses data paths that leave the model's folder: the output's folder gets the
+    input's data files (hard links, or copies), for converted and for unchanged models."""
+    path = external_tiny(tmp_path / "a")
+    out = tmp_path / "b" / "fused.onnx"
+    out.parent.mkdir()
+    code, text = invoke("convert", path, "-o", out, "-q")
+    assert code == 0, text
+    assert (out.parent / "model.onnx.data").read_bytes() == (tmp_path / "a" / "model.onnx.data").read_bytes()
+    assert runs(out)
+    code, text = invoke("convert", path, "-o", out, "-q")  # again: the data file is reused
+    assert code == 0, text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "model.onnx.data"]
+
+    w = np.ones((512, 512), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "dense",
+                              [helper.make_tensor_value_info("x", 1, ["T", 512])],
+                              [helper.make_tensor_value_info("y", 1, ["T", 512])],
+                              initializer=[onnx.numpy_helper.from_array(w, "w")])
+    dense = tmp_path / "a" / "dense.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), dense,
+              save_as_external_data=True, location="dense.bin")
+    copy = tmp_path / "c" / "dense.onnx"
+    copy.parent.mkdir()
+    code, text = invoke("convert", dense, "-o", copy, "-q")
+    assert code == 0 and "no MoE blocks found" in text
+    assert copy.read_bytes() == dense.read_bytes() and (copy.parent / "dense.bin").exists()
+    assert runs(copy)
+
+
+def test_the_report_may_not_replace_the_model_or_the_output(tmp_path):
+    path = tmp_path / "m.onnx"
+    shutil.copy(TINY, path)
+    before = path.read_bytes()
+    for report in (path, tmp_path / "o.onnx"):
+        code, text = invoke("convert", path, "-o", tmp_path / "o.onnx", "--report", report, "-q")
+        assert code == 2 and "--report" in text and "its own path" in text
+    assert path.read_bytes() == before and not (tmp_path / "o.onnx").exists()
+    code, text = invoke("convert", path, "-o", tmp_path / "o.onnx", "--report",
+                        tmp_path / "nodir" / "r.json", "-q")
+    assert code == 2 and "no such folder" in text and not (tmp_path / "o.onnx").exists()
+
+
+def test_output_that_is_not_a_file_is_refused_and_a_link_writes_its_target(tmp_path):
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    code, text = invoke("convert", TINY, "-o", fifo, "-q")
+    assert code == 1 and "not a regular file" in text
+    assert not fifo.is_file() and fifo.exists()
+    target, link = tmp_path / "target.onnx", tmp_path / "link.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    code, text = invoke("convert", TINY, "-o", link, "-q")
+    assert code == 0, text
+    assert link.is_symlink() and sum(n.op_type == "MoEFFN" for n in onnx.load(target).graph.node) == 2
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokens", "a,b"], "expected comma-separated whole numbers"),
+    (["--tokens", ","], "token counts of at least 1"),
+    (["--tokens", "0"], "token counts of at least 1"),
+    (["--batch", "0"], "--batch"),
+    (["--threads", "-1"], "--threads"),
+])
+def test_bench_refuses_bad_sizes(argv, message):
+    code, text = invoke("bench", TINY, *argv, "-q")
+    assert code == 2 and message in text, text
+
+
+def test_bench_cuda_without_a_cuda_provider():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA execution provider")
+    code, text = invoke("bench", TINY, "--provider", "cuda", "-q")
+    assert code == 2 and "no CUDA execution provider" in text
+
+
+def test_validate_names_a_node_it_cannot_read(tmp_path):
+    from moefuse import MoEFFNAttrs, make_moeffn_model
+    from moefuse.synthetic import random_inputs
+
+    attrs = MoEFFNAttrs(k=2)
+    model = make_moeffn_model(attrs, random_inputs(attrs, 3, 16, 8, 4))
+    node = next(n for n in model.graph.node if n.op_type == "MoEFFN")
+    node.name = "moe0"
+    kept = [a for a in node.attribute if a.name != "k"]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute("k", "two")])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    code, text = invoke("validate", path)
+    assert code == 1 and "FAIL moe0" in text and "Traceback" not in text

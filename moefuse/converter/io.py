@@ -3,10 +3,16 @@
 - Loading never reads external data: weights stay on disk and the converter reads only the
   tensors of the block it verifies.
 - Bad input gets a :class:`ModelFileError` naming the file and what is wrong.
-- Writing goes to a temporary file in the destination folder, renamed over the destination only
-  once complete, so a failure leaves no partial file and an output equal to the input is safe.
-- External data stays external: the written model points at the original data files (by a path
-  relative to the output folder); new tensors made by re-layouts go to ``<output>.data``.
+- Writing goes to temporary files in the destination folder, renamed over the destination only
+  once complete, so a failure leaves no partial file and an output equal to the input is safe. An
+  output path that is a symlink writes its target; one that exists and is not a regular file (a
+  device, a FIFO) is refused. Outputs get the usual permissions (0666 less the umask).
+- External data stays external and where onnxruntime looks for it, inside the model's folder: an
+  output in another folder gets the input's data files at the same relative paths there, as hard
+  links where the file system allows (else copies); an existing file of that name is never
+  overwritten. New tensors made by re-layouts go to ``<output>.data``, or to another name where
+  the model's own data already uses that one (an in-place conversion of a model whose weights are
+  in ``model.onnx.data``, as torch's exporter names them).
 """
 
 from __future__ import annotations
@@ -84,32 +90,126 @@ def check_external_data(model: onnx.ModelProto, base_dir: str, path: str) -> Non
                                  f"'{loc}', which has only {sizes[loc]} (truncated data file)")
 
 
-def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
-    """Write ``model`` to ``out_path`` atomically, keeping external data where it is."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    in_dir = os.path.dirname(os.path.abspath(in_path))
+def _output_file(out_path: str) -> str:
+    """The regular file to (re)place for ``out_path``: a symlink's target; refuses the rest."""
+    real = os.path.realpath(out_path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise ModelFileError(f"{out_path}: exists and is not a regular file (a folder, device or "
+                             f"pipe); give the path of an .onnx file")
+    out_dir = os.path.dirname(real)
     if not os.path.isdir(out_dir):
         raise ModelFileError(f"{out_path}: the folder {out_dir} does not exist")
-    if in_dir != out_dir:
-        for t in external_tensors(model):
-            for e in t.external_data:
-                if e.key == "location":
-                    e.value = os.path.relpath(os.path.join(in_dir, e.value), out_dir)
-    has_external = any(True for _ in external_tensors(model))
-    big_new = [t for t in model.graph.initializer
-               if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > _EXTERNAL_THRESHOLD]
-    data_name = os.path.basename(out_path) + ".data"
-    tmp_data = None
+    return real
+
+
+def _temp_beside(path: str, shown: str, suffix: str = "") -> str:
+    """An empty temporary file in ``path``'s folder, with the permissions a new file gets."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".moefuse-", suffix=".onnx", dir=out_dir)
+        fd, tmp = tempfile.mkstemp(prefix=".moefuse-", suffix=suffix, dir=os.path.dirname(path))
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     except OSError as exc:
-        raise ModelFileError(f"{out_path}: cannot write in {out_dir} ({exc.strerror})") from None
+        raise ModelFileError(f"{shown}: cannot write in {os.path.dirname(path)} ({exc.strerror})") from None
+    return tmp
+
+
+class _Staged:
+    """Files written under temporary names, renamed into place together by ``commit``, removed
+    by ``discard`` if anything fails first."""
+
+    def __init__(self, shown: str):
+        self.shown = shown
+        self.moves: list[tuple[str, str]] = []
+
+    def new(self, final: str, suffix: str = "") -> str:
+        tmp = _temp_beside(final, self.shown, suffix)
+        self.moves.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self.moves:  # the model file last: it is what refers to the others
+            os.replace(tmp, final)
+        self.moves = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.moves:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.moves = []
+
+
+def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged) -> None:
+    """Makes the data files of ``model`` (read from ``in_dir``) available beside ``out_file``,
+    rewriting a tensor's location where it cannot keep its relative path."""
+    out_dir = os.path.dirname(out_file)
+    if os.path.realpath(in_dir) == out_dir:
+        return
+    placed: dict[str, str] = {}
+    for t in external_tensors(model):
+        for e in t.external_data:
+            if e.key != "location":
+                continue
+            loc = e.value
+            if loc not in placed:
+                placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged)
+            e.value = placed[loc]
+
+
+def _same_data(src: str, dst: str) -> bool:
+    """``dst`` is ``src`` (a hard link) or a copy made by an earlier run (size and time kept)."""
+    if os.path.samefile(src, dst):
+        return True
+    a, b = os.stat(src), os.stat(dst)
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+
+
+def _place_one(src: str, loc: str, out_file: str, staged: _Staged) -> str:
+    out_dir = os.path.dirname(out_file)
+    parts = os.path.normpath(loc).split(os.sep)
+    rel = loc if not os.path.isabs(loc) and ".." not in parts else os.path.basename(loc)
+    for candidate in (rel, f"{os.path.basename(out_file)}.{os.path.basename(loc)}"):
+        dst = os.path.join(out_dir, candidate)
+        if os.path.exists(dst) and _same_data(src, dst):
+            return candidate
+        if not os.path.exists(dst) and os.path.isdir(os.path.dirname(dst)):
+            break
+    else:
+        raise ModelFileError(f"{staged.shown}: cannot place the data file '{loc}' beside it: "
+                             f"{os.path.join(out_dir, rel)} exists and is another file")
+    tmp = staged.new(dst)
     try:
+        os.unlink(tmp)
+        os.link(src, tmp)
+    except OSError:  # another file system: a copy, its time kept (so a later run sees it as one)
+        shutil.copy2(src, tmp)
+    return candidate
+
+
+def _new_data_name(model: onnx.ModelProto, out_file: str) -> str:
+    used = {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
+    name, n = os.path.basename(out_file) + ".data", 0
+    while name in used:
+        n += 1
+        name = f"{os.path.basename(out_file)}.moefuse{n if n > 1 else ''}.data"
+    return name
+
+
+def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
+    """Write ``model`` to ``out_path`` atomically, keeping external data external."""
+    out_file = _output_file(out_path)
+    in_dir = os.path.dirname(os.path.abspath(in_path))
+    staged = _Staged(out_path)
+    try:
+        _place_external_data(model, in_dir, out_file, staged)
+        has_external = any(True for _ in external_tensors(model))
+        big_new = [t for t in model.graph.initializer
+                   if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > _EXTERNAL_THRESHOLD]
         if big_new and (has_external or model.ByteSize() > (3 << 29)):
-            tmp_data = tmp + ".data"
+            data_name = _new_data_name(model, out_file)
             offset = 0
-            with open(tmp_data, "wb") as f:
+            with open(staged.new(os.path.join(os.path.dirname(out_file), data_name), ".data"), "wb") as f:
                 for t in big_new:
                     raw = t.raw_data
                     f.write(raw)
@@ -121,28 +221,34 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
                     t.data_location = onnx.TensorProto.EXTERNAL
                     t.ClearField("raw_data")
                     offset += len(raw)
-        with open(tmp, "wb") as f:
+        with open(staged.new(out_file, ".onnx"), "wb") as f:
             f.write(model.SerializeToString())
-        if tmp_data:
-            os.replace(tmp_data, os.path.join(out_dir, data_name))
-        os.replace(tmp, out_path)
+        staged.commit()
     except OSError as exc:
         raise ModelFileError(f"{out_path}: cannot write ({exc.strerror})") from None
     finally:
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
+        staged.discard()
 
 
-def copy_unchanged(in_path: str, out_path: str) -> None:
-    """The output of a model with nothing to convert: the input's bytes."""
-    if os.path.abspath(in_path) == os.path.abspath(out_path):
+def copy_unchanged(model: onnx.ModelProto, in_path: str, out_path: str) -> None:
+    """The output of a model with nothing to convert: the input's bytes, and its data files
+    beside the output. (Where a data file cannot keep its relative path, the model is written
+    with the new one.)"""
+    out_file = _output_file(out_path)
+    if os.path.realpath(in_path) == out_file:
         return
-    out_dir = os.path.dirname(os.path.abspath(out_path))
+    relocated = onnx.ModelProto()
+    relocated.CopyFrom(model)
+    staged = _Staged(out_path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".moefuse-", suffix=".onnx", dir=out_dir)
-        os.close(fd)
-        shutil.copyfile(in_path, tmp)
-        os.replace(tmp, out_path)
+        _place_external_data(relocated, os.path.dirname(os.path.abspath(in_path)), out_file, staged)
+        if relocated != model:
+            staged.discard()
+            save(model, out_path, in_path)
+            return
+        shutil.copyfile(in_path, staged.new(out_file, ".onnx"))
+        staged.commit()
     except OSError as exc:
         raise ModelFileError(f"{out_path}: cannot write ({exc.strerror})") from None
+    finally:
+        staged.discard()
