@@ -87,17 +87,23 @@ def _table(blocks, done: str = "converted") -> str:
 def convert(model, output, partial, report_path, check, target, quiet):
     """Collapse every MoE block of MODEL into one fused node, proven by execution."""
     from .converter import convert_model
-    from .converter.io import ModelFileError, check_opset, copy_unchanged, save
+    from .converter.io import ModelFileError, check_opset, copy_unchanged, output_file, save
 
     progress = _progress(quiet)
+    try:
+        output_file(output)  # refused before the work, not after
+    except ModelFileError as exc:
+        raise click.ClickException(str(exc)) from None
     if report_path:
-        _check_report_path(report_path, model, output)
+        _check_report_path(report_path, [model, output])
     proto = _load(model)
     progress(f"loaded {model}: {len(proto.graph.node)} nodes")
     try:
         check_opset(proto, model)
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
+    if report_path:  # nor the model's data files
+        _check_report_path(report_path, _data_files(model, proto))
     base_dir = os.path.dirname(os.path.abspath(model))
     result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
                            target=target)
@@ -139,26 +145,49 @@ def convert(model, output, partial, report_path, check, target, quiet):
         raise click.ClickException(str(exc)) from None
     finally:
         if report_path:
-            try:
-                with open(report_path, "w") as f:
-                    json.dump(report, f, indent=2)
-            except OSError as exc:
-                # (after the model's fate is settled: said, and the exit fails, but nothing is undone)
-                click.echo(f"Error: --report {report_path}: cannot write ({exc.strerror})", err=True)
-                if sys.exc_info()[0] is None:
-                    sys.exit(1)
+            _write_report(report_path, report, output, failing=sys.exc_info()[0] is not None)
 
 
-def _check_report_path(report_path, model, output):
-    """The report may not overwrite the model, the output or a folder; its folder must exist."""
+def _data_files(path, proto):
+    from .converter.io import data_locations
+
+    folder = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, loc) for loc in data_locations(proto)]
+
+
+def _check_report_path(report_path, taken):
+    """The report may not replace the model, the output or their data files (by any name), nor a
+    folder, device or pipe; its folder must exist and be writable."""
     real = os.path.realpath(report_path)
-    for what, path in (("the model", model), ("the output", output)):
-        if real == os.path.realpath(path):
-            raise click.BadParameter(f"{report_path} is {what}; give the report its own path",
-                                     param_hint="--report")
-    if os.path.isdir(real) or not os.path.isdir(os.path.dirname(real)):
-        raise click.BadParameter(f"{report_path}: no such folder, or a folder itself",
-                                 param_hint="--report")
+    for path in taken:
+        if os.path.realpath(path) == real or (os.path.exists(path) and os.path.exists(real)
+                                              and os.path.samefile(path, real)):
+            raise click.BadParameter(f"{report_path} is {path}, a file of the model or its output; "
+                                     f"give the report its own path", param_hint="--report")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise click.BadParameter(f"{report_path}: exists and is not a regular file", param_hint="--report")
+    folder = os.path.dirname(real)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"{report_path}: no such folder {folder}", param_hint="--report")
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"{report_path}: the folder {folder} is not writable", param_hint="--report")
+
+
+def _write_report(report_path, report, output, failing):
+    """Writes the report once the output is settled; errors are said and fail the exit, without
+    undoing the output."""
+    try:
+        if report["written"]:  # the output's own data files, named when it was written
+            import onnx
+
+            _check_report_path(report_path, _data_files(output, onnx.load(output, load_external_data=False)))
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+    except (OSError, click.BadParameter) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else exc.format_message()
+        click.echo(f"Error: --report {report_path}: not written ({why})", err=True)
+        if not failing:
+            sys.exit(1)
 
 
 def _session_or_exit(model_or_path, shown=None):

@@ -123,6 +123,15 @@ class MoEFFNAttrs:
                                   f"(known: {', '.join(known)})")
             if isinstance(value, bytes):
                 value = value.decode()
+            # ONNX's attribute type must be the op's: a kernel reads an INT, FLOAT or STRING and
+            # would take the default for another type (k=3.0 would run as k=2)
+            default = known[name].default
+            kind = str if isinstance(default, str) else float if isinstance(default, float) else int
+            if type(value) is not kind:
+                onnx_type = {int: "INT", float: "FLOAT", str: "STRING"}
+                given = onnx_type.get(type(value), type(value).__name__)
+                raise MoEFFNError(f"{_who(node_name)}: attribute '{name}' must be of type "
+                                  f"{onnx_type[kind]}, got {given} {value!r}")
             kwargs[name] = value
         return cls(**kwargs).normalized()
 

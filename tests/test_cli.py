@@ -234,6 +234,10 @@ def test_output_in_another_folder_gets_the_data(tmp_path):
     assert code == 0, text
     assert (out.parent / "model.onnx.data").read_bytes() == (tmp_path / "a" / "model.onnx.data").read_bytes()
     assert runs(out)
+    # copies, not hard links: onnx's loader refuses data files with several links
+    assert (tmp_path / "a" / "model.onnx.data").stat().st_nlink == 1
+    onnx.load(path)
+    onnx.load(out)
     code, text = invoke("convert", path, "-o", out, "-q")  # again: the data file is reused
     assert code == 0, text
     assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "model.onnx.data"]
@@ -309,7 +313,11 @@ def test_bench_cuda_without_a_cuda_provider():
     assert code == 2 and "no CUDA execution provider" in text
 
 
-def test_validate_names_a_node_it_cannot_read(tmp_path):
+@pytest.mark.parametrize("value,said", [("two", "got STRING 'two'"), (3.0, "got FLOAT 3.0"),
+                                        ([3], "got list [3]")])
+def test_validate_refuses_an_attribute_of_another_type(tmp_path, value, said):
+    """A kernel reads k as an INT and would take its default for a FLOAT 3.0 (running k = 2):
+    validate says so rather than reading the value as 3."""
     from moefuse import MoEFFNAttrs, make_moeffn_model
     from moefuse.synthetic import random_inputs
 
@@ -319,8 +327,48 @@ def test_validate_names_a_node_it_cannot_read(tmp_path):
     node.name = "moe0"
     kept = [a for a in node.attribute if a.name != "k"]
     del node.attribute[:]
-    node.attribute.extend(kept + [helper.make_attribute("k", "two")])
+    node.attribute.extend(kept + [helper.make_attribute("k", value)])
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     code, text = invoke("validate", path)
-    assert code == 1 and "FAIL moe0" in text and "Traceback" not in text
+    assert code == 1 and "'moe0'" in text and f"'k' must be of type INT, {said}" in text, text
+
+
+def test_new_data_never_replaces_a_file_of_the_user(tmp_path, monkeypatch):
+    """`<output>.data` on disk that the output being replaced does not use is left alone; the new
+    tensors go to another name."""
+    from moefuse.converter import io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 1024)
+    path = external_tiny(tmp_path / "a")
+    out = tmp_path / "a" / "o.onnx"
+    (tmp_path / "a" / "o.onnx.data").write_text("precious")
+    code, text = invoke("convert", path, "-o", out, "--target", "ort", "-q")
+    assert code == 0, text
+    assert (tmp_path / "a" / "o.onnx.data").read_text() == "precious"
+    assert runs(out)
+    code, text = invoke("convert", path, "-o", out, "--target", "ort", "-q")  # again: its own data
+    assert code == 0, text                                                     # file is replaced
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "model.onnx", "model.onnx.data", "o.onnx", "o.onnx.data", "o.onnx.moefuse.data"]
+
+
+def test_the_report_may_not_replace_a_data_file(tmp_path, monkeypatch):
+    from moefuse.converter import io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 1024)
+    path = external_tiny(tmp_path)
+    data = tmp_path / "model.onnx.data"
+    before = data.read_bytes()
+    link = tmp_path / "r.json"
+    os.link(path, link)  # the model by another name
+    for report in (data, link):
+        code, text = invoke("convert", path, "-o", path, "--report", report, "-q")
+        assert code == 2 and "give the report its own path" in text, text
+    assert data.read_bytes() == before
+    os.unlink(link)
+    out = tmp_path / "o.onnx"  # the output's new data file, named as it is written
+    code, text = invoke("convert", path, "-o", out, "--target", "ort", "--report",
+                        tmp_path / "o.onnx.data", "-q")
+    assert code == 1 and "not written" in text
+    assert runs(out) and data.read_bytes() == before

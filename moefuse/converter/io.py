@@ -6,13 +6,14 @@
 - Writing goes to temporary files in the destination folder, renamed over the destination only
   once complete, so a failure leaves no partial file and an output equal to the input is safe. An
   output path that is a symlink writes its target; one that exists and is not a regular file (a
-  device, a FIFO) is refused. Outputs get the usual permissions (0666 less the umask).
+  device, a FIFO) is refused. Files written get the usual permissions (0666 less the umask).
 - External data stays external and where onnxruntime looks for it, inside the model's folder: an
-  output in another folder gets the input's data files at the same relative paths there, as hard
-  links where the file system allows (else copies); an existing file of that name is never
-  overwritten. New tensors made by re-layouts go to ``<output>.data``, or to another name where
-  the model's own data already uses that one (an in-place conversion of a model whose weights are
-  in ``model.onnx.data``, as torch's exporter names them).
+  output in another folder gets copies of the input's data files at the same relative paths
+  there (not hard links: onnx's loader refuses data files with several links); an existing file
+  of that name is reused only if it is such a copy, never overwritten. New tensors made by
+  re-layouts go to ``<output>.data``, or to another name where that one is taken: by the model's
+  own data (an in-place conversion of a model whose weights are in ``model.onnx.data``, as
+  torch's exporter names them) or by a file on disk that the output being replaced does not use.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: str, path: str) -> Non
                                  f"'{loc}', which has only {sizes[loc]} (truncated data file)")
 
 
-def _output_file(out_path: str) -> str:
+def output_file(out_path: str) -> str:
     """The regular file to (re)place for ``out_path``: a symlink's target; refuses the rest."""
     real = os.path.realpath(out_path)
     if os.path.exists(real) and not os.path.isfile(real):
@@ -158,7 +159,7 @@ def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, sta
 
 
 def _same_data(src: str, dst: str) -> bool:
-    """``dst`` is ``src`` (a hard link) or a copy made by an earlier run (size and time kept)."""
+    """``dst`` is ``src`` or a copy made by an earlier run (its size and time kept)."""
     if os.path.samefile(src, dst):
         return True
     a, b = os.stat(src), os.stat(dst)
@@ -179,26 +180,38 @@ def _place_one(src: str, loc: str, out_file: str, staged: _Staged) -> str:
         raise ModelFileError(f"{staged.shown}: cannot place the data file '{loc}' beside it: "
                              f"{os.path.join(out_dir, rel)} exists and is another file")
     tmp = staged.new(dst)
-    try:
-        os.unlink(tmp)
-        os.link(src, tmp)
-    except OSError:  # another file system: a copy, its time kept (so a later run sees it as one)
-        shutil.copy2(src, tmp)
+    mode = os.stat(tmp).st_mode & 0o777
+    shutil.copy2(src, tmp)  # its time kept, so that a later run sees the copy as one
+    os.chmod(tmp, mode)
     return candidate
 
 
+def data_locations(model: onnx.ModelProto) -> set:
+    return {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
+
+
 def _new_data_name(model: onnx.ModelProto, out_file: str) -> str:
-    used = {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
-    name, n = os.path.basename(out_file) + ".data", 0
-    while name in used:
-        n += 1
-        name = f"{os.path.basename(out_file)}.moefuse{n if n > 1 else ''}.data"
-    return name
+    """A data file name beside ``out_file`` that the model does not use and that holds nothing
+    but, at most, the data of the output being replaced."""
+    used = data_locations(model)
+    replaceable = set()
+    if os.path.isfile(out_file):
+        try:
+            replaceable = data_locations(onnx.load(out_file, load_external_data=False)) - used
+        except Exception:  # noqa: BLE001 - not a model: its neighbours are not its data
+            pass
+    out_dir, base = os.path.dirname(out_file), os.path.basename(out_file)
+    names = [f"{base}.data"] + [f"{base}.moefuse{n if n > 1 else ''}.data" for n in range(1, 100)]
+    for name in names:
+        if name not in used and (name in replaceable or not os.path.exists(os.path.join(out_dir, name))):
+            return name
+    raise ModelFileError(f"{out_file}: no free name for its new data file ({names[0]} and "
+                         f"{len(names) - 1} others exist)")
 
 
 def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
     """Write ``model`` to ``out_path`` atomically, keeping external data external."""
-    out_file = _output_file(out_path)
+    out_file = output_file(out_path)
     in_dir = os.path.dirname(os.path.abspath(in_path))
     staged = _Staged(out_path)
     try:
@@ -234,7 +247,7 @@ def copy_unchanged(model: onnx.ModelProto, in_path: str, out_path: str) -> None:
     """The output of a model with nothing to convert: the input's bytes, and its data files
     beside the output. (Where a data file cannot keep its relative path, the model is written
     with the new one.)"""
-    out_file = _output_file(out_path)
+    out_file = output_file(out_path)
     if os.path.realpath(in_path) == out_file:
         return
     relocated = onnx.ModelProto()
