@@ -32,6 +32,10 @@ struct MoEFFNAttrs {
   float up_offset = 0.0f;
   int64_t weight_on_input = 0;
 
+  // An attribute the node sets with another ONNX type than the one it is read as (ReadAttrs):
+  // refused by CheckAttrs, not replaced by the default.
+  std::string mistyped;
+
   // Decoded enums, valid after a successful check() (moeffn_validate.h).
   Routing routing_kind = Routing::kSoftmaxTopk;
   Activation activation_kind = Activation::kSilu;
@@ -51,38 +55,53 @@ inline const char* const kLayoutNames[] = {"out_in", "in_out"};
 
 namespace detail {
 
-// An attribute that the node does not set makes the getter return an error status: keep the
-// default then.
-inline void ReadInt(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* v) {
+inline bool Ok(const OrtApi* api, OrtStatus* st) {
+  if (!st) return true;
+  api->ReleaseStatus(st);
+  return false;
+}
+
+// The ONNX type of a scalar attribute the node sets: INT, FLOAT, STRING, or "" for none of them.
+inline const char* ScalarType(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+  int64_t i = 0;
+  float f = 0.0f;
+  size_t size = 0;
+  if (Ok(api, api->KernelInfoGetAttribute_int64(info, name, &i))) return "INT";
+  if (Ok(api, api->KernelInfoGetAttribute_float(info, name, &f))) return "FLOAT";
+  if (Ok(api, api->KernelInfoGetAttribute_string(info, name, nullptr, &size))) return "STRING";
+  return "";
+}
+
+// An attribute the getter of its type cannot read: absent (the default stays), or set with
+// another type (recorded in `mistyped`, the first one only).
+inline void Unread(const OrtApi* api, const OrtKernelInfo* info, const char* name, const char* type,
+                   std::string* mistyped) {
+  const std::string given = ScalarType(api, info, name);
+  if (!given.empty() && mistyped->empty())
+    *mistyped = std::string("attribute '") + name + "' must be of type " + type + ", got " + given;
+}
+
+inline void ReadInt(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t* v,
+                    std::string* mistyped) {
   int64_t out = 0;
-  if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &out)) {
-    api->ReleaseStatus(st);
-    return;
-  }
+  if (!Ok(api, api->KernelInfoGetAttribute_int64(info, name, &out))) return Unread(api, info, name, "INT", mistyped);
   *v = out;
 }
 
-inline void ReadFloat(const OrtApi* api, const OrtKernelInfo* info, const char* name, float* v) {
+inline void ReadFloat(const OrtApi* api, const OrtKernelInfo* info, const char* name, float* v,
+                      std::string* mistyped) {
   float out = 0.0f;
-  if (OrtStatus* st = api->KernelInfoGetAttribute_float(info, name, &out)) {
-    api->ReleaseStatus(st);
-    return;
-  }
+  if (!Ok(api, api->KernelInfoGetAttribute_float(info, name, &out))) return Unread(api, info, name, "FLOAT", mistyped);
   *v = out;
 }
 
 inline void ReadString(const OrtApi* api, const OrtKernelInfo* info, const char* name,
-                       std::string* v) {
+                       std::string* v, std::string* mistyped) {
   size_t size = 0;
-  if (OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
-    api->ReleaseStatus(st);
-    return;
-  }
+  if (!Ok(api, api->KernelInfoGetAttribute_string(info, name, nullptr, &size)))
+    return Unread(api, info, name, "STRING", mistyped);
   std::vector<char> buf(size + 1, '\0');
-  if (OrtStatus* st = api->KernelInfoGetAttribute_string(info, name, buf.data(), &size)) {
-    api->ReleaseStatus(st);
-    return;
-  }
+  if (!Ok(api, api->KernelInfoGetAttribute_string(info, name, buf.data(), &size))) return;
   *v = std::string(buf.data());
 }
 
@@ -104,24 +123,25 @@ inline std::string ReadNodeName(const OrtApi* api, const OrtKernelInfo* info) {
   return std::string(buf.data());
 }
 
-// Reads every v1 attribute of the node (absent ones keep their defaults). Values are checked by
-// CheckAttrs() in moeffn_validate.h.
+// Reads every v1 attribute of the node (absent ones keep their defaults; one set with another
+// type is recorded in `mistyped`). Values are checked by CheckAttrs() in moeffn_validate.h.
 inline MoEFFNAttrs ReadAttrs(const OrtApi* api, const OrtKernelInfo* info) {
   MoEFFNAttrs a;
-  detail::ReadInt(api, info, "k", &a.k);
-  detail::ReadString(api, info, "routing", &a.routing);
-  detail::ReadInt(api, info, "normalize_topk", &a.normalize_topk);
-  detail::ReadFloat(api, info, "routed_scaling_factor", &a.routed_scaling_factor);
-  detail::ReadInt(api, info, "n_group", &a.n_group);
-  detail::ReadInt(api, info, "topk_group", &a.topk_group);
-  detail::ReadString(api, info, "activation", &a.activation);
-  detail::ReadInt(api, info, "gated", &a.gated);
-  detail::ReadString(api, info, "gate_up_layout", &a.gate_up_layout);
-  detail::ReadString(api, info, "weight_layout", &a.weight_layout);
-  detail::ReadFloat(api, info, "activation_alpha", &a.activation_alpha);
-  detail::ReadFloat(api, info, "clamp_limit", &a.clamp_limit);
-  detail::ReadFloat(api, info, "up_offset", &a.up_offset);
-  detail::ReadInt(api, info, "weight_on_input", &a.weight_on_input);
+  std::string* m = &a.mistyped;
+  detail::ReadInt(api, info, "k", &a.k, m);
+  detail::ReadString(api, info, "routing", &a.routing, m);
+  detail::ReadInt(api, info, "normalize_topk", &a.normalize_topk, m);
+  detail::ReadFloat(api, info, "routed_scaling_factor", &a.routed_scaling_factor, m);
+  detail::ReadInt(api, info, "n_group", &a.n_group, m);
+  detail::ReadInt(api, info, "topk_group", &a.topk_group, m);
+  detail::ReadString(api, info, "activation", &a.activation, m);
+  detail::ReadInt(api, info, "gated", &a.gated, m);
+  detail::ReadString(api, info, "gate_up_layout", &a.gate_up_layout, m);
+  detail::ReadString(api, info, "weight_layout", &a.weight_layout, m);
+  detail::ReadFloat(api, info, "activation_alpha", &a.activation_alpha, m);
+  detail::ReadFloat(api, info, "clamp_limit", &a.clamp_limit, m);
+  detail::ReadFloat(api, info, "up_offset", &a.up_offset, m);
+  detail::ReadInt(api, info, "weight_on_input", &a.weight_on_input, m);
   return a;
 }
 

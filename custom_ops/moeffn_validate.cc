@@ -133,6 +133,7 @@ std::string ElemTypeName(int t) {
 
 std::string CheckAttrs(MoEFFNAttrs& a, const std::string& node_name) {
   const std::string who = Who(node_name);
+  if (!a.mistyped.empty()) return who + ": " + a.mistyped;
   std::string err;
   int idx = 0;
   if (!OneOf(who, "routing", a.routing, kRoutingNames, &idx, &err)) return err;

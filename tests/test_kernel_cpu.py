@@ -327,6 +327,11 @@ def test_error_bad_attribute():
     _expect_error(_raw_model({"routing": "bogus"}, a), feeds(a), "'routing'", "bogus")
     _expect_error(_raw_model({"k": 9}, a), feeds(a), "'k'=9", "E=4")
     _expect_error(_raw_model({"gated": 0, "clamp_limit": 3.0}, a), feeds(a), "'clamp_limit'")
+    # set with another ONNX type: refused, not read as the default (k = 3.0 would run as k = 2)
+    _expect_error(_raw_model({"k": 3.0}, a), feeds(a), "'k' must be of type INT, got FLOAT")
+    _expect_error(_raw_model({"activation_alpha": 2}, a), feeds(a),
+                  "'activation_alpha' must be of type FLOAT, got INT")
+    _expect_error(_raw_model({"routing": 1}, a), feeds(a), "'routing' must be of type STRING, got INT")
 
 
 def test_error_unused_input():
