@@ -61,7 +61,8 @@ inline bool Ok(const OrtApi* api, OrtStatus* st) {
   return false;
 }
 
-// The ONNX type of a scalar attribute the node sets: INT, FLOAT, STRING, or "" for none of them.
+// The ONNX type of a scalar attribute the node sets: INT, FLOAT, STRING, or "" for none of them
+// (not set, or a list or tensor: the getters this library declares read scalars only).
 inline const char* ScalarType(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
   int64_t i = 0;
   float f = 0.0f;

@@ -372,3 +372,26 @@ def test_the_report_may_not_replace_a_data_file(tmp_path, monkeypatch):
                         tmp_path / "o.onnx.data", "-q")
     assert code == 1 and "not written" in text
     assert runs(out) and data.read_bytes() == before
+
+
+def test_a_changed_data_file_is_copied_again(tmp_path):
+    """The copy beside an earlier output is that output's: when the input's data file changes
+    (a re-export), the next conversion replaces the copy rather than adding another."""
+    path = external_tiny(tmp_path / "a")
+    out = tmp_path / "b" / "fused.onnx"
+    out.parent.mkdir()
+    data = tmp_path / "a" / "model.onnx.data"
+    for run in range(3):
+        os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+        code, text = invoke("convert", path, "-o", out, "-q")
+        assert code == 0, f"run {run}: {text}"
+        assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "model.onnx.data"]
+        assert (out.parent / "model.onnx.data").stat().st_mtime_ns == data.stat().st_mtime_ns
+
+
+def test_a_pipe_as_the_model_is_refused(tmp_path):
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    for command in (["inspect", fifo], ["convert", fifo, "-o", tmp_path / "o.onnx"]):
+        code, text = invoke(*command)
+        assert code == 1 and "not a regular file" in text

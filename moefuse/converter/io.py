@@ -40,6 +40,8 @@ def load(path: str) -> onnx.ModelProto:
         raise ModelFileError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelFileError(f"{path}: is a folder, expected an .onnx file")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: is not a regular file (a device or pipe), expected an .onnx file")
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -147,6 +149,7 @@ def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, sta
     out_dir = os.path.dirname(out_file)
     if os.path.realpath(in_dir) == out_dir:
         return
+    replaceable = _data_of_replaced_output(out_file)
     placed: dict[str, str] = {}
     for t in external_tensors(model):
         for e in t.external_data:
@@ -154,7 +157,7 @@ def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, sta
                 continue
             loc = e.value
             if loc not in placed:
-                placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged)
+                placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged, replaceable)
             e.value = placed[loc]
 
 
@@ -166,7 +169,8 @@ def _same_data(src: str, dst: str) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
-def _place_one(src: str, loc: str, out_file: str, staged: _Staged) -> str:
+def _place_one(src: str, loc: str, out_file: str, staged: _Staged, replaceable: set) -> str:
+    """A copy of ``src`` beside ``out_file``; its location relative to it."""
     out_dir = os.path.dirname(out_file)
     parts = os.path.normpath(loc).split(os.sep)
     rel = loc if not os.path.isabs(loc) and ".." not in parts else os.path.basename(loc)
@@ -174,7 +178,7 @@ def _place_one(src: str, loc: str, out_file: str, staged: _Staged) -> str:
         dst = os.path.join(out_dir, candidate)
         if os.path.exists(dst) and _same_data(src, dst):
             return candidate
-        if not os.path.exists(dst) and os.path.isdir(os.path.dirname(dst)):
+        if os.path.isdir(os.path.dirname(dst)) and (not os.path.exists(dst) or candidate in replaceable):
             break
     else:
         raise ModelFileError(f"{staged.shown}: cannot place the data file '{loc}' beside it: "
@@ -190,16 +194,22 @@ def data_locations(model: onnx.ModelProto) -> set:
     return {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
 
 
+def _data_of_replaced_output(out_file: str) -> set:
+    """The data files of the model at ``out_file`` that the new output replaces (none if it is
+    not a model): files the new output may overwrite."""
+    if not os.path.isfile(out_file):
+        return set()
+    try:
+        return data_locations(onnx.load(out_file, load_external_data=False))
+    except Exception:  # noqa: BLE001 - not a model: its neighbours are not its data
+        return set()
+
+
 def _new_data_name(model: onnx.ModelProto, out_file: str) -> str:
     """A data file name beside ``out_file`` that the model does not use and that holds nothing
     but, at most, the data of the output being replaced."""
     used = data_locations(model)
-    replaceable = set()
-    if os.path.isfile(out_file):
-        try:
-            replaceable = data_locations(onnx.load(out_file, load_external_data=False)) - used
-        except Exception:  # noqa: BLE001 - not a model: its neighbours are not its data
-            pass
+    replaceable = _data_of_replaced_output(out_file) - used
     out_dir, base = os.path.dirname(out_file), os.path.basename(out_file)
     names = [f"{base}.data"] + [f"{base}.moefuse{n if n > 1 else ''}.data" for n in range(1, 100)]
     for name in names:
