@@ -61,15 +61,21 @@ inline bool Ok(const OrtApi* api, OrtStatus* st) {
   return false;
 }
 
-// The ONNX type of a scalar attribute the node sets: INT, FLOAT, STRING, or "" for none of them
-// (not set, or a list or tensor: the getters this library declares read scalars only).
-inline const char* ScalarType(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+// The ONNX type of an attribute the node sets: INT, FLOAT, STRING, INTS, FLOATS, or "" for none
+// of them (not set, an empty list, or another type, which onnxruntime's getters cannot tell from
+// not set).
+inline const char* AttributeType(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
   int64_t i = 0;
   float f = 0.0f;
   size_t size = 0;
   if (Ok(api, api->KernelInfoGetAttribute_int64(info, name, &i))) return "INT";
   if (Ok(api, api->KernelInfoGetAttribute_float(info, name, &f))) return "FLOAT";
   if (Ok(api, api->KernelInfoGetAttribute_string(info, name, nullptr, &size))) return "STRING";
+  // (the list getters do not check the list's type: another list reads as an empty one)
+  size = 0;
+  if (Ok(api, api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) && size > 0) return "INTS";
+  size = 0;
+  if (Ok(api, api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size)) && size > 0) return "FLOATS";
   return "";
 }
 
@@ -77,7 +83,7 @@ inline const char* ScalarType(const OrtApi* api, const OrtKernelInfo* info, cons
 // another type (recorded in `mistyped`, the first one only).
 inline void Unread(const OrtApi* api, const OrtKernelInfo* info, const char* name, const char* type,
                    std::string* mistyped) {
-  const std::string given = ScalarType(api, info, name);
+  const std::string given = AttributeType(api, info, name);
   if (!given.empty() && mistyped->empty())
     *mistyped = std::string("attribute '") + name + "' must be of type " + type + ", got " + given;
 }

@@ -139,7 +139,14 @@ struct OrtApi {
   /* 99 */ void(MOEFUSE_ORT_CALL* ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* info);
   MOEFUSE_ORT_SLOTS(100, 32);
   /* 132 */ void(MOEFUSE_ORT_CALL* ReleaseAllocator)(OrtAllocator* allocator);
-  MOEFUSE_ORT_SLOTS(133, 60);
+  MOEFUSE_ORT_SLOTS(133, 29);
+  /* 162 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfoGetAttributeArray_float)(const OrtKernelInfo* info,
+                                                                             const char* name, float* out,
+                                                                             size_t* size);
+  /* 163 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelInfoGetAttributeArray_int64)(const OrtKernelInfo* info,
+                                                                             const char* name, int64_t* out,
+                                                                             size_t* size);
+  MOEFUSE_ORT_SLOTS(164, 29);
   /* 193 */ OrtStatusPtr(MOEFUSE_ORT_CALL* KernelContext_GetGPUComputeStream)(const OrtKernelContext* ctx,
                                                                             void** out);
   MOEFUSE_ORT_SLOTS(194, 36);
@@ -256,6 +263,8 @@ MOEFUSE_ORT_SLOT_AT(ShapeInferContext_GetInputTypeShape, 268);
 MOEFUSE_ORT_SLOT_AT(ShapeInferContext_SetOutputTypeShape, 270);
 MOEFUSE_ORT_SLOT_AT(KernelContext_ParallelFor, 274);
 MOEFUSE_ORT_SLOT_AT(ReleaseAllocator, 132);
+MOEFUSE_ORT_SLOT_AT(KernelInfoGetAttributeArray_float, 162);
+MOEFUSE_ORT_SLOT_AT(KernelInfoGetAttributeArray_int64, 163);
 MOEFUSE_ORT_SLOT_AT(KernelContext_GetGPUComputeStream, 193);
 MOEFUSE_ORT_SLOT_AT(KernelInfoGetAllocator, 278);
 MOEFUSE_ORT_SLOT_AT(KernelContext_GetAllocator, 253);

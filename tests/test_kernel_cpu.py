@@ -332,6 +332,9 @@ def test_error_bad_attribute():
     _expect_error(_raw_model({"activation_alpha": 2}, a), feeds(a),
                   "'activation_alpha' must be of type FLOAT, got INT")
     _expect_error(_raw_model({"routing": 1}, a), feeds(a), "'routing' must be of type STRING, got INT")
+    _expect_error(_raw_model({"k": [3]}, a), feeds(a), "'k' must be of type INT, got INTS")
+    _expect_error(_raw_model({"up_offset": [1.0, 2.0]}, a), feeds(a),
+                  "'up_offset' must be of type FLOAT, got FLOATS")
 
 
 def test_error_unused_input():
