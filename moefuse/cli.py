@@ -110,11 +110,12 @@ def convert(model, output, partial, report_path, check, target, quiet):
     blocks = result.blocks
     report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
               "written": False}
+    written = None  # the output's model, its data locations as written
     try:
         if not blocks:
             click.echo("no MoE blocks found; the output is a copy of the input")
             copy_unchanged(proto, model, output)
-            report["written"] = True
+            report["written"], written = True, proto
             return
         click.echo(_table(blocks))
         if result.model is None:
@@ -127,7 +128,7 @@ def convert(model, output, partial, report_path, check, target, quiet):
         # the original's session before the output is written: it may replace the input
         original = _session_or_exit(model) if check else None
         save(result.model, output, model)
-        report["written"] = True
+        report["written"], written = True, result.model
         ops = Counter(b.emitted for b in result.converted)
         click.echo(f"wrote {output}: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
                    + f"; {len(proto.graph.node)} -> {len(result.model.graph.node)} nodes "
@@ -145,7 +146,8 @@ def convert(model, output, partial, report_path, check, target, quiet):
         raise click.ClickException(str(exc)) from None
     finally:
         if report_path:
-            _write_report(report_path, report, output, failing=sys.exc_info()[0] is not None)
+            _write_report(report_path, report, _data_files(output, written) if written else [],
+                          failing=sys.exc_info()[0] is not None)
 
 
 def _data_files(path, proto):
@@ -173,14 +175,11 @@ def _check_report_path(report_path, taken):
         raise click.BadParameter(f"{report_path}: the folder {folder} is not writable", param_hint="--report")
 
 
-def _write_report(report_path, report, output, failing):
-    """Writes the report once the output is settled; errors are said and fail the exit, without
-    undoing the output."""
+def _write_report(report_path, report, output_data, failing):
+    """Writes the report once the output is settled (not over the output's data files, named as
+    it was written); errors are said and fail the exit, without undoing the output."""
     try:
-        if report["written"]:  # the output's own data files, named when it was written
-            import onnx
-
-            _check_report_path(report_path, _data_files(output, onnx.load(output, load_external_data=False)))
+        _check_report_path(report_path, output_data)
         with open(report_path, "w") as f:
             json.dump(report, f, indent=2)
     except (OSError, click.BadParameter) as exc:

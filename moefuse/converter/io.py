@@ -143,12 +143,12 @@ class _Staged:
         self.moves = []
 
 
-def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged) -> None:
+def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged) -> bool:
     """Makes the data files of ``model`` (read from ``in_dir``) available beside ``out_file``,
-    rewriting a tensor's location where it cannot keep its relative path."""
+    rewriting a tensor's location where it cannot keep its relative path; whether it rewrote one."""
     out_dir = os.path.dirname(out_file)
     if os.path.realpath(in_dir) == out_dir:
-        return
+        return False
     replaceable = _data_of_replaced_output(out_file)
     placed: dict[str, str] = {}
     for t in external_tensors(model):
@@ -159,6 +159,7 @@ def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, sta
             if loc not in placed:
                 placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged, replaceable)
             e.value = placed[loc]
+    return any(new != old for old, new in placed.items())
 
 
 def _same_data(src: str, dst: str) -> bool:
@@ -255,21 +256,20 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
 
 def copy_unchanged(model: onnx.ModelProto, in_path: str, out_path: str) -> None:
     """The output of a model with nothing to convert: the input's bytes, and its data files
-    beside the output. (Where a data file cannot keep its relative path, the model is written
-    with the new one.)"""
+    beside the output. (Where a data file cannot keep its relative path, ``model``, the input
+    loaded, is written with the new one.)"""
     out_file = output_file(out_path)
     if os.path.realpath(in_path) == out_file:
         return
-    relocated = onnx.ModelProto()
-    relocated.CopyFrom(model)
     staged = _Staged(out_path)
     try:
-        _place_external_data(relocated, os.path.dirname(os.path.abspath(in_path)), out_file, staged)
-        if relocated != model:
-            staged.discard()
-            save(model, out_path, in_path)
-            return
-        shutil.copyfile(in_path, staged.new(out_file, ".onnx"))
+        relocated = _place_external_data(model, os.path.dirname(os.path.abspath(in_path)), out_file, staged)
+        tmp = staged.new(out_file, ".onnx")
+        if relocated:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        else:
+            shutil.copyfile(in_path, tmp)
         staged.commit()
     except OSError as exc:
         raise ModelFileError(f"{out_path}: cannot write ({exc.strerror})") from None
