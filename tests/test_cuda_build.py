@@ -119,7 +119,7 @@ def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
 
 def test_the_sources_are_found():
     # the check above would pass vacuously if no source matched
-    assert {"wgmma.cu", "skinny.cu", "route.cu"} <= set(SOURCES)
+    assert {"wgmma.cu", "skinny.cu", "mma_grouped.cu", "route.cu"} <= set(SOURCES)
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")

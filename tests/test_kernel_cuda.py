@@ -153,7 +153,7 @@ def test_trait_matrix_float32(routing, experts):
     check(attrs, opts, inter, True, True, np.float32, (1, E + 5), rank=3)
 
 
-@pytest.mark.parametrize("path", ["decode", "decode+fused", "prefill", "simt"])
+@pytest.mark.parametrize("path", ["decode", "decode+fused", "prefill", "mma", "simt"])
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
                                              ("topk_softmax", "gptoss_clamp"),
                                              ("sigmoid_grouped", "geglu_separate"),
@@ -198,6 +198,19 @@ def test_big_shapes(name, changes, size, dtype):
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
 
 
+# The mma grouped GEMM (the prefill of GPUs that do not run the Hopper kernels) forced on the
+# shapes above: m-tiles of 64 rows (at most 64 pairs per expert on average) and of 128, K and N
+# tails, every gate/up and weight layout.
+@pytest.mark.parametrize("name,changes,size", BIG, ids=[b[0] for b in BIG])
+def test_mma_grouped_shapes(name, changes, size, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "mma")
+    attrs = MoEFFNAttrs(k=size["k"]).replace(**changes)
+    opts = {"selection_bias": attrs.routing == "sigmoid_topk", "shared_gate": True}
+    for dtype in DTYPES:
+        check(attrs, opts, size["inter"], True, True, dtype, (5, 300, 1200) if not MEMCHECK else (140,),
+              experts=size["experts"], hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
+
+
 def test_more_experts_than_a_grid_dimension():
     """Weights stored in_out for more experts (70000) than a launch's grid has blocks along z
     (65535): transposed at session creation in several launches."""
@@ -227,21 +240,28 @@ def test_prefill_many_tiles_per_cta(layout, bn, schedule, monkeypatch):
 BOUNDARY_COUNTS = (192, 193, 1, 0, 64, 65, 128, 129)
 
 
-@pytest.mark.parametrize("bn", ["128", "256"])
-def test_prefill_tile_boundaries(bn, monkeypatch):
+# The mma path (MOEFUSE_CUDA_PATH=mma) takes 128-row m-tiles for BOUNDARY_COUNTS (96.5 pairs per
+# expert on average) and 64-row ones for MMA64_COUNTS (57.8): experts of 63, 64, 65, 127, 128, 129 rows.
+MMA64_COUNTS = (63, 64, 65, 1, 0, 127, 128, 129, 1, 0)
+
+
+@pytest.mark.parametrize("path,bn,counts", [("prefill", "128", BOUNDARY_COUNTS), ("prefill", "256", BOUNDARY_COUNTS),
+                                            ("mma", "0", BOUNDARY_COUNTS), ("mma", "0", MMA64_COUNTS)],
+                         ids=["wgmma-128", "wgmma-256", "mma-128", "mma-64"])
+def test_prefill_tile_boundaries(path, bn, counts, monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
     monkeypatch.setenv("MOEFUSE_CUDA_BN", bn)
-    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", path)
     attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
-    hidden, inter, experts = 200, 264, len(BOUNDARY_COUNTS)
-    ids = np.repeat(np.arange(experts), BOUNDARY_COUNTS)  # sorted: a token's two halves differ
+    hidden, inter, experts = 200, 264, len(counts)
+    ids = np.repeat(np.arange(experts), counts)  # sorted: a token's two halves differ
     tokens = ids.size // 2
     for dtype in DTYPES:
         inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=dtype, seed=8)
         inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
         sess = cuda_session(make_moeffn_model(attrs, inputs))
         got = run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0]
-        close(got, moeffn(attrs, **inputs), dtype, f"tile boundaries, bn {bn}")
+        close(got, moeffn(attrs, **inputs), dtype, f"tile boundaries, {path} bn {bn}")
 
 
 # Narrow wgmma tiles (32 or 64 token rows on wgmma's N side, the weight rows on its M side;

@@ -282,6 +282,72 @@ cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// --- tensor-core and shared-memory primitives (sm_80+) -------------------------------------------
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, zero-filled when src_bytes == 0.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SmemAddr(dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// c (16 x 8, float32) += a (16 x 16) . b (16 x 8) in mma.sync's fragment layout: lane (g, t) =
+// (lane / 4, lane % 4) holds a's rows g and g + 8 at k = 2t, 2t + 1 (a0: row g, a1: row g + 8) and
+// k + 8 (a2, a3), b's column g at k = 2t, 2t + 1 (b0) and k + 8 (b1), c's rows g (c[0..1]) and
+// g + 8 (c[2..3]) at columns 2t and 2t + 1.
+template <typename T>
+__device__ __forceinline__ void Mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void Mma<__half>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                            uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void Mma<__nv_bfloat16>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                   uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// --- expert weights and the m-tile schedule ------------------------------------------------------
+
+// Row of unit u of expert e's gate (or only) projection, or of its up projection (FirstProj), in a
+// matrix of rows of D values.
+template <typename T>
+__device__ __forceinline__ const T* FirstProjRow(const FirstProj& w, int64_t D, int e, int64_t u, bool up) {
+  if (up) return static_cast<const T*>(w.up) + (w.up_row0 + e * w.up_rpe + u * w.up_rpu) * D;
+  return static_cast<const T*>(w.gate) + (w.gate_row0 + e * w.gate_rpe + u * w.gate_rpu) * D;
+}
+
+// m-tile mt of bm rows -> (group, first sorted row, rows); false when past the last tile.
+__device__ __forceinline__ bool MTile(const Groups& g, int mt, int bm, int* e, int* r0, int* rows) {
+  if (g.dense_rows >= 0) {
+    if (mt * bm >= g.dense_rows) return false;
+    *e = 0;
+    *r0 = mt * bm;
+    *rows = min(bm, g.dense_rows - mt * bm);
+    return true;
+  }
+  if (mt >= g.tile_prefix[g.num_groups]) return false;
+  const int4 info = g.mtiles[mt];
+  *e = info.x;
+  *r0 = info.y;
+  *rows = info.z;
+  return true;
+}
+
 // Lets `kernel` use `bytes` of dynamic shared memory on the current device. The attribute is a
 // device's: set once per device (the first 64), for each kernel its own `devices_done` mask.
 template <typename Kernel>

@@ -5,10 +5,12 @@
 //   1. routing and grouping (route.cu): top-k ids and weights per token, pairs counted and
 //      scattered per expert, the per-expert tile schedule, all in device memory;
 //   2. projection 1 (+ bias, clamp, activation, gating, routing weight on the input) into H, and
-//      projection 2 (+ bias) into one output row per pair, by one of three GEMM paths:
+//      projection 2 (+ bias) into one output row per pair, by one of four GEMM paths:
 //        - skinny (skinny.cu): few rows per expert (decode), weights streamed once, mma.sync (on
 //          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel);
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
+//        - mma (mma_grouped.cu): a grouped GEMM on mma.sync tiles fed by cp.async, for GPUs that
+//          do not run the Hopper kernels (opt-in, MOEFUSE_CUDA_PATH=mma, until run on a GPU);
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
 //   3. combine (misc.cu): each token's weighted sum in pick order, plus the (gated) shared expert.
@@ -53,7 +55,7 @@ constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
 
-enum class Path { kSkinny, kWgmma, kSimt };
+enum class Path { kSkinny, kWgmma, kMma, kSimt };
 
 int64_t CeilDiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -123,7 +125,7 @@ class Kernel {
   std::string node_name_;
   MoEFFNAttrs attrs_;
   OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
-  std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, simt
+  std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, mma, simt
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
   int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|256: wgmma tile width (tuning)
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
@@ -379,6 +381,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     if (!ok || path_ == "simt") return Path::kSimt;
     if (!dense && active > 65535) return Path::kSimt;  // skinny grid limit
     if (path_ == "decode") return Path::kSkinny;
+    if (path_ == "mma") return Path::kMma;  // not yet chosen by default: not yet run on a GPU
     if (path_ == "prefill") return wg_ok ? Path::kWgmma : Path::kSkinny;
     const bool few = dense ? rows < kDenseSkinnyRows : rows < kDecodeRowsPerExpert * active;
     return (few || !wg_ok) ? Path::kSkinny : Path::kWgmma;
@@ -408,7 +411,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     narrow = narrow_ >= 0 ? narrow_ : per_expert <= kNarrow32Rows ? 32 : per_expert <= kNarrow64Rows ? 64 : 0;
   }
   // m-tile rows of the grouped GEMM schedule
-  const int bm = rpath == Path::kSimt ? 64 : narrow ? narrow : 128;
+  const int bm = rpath == Path::kSimt  ? 64
+                 : rpath == Path::kMma ? MmaTileRows(CeilDiv64(P, max_active))
+                 : narrow              ? narrow
+                                       : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
@@ -605,6 +611,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
           return CudaError(e, "shared expert (wgmma)");
         break;
+      case Path::kMma:
+        if ((e = LaunchMmaGemm1(g1, stream)) || (e = LaunchMmaGemm2(g2, stream)))
+          return CudaError(e, "shared expert (mma)");
+        break;
       case Path::kSkinny:
         if ((e = LaunchSkinnyGemm1(g1, stream)) || (e = LaunchSkinnyGemm2(g2, stream)))
           return CudaError(e, "shared expert (skinny)");
@@ -698,6 +708,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         }
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
           return CudaError(e, "experts (wgmma)");
+        break;
+      case Path::kMma:
+        if ((e = LaunchMmaGemm1(g1, stream)) || (e = LaunchMmaGemm2(g2, stream)))
+          return CudaError(e, "experts (mma)");
         break;
       case Path::kSkinny:
         if (fused_decode) {

@@ -10,23 +10,6 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
 
-// m-tile -> (group, first sorted row, rows); false when past the last tile.
-__device__ __forceinline__ bool MTile(const Groups& g, int mt, int bm, int* e, int* r0, int* rows) {
-  if (g.dense_rows >= 0) {
-    if (mt * bm >= g.dense_rows) return false;
-    *e = 0;
-    *r0 = mt * bm;
-    *rows = min(bm, g.dense_rows - mt * bm);
-    return true;
-  }
-  if (mt >= g.tile_prefix[g.num_groups]) return false;
-  const int4 info = g.mtiles[mt];
-  *e = info.x;
-  *r0 = info.y;
-  *rows = info.z;
-  return true;
-}
-
 // acc[i][j] += the kBK-long products of the staged tiles: rows ty + 16 i of As, columns
 // tx + 16 j of Ws.
 __device__ __forceinline__ void TileMma(const float (&As)[kBK][kBM + 1], const float (&Ws)[kBK][kBN + 1],

@@ -25,28 +25,6 @@ constexpr int kWarps = 4;  // split K
 constexpr int kNT = 4;     // token tiles (of 8) per pass: 32 tokens
 static_assert(kWarps == kNT, "warp i reduces and finishes token tile i");
 
-template <typename T>
-__device__ __forceinline__ void Mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                    uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void Mma<__half>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
-                                            uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void Mma<__nv_bfloat16>(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
-                                                   uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // One k-block of 32 in the permuted k order: rows g (a) and g+8 (b) of the weights times token g.
 template <typename T>
 __device__ __forceinline__ void MmaK32(float* acc, uint4 a, uint4 b, uint4 x) {

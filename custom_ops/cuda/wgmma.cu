@@ -123,13 +123,6 @@ __device__ __forceinline__ void TmaLoad2d(void* dst, const CUtensorMap* map, int
       : "memory");
 }
 
-// 16 bytes global -> shared, zero-filled when src_bytes == 0.
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SmemAddr(dst)), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
 // The stage's mbarrier completes one arrival once this thread's cp.async writes have landed.
 __device__ __forceinline__ void CpAsyncArrive(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(SmemAddr(bar)) : "memory");
