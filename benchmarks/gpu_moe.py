@@ -335,7 +335,7 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--paths", default="", help="also time MoEFFN variants (comma-separated): "
-                    "decode, prefill (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
+                    "decode, prefill, mma (MOEFUSE_CUDA_PATH forced), nopdl (MOEFUSE_CUDA_PDL=0), bn128, bn256 "
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
