@@ -190,8 +190,8 @@ cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStrea
 
 // Grouped GEMM on mma.sync tiles (sm_80+, 16-bit types; D % 8 == 0 and I % 8 == 0), for the
 // prefill of GPUs that do not run the Hopper kernels (opt-in for now). Its m-tiles hold
-// MmaTileRows(average rows per active expert) rows (64 or 128): the sort's bm and
-// Groups::tile_rows of the routed launches.
+// MmaTileRows(rows per expert: the pairs over min(E, pairs), an average that skewed routing
+// overstates) rows, 64 or 128: the sort's bm and Groups::tile_rows of the routed launches.
 int MmaTileRows(int64_t rows_per_expert);
 cudaError_t LaunchMmaGemm1(const Gemm1Params& p, cudaStream_t stream);
 cudaError_t LaunchMmaGemm2(const Gemm2Params& p, cudaStream_t stream);

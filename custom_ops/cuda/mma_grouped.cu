@@ -25,7 +25,8 @@ using namespace mma_tile;
 __device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");  // ordered after the barrier that publishes the stage
 }
 
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -110,6 +111,20 @@ __device__ __forceinline__ void MainLoop(uint8_t* smem, const T* const (&arow)[C
   }
 }
 
+// f(mi, h, r) for this thread's accumulator rows that exist: MMA row tile mi, rows g (h = 0, values
+// 0 and 1 of each MMA) or g + 8 (h = 1, values 2 and 3); r is the sorted row.
+template <int kBM, typename F>
+__device__ __forceinline__ void ForEachRow(int r0, int rows, F&& f) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int mi = 0; mi < Cfg<kBM>::kMT; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = AccRow<kBM>(warp, lane, mi, 2 * h);
+      if (row < rows) f(mi, h, r0 + row);
+    }
+}
+
 // Weight row n (< kBN) of projection 1's block of units from u0: gated, 64 units' gate and up rows
 // (GatedUnit); else 128 units. Null past I.
 template <typename T>
@@ -162,19 +177,13 @@ __global__ void __launch_bounds__(kThreads, 2) Gemm1Kernel(Gemm1Params p) {
         const float bg1 = bias(p.w.bg, p.w.bg_off, p.w.bg_es, p.w.bg_us, u + 1);
         const float bu0 = bias(p.w.bu, p.w.bu_off, p.w.bu_es, p.w.bu_us, u);
         const float bu1 = bias(p.w.bu, p.w.bu_off, p.w.bu_es, p.w.bu_us, u + 1);
-#pragma unroll
-        for (int mi = 0; mi < C::kMT; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = AccRow<kBM>(warp, lane, mi, 2 * h);
-            if (row >= rows) continue;
-            const int r = r0 + row;
-            const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-            const float* gv = acc[mi][2 * j] + 2 * h;
-            const float* uv = acc[mi][2 * j + 1] + 2 * h;
-            StorePair(H + static_cast<int64_t>(r) * I + u, glu(gv[0] * sc + bg0, uv[0] * sc + bu0),
-                      glu(gv[1] * sc + bg1, uv[1] * sc + bu1));
-          }
+        ForEachRow<kBM>(r0, rows, [&](int mi, int h, int r) {
+          const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+          const float* gv = acc[mi][2 * j] + 2 * h;
+          const float* uv = acc[mi][2 * j + 1] + 2 * h;
+          StorePair(H + static_cast<int64_t>(r) * I + u, glu(gv[0] * sc + bg0, uv[0] * sc + bu0),
+                    glu(gv[1] * sc + bg1, uv[1] * sc + bu1));
+        });
       }
     } else {
 #pragma unroll
@@ -183,17 +192,11 @@ __global__ void __launch_bounds__(kThreads, 2) Gemm1Kernel(Gemm1Params p) {
         if (u >= I) continue;
         const float b0 = bias(p.w.bg, p.w.bg_off, p.w.bg_es, p.w.bg_us, u);
         const float b1 = bias(p.w.bg, p.w.bg_off, p.w.bg_es, p.w.bg_us, u + 1);
-#pragma unroll
-        for (int mi = 0; mi < C::kMT; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = AccRow<kBM>(warp, lane, mi, 2 * h);
-            if (row >= rows) continue;
-            const int r = r0 + row;
-            const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
-            const float* v = acc[mi][j] + 2 * h;
-            StorePair(H + static_cast<int64_t>(r) * I + u, act(v[0] * sc + b0), act(v[1] * sc + b1));
-          }
+        ForEachRow<kBM>(r0, rows, [&](int mi, int h, int r) {
+          const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+          const float* v = acc[mi][j] + 2 * h;
+          StorePair(H + static_cast<int64_t>(r) * I + u, act(v[0] * sc + b0), act(v[1] * sc + b1));
+        });
       }
     }
   });
@@ -235,19 +238,14 @@ __global__ void __launch_bounds__(kThreads, 2) Gemm2Kernel(Gemm2Params p) {
     if (d >= D) continue;  // D % 8 == 0: d + 1 < D too
     const float b0 = p.b2 ? LoadF(p.b2, e * static_cast<int64_t>(D) + d, bt) : 0.0f;
     const float b1 = p.b2 ? LoadF(p.b2, e * static_cast<int64_t>(D) + d + 1, bt) : 0.0f;
-#pragma unroll
-    for (int mi = 0; mi < C::kMT; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = AccRow<kBM>(warp, lane, mi, 2 * h);
-        if (row >= rows) continue;
-        const int64_t at = static_cast<int64_t>(r0 + row) * D + d;
-        const float* v = acc[mi][j] + 2 * h;
-        if (p.out_f32)
-          *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at) = make_float2(v[0] + b0, v[1] + b1);
-        else
-          StorePair(static_cast<T*>(p.out) + at, v[0] + b0, v[1] + b1);
-      }
+    ForEachRow<kBM>(r0, rows, [&](int mi, int h, int r) {
+      const int64_t at = static_cast<int64_t>(r) * D + d;
+      const float* v = acc[mi][j] + 2 * h;
+      if (p.out_f32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at) = make_float2(v[0] + b0, v[1] + b1);
+      else
+        StorePair(static_cast<T*>(p.out) + at, v[0] + b0, v[1] + b1);
+    });
   }
 }
 
