@@ -122,6 +122,15 @@ def llama4(seed=0, impl="eager"):
     return _randomize(Llama4TextMoe(cfg), seed)
 
 
+def granitemoe(seed=0, impl="eager"):
+    from transformers import GraniteMoeConfig
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE
+
+    cfg = GraniteMoeConfig(hidden_size=32, intermediate_size=24, num_local_experts=4,
+                           num_experts_per_tok=2, experts_implementation=impl)
+    return _randomize(GraniteMoeMoE(cfg), seed)
+
+
 def _mlp_weights(mlp):
     """gate/up/down of a transformers dense MLP (Linear weights, out_in layout)."""
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
@@ -158,6 +167,11 @@ def read_qwen2_moe(m):
     return read_out_in_experts(m, dict(k=m.gate.top_k, normalize_topk=int(m.gate.norm_topk_prob)),
                                _linear_logits(m.gate.weight), shared=m.shared_expert,
                                shared_gate=m.shared_expert_gate)
+
+
+def read_granitemoe(m):  # router: logits (cast to float32), top-k, softmax over the k
+    return read_out_in_experts(m, dict(k=m.router.top_k, routing="topk_softmax"),
+                               _linear_logits(m.router.weight))
 
 
 def read_deepseek_v3(m):
@@ -202,6 +216,7 @@ FAMILIES = {
     "gpt_oss": Family("gpt_oss", gpt_oss, read_gpt_oss, 32),
     "deepseek_v3": Family("deepseek_v3", deepseek_v3, read_deepseek_v3, 32),
     "llama4": Family("llama4", llama4, read_llama4, 32),
+    "granitemoe": Family("granitemoe", granitemoe, read_granitemoe, 32),
 }
 
 

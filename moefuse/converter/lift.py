@@ -239,9 +239,15 @@ def _topk_k(g: GraphIndex, cand: Candidate) -> int:
     return int(np.asarray(k).reshape(-1)[0])
 
 
+# Ops that carry the logits unchanged in form (a TorchScript export keeps e.g. GraniteMoE's
+# float32 -> float32 Cast of the router's logits before its TopK): no evidence for either routing.
+_ROUTING_NEUTRAL_OPS = {"Cast", "Identity"}
+
+
 def _routing_options(g, cand, ops, scalars, sel_bias):
     """Routing readings, most likely first. The scaling factor is fitted later."""
     E = cand.experts
+    ops = ops - _ROUTING_NEUTRAL_OPS
     extra_topks = [i for i in cand.routing_nodes
                    if g.nodes[i].op_type == "TopK" and i != cand.anchor]
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
