@@ -718,7 +718,7 @@ def _providers_of(sess):
         os.remove(trace)
 
 
-FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3", "llama4"]
+FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3", "llama4", "granitemoe"]
 
 
 @pytest.mark.slow
