@@ -125,6 +125,20 @@ __device__ __forceinline__ void ForEachRow(int r0, int rows, F&& f) {
     }
 }
 
+// A tile kernel's start: wait for the previous kernel's results (programmatic dependent launch),
+// let the next kernel launch, find the block's m-tile (false past the schedule's last).
+template <int kBM>
+__device__ __forceinline__ bool StartTile(const Groups& g, int* e, int* r0, int* rows) {
+  GridDepWait();
+  GridDepLaunch();
+  return MTile(g, blockIdx.x, kBM, e, r0, rows);
+}
+
+__device__ __forceinline__ uint8_t* RingSmem() {
+  extern __shared__ __align__(128) uint8_t ring_smem[];
+  return ring_smem;
+}
+
 // Weight row n (< kBN) of projection 1's block of units from u0: gated, 64 units' gate and up rows
 // (GatedUnit); else 128 units. Null past I.
 template <typename T>
@@ -138,11 +152,9 @@ __device__ __forceinline__ const T* FirstProjTileRow(const Gemm1Params& p, int e
 template <typename T, int kBM>
 __global__ void __launch_bounds__(kThreads, 2) Gemm1Kernel(Gemm1Params p) {
   using C = Cfg<kBM>;
-  GridDepWait();
-  GridDepLaunch();
-  extern __shared__ __align__(128) uint8_t smem[];
   int e, r0, rows;
-  if (!MTile(p.g, blockIdx.x, kBM, &e, &r0, &rows)) return;
+  if (!StartTile<kBM>(p.g, &e, &r0, &rows)) return;
+  uint8_t* const smem = RingSmem();
   const bool gated = p.w.up != nullptr;
   const int64_t u0 = static_cast<int64_t>(blockIdx.y) * (gated ? kBN / 2 : kBN);
   const T* A = static_cast<const T*>(p.A);
@@ -205,11 +217,9 @@ __global__ void __launch_bounds__(kThreads, 2) Gemm1Kernel(Gemm1Params p) {
 template <typename T, int kBM>
 __global__ void __launch_bounds__(kThreads, 2) Gemm2Kernel(Gemm2Params p) {
   using C = Cfg<kBM>;
-  GridDepWait();
-  GridDepLaunch();
-  extern __shared__ __align__(128) uint8_t smem[];
   int e, r0, rows;
-  if (!MTile(p.g, blockIdx.x, kBM, &e, &r0, &rows)) return;
+  if (!StartTile<kBM>(p.g, &e, &r0, &rows)) return;
+  uint8_t* const smem = RingSmem();
   const int D = p.D, I = p.I;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const T* H = static_cast<const T*>(p.H);
