@@ -157,7 +157,12 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
         sum += lg[e];
       }
       for (int e = 0; e < E; ++e) lg[e] = lg[e] / sum;
-      TopK(lg, E, k, ids, vals);
+      if (sel_bias) {  // selection by probability + bias, weights the probabilities
+        for (int e = 0; e < E; ++e) tmp[e] = lg[e] + sel_bias[e];
+        TopK(tmp, E, k, ids, vals);
+      } else {
+        TopK(lg, E, k, ids, vals);
+      }
       for (int j = 0; j < k; ++j) w[j] = lg[ids[j]];
       break;
     }

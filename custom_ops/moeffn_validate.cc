@@ -304,8 +304,8 @@ std::string Validate(MoEFFNAttrs& a, const InputDescs& in, const std::string& no
         return who + ": input '" + name(i) + "' is only used with routing=precomputed";
     }
     if (present(kSelectionBias)) {
-      if (a.routing_kind != Routing::kSigmoidTopk)
-        return who + ": input 'selection_bias' is only used with routing=sigmoid_topk, got routing=" +
+      if (a.routing_kind != Routing::kSoftmaxTopk && a.routing_kind != Routing::kSigmoidTopk)
+        return who + ": input 'selection_bias' is only used with routing=softmax_topk or sigmoid_topk, got routing=" +
                a.routing;
       if (shape(kSelectionBias) != std::vector<int64_t>{experts})
         return fail(kSelectionBias, FormatDims({experts}), shape(kSelectionBias));

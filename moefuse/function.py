@@ -102,7 +102,11 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
                    value=_ZERO)
         if attrs.routing == "softmax_topk":
             probs = op("Softmax", logits, axis=-1)
-            vals, ids = op("TopK", probs, k, outputs=2, axis=-1)
+            if "selection_bias" in present:
+                _, ids = op("TopK", op("Add", probs, f32("selection_bias")), k, outputs=2, axis=-1)
+                vals = op("GatherElements", probs, ids, axis=1)
+            else:
+                vals, ids = op("TopK", probs, k, outputs=2, axis=-1)
         elif attrs.routing == "topk_softmax":
             top, ids = op("TopK", logits, k, outputs=2, axis=-1)
             vals = op("Softmax", top, axis=-1)

@@ -88,7 +88,8 @@ def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Opti
         logits = logits.reshape(-1, logits.shape[-1]).astype(F32)
         if attrs.routing == "softmax_topk":
             probs = _softmax(logits)
-            ids = topk_indices(probs, k)
+            choice = probs if selection_bias is None else probs + selection_bias.astype(F32)
+            ids = topk_indices(choice, k)
             weights = np.take_along_axis(probs, ids, axis=1)
             if attrs.normalize_topk:
                 weights = weights / np.sum(weights, axis=1, keepdims=True)

@@ -61,7 +61,7 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("b1", "bias of w1 [E, N1] where N1 is w1's output width"),
     InputSpec("b2", "bias of w2 [E, D]"),
     InputSpec("b3", "bias of w3 [E, I]"),
-    InputSpec("selection_bias", "[E], added to the scores for selection only (sigmoid_topk)"),
+    InputSpec("selection_bias", "[E], added to the scores for selection only (softmax_topk, sigmoid_topk)"),
     InputSpec("topk_ids", "[..., k] int32/int64 expert ids (routing=precomputed)", integer=True),
     InputSpec("topk_weights", "[..., k] routing weights (routing=precomputed)"),
     InputSpec("shared_w1", "shared expert first projection, [D, N1] (in_out) or [N1, D] (out_in)"),
@@ -364,9 +364,9 @@ def validate(
             if name in present:
                 raise MoEFFNError(f"{who}: input '{name}' is only used with routing=precomputed")
         if "selection_bias" in present:
-            if attrs.routing != "sigmoid_topk":
+            if attrs.routing not in ("softmax_topk", "sigmoid_topk"):
                 raise MoEFFNError(f"{who}: input 'selection_bias' is only used with "
-                                  f"routing=sigmoid_topk, got routing={attrs.routing}")
+                                  f"routing=softmax_topk or sigmoid_topk, got routing={attrs.routing}")
             if tuple(shape("selection_bias")) != (experts,):
                 fail("selection_bias", _fmt((experts,)))
 

@@ -19,6 +19,7 @@ from moefuse.synthetic import feeds, random_inputs
 ROUTINGS = {
     "softmax_topk_norm": (dict(routing="softmax_topk", normalize_topk=1), {}),
     "softmax_topk_raw": (dict(routing="softmax_topk", normalize_topk=0), {"shared_gate": True}),
+    "softmax_bias": (dict(routing="softmax_topk", normalize_topk=1), {"selection_bias": True}),
     "topk_softmax": (dict(routing="topk_softmax"), {}),
     "sigmoid_grouped": (dict(routing="sigmoid_topk", n_group=2, topk_group=1,
                              routed_scaling_factor=2.5), {"selection_bias": True}),

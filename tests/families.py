@@ -131,6 +131,22 @@ def granitemoe(seed=0, impl="eager"):
     return _randomize(GraniteMoeMoE(cfg), seed)
 
 
+def ernie4_5_moe(seed=0, impl="eager"):
+    from transformers import Ernie4_5_MoeConfig
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
+
+    cfg = Ernie4_5_MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6,
+                             num_experts_per_tok=2, moe_num_shared_experts=1,
+                             experts_implementation=impl)
+    m = _randomize(Ernie4_5_MoeSparseMoeBlock(cfg), seed)
+    # its selection bias is a parameter: scaled to the probabilities it shifts, so that it changes
+    # some picks without making an expert unreachable
+    bias = m.gate.moe_statics.e_score_correction_bias
+    with _torch().no_grad():
+        bias.copy_(_torch().randn(bias.shape, generator=_torch().Generator().manual_seed(seed)) * 0.1)
+    return m
+
+
 def _mlp_weights(mlp):
     """gate/up/down of a transformers dense MLP (Linear weights, out_in layout)."""
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
@@ -172,6 +188,13 @@ def read_qwen2_moe(m):
 def read_granitemoe(m):  # router: logits (cast to float32), top-k, softmax over the k
     return read_out_in_experts(m, dict(k=m.router.top_k, routing="topk_softmax"),
                                _linear_logits(m.router.weight))
+
+
+def read_ernie4_5_moe(m):  # softmax; picks by probability + bias, weights the probabilities
+    g = m.gate
+    return read_out_in_experts(m, dict(k=g.top_k, routing="softmax_topk", normalize_topk=1),
+                               _linear_logits(g.weight), shared=m.shared_experts,
+                               selection_bias=_np(g.moe_statics.e_score_correction_bias).reshape(-1))
 
 
 def read_deepseek_v3(m):
@@ -217,6 +240,7 @@ FAMILIES = {
     "deepseek_v3": Family("deepseek_v3", deepseek_v3, read_deepseek_v3, 32),
     "llama4": Family("llama4", llama4, read_llama4, 32),
     "granitemoe": Family("granitemoe", granitemoe, read_granitemoe, 32),
+    "ernie4_5_moe": Family("ernie4_5_moe", ernie4_5_moe, read_ernie4_5_moe, 32),
 }
 
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cases import ALL, D, E, case, check_parity, f32, stock_session, weights_as_inputs
 from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
-from moefuse.reference import moeffn
+from moefuse.reference import moeffn, route
 from moefuse.runtime import library_path, session_options
 from moefuse.synthetic import feeds, random_inputs
 
@@ -52,6 +52,26 @@ def test_trait_matrix_float32(routing, experts, biases, shared):
     attrs, opts, inter = case(routing, experts)
     for rank in (2, 3):
         check(attrs, opts, inter, biases, shared, rank)
+
+
+def test_softmax_selection_bias_picks_by_probability_plus_bias():
+    """softmax_topk with a selection bias (Ernie-4.5): the bias decides the picks, the weights stay
+    the probabilities. A bias of 2 on expert 3 makes it every token's pick (probabilities are at
+    most 1), which the reference, the kernel and the fallback must all show."""
+    attrs = MoEFFNAttrs(k=2, routing="softmax_topk", normalize_topk=0)
+    inputs = random_inputs(attrs, 7, D, 8, E, selection_bias=True, seed=5)
+    inputs["selection_bias"] = np.array([0.0, 0.0, 0.0, 2.0], np.float32)
+    ids, weights = route(attrs, inputs["router_logits"], inputs["selection_bias"])
+    assert (ids == 3).any(axis=1).all()
+    logits = inputs["router_logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(weights, np.take_along_axis(probs, ids, 1), rtol=1e-6)
+    model = make_moeffn_model(attrs, inputs)
+    want = moeffn(attrs, **inputs)
+    for sess in (kernel_session(model), stock_session(model)):
+        got = sess.run(None, feeds(inputs))[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-2), (ml_dtypes.bfloat16, 8e-2)],

@@ -83,6 +83,15 @@ def test_groups_only_for_sigmoid():
     expect(MoEFFNAttrs(n_group=2), inputs(), "n_group=2", "routing='softmax_topk'")
 
 
+def test_selection_bias_only_where_scores_are_ranked():
+    a = MoEFFNAttrs(routing="topk_softmax")
+    expect(a, inputs(a, selection_bias=True), "'selection_bias'", "softmax_topk or sigmoid_topk",
+           "topk_softmax")
+    for routing in ("softmax_topk", "sigmoid_topk"):
+        ok = MoEFFNAttrs(routing=routing)
+        assert validate_arrays(ok, inputs(ok, selection_bias=True)).experts == E
+
+
 def test_unknown_activation():
     expect(MoEFFNAttrs(activation="swish"), inputs(), "'activation'", "got 'swish'", "silu")
 

@@ -22,7 +22,11 @@ constexpr int kFusedMaxTokens = 32;
 constexpr int kFusedSmallTokens = 16;
 constexpr int kScanThreads = 1024;
 
-enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3 };
+// The routing modes of the spec (moefuse::Routing), and softmax_topk with a selection bias, compiled
+// apart so that the other modes' kernels stay as they were.
+enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3, kSoftmaxBiasTopk = 4 };
+
+__host__ __device__ constexpr bool IsSoftmax(int m) { return m == kSoftmaxTopk || m == kSoftmaxBiasTopk; }
 
 // Up to this many experts a lane keeps its experts' scores in registers (kCache per lane).
 constexpr int kCache = 8;
@@ -41,11 +45,20 @@ struct Token {
   __device__ __forceinline__ float Choice(int e) const {
     const float l = ToF(lg[e]);
     if constexpr (M == kSoftmaxTopk) return expf(l - m) / sum;
+    if constexpr (M == kSoftmaxBiasTopk) return expf(l - m) / sum + ToF(bias[e]);
     if constexpr (M == kTopkSoftmax) return l;
     float c = Sigmoid(l);
     if (bias) c = c + ToF(bias[e]);
     if (gkeep && gkeep[e / gsize] != 1.0f) c = -INFINITY;
     return c;
+  }
+
+  // The weight of a pick before normalization, where it is not the choice score itself (modes with
+  // a selection bias): the probability, or the sigmoid.
+  __device__ __forceinline__ float Score(int e) const {
+    const float l = ToF(lg[e]);
+    if constexpr (IsSoftmax(M)) return expf(l - m) / sum;
+    return Sigmoid(l);
   }
 };
 
@@ -61,7 +74,7 @@ __device__ __forceinline__ Token<T, M> MakeToken(const RouteParams& r, int t) {
   tok.sum = 1.0f;
   tok.gkeep = nullptr;
   tok.gsize = 1;
-  if constexpr (M == kSoftmaxTopk) {
+  if constexpr (IsSoftmax(M)) {
     float m = -INFINITY;
     for (int e = lane; e < E; e += 32) m = NanMax(m, ToF(tok.lg[e]));
     m = WarpNanMax(m);
@@ -146,7 +159,7 @@ __device__ __forceinline__ PickSums SelectPicks(const Token<T, M>& tok, int K, O
       w = bv;  // the logit: softmax over the picks in Finish
       sums.lmax = NanMax(sums.lmax, bv);
     } else {
-      w = Sigmoid(ToF(tok.lg[bi]));
+      w = tok.Score(bi);  // the sigmoid, or (kSoftmaxBiasTopk) the probability
     }
     sums.wsum += w;
     on_pick(j, bi, w);
@@ -198,7 +211,7 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
     const float c = tok.Choice(e);
     sm.key[e] = OrderKey(c);
     // the raw weight, as SelectPicks takes it
-    sm.raw[e] = M == kSigmoidTopk ? Sigmoid(ToF(tok.lg[e])) : c;
+    sm.raw[e] = M == kSigmoidTopk || M == kSoftmaxBiasTopk ? tok.Score(e) : c;
   }
   __syncthreads();
   const uint4* key4 = reinterpret_cast<const uint4*>(sm.key);
@@ -602,7 +615,7 @@ template <typename T>
 cudaError_t RouteModeT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
   switch (r.mode) {
     case kSoftmaxTopk:
-      return RouteT<T, kSoftmaxTopk>(r, s, stream);
+      return r.sel_bias ? RouteT<T, kSoftmaxBiasTopk>(r, s, stream) : RouteT<T, kSoftmaxTopk>(r, s, stream);
     case kTopkSoftmax:
       return RouteT<T, kTopkSoftmax>(r, s, stream);
     case kSigmoidTopk:

@@ -160,7 +160,7 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
 
     stacks = [r for r in refs if len(r.shape) == 3 and r.shape[0] == E]
     biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E and r not in stacks]
-    sel_bias = [r for r in refs if r.shape == (E,) and r.first_use in routing_set]
+    sel_bias = [r for r in refs if r.shape in ((E,), (1, E)) and r.first_use in routing_set]
     shared_mats = [r for r in refs if len(r.shape) == 2 and r not in biases
                    and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
                    and _is_b_operand(r)]
@@ -253,7 +253,7 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
         bias_opts = [{}]
         if sel_bias:
-            bias_opts = [{"selection_bias": Operand(sel_bias[0])}]
+            bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}]
         group_opts = [dict()]
         if extra_topks:
             group_opts = []
@@ -270,9 +270,17 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
                 for bopt in bias_opts:
                     yield dict(routing="sigmoid_topk", normalize_topk=norm, **gopt), dict(bopt)
     if "Softmax" in ops or not ops - {"TopK"}:
-        yield dict(routing="softmax_topk", normalize_topk=1), {}
-        yield dict(routing="softmax_topk", normalize_topk=0), {}
+        # an [E] constant among the routing ops: selection by probability + bias (Ernie-4.5)
+        bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}, {}] if sel_bias else [{}]
+        for bopt in bias_opts:
+            yield dict(routing="softmax_topk", normalize_topk=1), dict(bopt)
+            yield dict(routing="softmax_topk", normalize_topk=0), dict(bopt)
         yield dict(routing="topk_softmax"), {}
+
+
+def _selection_bias(ref: ConstRef, experts: int) -> Operand:
+    """The [E] selection bias, from a [E] or (TorchScript's Ernie-4.5 export) [1, E] constant."""
+    return Operand(ref, reshape=None if ref.shape == (experts,) else (experts,))
 
 
 def _divisors(n: int):
