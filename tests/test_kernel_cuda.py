@@ -499,6 +499,11 @@ ONE_TOKEN = [
     ("groups_keep_passes", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
      dict(experts=128, hidden=128, inter=64)),
     ("e300_keeps_passes", dict(k=4), dict(experts=300, hidden=128, inter=64)),
+    # softmax_topk with a selection bias (Ernie-4.5): by rank and by the cached passes (E = 128),
+    # and with the choices recomputed in every pass (E = 300)
+    ("softmax_bias_e128", dict(k=8, routing="softmax_topk"), dict(experts=128, hidden=128, inter=64, bias=True)),
+    ("softmax_bias_e300", dict(k=4, routing="softmax_topk", normalize_topk=0),
+     dict(experts=300, hidden=128, inter=64, bias=True)),
     ("precomputed_keeps_passes", dict(k=2, routing="precomputed"), dict(experts=8, hidden=128, inter=64)),
 ]
 
@@ -510,7 +515,8 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
     attrs = MoEFFNAttrs().replace(**changes)
     inputs = random_inputs(attrs, 1, size["hidden"], size["inter"], size["experts"], biases=True,
                            shared_inter=64, shared_gate=True,
-                           selection_bias=attrs.routing == "sigmoid_topk", dtype=dtype, seed=11)
+                           selection_bias=attrs.routing == "sigmoid_topk" or size.get("bias", False),
+                           dtype=dtype, seed=11)
     model = make_moeffn_model(attrs, inputs)
     outs = {}
     for rank in ("1", "0"):

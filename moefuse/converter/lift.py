@@ -1,7 +1,7 @@
 """Lifting a candidate block to MoEFFN: hypotheses from the block's constants, proof by execution.
 
 The block's constants say which tensors can be expert weights (rank-3 stacks whose first dim is
-E), biases ([E, n]), a selection bias ([E] on the routing path), a shared expert (matrices
+E), biases ([E, n]), a selection bias ([E] or [1, E] on the routing path), a shared expert (matrices
 multiplied with X outside the routing), and scalars (clamp limits, alpha, scaling factors). The
 ops on the path from the logits to the top-k and in the experts narrow the routing mode and the
 activation. Every consistent reading is a hypothesis; the block itself is run in onnxruntime on
@@ -128,13 +128,17 @@ def block_constants(g: GraphIndex, nodes: list[int]) -> list[ConstRef]:
     return sorted(refs.values(), key=lambda r: r.first_use)
 
 
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+
+
 def _scalars(refs: list[ConstRef]) -> list[float]:
     out = []
     for r in refs:
         shape = r.shape
         if int(np.prod(shape, dtype=np.int64)) == 1:
             v = r.value()
-            if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16":
+            if _is_float(v):
                 f = float(np.asarray(v, dtype=np.float32).reshape(-1)[0])
                 if np.isfinite(f) and f not in out:
                     out.append(f)
@@ -160,7 +164,9 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
 
     stacks = [r for r in refs if len(r.shape) == 3 and r.shape[0] == E]
     biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E and r not in stacks]
-    sel_bias = [r for r in refs if r.shape in ((E,), (1, E)) and r.first_use in routing_set]
+    # a selection bias: a float [E] (or [1, E]: TorchScript's Ernie-4.5) on the routing path, [E] first
+    sel_bias = sorted((r for r in refs if r.shape in ((E,), (1, E)) and r.first_use in routing_set
+                       and _is_float(r.value())), key=lambda r: len(r.shape))
     shared_mats = [r for r in refs if len(r.shape) == 2 and r not in biases
                    and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
                    and _is_b_operand(r)]
@@ -252,8 +258,8 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
                    if g.nodes[i].op_type == "TopK" and i != cand.anchor]
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
         bias_opts = [{}]
-        if sel_bias:
-            bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}]
+        if sel_bias:  # the bias reading first; without it where the constant was something else
+            bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}, {}]
         group_opts = [dict()]
         if extra_topks:
             group_opts = []
@@ -270,7 +276,7 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
                 for bopt in bias_opts:
                     yield dict(routing="sigmoid_topk", normalize_topk=norm, **gopt), dict(bopt)
     if "Softmax" in ops or not ops - {"TopK"}:
-        # an [E] constant among the routing ops: selection by probability + bias (Ernie-4.5)
+        # a bias constant on the routing path: selection by probability + bias (Ernie-4.5)
         bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}, {}] if sel_bias else [{}]
         for bopt in bias_opts:
             yield dict(routing="softmax_topk", normalize_topk=1), dict(bopt)
