@@ -196,15 +196,25 @@ def family_decoder(name: str, seed: int = 0):
                                             num_local_experts=4, num_experts_per_tok=1,
                                             head_dim=8, **common)
         cls = transformers.Llama4ForCausalLM
+    elif name == "ernie4_5_moe":
+        cfg = transformers.Ernie4_5_MoeConfig(intermediate_size=48, moe_intermediate_size=16,
+                                              num_experts=4, num_experts_per_tok=2,
+                                              moe_num_shared_experts=1, moe_layer_start_index=0,
+                                              head_dim=8, **common)
+        cls = transformers.Ernie4_5_MoeForCausalLM
     else:
         raise ValueError(f"no tiny decoder for family {name!r}")
     torch.manual_seed(seed)
     model = cls(cfg).eval()
-    # Router biases and selection biases start at zero: make them matter.
+    # Router biases and selection biases start at zero: make them matter. (Ernie-4.5 keeps its
+    # selection bias as a parameter.)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
         for pname, b in model.named_buffers():
             if b.is_floating_point() and "bias" in pname:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        for pname, b in model.named_parameters():
+            if pname.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.05)
     return model, moe_layers
 
