@@ -13,7 +13,7 @@ newest onnxruntime 1.20+ reads.
 
 Whole-decoder dynamo exports checked with torch 2.13 / transformers 5.24: Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, DeepSeek-V3 (a dense first layer through ``first_k_dense_replace=1``) and
-GPT-OSS export and run in onnxruntime (and Ernie-4.5-MoE, with transformers 5.25); Llama-4 does not (its rotary embedding uses complex
+GPT-OSS export and run in onnxruntime (and Ernie-4.5-MoE and GraniteMoE, with transformers 5.25); Llama-4 does not (its rotary embedding uses complex
 tensors, which the dynamo exporter cannot translate).
 """
 
@@ -196,6 +196,10 @@ def family_decoder(name: str, seed: int = 0):
                                             num_local_experts=4, num_experts_per_tok=1,
                                             head_dim=8, **common)
         cls = transformers.Llama4ForCausalLM
+    elif name == "granitemoe":
+        cfg = transformers.GraniteMoeConfig(intermediate_size=16, num_local_experts=4,
+                                            num_experts_per_tok=2, **common)
+        cls = transformers.GraniteMoeForCausalLM
     elif name == "ernie4_5_moe":
         cfg = transformers.Ernie4_5_MoeConfig(intermediate_size=48, moe_intermediate_size=16,
                                               num_experts=4, num_experts_per_tok=2,

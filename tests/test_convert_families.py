@@ -21,7 +21,7 @@ from moefuse.converter import convert_model
 from moefuse.diff import summary
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-DECODERS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe"]
+DECODERS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "granitemoe"]
 
 
 def check_golden(name: str, model: onnx.ModelProto):
