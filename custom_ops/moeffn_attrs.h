@@ -10,7 +10,7 @@
 
 namespace moefuse {
 
-enum class Routing { kSoftmaxTopk, kTopkSoftmax, kSigmoidTopk, kPrecomputed };
+enum class Routing { kSoftmaxTopk, kTopkSoftmax, kSigmoidTopk, kPrecomputed, kSparsemixer };
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu, kIdentity };
 enum class GateUpLayout { kHalves, kInterleaved, kSeparate };
 enum class WeightLayout { kOutIn, kInOut };
@@ -31,6 +31,7 @@ struct MoEFFNAttrs {
   float clamp_limit = 0.0f;
   float up_offset = 0.0f;
   int64_t weight_on_input = 0;
+  float jitter_eps = 0.01f;  // sparsemixer's threshold
 
   // An attribute the node sets with another ONNX type than the one it is read as (ReadAttrs):
   // refused by CheckAttrs, not replaced by the default.
@@ -48,7 +49,7 @@ struct MoEFFNAttrs {
 };
 
 inline const char* const kRoutingNames[] = {"softmax_topk", "topk_softmax", "sigmoid_topk",
-                                            "precomputed"};
+                                            "precomputed", "sparsemixer"};
 inline const char* const kActivationNames[] = {"silu", "gelu", "gelu_tanh", "relu", "identity"};
 inline const char* const kGateUpNames[] = {"halves", "interleaved", "separate"};
 inline const char* const kLayoutNames[] = {"out_in", "in_out"};
@@ -149,6 +150,7 @@ inline MoEFFNAttrs ReadAttrs(const OrtApi* api, const OrtKernelInfo* info) {
   detail::ReadFloat(api, info, "clamp_limit", &a.clamp_limit, m);
   detail::ReadFloat(api, info, "up_offset", &a.up_offset, m);
   detail::ReadInt(api, info, "weight_on_input", &a.weight_on_input, m);
+  detail::ReadFloat(api, info, "jitter_eps", &a.jitter_eps, m);
   return a;
 }
 

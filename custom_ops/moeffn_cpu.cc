@@ -177,6 +177,24 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
       for (int j = 0; j < k; ++j) w[j] = w[j] / sum;
       break;
     }
+    case Routing::kSparsemixer: {  // k = 2 (validated); PhiMoE's sparsemixer at inference
+      // pick j: the largest logit not yet picked (tmp: -inf at the picks); its weight: its
+      // probability among the logits not yet picked within 2 eps, relative to max(|l|, pick's), of it
+      const float thr = 2.0f * a.jitter_eps;
+      for (int e = 0; e < E; ++e) tmp[e] = lg[e];
+      for (int j = 0; j < 2; ++j) {
+        TopK(tmp, E, 1, ids + j, vals);
+        const float top = vals[0];
+        float sum = 0.0f;
+        for (int e = 0; e < E; ++e) {
+          const bool drop = (top - lg[e]) / std::max(std::fabs(lg[e]), top) > thr;
+          if (!drop) sum += std::exp(tmp[e] - top);
+        }
+        w[j] = std::exp(tmp[ids[j]] - top) / sum;
+        tmp[ids[j]] = -std::numeric_limits<float>::infinity();
+      }
+      break;
+    }
     default: {  // sigmoid_topk
       float* choice = tmp;
       for (int e = 0; e < E; ++e) {
@@ -217,7 +235,7 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
       break;
     }
   }
-  if (a.normalize_topk && a.routing_kind != Routing::kTopkSoftmax) {
+  if (a.normalize_topk && a.routing_kind != Routing::kTopkSoftmax && a.routing_kind != Routing::kSparsemixer) {
     float sum = 0.0f;
     for (int j = 0; j < k; ++j) sum += w[j];
     for (int j = 0; j < k; ++j) w[j] = w[j] / sum;

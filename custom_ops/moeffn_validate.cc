@@ -160,6 +160,12 @@ std::string CheckAttrs(MoEFFNAttrs& a, const std::string& node_name) {
   if (a.n_group > 1 && a.routing_kind != Routing::kSigmoidTopk)
     return who + ": group-limited top-k (n_group=" + Str(a.n_group) +
            ") is defined for routing='sigmoid_topk' only, got routing='" + a.routing + "'";
+  if (a.routing_kind == Routing::kSparsemixer && a.k != 2)
+    return who + ": routing='sparsemixer' picks k=2 experts, got k=" + Str(a.k);
+  if (!(a.jitter_eps >= 0.0f && std::isfinite(a.jitter_eps)))
+    return who + ": attribute 'jitter_eps' must be finite and >= 0, got " + PyFloat(a.jitter_eps);
+  if (a.jitter_eps != 0.01f && a.routing_kind != Routing::kSparsemixer)
+    return who + ": 'jitter_eps' applies to routing='sparsemixer' only, got routing='" + a.routing + "'";
   if (!std::isfinite(a.routed_scaling_factor))
     return who + ": attribute 'routed_scaling_factor' must be finite";
   if (!(a.clamp_limit >= 0.0f && std::isfinite(a.clamp_limit)))

@@ -110,6 +110,8 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
         elif attrs.routing == "topk_softmax":
             top, ids = op("TopK", logits, k, outputs=2, axis=-1)
             vals = op("Softmax", top, axis=-1)
+        elif attrs.routing == "sparsemixer":
+            ids, vals = _sparsemixer(b, logits, attrs.jitter_eps)
         else:  # sigmoid_topk
             scores = op("Sigmoid", logits)
             choice = scores
@@ -119,7 +121,7 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
                 choice = _group_limited(b, choice, attrs.n_group, attrs.topk_group)
             _, ids = op("TopK", choice, k, outputs=2, axis=-1)
             vals = op("GatherElements", scores, ids, axis=1)
-        if attrs.normalize_topk and attrs.routing != "topk_softmax":
+        if attrs.normalize_topk and attrs.routing not in ("topk_softmax", "sparsemixer"):
             vals = op("Div", vals, op("ReduceSum", vals, b.ints(-1), keepdims=1))
     if attrs.routed_scaling_factor != 1.0:
         vals = op("Mul", vals, b.const(attrs.routed_scaling_factor))
@@ -233,6 +235,24 @@ def shared_expert(b: Body, attrs: MoEFFNAttrs, x: str, names: dict) -> str:
         gate = op("Unsqueeze", op("Cast", names["shared_gate"], to=_F), b.ints(1))
         out = op("Mul", out, op("Sigmoid", op("MatMul", x, gate)))
     return out
+
+
+def _sparsemixer(b: Body, logits: str, eps: float):
+    """PhiMoE's sparsemixer, k = 2 (see reference._sparsemixer): ids and weights [T, 2]."""
+    op = b.op
+    abs_logits = op("Abs", logits)
+    threshold, minus_inf = b.const([2.0 * np.float32(eps)]), b.const(-np.inf)
+    scores, ids, vals = logits, [], []
+    for j in range(2):
+        top, pick = op("TopK", scores, b.ints(1), outputs=2, axis=-1)         # [T, 1]
+        drop = op("Greater", op("Div", op("Sub", top, logits), op("Max", abs_logits, top)), threshold)
+        probs = op("Softmax", op("Where", drop, minus_inf, scores), axis=-1)
+        ids.append(pick)
+        vals.append(op("GatherElements", probs, pick, axis=1))
+        if j == 0:
+            infs = op("ConstantOfShape", op("Shape", pick), value=helper.make_tensor("ninf", _F, [1], [-np.inf]))
+            scores = op("ScatterElements", logits, pick, infs, axis=1)
+    return op("Concat", *ids, axis=1), op("Concat", *vals, axis=1)
 
 
 def _group_limited(b: Body, choice: str, n_group: int, topk_group: int) -> str:

@@ -96,6 +96,8 @@ def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Opti
         elif attrs.routing == "topk_softmax":
             ids = topk_indices(logits, k)
             weights = _softmax(np.take_along_axis(logits, ids, axis=1))
+        elif attrs.routing == "sparsemixer":
+            ids, weights = _sparsemixer(logits, F32(attrs.jitter_eps))
         elif attrs.routing == "sigmoid_topk":
             scores = _sigmoid(logits)
             choice = scores if selection_bias is None else scores + selection_bias.astype(F32)
@@ -110,6 +112,25 @@ def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Opti
     if attrs.routed_scaling_factor != 1.0:
         weights = weights * F32(attrs.routed_scaling_factor)
     return ids, weights.astype(F32)
+
+
+def _sparsemixer(logits: np.ndarray, eps: np.float32):
+    """PhiMoE's sparsemixer at inference, k = 2: pick j is the largest logit not yet picked; its
+    weight is its probability in a softmax over the logits not yet picked that lie within
+    2 eps (relative, to max(|l|, the pick's logit)) of the pick's."""
+    ids, weights = [], []
+    scores = logits
+    for _ in range(2):
+        pick = topk_indices(scores, 1)                               # [T, 1]
+        top = np.take_along_axis(scores, pick, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drop = (top - logits) / np.maximum(np.abs(logits), top) > F32(2) * eps
+        probs = _softmax(np.where(drop, F32(-np.inf), scores).astype(F32))
+        ids.append(pick)
+        weights.append(np.take_along_axis(probs, pick, axis=1))
+        scores = scores.copy()
+        np.put_along_axis(scores, pick, F32(-np.inf), axis=1)
+    return np.concatenate(ids, axis=1).astype(np.int64), np.concatenate(weights, axis=1)
 
 
 def _mask_groups(choice: np.ndarray, n_group: int, topk_group: int) -> np.ndarray:

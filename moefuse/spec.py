@@ -22,7 +22,7 @@ VERSION = 1
 
 # --- attribute value sets ---------------------------------------------------------------------
 
-ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed")
+ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed", "sparsemixer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 GATE_UP_LAYOUTS = ("halves", "interleaved", "separate")
 # "in_out": a projection is stored [E, in, out] and computed x @ W (GPT-OSS, ORT's old layout).
@@ -101,6 +101,7 @@ class MoEFFNAttrs:
     clamp_limit: float = 0.0
     up_offset: float = 0.0
     weight_on_input: int = 0
+    jitter_eps: float = 0.009999999776482582  # 0.01 as a float32 (an ONNX FLOAT attribute)
 
     # ---- serialization (one place) ----
     def to_onnx(self) -> dict:
@@ -174,6 +175,14 @@ class MoEFFNAttrs:
         if self.n_group > 1 and self.routing != "sigmoid_topk":
             raise MoEFFNError(f"{who}: group-limited top-k (n_group={self.n_group}) is defined for "
                               f"routing='sigmoid_topk' only, got routing='{self.routing}'")
+        if self.routing == "sparsemixer" and self.k != 2:
+            raise MoEFFNError(f"{who}: routing='sparsemixer' picks k=2 experts, got k={self.k}")
+        if not (self.jitter_eps >= 0.0 and math.isfinite(self.jitter_eps)):
+            raise MoEFFNError(f"{who}: attribute 'jitter_eps' must be finite and >= 0, "
+                              f"got {self.jitter_eps}")
+        if self.jitter_eps != MoEFFNAttrs.jitter_eps and self.routing != "sparsemixer":
+            raise MoEFFNError(f"{who}: 'jitter_eps' applies to routing='sparsemixer' only, "
+                              f"got routing='{self.routing}'")
         if not math.isfinite(self.routed_scaling_factor):
             raise MoEFFNError(f"{who}: attribute 'routed_scaling_factor' must be finite")
         if not (self.clamp_limit >= 0.0 and math.isfinite(self.clamp_limit)):

@@ -21,6 +21,8 @@ ROUTINGS = {
     "softmax_topk_raw": (dict(routing="softmax_topk", normalize_topk=0), {"shared_gate": True}),
     "softmax_bias": (dict(routing="softmax_topk", normalize_topk=1), {"selection_bias": True}),
     "topk_softmax": (dict(routing="topk_softmax"), {}),
+    # a threshold wide enough that the masks keep several experts
+    "sparsemixer": (dict(routing="sparsemixer", jitter_eps=0.3), {}),
     "sigmoid_grouped": (dict(routing="sigmoid_topk", n_group=2, topk_group=1,
                              routed_scaling_factor=2.5), {"selection_bias": True}),
     "sigmoid_on_input": (dict(routing="sigmoid_topk", normalize_topk=0, k=1, weight_on_input=1), {}),

@@ -147,6 +147,16 @@ def ernie4_5_moe(seed=0, impl="eager"):
     return m
 
 
+def phimoe(seed=0, impl="eager"):
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+    # a threshold wide enough that the sparsemixer's masks keep several experts (0.01 in Phi-3.5)
+    cfg = PhimoeConfig(hidden_size=32, intermediate_size=24, num_local_experts=4,
+                       num_experts_per_tok=2, router_jitter_noise=0.3, experts_implementation=impl)
+    return _randomize(PhimoeSparseMoeBlock(cfg), seed)
+
+
 def _mlp_weights(mlp):
     """gate/up/down of a transformers dense MLP (Linear weights, out_in layout)."""
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
@@ -197,6 +207,12 @@ def read_ernie4_5_moe(m):  # softmax; picks by probability + bias, weights the p
                                selection_bias=_np(g.moe_statics.e_score_correction_bias).reshape(-1))
 
 
+def read_phimoe(m):  # sparsemixer: two arg-maxes, each weighted by a thresholded softmax
+    return read_out_in_experts(m, dict(k=2, routing="sparsemixer",
+                                       jitter_eps=float(np.float32(m.router.router_jitter_noise))),
+                               _linear_logits(m.router.weight))
+
+
 def read_deepseek_v3(m):
     g = m.gate
     return read_out_in_experts(
@@ -241,6 +257,7 @@ FAMILIES = {
     "llama4": Family("llama4", llama4, read_llama4, 32),
     "granitemoe": Family("granitemoe", granitemoe, read_granitemoe, 32),
     "ernie4_5_moe": Family("ernie4_5_moe", ernie4_5_moe, read_ernie4_5_moe, 32),
+    "phimoe": Family("phimoe", phimoe, read_phimoe, 32),
 }
 
 

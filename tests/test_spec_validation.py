@@ -92,6 +92,14 @@ def test_selection_bias_only_where_scores_are_ranked():
         assert validate_arrays(ok, inputs(ok, selection_bias=True)).experts == E
 
 
+def test_sparsemixer_picks_two_and_owns_its_threshold():
+    expect(MoEFFNAttrs(routing="sparsemixer", k=3), inputs(), "'sparsemixer'", "k=2", "k=3")
+    expect(MoEFFNAttrs(routing="sparsemixer", jitter_eps=-1.0), inputs(), "'jitter_eps'", ">= 0")
+    expect(MoEFFNAttrs(jitter_eps=0.3), inputs(), "'jitter_eps'", "sparsemixer", "softmax_topk")
+    ok = MoEFFNAttrs(routing="sparsemixer", jitter_eps=0.3)
+    assert validate_arrays(ok, inputs(ok)).experts == E
+
+
 def test_unknown_activation():
     expect(MoEFFNAttrs(activation="swish"), inputs(), "'activation'", "got 'swish'", "silu")
 

@@ -48,6 +48,7 @@ struct RouteParams {
   // One-token calls routed by a block in parallel (a thread per expert ranks it; the same picks as
   // the selection passes, bit for bit) where the routing allows; 0: by the selection passes.
   int rank_one = 1;
+  float jitter_eps = 0.01f;  // sparsemixer's threshold
 };
 
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax

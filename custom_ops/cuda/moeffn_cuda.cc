@@ -523,6 +523,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.mode = static_cast<int>(a.routing_kind);
   r.normalize = static_cast<int>(a.normalize_topk);
   r.scale = a.routed_scaling_factor;
+  r.jitter_eps = a.jitter_eps;
   r.n_group = static_cast<int>(a.n_group);
   r.topk_group = static_cast<int>(a.topk_group);
   r.dtype = dt;

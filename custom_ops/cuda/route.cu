@@ -24,7 +24,14 @@ constexpr int kScanThreads = 1024;
 
 // The routing modes of the spec (moefuse::Routing), and softmax_topk with a selection bias, compiled
 // apart so that the other modes' kernels stay as they were.
-enum Mode { kSoftmaxTopk = 0, kTopkSoftmax = 1, kSigmoidTopk = 2, kPrecomputed = 3, kSoftmaxBiasTopk = 4 };
+enum Mode {
+  kSoftmaxTopk = 0,
+  kTopkSoftmax = 1,
+  kSigmoidTopk = 2,
+  kPrecomputed = 3,
+  kSparsemixer = 4,
+  kSoftmaxBiasTopk = 5
+};
 
 __host__ __device__ constexpr bool IsSoftmax(int m) { return m == kSoftmaxTopk || m == kSoftmaxBiasTopk; }
 
@@ -199,7 +206,7 @@ struct RankScratch {
 template <typename T, int M>
 __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, RankScratch& sm, int* id,
                                                  float* w) {
-  static_assert(M != kPrecomputed, "precomputed picks are copied, not routed");
+  static_assert(M != kPrecomputed && M != kSparsemixer, "precomputed picks are copied; sparsemixer's are direct");
   const int lane = threadIdx.x & 31, E = r.E, K = r.K;
   const Token<T, M> tok = MakeToken<T, M>(r, t);  // every warp: the same statistics
   const int E4 = (E + 3) / 4;  // keys read four at a time; the padding's key 0 outranks none
@@ -353,9 +360,51 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   }
 }
 
+// PhiMoE's sparsemixer (k = 2) with a full warp: pick j is the largest logit not yet picked (in
+// Better's order); its weight is its probability among the logits not yet picked that lie within
+// 2 jitter_eps of it, relative to max(|l|, its logit): 1 / the sum of exp(l - its logit) over them.
+template <typename T>
+__device__ void SparsemixerToken(const RouteParams& r, int t) {
+  const int lane = threadIdx.x & 31, E = r.E;
+  const T* lg = static_cast<const T*>(r.logits) + static_cast<int64_t>(t) * E;
+  const float thr = 2.0f * r.jitter_eps;
+  // one pick, skipping expert `skip`; its weight, scaled
+  auto pick = [&](int skip, float* weight) {
+    float bv = 0.0f;
+    int bi = INT32_MAX;
+    for (int e = lane; e < E; e += 32) {
+      const float v = ToF(lg[e]);
+      if (e != skip && (bi == INT32_MAX || Better(v, e, bv, bi))) {
+        bv = v;
+        bi = e;
+      }
+    }
+    WarpBest(bv, bi);  // warp-uniform from here
+    float s = 0.0f;
+    for (int e = lane; e < E; e += 32) {
+      const float l = ToF(lg[e]);
+      if (e != skip && !((bv - l) / fmaxf(fabsf(l), bv) > thr)) s += expf(l - bv);
+    }
+    const float w = 1.0f / WarpSum(s);
+    *weight = r.scale != 1.0f ? w * r.scale : w;
+    return bi;
+  };
+  float w0, w1;
+  const int e0 = pick(-1, &w0);
+  const int e1 = pick(e0, &w1);
+  if (lane < 2) {
+    const int64_t at = static_cast<int64_t>(t) * 2 + lane;
+    const int e = lane == 0 ? e0 : e1;
+    r.ids[at] = e;
+    r.w[at] = lane == 0 ? w0 : w1;
+    r.rank[at] = atomicAdd(r.counts + e, 1);
+  }
+}
+
 template <typename T, int M>
 __device__ __forceinline__ void Route(const RouteParams& r, int t, float* gscratch) {
   if constexpr (M == kPrecomputed) CopyPicks<T>(r, t);
+  else if constexpr (M == kSparsemixer) SparsemixerToken<T>(r, t);
   else RouteToken<T, M>(r, t, gscratch);
 }
 
@@ -582,7 +631,7 @@ __global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, So
 
 template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
-  if constexpr (M != kPrecomputed) {
+  if constexpr (M != kPrecomputed && M != kSparsemixer) {
     if (RoutesOneByRank(r))
       return Launch(RouteOneKernel<T, M>, dim3(1), dim3(kRankThreads), 0, stream, r, s);
   }
@@ -590,9 +639,14 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
   const int threads = r.T <= kFusedSmallTokens ? 512 : 1024;
   const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
                             static_cast<size_t>(threads / 32) * gfloats * sizeof(float);
-  if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024)
-    return threads == 512 ? Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s)
-                          : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
+  if (r.T <= kFusedMaxTokens && fused_smem <= 48 * 1024) {
+    // sparsemixer: 512 threads at any T (at 1024 its kernel spills; two picks a token are cheap)
+    if constexpr (M == kSparsemixer)
+      return Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s);
+    else
+      return threads == 512 ? Launch(FusedKernel<T, M, 512>, dim3(1), dim3(512), fused_smem, stream, r, s)
+                            : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
+  }
   // counts, bad and the later kernels' counters: one buffer, one memset
   if (r.bad != r.counts + r.E || (s.zero_count > 0 && s.zero != r.bad + 1)) return cudaErrorInvalidValue;
   if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * (r.E + 1 + s.zero_count), stream)) return e;
@@ -622,6 +676,8 @@ cudaError_t RouteModeT(const RouteParams& r, const SortParams& s, cudaStream_t s
       return RouteT<T, kSigmoidTopk>(r, s, stream);
     case kPrecomputed:
       return RouteT<T, kPrecomputed>(r, s, stream);
+    case kSparsemixer:
+      return RouteT<T, kSparsemixer>(r, s, stream);
     default:
       return cudaErrorInvalidValue;
   }

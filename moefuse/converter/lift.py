@@ -196,7 +196,7 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
             routings, experts_shared, (0, 1)):
         if woi and k != 1 and r_attrs.get("routing") != "sigmoid_topk":
             continue
-        attrs = MoEFFNAttrs(k=k, weight_on_input=woi, **r_attrs, **e_attrs)
+        attrs = MoEFFNAttrs(**{"k": k, **r_attrs}, weight_on_input=woi, **e_attrs)
         operands = {**r_ops, **e_ops}
         for name, (ref, orient) in s_ops.items():
             want = attrs.weight_layout
@@ -256,6 +256,12 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
     ops = ops - _ROUTING_NEUTRAL_OPS
     extra_topks = [i for i in cand.routing_nodes
                    if g.nodes[i].op_type == "TopK" and i != cand.anchor]
+    if sum(g.nodes[i].op_type == "ArgMax" for i in cand.routing_nodes) == 2:
+        # two arg-maxes on the logits, the second over them with the first pick masked: PhiMoE's
+        # sparsemixer; its threshold 2 eps is among the block's scalars
+        for eps in dict.fromkeys([s / 2 for s in scalars if s > 0] + [s for s in scalars if s > 0]
+                                 + [MoEFFNAttrs.jitter_eps]):
+            yield dict(routing="sparsemixer", k=2, jitter_eps=eps), {}
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
         bias_opts = [{}]
         if sel_bias:  # the bias reading first; without it where the constant was something else

@@ -39,6 +39,8 @@ def fit(attrs: MoEFFNAttrs, operands: dict, dtype) -> str:
         return "sigmoid routing (com.microsoft.MoE routes by softmax only)"
     if attrs.routing == "precomputed":
         return "precomputed routing (com.microsoft.MoE takes router logits)"
+    if attrs.routing == "sparsemixer":  # its use_sparse_mixer not yet checked against ours
+        return "sparsemixer routing"
     if attrs.routed_scaling_factor != 1.0:
         return f"routed_scaling_factor {attrs.routed_scaling_factor:g}"
     if attrs.weight_on_input:
