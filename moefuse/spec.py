@@ -180,7 +180,7 @@ class MoEFFNAttrs:
         if not (self.jitter_eps >= 0.0 and math.isfinite(self.jitter_eps)):
             raise MoEFFNError(f"{who}: attribute 'jitter_eps' must be finite and >= 0, "
                               f"got {self.jitter_eps}")
-        if self.jitter_eps != MoEFFNAttrs.jitter_eps and self.routing != "sparsemixer":
+        if np.float32(self.jitter_eps) != np.float32(MoEFFNAttrs.jitter_eps) and self.routing != "sparsemixer":
             raise MoEFFNError(f"{who}: 'jitter_eps' applies to routing='sparsemixer' only, "
                               f"got routing='{self.routing}'")
         if not math.isfinite(self.routed_scaling_factor):

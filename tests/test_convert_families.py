@@ -86,3 +86,27 @@ def test_whole_decoder(family, tmp_path):
     names_after = {n.name for n in conv.model.graph.node}
     assert all(n.name in names_after for n in kept)
     check_golden(f"decoder_{family}", conv.model)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("eps", [0.0, 0.01])
+def test_sparsemixer_threshold_read_off_the_graph(eps, exporter, tmp_path):
+    """Runs on random probes cannot tell sparsemixer thresholds apart (the masks rarely fall
+    between two candidates), so the converter reads 2 eps off the block's Greater: PhiMoE blocks
+    with eps 0 (no other scalar to guess from) and Phi-3.5's 0.01 convert to exactly theirs."""
+    import torch
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+    from exports import export_module, first_output
+    from families import _randomize
+
+    cfg = PhimoeConfig(hidden_size=32, intermediate_size=24, num_local_experts=4,
+                       num_experts_per_tok=2, router_jitter_noise=eps,
+                       experts_implementation="batched_mm")
+    block = _randomize(PhimoeSparseMoeBlock(cfg), 0)
+    export_module(first_output(block), torch.randn(2, 5, 32), tmp_path / "b.onnx", exporter)
+    conv = converted(onnx.load(str(tmp_path / "b.onnx")))
+    (b,) = conv.blocks
+    assert b.attrs.routing == "sparsemixer"
+    assert b.attrs.jitter_eps == float(np.float32(eps))

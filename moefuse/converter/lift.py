@@ -11,6 +11,7 @@ random inputs and the first hypothesis whose reference output matches is the lif
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -188,7 +189,8 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
                        else "") + ", and no per-expert weight matrices for all E experts")
 
     k = _topk_k(g, cand)
-    routings = list(_routing_options(g, cand, ops_routing, scalars, sel_bias))
+    routings = list(_routing_options(g, cand, ops_routing, scalars, sel_bias,
+                                     _greater_thresholds(g, nodes)))
     experts_shared = [(e, s) for st, bi, sm in readings
                       for e in _expert_options(st, bi, ops_experts, scalars, D)
                       for s in _shared_options(sm, D)]
@@ -250,7 +252,23 @@ def _topk_k(g: GraphIndex, cand: Candidate) -> int:
 _ROUTING_NEUTRAL_OPS = {"Cast", "Identity"}
 
 
-def _routing_options(g, cand, ops, scalars, sel_bias):
+def _greater_thresholds(g: GraphIndex, nodes) -> list[float]:
+    """The constant scalars that the block's Greater nodes compare against (sparsemixer's 2 eps:
+    runs on random probes cannot tell thresholds apart, so it is read off the graph)."""
+    out = []
+    for i in nodes:
+        node = g.nodes[i]
+        if node.op_type != "Greater" or len(node.input) < 2:
+            continue
+        v = g.constant_value(node.input[1])
+        if v is not None and np.size(v) == 1 and _is_float(np.asarray(v)):
+            f = float(np.asarray(v, dtype=np.float32).reshape(-1)[0])
+            if math.isfinite(f) and f >= 0 and f not in out:
+                out.append(f)
+    return out
+
+
+def _routing_options(g, cand, ops, scalars, sel_bias, thresholds=()):
     """Routing readings, most likely first. The scaling factor is fitted later."""
     E = cand.experts
     ops = ops - _ROUTING_NEUTRAL_OPS
@@ -258,10 +276,9 @@ def _routing_options(g, cand, ops, scalars, sel_bias):
                    if g.nodes[i].op_type == "TopK" and i != cand.anchor]
     if sum(g.nodes[i].op_type == "ArgMax" for i in cand.routing_nodes) == 2:
         # two arg-maxes on the logits, the second over them with the first pick masked: PhiMoE's
-        # sparsemixer; its threshold 2 eps is among the block's scalars
-        for eps in dict.fromkeys([s / 2 for s in scalars if s > 0] + [s for s in scalars if s > 0]
-                                 + [MoEFFNAttrs.jitter_eps]):
-            yield dict(routing="sparsemixer", k=2, jitter_eps=eps), {}
+        # sparsemixer, whose masks compare against 2 eps (a Greater's constant)
+        for t in thresholds:
+            yield dict(routing="sparsemixer", k=2, jitter_eps=t / 2), {}
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
         bias_opts = [{}]
         if sel_bias:  # the bias reading first; without it where the constant was something else
