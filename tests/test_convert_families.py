@@ -110,3 +110,4 @@ def test_sparsemixer_threshold_read_off_the_graph(eps, exporter, tmp_path):
     (b,) = conv.blocks
     assert b.attrs.routing == "sparsemixer"
     assert b.attrs.jitter_eps == float(np.float32(eps))
+    assert b.traits[:3] == ["sparsemixer", "k=2", f"eps {eps:g}"]  # no "+norm": it has no effect

@@ -58,9 +58,11 @@ class Block:
 
 
 def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
-    t = [attrs.routing + ("" if attrs.routing in ("topk_softmax", "precomputed")
+    t = [attrs.routing + ("" if attrs.routing in ("topk_softmax", "precomputed", "sparsemixer")
                           else ("+norm" if attrs.normalize_topk else ""))]
     t.append(f"k={attrs.k}")
+    if attrs.routing == "sparsemixer":
+        t.append(f"eps {attrs.jitter_eps:g}")
     if attrs.n_group > 1:
         t.append(f"groups {attrs.topk_group}/{attrs.n_group}")
     if "selection_bias" in operands:
