@@ -190,7 +190,7 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
           const bool drop = (top - lg[e]) / std::max(std::fabs(lg[e]), top) > thr;
           if (!drop) sum += std::exp(tmp[e] - top);
         }
-        w[j] = std::exp(tmp[ids[j]] - top) / sum;
+        w[j] = 1.0f / sum;  // exp(pick's logit - top) is 1
         tmp[ids[j]] = -std::numeric_limits<float>::infinity();
       }
       break;

@@ -215,10 +215,17 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
       sm.key[e] = 0u;
       continue;
     }
-    const float c = tok.Choice(e);
-    sm.key[e] = OrderKey(c);
-    // the raw weight, as SelectPicks takes it
-    sm.raw[e] = M == kSigmoidTopk || M == kSoftmaxBiasTopk ? tok.Score(e) : c;
+    // the choice and the raw weight, as SelectPicks takes them (with a bias on the
+    // probabilities, the probability once for both)
+    if constexpr (M == kSoftmaxBiasTopk) {
+      const float p = tok.Score(e);
+      sm.key[e] = OrderKey(p + ToF(tok.bias[e]));
+      sm.raw[e] = p;
+    } else {
+      const float c = tok.Choice(e);
+      sm.key[e] = OrderKey(c);
+      sm.raw[e] = M == kSigmoidTopk ? tok.Score(e) : c;
+    }
   }
   __syncthreads();
   const uint4* key4 = reinterpret_cast<const uint4*>(sm.key);

@@ -133,16 +133,22 @@ def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
 
 
+def _finite_float(v) -> Optional[float]:
+    """A one-element float constant's value (as float32), or None: not such a constant or not finite."""
+    a = np.asarray(v)
+    if a.size != 1 or not _is_float(a):
+        return None
+    f = float(a.astype(np.float32).reshape(-1)[0])
+    return f if math.isfinite(f) else None
+
+
 def _scalars(refs: list[ConstRef]) -> list[float]:
     out = []
     for r in refs:
-        shape = r.shape
-        if int(np.prod(shape, dtype=np.int64)) == 1:
-            v = r.value()
-            if _is_float(v):
-                f = float(np.asarray(v, dtype=np.float32).reshape(-1)[0])
-                if np.isfinite(f) and f not in out:
-                    out.append(f)
+        if int(np.prod(r.shape, dtype=np.int64)) == 1:
+            f = _finite_float(r.value())
+            if f is not None and f not in out:
+                out.append(f)
     return out
 
 
@@ -261,10 +267,9 @@ def _greater_thresholds(g: GraphIndex, nodes) -> list[float]:
         if node.op_type != "Greater" or len(node.input) < 2:
             continue
         v = g.constant_value(node.input[1])
-        if v is not None and np.size(v) == 1 and _is_float(np.asarray(v)):
-            f = float(np.asarray(v, dtype=np.float32).reshape(-1)[0])
-            if math.isfinite(f) and f >= 0 and f not in out:
-                out.append(f)
+        f = None if v is None else _finite_float(v)
+        if f is not None and f >= 0 and f not in out:
+            out.append(f)
     return out
 
 
