@@ -14,6 +14,7 @@ enum class Routing { kSoftmaxTopk, kTopkSoftmax, kSigmoidTopk, kPrecomputed, kSp
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu, kIdentity };
 enum class GateUpLayout { kHalves, kInterleaved, kSeparate };
 enum class WeightLayout { kOutIn, kInOut };
+enum class GroupScore { kTop2Sum, kMax };
 
 // Field order and defaults are spec.MoEFFNAttrs'.
 struct MoEFFNAttrs {
@@ -23,6 +24,7 @@ struct MoEFFNAttrs {
   float routed_scaling_factor = 1.0f;
   int64_t n_group = 1;
   int64_t topk_group = 1;
+  std::string group_score = "top2_sum";
   std::string activation = "silu";
   int64_t gated = 1;
   std::string gate_up_layout = "halves";
@@ -42,10 +44,15 @@ struct MoEFFNAttrs {
   Activation activation_kind = Activation::kSilu;
   GateUpLayout gate_up_kind = GateUpLayout::kHalves;
   WeightLayout layout_kind = WeightLayout::kOutIn;
+  GroupScore group_score_kind = GroupScore::kTop2Sum;
 
   bool in_out() const { return layout_kind == WeightLayout::kInOut; }
   bool fused_gate_up() const { return gated && gate_up_kind != GateUpLayout::kSeparate; }
   bool separate_gate_up() const { return gated && gate_up_kind == GateUpLayout::kSeparate; }
+  // How many of a group's best choice values add up to its score (n_group > 1).
+  int group_score_terms(int group_size) const {
+    return group_score_kind == GroupScore::kMax ? 1 : (group_size < 2 ? group_size : 2);
+  }
 };
 
 inline const char* const kRoutingNames[] = {"softmax_topk", "topk_softmax", "sigmoid_topk",
@@ -53,6 +60,7 @@ inline const char* const kRoutingNames[] = {"softmax_topk", "topk_softmax", "sig
 inline const char* const kActivationNames[] = {"silu", "gelu", "gelu_tanh", "relu", "identity"};
 inline const char* const kGateUpNames[] = {"halves", "interleaved", "separate"};
 inline const char* const kLayoutNames[] = {"out_in", "in_out"};
+inline const char* const kGroupScoreNames[] = {"top2_sum", "max"};
 
 namespace detail {
 
@@ -142,6 +150,7 @@ inline MoEFFNAttrs ReadAttrs(const OrtApi* api, const OrtKernelInfo* info) {
   detail::ReadFloat(api, info, "routed_scaling_factor", &a.routed_scaling_factor, m);
   detail::ReadInt(api, info, "n_group", &a.n_group, m);
   detail::ReadInt(api, info, "topk_group", &a.topk_group, m);
+  detail::ReadString(api, info, "group_score", &a.group_score, m);
   detail::ReadString(api, info, "activation", &a.activation, m);
   detail::ReadInt(api, info, "gated", &a.gated, m);
   detail::ReadString(api, info, "gate_up_layout", &a.gate_up_layout, m);

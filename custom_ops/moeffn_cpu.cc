@@ -142,6 +142,36 @@ float MaxNan(const float* v, int n) {
   return m;
 }
 
+// Group-limited selection: sets the choice values outside the topk_group best groups to -inf. A
+// group's score is the sum of its a.group_score_terms() best values.
+void MaskGroups(const MoEFFNAttrs& a, float* choice, int E) {
+  const int groups = static_cast<int>(a.n_group);
+  const int gsize = E / groups;
+  const int top = a.group_score_terms(gsize);
+  float best[2];
+  int32_t besti[2];
+  float gscore[1024];
+  std::vector<float> gheap;
+  float* gs = gscore;
+  if (groups > 1024) {
+    gheap.resize(groups);
+    gs = gheap.data();
+  }
+  for (int g = 0; g < groups; ++g) {
+    TopK(choice + g * gsize, gsize, top, besti, best);
+    gs[g] = top == 2 ? best[0] + best[1] : best[0];
+  }
+  std::vector<int32_t> keep(static_cast<size_t>(a.topk_group));
+  std::vector<float> keepv(static_cast<size_t>(a.topk_group));
+  TopK(gs, groups, static_cast<int>(a.topk_group), keep.data(), keepv.data());
+  std::vector<char> kept(static_cast<size_t>(groups), 0);
+  for (int32_t g : keep) kept[g] = 1;
+  for (int g = 0; g < groups; ++g) {
+    if (kept[g]) continue;
+    for (int e = g * gsize; e < (g + 1) * gsize; ++e) choice[e] = -std::numeric_limits<float>::infinity();
+  }
+}
+
 // Routing of one token: `lg` holds its E logits as float32 (overwritten); work has 2E floats.
 void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, int32_t* ids,
                 float* w, float* work) {
@@ -157,8 +187,9 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
         sum += lg[e];
       }
       for (int e = 0; e < E; ++e) lg[e] = lg[e] / sum;
-      if (sel_bias) {  // selection by probability + bias, weights the probabilities
-        for (int e = 0; e < E; ++e) tmp[e] = lg[e] + sel_bias[e];
+      if (sel_bias || a.n_group > 1) {  // selection by probability (+ bias), weights the probabilities
+        for (int e = 0; e < E; ++e) tmp[e] = sel_bias ? lg[e] + sel_bias[e] : lg[e];
+        if (a.n_group > 1) MaskGroups(a, tmp, E);
         TopK(tmp, E, k, ids, vals);
       } else {
         TopK(lg, E, k, ids, vals);
@@ -201,35 +232,7 @@ void RouteToken(const MoEFFNAttrs& a, float* lg, const float* sel_bias, int E, i
         lg[e] = SigmoidScalar(lg[e]);
         choice[e] = sel_bias ? lg[e] + sel_bias[e] : lg[e];
       }
-      if (a.n_group > 1) {
-        const int groups = static_cast<int>(a.n_group);
-        const int gsize = E / groups;
-        const int top = std::min(2, gsize);
-        // group scores in vals[0..groups) (vals has room: groups <= E), kept groups via TopK
-        float best[2];
-        int32_t besti[2];
-        float gscore[1024];
-        std::vector<float> gheap;
-        float* gs = gscore;
-        if (groups > 1024) {
-          gheap.resize(groups);
-          gs = gheap.data();
-        }
-        for (int g = 0; g < groups; ++g) {
-          TopK(choice + g * gsize, gsize, top, besti, best);
-          gs[g] = top == 2 ? best[0] + best[1] : best[0];
-        }
-        std::vector<int32_t> keep(static_cast<size_t>(a.topk_group));
-        std::vector<float> keepv(static_cast<size_t>(a.topk_group));
-        TopK(gs, groups, static_cast<int>(a.topk_group), keep.data(), keepv.data());
-        std::vector<char> kept(static_cast<size_t>(groups), 0);
-        for (int32_t g : keep) kept[g] = 1;
-        for (int g = 0; g < groups; ++g) {
-          if (kept[g]) continue;
-          for (int e = g * gsize; e < (g + 1) * gsize; ++e)
-            choice[e] = -std::numeric_limits<float>::infinity();
-        }
-      }
+      if (a.n_group > 1) MaskGroups(a, choice, E);
       TopK(choice, E, k, ids, vals);
       for (int j = 0; j < k; ++j) w[j] = lg[ids[j]];
       break;

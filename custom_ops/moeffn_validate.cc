@@ -144,6 +144,8 @@ std::string CheckAttrs(MoEFFNAttrs& a, const std::string& node_name) {
   a.gate_up_kind = static_cast<GateUpLayout>(idx);
   if (!OneOf(who, "weight_layout", a.weight_layout, kLayoutNames, &idx, &err)) return err;
   a.layout_kind = static_cast<WeightLayout>(idx);
+  if (!OneOf(who, "group_score", a.group_score, kGroupScoreNames, &idx, &err)) return err;
+  a.group_score_kind = static_cast<GroupScore>(idx);
   const std::pair<const char*, int64_t> flags[] = {
       {"normalize_topk", a.normalize_topk}, {"gated", a.gated}, {"weight_on_input", a.weight_on_input}};
   for (const auto& f : flags) {
@@ -157,9 +159,11 @@ std::string CheckAttrs(MoEFFNAttrs& a, const std::string& node_name) {
   if (a.topk_group > a.n_group)
     return who + ": attribute 'topk_group'=" + Str(a.topk_group) + " must be <= n_group=" +
            Str(a.n_group);
-  if (a.n_group > 1 && a.routing_kind != Routing::kSigmoidTopk)
+  if (a.n_group > 1 && a.routing_kind != Routing::kSoftmaxTopk && a.routing_kind != Routing::kSigmoidTopk)
     return who + ": group-limited top-k (n_group=" + Str(a.n_group) +
-           ") is defined for routing='sigmoid_topk' only, got routing='" + a.routing + "'";
+           ") is defined for routing='softmax_topk' or 'sigmoid_topk' only, got routing='" + a.routing + "'";
+  if (a.n_group == 1 && a.group_score_kind != GroupScore::kTop2Sum)
+    return who + ": 'group_score' applies to group-limited top-k (n_group > 1) only, got n_group=1";
   if (a.routing_kind == Routing::kSparsemixer && a.k != 2)
     return who + ": routing='sparsemixer' picks k=2 experts, got k=" + Str(a.k);
   if (!(a.jitter_eps >= 0.0f && std::isfinite(a.jitter_eps)))

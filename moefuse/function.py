@@ -102,8 +102,13 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
                    value=_ZERO)
         if attrs.routing == "softmax_topk":
             probs = op("Softmax", logits, axis=-1)
-            if "selection_bias" in present:
-                _, ids = op("TopK", op("Add", probs, f32("selection_bias")), k, outputs=2, axis=-1)
+            if "selection_bias" in present or attrs.n_group > 1:
+                choice = probs
+                if "selection_bias" in present:
+                    choice = op("Add", probs, f32("selection_bias"))
+                if attrs.n_group > 1:
+                    choice = _group_limited(b, choice, attrs)
+                _, ids = op("TopK", choice, k, outputs=2, axis=-1)
                 vals = op("GatherElements", probs, ids, axis=1)
             else:
                 vals, ids = op("TopK", probs, k, outputs=2, axis=-1)
@@ -118,7 +123,7 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
             if "selection_bias" in present:
                 choice = op("Add", scores, f32("selection_bias"))
             if attrs.n_group > 1:
-                choice = _group_limited(b, choice, attrs.n_group, attrs.topk_group)
+                choice = _group_limited(b, choice, attrs)
             _, ids = op("TopK", choice, k, outputs=2, axis=-1)
             vals = op("GatherElements", scores, ids, axis=1)
         if attrs.normalize_topk and attrs.routing not in ("topk_softmax", "sparsemixer"):
@@ -255,9 +260,10 @@ def _sparsemixer(b: Body, logits: str, eps: float):
     return op("Concat", *ids, axis=1), op("Concat", *vals, axis=1)
 
 
-def _group_limited(b: Body, choice: str, n_group: int, topk_group: int) -> str:
+def _group_limited(b: Body, choice: str, attrs: MoEFFNAttrs) -> str:
     """Mask to -inf the experts outside the topk_group best groups (see reference._mask_groups)."""
     op = b.op
+    n_group, topk_group = attrs.n_group, attrs.topk_group
     shape = op("Shape", choice)
     # Explicit [T, G, E/G] with allowzero=1: onnxruntime would otherwise fold the dims into a
     # [0, G, -1] that cannot reshape an empty batch.
@@ -265,9 +271,11 @@ def _group_limited(b: Body, choice: str, n_group: int, topk_group: int) -> str:
     group_size = op("Div", op("Shape", choice, start=1), b.ints(n_group))
     grouped = op("Reshape", choice, op("Concat", tokens, b.ints(n_group), group_size, axis=0),
                  allowzero=1)                                                  # [T, G, E/G]
-    top = op("Min", group_size, b.ints(2))
-    best, _ = op("TopK", grouped, top, outputs=2, axis=-1)
-    group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)                 # [T, G]
+    if attrs.group_score == "max":
+        group_scores = op("ReduceMax", grouped, b.ints(-1), keepdims=0)          # [T, G]
+    else:
+        best, _ = op("TopK", grouped, op("Min", group_size, b.ints(2)), outputs=2, axis=-1)
+        group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)             # [T, G]
     _, keep = op("TopK", group_scores, b.ints(topk_group), outputs=2, axis=-1)
     gzeros = op("ConstantOfShape", op("Shape", group_scores),
                 value=_ZERO)

@@ -89,6 +89,8 @@ def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Opti
         if attrs.routing == "softmax_topk":
             probs = _softmax(logits)
             choice = probs if selection_bias is None else probs + selection_bias.astype(F32)
+            if attrs.n_group > 1:
+                choice = _mask_groups(choice, attrs)
             ids = topk_indices(choice, k)
             weights = np.take_along_axis(probs, ids, axis=1)
             if attrs.normalize_topk:
@@ -102,7 +104,7 @@ def route(attrs: MoEFFNAttrs, logits: Optional[np.ndarray], selection_bias: Opti
             scores = _sigmoid(logits)
             choice = scores if selection_bias is None else scores + selection_bias.astype(F32)
             if attrs.n_group > 1:
-                choice = _mask_groups(choice, attrs.n_group, attrs.topk_group)
+                choice = _mask_groups(choice, attrs)
             ids = topk_indices(choice, k)
             weights = np.take_along_axis(scores, ids, axis=1)
             if attrs.normalize_topk:
@@ -133,14 +135,16 @@ def _sparsemixer(logits: np.ndarray, eps: np.float32):
     return np.concatenate(ids, axis=1).astype(np.int64), np.concatenate(weights, axis=1)
 
 
-def _mask_groups(choice: np.ndarray, n_group: int, topk_group: int) -> np.ndarray:
+def _mask_groups(choice: np.ndarray, attrs: MoEFFNAttrs) -> np.ndarray:
     """Group-limited selection: keep the experts of the topk_group best groups, where a group's
-    score is the sum of its top min(2, group size) choice scores; the rest become -inf."""
+    score is the sum of its top min(2, group size) choice scores (group_score=top2_sum) or its
+    largest one (max); the rest become -inf."""
     t, e = choice.shape
+    n_group = attrs.n_group
     grouped = choice.reshape(t, n_group, e // n_group)
-    top = min(2, e // n_group)
+    top = attrs.group_score_terms(e // n_group)
     group_scores = -np.sort(-grouped, axis=-1)[..., :top].sum(axis=-1)
-    keep = topk_indices(group_scores, topk_group)
+    keep = topk_indices(group_scores, attrs.topk_group)
     mask = np.zeros((t, n_group), dtype=bool)
     np.put_along_axis(mask, keep, True, axis=1)
     out = np.where(np.repeat(mask, e // n_group, axis=1), choice, F32(-np.inf))

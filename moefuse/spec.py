@@ -23,11 +23,16 @@ VERSION = 1
 # --- attribute value sets ---------------------------------------------------------------------
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed", "sparsemixer")
+# Routings whose choice scores may be limited to the best expert groups (n_group > 1).
+GROUPED_ROUTINGS = ("softmax_topk", "sigmoid_topk")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 GATE_UP_LAYOUTS = ("halves", "interleaved", "separate")
 # "in_out": a projection is stored [E, in, out] and computed x @ W (GPT-OSS, ORT's old layout).
 # "out_in": stored [E, out, in] and computed x @ W^T (torch Linear, transformers 5 experts).
 WEIGHT_LAYOUTS = ("out_in", "in_out")
+# A group's score in group-limited selection: the sum of its two best choice values (DeepSeek-V3)
+# or its best one (DeepSeek-V2's group_limited_greedy).
+GROUP_SCORES = ("top2_sum", "max")
 
 FLOAT_TYPES = ("float32", "float16", "bfloat16")
 
@@ -93,6 +98,7 @@ class MoEFFNAttrs:
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2_sum"
     activation: str = "silu"
     gated: int = 1
     gate_up_layout: str = "halves"
@@ -161,6 +167,7 @@ class MoEFFNAttrs:
         _one_of(who, "activation", self.activation, ACTIVATIONS)
         _one_of(who, "gate_up_layout", self.gate_up_layout, GATE_UP_LAYOUTS)
         _one_of(who, "weight_layout", self.weight_layout, WEIGHT_LAYOUTS)
+        _one_of(who, "group_score", self.group_score, GROUP_SCORES)
         for name in ("normalize_topk", "gated", "weight_on_input"):
             if getattr(self, name) not in (0, 1):
                 raise MoEFFNError(f"{who}: attribute '{name}' must be 0 or 1, got {getattr(self, name)}")
@@ -172,9 +179,13 @@ class MoEFFNAttrs:
         if self.topk_group > self.n_group:
             raise MoEFFNError(f"{who}: attribute 'topk_group'={self.topk_group} must be <= "
                               f"n_group={self.n_group}")
-        if self.n_group > 1 and self.routing != "sigmoid_topk":
+        if self.n_group > 1 and self.routing not in GROUPED_ROUTINGS:
             raise MoEFFNError(f"{who}: group-limited top-k (n_group={self.n_group}) is defined for "
-                              f"routing='sigmoid_topk' only, got routing='{self.routing}'")
+                              f"routing={' or '.join(map(repr, GROUPED_ROUTINGS))} only, "
+                              f"got routing='{self.routing}'")
+        if self.n_group == 1 and self.group_score != MoEFFNAttrs.group_score:
+            raise MoEFFNError(f"{who}: 'group_score' applies to group-limited top-k (n_group > 1) "
+                              f"only, got n_group=1")
         if self.routing == "sparsemixer" and self.k != 2:
             raise MoEFFNError(f"{who}: routing='sparsemixer' picks k=2 experts, got k={self.k}")
         if not (self.jitter_eps >= 0.0 and math.isfinite(self.jitter_eps)):
@@ -195,6 +206,10 @@ class MoEFFNAttrs:
         if self.activation_alpha != 1.0 and self.activation != "silu":
             raise MoEFFNError(f"{who}: 'activation_alpha' applies to activation='silu' only, "
                               f"got activation='{self.activation}'")
+
+    def group_score_terms(self, group_size: int) -> int:
+        """How many of a group's best choice values add up to its score (n_group > 1)."""
+        return 1 if self.group_score == "max" else min(2, group_size)
 
     @property
     def uses_router_logits(self) -> bool:

@@ -25,6 +25,9 @@ ROUTINGS = {
     "sparsemixer": (dict(routing="sparsemixer", jitter_eps=0.3), {}),
     "sigmoid_grouped": (dict(routing="sigmoid_topk", n_group=2, topk_group=1,
                              routed_scaling_factor=2.5), {"selection_bias": True}),
+    # DeepSeek-V2's group-limited softmax: a group's score is its best probability
+    "softmax_grouped": (dict(routing="softmax_topk", normalize_topk=0, n_group=2, topk_group=1,
+                             group_score="max", routed_scaling_factor=2.0), {}),
     "sigmoid_on_input": (dict(routing="sigmoid_topk", normalize_topk=0, k=1, weight_on_input=1), {}),
     "precomputed": (dict(routing="precomputed"), {}),
 }

@@ -112,6 +112,20 @@ def deepseek_v3(seed=0, impl="eager"):
     return _randomize(DeepseekV3MoE(cfg), seed)
 
 
+def deepseek_v2(seed=0, impl="eager"):
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    # group_limited_greedy: groups ranked by their best probability (DeepSeek-V2; V2-Lite is greedy)
+    # (fewer kept groups than picks: with the best probability as a group's score, groups limit
+    # nothing otherwise, since the top k's groups are always among the k best)
+    cfg = DeepseekV2Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=12,
+                           num_experts_per_tok=3, n_group=4, topk_group=2,
+                           topk_method="group_limited_greedy", n_shared_experts=1,
+                           routed_scaling_factor=2.5, experts_implementation=impl)
+    return _randomize(DeepseekV2Moe(cfg), seed)
+
+
 def llama4(seed=0, impl="eager"):
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
@@ -223,6 +237,15 @@ def read_deepseek_v3(m):
         selection_bias=_np(g.e_score_correction_bias))
 
 
+def read_deepseek_v2(m):  # softmax, group-limited by each group's best probability, no normalization
+    g = m.gate
+    return read_out_in_experts(
+        m, dict(k=g.top_k, routing="softmax_topk", normalize_topk=0, n_group=g.num_group,
+                topk_group=g.topk_group, group_score="max",
+                routed_scaling_factor=float(g.routed_scaling_factor)),
+        _linear_logits(g.weight), shared=m.shared_experts)
+
+
 def read_gpt_oss(m):
     from moefuse import MoEFFNAttrs
 
@@ -253,6 +276,7 @@ FAMILIES = {
     "olmoe": Family("olmoe", olmoe, read_olmoe, 32),
     "qwen2_moe": Family("qwen2_moe", qwen2_moe, read_qwen2_moe, 32),
     "gpt_oss": Family("gpt_oss", gpt_oss, read_gpt_oss, 32),
+    "deepseek_v2": Family("deepseek_v2", deepseek_v2, read_deepseek_v2, 32),
     "deepseek_v3": Family("deepseek_v3", deepseek_v3, read_deepseek_v3, 32),
     "llama4": Family("llama4", llama4, read_llama4, 32),
     "granitemoe": Family("granitemoe", granitemoe, read_granitemoe, 32),

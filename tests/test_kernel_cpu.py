@@ -19,9 +19,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cases import ALL, D, E, case, check_parity, f32, stock_session, weights_as_inputs
-from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
+from moefuse import MoEFFNAttrs, MoEFFNError, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn, route
 from moefuse.runtime import library_path, session_options
+from moefuse.spec import validate_arrays
 from moefuse.synthetic import feeds, random_inputs
 
 try:
@@ -72,6 +73,42 @@ def test_softmax_selection_bias_picks_by_probability_plus_bias():
     for sess in (kernel_session(model), stock_session(model)):
         got = sess.run(None, feeds(inputs))[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["softmax_topk", "sigmoid_topk"])
+def test_group_score_max_or_top2_sum(routing):
+    """Group-limited selection by a group's best score (DeepSeek-V2) or its best two (V3). The
+    first token's groups are built so that the two rules keep different groups: group 0 holds
+    one strong expert, group 1 two nearly as strong; the kernel and the fallback must follow the
+    reference, with and without a selection bias, on it and on random tokens."""
+    experts = 8
+    picks = {}
+    for score in ("max", "top2_sum"):
+        attrs = MoEFFNAttrs(k=2, routing=routing, normalize_topk=0, n_group=4, topk_group=1,
+                            group_score=score)
+        for bias in (False, True):
+            inputs = random_inputs(attrs, 6, D, 8, experts, selection_bias=bias, seed=9)
+            inputs["router_logits"][0] = [3.0, -5.0, 2.5, 2.4, -3.0, -3.0, -3.0, -3.0]
+            if bias:
+                inputs["selection_bias"] = np.zeros(experts, np.float32)
+            ids, _ = route(attrs, inputs["router_logits"], inputs.get("selection_bias"))
+            picks[score] = sorted(ids[0].tolist())
+            model = make_moeffn_model(attrs, inputs)
+            want = moeffn(attrs, **inputs)
+            for sess in (kernel_session(model), stock_session(model)):
+                got = sess.run(None, feeds(inputs))[0]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert picks == {"max": [0, 1], "top2_sum": [2, 3]}
+
+
+def test_group_attribute_refusals_match_the_spec():
+    """The library refuses bad group attributes with the spec's own message."""
+    attrs, a = _valid_arrays()
+    for changes in (dict(routing="topk_softmax", n_group=2), dict(group_score="max"),
+                    dict(n_group=2, group_score="mean")):
+        with pytest.raises(MoEFFNError) as info:
+            validate_arrays(MoEFFNAttrs(**changes), a, node_name="layer0.moe")
+        _expect_error(_raw_model(changes, a), feeds(a), str(info.value))
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-2), (ml_dtypes.bfloat16, 8e-2)],

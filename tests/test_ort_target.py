@@ -76,6 +76,7 @@ def test_emitted_node_matches_reference(case, rank):
 @pytest.mark.parametrize("attrs,operands,dtype,reason", [
     (MoEFFNAttrs(routing="sigmoid_topk"), {}, np.float32, "sigmoid routing"),
     (MoEFFNAttrs(routing="precomputed"), {}, np.float32, "precomputed routing"),
+    (MoEFFNAttrs(n_group=2, group_score="max"), {}, np.float32, "group-limited routing"),
     (MoEFFNAttrs(routed_scaling_factor=2.5), {}, np.float32, "routed_scaling_factor 2.5"),
     (MoEFFNAttrs(weight_on_input=1, k=1), {}, np.float32, "expert input"),
     (MoEFFNAttrs(), {"selection_bias": 1}, np.float32, "selection bias"),
@@ -97,7 +98,7 @@ def test_families_with_ort_target(family, tmp_path):
     conv = convert_model(model, target="ort")
     assert conv.model is not None
     (block,) = conv.blocks
-    fits = family not in ("deepseek_v3", "llama4", "ernie4_5_moe", "phimoe")  # their routing
+    fits = family not in ("deepseek_v2", "deepseek_v3", "llama4", "ernie4_5_moe", "phimoe")  # their routing
     assert block.emitted == ("com.microsoft.MoE" if fits else "moefuse.MoEFFN")
     assert bool(block.target_note) != fits
     x = np.random.default_rng(2).standard_normal((3, 7, FAMILIES[family].hidden), dtype=np.float32)

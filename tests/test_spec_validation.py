@@ -79,8 +79,18 @@ def test_topk_group_le_n_group():
            "'topk_group'=3", "n_group=2")
 
 
-def test_groups_only_for_sigmoid():
-    expect(MoEFFNAttrs(n_group=2), inputs(), "n_group=2", "routing='softmax_topk'")
+def test_groups_only_where_scores_are_ranked():
+    expect(MoEFFNAttrs(routing="topk_softmax", n_group=2), inputs(), "n_group=2",
+           "'softmax_topk' or 'sigmoid_topk'", "got routing='topk_softmax'")
+    for routing in ("softmax_topk", "sigmoid_topk"):
+        ok = MoEFFNAttrs(routing=routing, n_group=2, group_score="max")
+        assert validate_arrays(ok, inputs(ok)).experts == E
+
+
+def test_group_score_values_and_scope():
+    expect(MoEFFNAttrs(n_group=2, group_score="mean"), inputs(), "'group_score'", "top2_sum, max",
+           "'mean'")
+    expect(MoEFFNAttrs(group_score="max"), inputs(), "'group_score'", "n_group > 1", "n_group=1")
 
 
 def test_selection_bias_only_where_scores_are_ranked():

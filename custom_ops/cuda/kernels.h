@@ -49,6 +49,7 @@ struct RouteParams {
   // the selection passes, bit for bit) where the routing allows; 0: by the selection passes.
   int rank_one = 1;
   float jitter_eps = 0.01f;  // sparsemixer's threshold
+  int group_terms = 2;       // n_group > 1: a group's score adds its best min(group_terms, size) choices
 };
 
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax

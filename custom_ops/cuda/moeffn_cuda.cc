@@ -526,6 +526,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.jitter_eps = a.jitter_eps;
   r.n_group = static_cast<int>(a.n_group);
   r.topk_group = static_cast<int>(a.topk_group);
+  r.group_terms = a.group_score_kind == GroupScore::kMax ? 1 : 2;
   r.dtype = dt;
   r.logits = in[kRouterLogits].data;
   r.sel_bias = in[kSelectionBias].data;

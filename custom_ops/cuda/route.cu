@@ -22,18 +22,23 @@ constexpr int kFusedMaxTokens = 32;
 constexpr int kFusedSmallTokens = 16;
 constexpr int kScanThreads = 1024;
 
-// The routing modes of the spec (moefuse::Routing), and softmax_topk with a selection bias, compiled
-// apart so that the other modes' kernels stay as they were.
+// The routing modes of the spec (moefuse::Routing), and softmax_topk with a selection bias or with
+// expert groups, compiled apart so that the other modes' kernels stay as they were.
 enum Mode {
   kSoftmaxTopk = 0,
   kTopkSoftmax = 1,
   kSigmoidTopk = 2,
   kPrecomputed = 3,
   kSparsemixer = 4,
-  kSoftmaxBiasTopk = 5
+  kSoftmaxBiasTopk = 5,
+  kSoftmaxGroupTopk = 6  // n_group > 1, with or without a selection bias
 };
 
-__host__ __device__ constexpr bool IsSoftmax(int m) { return m == kSoftmaxTopk || m == kSoftmaxBiasTopk; }
+__host__ __device__ constexpr bool IsSoftmax(int m) {
+  return m == kSoftmaxTopk || m == kSoftmaxBiasTopk || m == kSoftmaxGroupTopk;
+}
+// Modes that may limit the selection to the best expert groups.
+__host__ __device__ constexpr bool IsGrouped(int m) { return m == kSigmoidTopk || m == kSoftmaxGroupTopk; }
 
 // Up to this many experts a lane keeps its experts' scores in registers (kCache per lane).
 constexpr int kCache = 8;
@@ -54,7 +59,7 @@ struct Token {
     if constexpr (M == kSoftmaxTopk) return expf(l - m) / sum;
     if constexpr (M == kSoftmaxBiasTopk) return expf(l - m) / sum + ToF(bias[e]);
     if constexpr (M == kTopkSoftmax) return l;
-    float c = Sigmoid(l);
+    float c = M == kSoftmaxGroupTopk ? expf(l - m) / sum : Sigmoid(l);
     if (bias) c = c + ToF(bias[e]);
     if (gkeep && gkeep[e / gsize] != 1.0f) c = -INFINITY;
     return c;
@@ -191,6 +196,11 @@ __device__ __forceinline__ bool Outranks(unsigned ka, int ea, unsigned kb, int e
   return ka > kb || (ka == kb && ea < eb);
 }
 
+// Modes RouteTokenByRank serves (sigmoid_topk only without groups, which the launcher checks).
+__host__ __device__ constexpr bool HasRankKernel(int m) {
+  return m != kPrecomputed && m != kSparsemixer && m != kSoftmaxGroupTopk;
+}
+
 // Shared memory of RouteTokenByRank.
 struct RankScratch {
   alignas(16) unsigned key[kCachedMaxExperts];
@@ -206,7 +216,7 @@ struct RankScratch {
 template <typename T, int M>
 __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, RankScratch& sm, int* id,
                                                  float* w) {
-  static_assert(M != kPrecomputed && M != kSparsemixer, "precomputed picks are copied; sparsemixer's are direct");
+  static_assert(HasRankKernel(M), "precomputed picks are copied; sparsemixer's are direct; groups need a pass");
   const int lane = threadIdx.x & 31, E = r.E, K = r.K;
   const Token<T, M> tok = MakeToken<T, M>(r, t);  // every warp: the same statistics
   const int E4 = (E + 3) / 4;  // keys read four at a time; the padding's key 0 outranks none
@@ -289,7 +299,7 @@ __device__ void CopyPicks(const RouteParams& r, int t) {
   }
 }
 
-// Routes one token with a full warp. `gscratch` holds n_group floats (sigmoid_topk, n_group > 1).
+// Routes one token with a full warp. `gscratch` holds n_group floats (IsGrouped modes, n_group > 1).
 template <typename T, int M>
 __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   const int lane = threadIdx.x & 31;
@@ -299,9 +309,10 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   int* rout = r.rank + static_cast<int64_t>(t) * K;
 
   Token<T, M> tok = MakeToken<T, M>(r, t);
-  if (M == kSigmoidTopk && r.n_group > 1) {
-    // Group score: sum of the group's top min(2, size) choices; keep the topk_group best groups.
-    const int G = r.n_group, gs = E / G, top = gs < 2 ? gs : 2;
+  if (IsGrouped(M) && r.n_group > 1) {
+    // Group score: sum of the group's top min(group_terms, size) choices (group_terms is 1 or 2);
+    // keep the topk_group best groups.
+    const int G = r.n_group, gs = E / G, top = gs < r.group_terms ? gs : r.group_terms;
     tok.gsize = gs;
     for (int g = lane; g < G; g += 32) {
       float b0 = 0.0f, b1 = 0.0f;
@@ -588,7 +599,7 @@ __global__ void MOEFUSE_ONE_BLOCK_GRID(kThreads) FusedKernel(RouteParams r, Sort
 // grouping is the picks' order by expert, and each expert's offset and count take K reads of the
 // picks by its own thread (by one warp, E / 32 rounds of K shuffles each cost 0.5 µs at E = 128).
 bool RoutesOneByRank(const RouteParams& r) {
-  const bool computed = r.mode == kSoftmaxTopk || r.mode == kTopkSoftmax || (r.mode == kSigmoidTopk && r.n_group <= 1);
+  const bool computed = (r.mode == kSoftmaxTopk || r.mode == kTopkSoftmax || r.mode == kSigmoidTopk) && r.n_group <= 1;
   return r.rank_one && computed && r.T == 1 && r.K >= 1 && r.K <= 32 && r.E >= r.K && r.E <= kCachedMaxExperts;
 }
 
@@ -638,11 +649,11 @@ __global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, So
 
 template <typename T, int M>
 cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
-  if constexpr (M != kPrecomputed && M != kSparsemixer) {
+  if constexpr (HasRankKernel(M)) {
     if (RoutesOneByRank(r))
       return Launch(RouteOneKernel<T, M>, dim3(1), dim3(kRankThreads), 0, stream, r, s);
   }
-  const int gfloats = (M == kSigmoidTopk && r.n_group > 1) ? r.n_group : 0;
+  const int gfloats = (IsGrouped(M) && r.n_group > 1) ? r.n_group : 0;
   const int threads = r.T <= kFusedSmallTokens ? 512 : 1024;
   const size_t fused_smem = (2 * static_cast<size_t>(r.E) + 3 * 32 + 3 * static_cast<size_t>(r.T) * r.K) * 4 +
                             static_cast<size_t>(threads / 32) * gfloats * sizeof(float);
@@ -676,6 +687,7 @@ template <typename T>
 cudaError_t RouteModeT(const RouteParams& r, const SortParams& s, cudaStream_t stream) {
   switch (r.mode) {
     case kSoftmaxTopk:
+      if (r.n_group > 1) return RouteT<T, kSoftmaxGroupTopk>(r, s, stream);
       return r.sel_bias ? RouteT<T, kSoftmaxBiasTopk>(r, s, stream) : RouteT<T, kSoftmaxTopk>(r, s, stream);
     case kTopkSoftmax:
       return RouteT<T, kTopkSoftmax>(r, s, stream);

@@ -64,7 +64,7 @@ def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
     if attrs.routing == "sparsemixer":
         t.append(f"eps {attrs.jitter_eps:g}")
     if attrs.n_group > 1:
-        t.append(f"groups {attrs.topk_group}/{attrs.n_group}")
+        t.append(f"groups {attrs.topk_group}/{attrs.n_group} by {attrs.group_score}")
     if "selection_bias" in operands:
         t.append("selection bias")
     if attrs.routed_scaling_factor != 1.0:

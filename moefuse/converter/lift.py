@@ -284,21 +284,11 @@ def _routing_options(g, cand, ops, scalars, sel_bias, thresholds=()):
         # sparsemixer, whose masks compare against 2 eps (a Greater's constant)
         for t in thresholds:
             yield dict(routing="sparsemixer", k=2, jitter_eps=t / 2), {}
+    group_opts = _group_options(g, extra_topks, E, ops)
     if "Sigmoid" in ops or not ({"Softmax"} & ops):
         bias_opts = [{}]
         if sel_bias:  # the bias reading first; without it where the constant was something else
             bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}, {}]
-        group_opts = [dict()]
-        if extra_topks:
-            group_opts = []
-            ks = sorted({int(np.asarray(g.constant_value(g.nodes[i].input[1])).reshape(-1)[0])
-                         for i in extra_topks if g.constant_value(g.nodes[i].input[1]) is not None})
-            for n_group in _divisors(E):
-                if n_group == 1:
-                    continue
-                for topk_group in ks:
-                    if 1 <= topk_group <= n_group:
-                        group_opts.append(dict(n_group=n_group, topk_group=topk_group))
         for norm in (1, 0):
             for gopt in group_opts:
                 for bopt in bias_opts:
@@ -306,10 +296,25 @@ def _routing_options(g, cand, ops, scalars, sel_bias, thresholds=()):
     if "Softmax" in ops or not ops - {"TopK"}:
         # a bias constant on the routing path: selection by probability + bias (Ernie-4.5)
         bias_opts = [{"selection_bias": _selection_bias(sel_bias[0], E)}, {}] if sel_bias else [{}]
-        for bopt in bias_opts:
-            yield dict(routing="softmax_topk", normalize_topk=1), dict(bopt)
-            yield dict(routing="softmax_topk", normalize_topk=0), dict(bopt)
+        for gopt in group_opts:
+            for bopt in bias_opts:
+                yield dict(routing="softmax_topk", normalize_topk=1, **gopt), dict(bopt)
+                yield dict(routing="softmax_topk", normalize_topk=0, **gopt), dict(bopt)
         yield dict(routing="topk_softmax"), {}
+
+
+def _group_options(g, extra_topks, E, ops):
+    """Group-limited readings: none without a second TopK on the routing path (the one that keeps
+    groups); else every n_group dividing E with a topk_group among the TopKs' constant Ks. A
+    ReduceMax there reads first as groups scored by their best value (DeepSeek-V2)."""
+    if not extra_topks:
+        return [dict()]
+    ks = sorted({int(np.asarray(g.constant_value(g.nodes[i].input[1])).reshape(-1)[0])
+                 for i in extra_topks if g.constant_value(g.nodes[i].input[1]) is not None})
+    scores = (["max"] if "ReduceMax" in ops else []) + ["top2_sum"]
+    return [dict(n_group=n_group, topk_group=topk_group, group_score=score)
+            for score in scores for n_group in _divisors(E)[1:]
+            for topk_group in ks if 1 <= topk_group <= n_group]
 
 
 def _selection_bias(ref: ConstRef, experts: int) -> Operand:

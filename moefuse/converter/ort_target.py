@@ -41,6 +41,8 @@ def fit(attrs: MoEFFNAttrs, operands: dict, dtype) -> str:
         return "precomputed routing (com.microsoft.MoE takes router logits)"
     if attrs.routing == "sparsemixer":  # its use_sparse_mixer not yet checked against ours
         return "sparsemixer routing"
+    if attrs.n_group > 1:
+        return "group-limited routing (com.microsoft.MoE ranks all experts)"
     if attrs.routed_scaling_factor != 1.0:
         return f"routed_scaling_factor {attrs.routed_scaling_factor:g}"
     if attrs.weight_on_input:
