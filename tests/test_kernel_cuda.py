@@ -185,6 +185,13 @@ BIG = [
     ("odd_hidden", dict(), dict(hidden=100, inter=48, experts=5, k=2)),
     ("many_experts", dict(routing="sigmoid_topk", n_group=8, topk_group=3),
      dict(hidden=128, inter=64, experts=128, k=8)),
+    # DeepSeek-V2's groups over softmax (each group's best probability), with a selection bias:
+    # the choices cached per lane (E = 160) and recomputed in every pass (E = 320)
+    ("softmax_groups_max", dict(routing="softmax_topk", n_group=8, topk_group=3, group_score="max",
+                                normalize_topk=0, routed_scaling_factor=2.0),
+     dict(hidden=128, inter=64, experts=160, k=6)),
+    ("softmax_groups_e320", dict(routing="softmax_topk", n_group=16, topk_group=4),
+     dict(hidden=128, inter=64, experts=320, k=8)),
 ]
 
 
@@ -192,7 +199,7 @@ BIG = [
 @pytest.mark.parametrize("name,changes,size", BIG, ids=[b[0] for b in BIG])
 def test_big_shapes(name, changes, size, dtype):
     attrs = MoEFFNAttrs(k=size["k"]).replace(**changes)
-    opts = {"selection_bias": attrs.routing == "sigmoid_topk", "shared_gate": True}
+    opts = {"selection_bias": attrs.routing == "sigmoid_topk" or attrs.n_group > 1, "shared_gate": True}
     counts = (1, 5, 33, 300) if not MEMCHECK else (5, 140)
     check(attrs, opts, size["inter"], True, True, dtype, counts, experts=size["experts"],
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
@@ -480,7 +487,7 @@ def test_device_code():
 
 # One-token calls: the routing kernel ranks the experts in parallel (a thread per expert;
 # MOEFUSE_CUDA_RANK_ROUTE=0 runs the selection passes of the multi-token routing instead) where the
-# routing allows (softmax_topk, topk_softmax, sigmoid_topk without expert groups; k <= 32,
+# routing allows (softmax_topk, topk_softmax, sigmoid_topk, all without expert groups; k <= 32,
 # E <= 256). Bit for bit the selection passes' result, against the reference too, with the cases
 # that keep the passes (expert groups, more than 256 experts, precomputed ids) beside them, and
 # the one-kernel decode, whose counters the routing kernel clears. Biases, a gated shared expert.
@@ -499,6 +506,9 @@ ONE_TOKEN = [
     ("groups_keep_passes", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
      dict(experts=128, hidden=128, inter=64)),
     ("e300_keeps_passes", dict(k=4), dict(experts=300, hidden=128, inter=64)),
+    ("softmax_groups_keep_passes", dict(k=6, routing="softmax_topk", n_group=8, topk_group=3,
+                                        group_score="max"),
+     dict(experts=160, hidden=128, inter=64, bias=True)),
     # softmax_topk with a selection bias (Ernie-4.5): by rank and by the cached passes (E = 128),
     # and with the choices recomputed in every pass (E = 300)
     ("softmax_bias_e128", dict(k=8, routing="softmax_topk"), dict(experts=128, hidden=128, inter=64, bias=True)),
@@ -724,7 +734,7 @@ def _providers_of(sess):
         os.remove(trace)
 
 
-FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3", "llama4", "granitemoe"]
+FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4", "granitemoe"]
 
 
 @pytest.mark.slow
