@@ -13,8 +13,9 @@ newest onnxruntime 1.20+ reads.
 
 Whole-decoder dynamo exports checked with torch 2.13 / transformers 5.24: Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, DeepSeek-V3 (a dense first layer through ``first_k_dense_replace=1``) and
-GPT-OSS export and run in onnxruntime (and Ernie-4.5-MoE and GraniteMoE, with transformers 5.25); Llama-4 does not (its rotary embedding uses complex
-tensors, which the dynamo exporter cannot translate).
+GPT-OSS export and run in onnxruntime (and Ernie-4.5-MoE and GraniteMoE, with transformers 5.25);
+Llama-4 and DeepSeek-V2 (5.25) do not (their rotary embeddings use complex tensors, which the
+dynamo exporter cannot translate).
 """
 
 from __future__ import annotations
