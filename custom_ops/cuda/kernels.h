@@ -32,6 +32,9 @@ struct RouteParams {
   float scale = 1.0f;  // routed_scaling_factor
   int n_group = 1, topk_group = 1;
   DType dtype = DType::kF32;
+  // n_group > 1: a group's score adds its best min(group_terms, size) choices (in the padding
+  // before the pointers: a larger struct made the one-block routing kernels spill on sm_90a)
+  int group_terms = 2;
   const void* logits = nullptr;    // [T, E] (routing != precomputed)
   const void* sel_bias = nullptr;  // [E] or null
   const void* ids_in = nullptr;    // [T, K] int32 / int64 (precomputed)
@@ -49,7 +52,6 @@ struct RouteParams {
   // the selection passes, bit for bit) where the routing allows; 0: by the selection passes.
   int rank_one = 1;
   float jitter_eps = 0.01f;  // sparsemixer's threshold
-  int group_terms = 2;       // n_group > 1: a group's score adds its best min(group_terms, size) choices
 };
 
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax
