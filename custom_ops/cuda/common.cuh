@@ -282,6 +282,16 @@ cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether the current device runs `kernel`'s sm_90a machine code rather than a stand-in compiled
+// for another architecture. The code the driver compiles from a build's compute_80 PTX reports the
+// device's own binaryVersion (90 on a Hopper GPU running a build without sm_90a), so the PTX
+// version it came from must be 90 too.
+template <typename Kernel>
+bool RunsSm90aCode(Kernel kernel) {
+  cudaFuncAttributes a;
+  return cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.binaryVersion == 90 && a.ptxVersion == 90;
+}
+
 // --- tensor-core and shared-memory primitives (sm_80+) -------------------------------------------
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {

@@ -786,8 +786,7 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream) {
 }
 
 bool SkinnyFusedAvailable() {
-  cudaFuncAttributes a;
-  return cudaFuncGetAttributes(&a, FusedDecodeKernel<__half>) == cudaSuccess && a.binaryVersion == 90;
+  return RunsSm90aCode(FusedDecodeKernel<__half>);
 }
 
 // Parts of projection 2's K: about four stages each at least, at most four parts (they are summed

@@ -988,11 +988,8 @@ int FirstProjBn(const Gemm1Params& p, int num_sms) {
 }  // namespace
 
 bool WgmmaAvailable() {
-  // The device runs the kernels' sm_90a code, not the stand-ins compiled for other architectures
-  // (which plain sm_90 code would be too: CMake refuses it).
-  cudaFuncAttributes a;
-  return GetEncode() != nullptr && cudaFuncGetAttributes(&a, WgKernel<__half, 128, false>) == cudaSuccess &&
-         a.binaryVersion == 90;
+  // (plain sm_90 code would be a stand-in too: CMake refuses it)
+  return GetEncode() != nullptr && RunsSm90aCode(WgKernel<__half, 128, false>);
 }
 
 int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms) {
