@@ -305,16 +305,18 @@ def _routing_options(g, cand, ops, scalars, sel_bias, thresholds=()):
 
 def _group_options(g, extra_topks, E, ops):
     """Group-limited readings: none without a second TopK on the routing path (the one that keeps
-    groups); else every n_group dividing E with a topk_group among the TopKs' constant Ks. A
-    ReduceMax there reads first as groups scored by their best value (DeepSeek-V2)."""
+    groups); else every n_group dividing E with a topk_group among the TopKs' constant Ks, and
+    last no groups (a second TopK may serve something else). A ReduceMax there reads first as
+    groups scored by their best value (DeepSeek-V2)."""
     if not extra_topks:
         return [dict()]
     ks = sorted({int(np.asarray(g.constant_value(g.nodes[i].input[1])).reshape(-1)[0])
                  for i in extra_topks if g.constant_value(g.nodes[i].input[1]) is not None})
     scores = (["max"] if "ReduceMax" in ops else []) + ["top2_sum"]
-    return [dict(n_group=n_group, topk_group=topk_group, group_score=score)
-            for score in scores for n_group in _divisors(E)[1:]
-            for topk_group in ks if 1 <= topk_group <= n_group]
+    grouped = [dict(n_group=n_group, topk_group=topk_group, group_score=score)
+               for score in scores for n_group in _divisors(E)[1:]
+               for topk_group in ks if 1 <= topk_group <= n_group]
+    return grouped + [dict()]
 
 
 def _selection_bias(ref: ConstRef, experts: int) -> Operand:
