@@ -101,31 +101,16 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
         zeros = op("ConstantOfShape", op("Shape", logits),
                    value=_ZERO)
         if attrs.routing == "softmax_topk":
-            probs = op("Softmax", logits, axis=-1)
-            if "selection_bias" in present or attrs.n_group > 1:
-                choice = probs
-                if "selection_bias" in present:
-                    choice = op("Add", probs, f32("selection_bias"))
-                if attrs.n_group > 1:
-                    choice = _group_limited(b, choice, attrs)
-                _, ids = op("TopK", choice, k, outputs=2, axis=-1)
-                vals = op("GatherElements", probs, ids, axis=1)
-            else:
-                vals, ids = op("TopK", probs, k, outputs=2, axis=-1)
+            ids, vals = _ranked(b, op("Softmax", logits, axis=-1), attrs, k,
+                                f32("selection_bias") if "selection_bias" in present else None)
         elif attrs.routing == "topk_softmax":
             top, ids = op("TopK", logits, k, outputs=2, axis=-1)
             vals = op("Softmax", top, axis=-1)
         elif attrs.routing == "sparsemixer":
             ids, vals = _sparsemixer(b, logits, attrs.jitter_eps)
         else:  # sigmoid_topk
-            scores = op("Sigmoid", logits)
-            choice = scores
-            if "selection_bias" in present:
-                choice = op("Add", scores, f32("selection_bias"))
-            if attrs.n_group > 1:
-                choice = _group_limited(b, choice, attrs)
-            _, ids = op("TopK", choice, k, outputs=2, axis=-1)
-            vals = op("GatherElements", scores, ids, axis=1)
+            ids, vals = _ranked(b, op("Sigmoid", logits), attrs, k,
+                                f32("selection_bias") if "selection_bias" in present else None)
         if attrs.normalize_topk and attrs.routing not in ("topk_softmax", "sparsemixer"):
             vals = op("Div", vals, op("ReduceSum", vals, b.ints(-1), keepdims=1))
     if attrs.routed_scaling_factor != 1.0:
@@ -258,6 +243,20 @@ def _sparsemixer(b: Body, logits: str, eps: float):
             infs = op("ConstantOfShape", op("Shape", pick), value=helper.make_tensor("ninf", _F, [1], [-np.inf]))
             scores = op("ScatterElements", logits, pick, infs, axis=1)
     return op("Concat", *ids, axis=1), op("Concat", *vals, axis=1)
+
+
+def _ranked(b: Body, scores: str, attrs: MoEFFNAttrs, k: str, bias: Optional[str]):
+    """The top-k of scores (+ bias), limited to the best groups when n_group > 1; the weights are
+    the picks' scores without the bias. Returns (ids, weights)."""
+    op = b.op
+    if bias is None and attrs.n_group == 1:
+        vals, ids = op("TopK", scores, k, outputs=2, axis=-1)
+        return ids, vals
+    choice = scores if bias is None else op("Add", scores, bias)
+    if attrs.n_group > 1:
+        choice = _group_limited(b, choice, attrs)
+    _, ids = op("TopK", choice, k, outputs=2, axis=-1)
+    return ids, op("GatherElements", scores, ids, axis=1)
 
 
 def _group_limited(b: Body, choice: str, attrs: MoEFFNAttrs) -> str:
