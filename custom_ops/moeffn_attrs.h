@@ -34,6 +34,7 @@ struct MoEFFNAttrs {
   float up_offset = 0.0f;
   int64_t weight_on_input = 0;
   float jitter_eps = 0.01f;  // sparsemixer's threshold
+  int64_t zero_experts = 0;  // ranked after the E experts; a pick of one adds w * x
 
   // An attribute the node sets with another ONNX type than the one it is read as (ReadAttrs):
   // refused by CheckAttrs, not replaced by the default.
@@ -160,6 +161,7 @@ inline MoEFFNAttrs ReadAttrs(const OrtApi* api, const OrtKernelInfo* info) {
   detail::ReadFloat(api, info, "up_offset", &a.up_offset, m);
   detail::ReadInt(api, info, "weight_on_input", &a.weight_on_input, m);
   detail::ReadFloat(api, info, "jitter_eps", &a.jitter_eps, m);
+  detail::ReadInt(api, info, "zero_experts", &a.zero_experts, m);
   return a;
 }
 

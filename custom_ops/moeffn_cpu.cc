@@ -589,6 +589,8 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const MoEFFNShape& sh = call.shape;
   const int64_t T = sh.tokens, D = sh.hidden, E = sh.experts, I = sh.inter, Is = sh.shared_inter;
   if (T == 0) return nullptr;
+  // what the router ranks: the E experts, then the zero experts (a pick of one adds w * x)
+  const int64_t Er = E + a.zero_experts;
   void* ydata = call.y;
 
   const int t_type = sh.elem_type;
@@ -646,8 +648,8 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const size_t o_w = cv.Add<float>(T * K);
   const size_t o_sg = cv.Add<float>(has_sgate ? T : 0);
   const size_t o_gatev = cv.Add<float>(has_sgate ? D : 0);
-  const size_t o_selb = cv.Add<float>(E);
-  const size_t o_route = cv.Add<float>(nblocks * 3 * E);
+  const size_t o_selb = cv.Add<float>(Er);
+  const size_t o_route = cv.Add<float>(nblocks * 3 * Er);
   const size_t o_pos = cv.Add<int64_t>(P);
   const size_t o_ptok = cv.Add<int64_t>(P);
   const size_t o_xrows = cv.Add<const float*>(R);
@@ -697,7 +699,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
 
   const float* X32 = f32 ? static_cast<const float*>(in[kX].data) : xf;
   if (has_sgate) ToFloat(in[kSharedGate].data, t_type, gatev, D);
-  if (selb) ToFloat(in[kSelectionBias].data, t_type, selb, E);
+  if (selb) ToFloat(in[kSelectionBias].data, t_type, selb, Er);
 
   // A. inputs to float32, routing, shared gate.
   std::atomic<int64_t> bad_token{-1};
@@ -710,7 +712,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     auto phase_a = [&](size_t blk) {
       const int64_t t0 = static_cast<int64_t>(blk) * kTokenBlock;
       const int64_t t1 = std::min<int64_t>(T, t0 + kTokenBlock);
-      float* lg = route_tmp + static_cast<int64_t>(blk) * 3 * E;
+      float* lg = route_tmp + static_cast<int64_t>(blk) * 3 * Er;
       for (int64_t t = t0; t < t1; ++t) {
         if (!f32) ToFloat(static_cast<const char*>(in[kX].data) + t * D * 2, t_type, xf + t * D, D);
         if (has_sgate) sg[t] = SigmoidScalar(kern.dot(X32 + t * D, gatev, D));
@@ -721,7 +723,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
             const int64_t id = id_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
                                    ? static_cast<const int32_t*>(id_data)[t * K + j]
                                    : static_cast<const int64_t*>(id_data)[t * K + j];
-            if (id < 0 || id >= E) {
+            if (id < 0 || id >= Er) {
               int64_t expected = -1;
               if (bad_token.compare_exchange_strong(expected, t)) bad_id.store(id);
               tid[j] = 0;
@@ -732,8 +734,8 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
             if (a.routed_scaling_factor != 1.0f) tw[j] = tw[j] * a.routed_scaling_factor;
           }
         } else {
-          ToFloat(static_cast<const char*>(lg_data) + t * E * (f32 ? 4 : 2), t_type, lg, E);
-          RouteToken(a, lg, selb, static_cast<int>(E), tid, tw, lg + E);
+          ToFloat(static_cast<const char*>(lg_data) + t * Er * (f32 ? 4 : 2), t_type, lg, Er);
+          RouteToken(a, lg, selb, static_cast<int>(Er), tid, tw, lg + Er);
         }
       }
     };
@@ -741,7 +743,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   }
   if (bad_token.load() >= 0) {
     return Error(ORT_INVALID_ARGUMENT,
-                 Who(node_name_) + ": input 'topk_ids' (#9) holds an expert id outside [0, " + std::to_string(E) +
+                 Who(node_name_) + ": input 'topk_ids' (#9) holds an expert id outside [0, " + std::to_string(Er) +
                      "): " + std::to_string(bad_id.load()) + " for token " + std::to_string(bad_token.load()));
   }
 
@@ -749,12 +751,13 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   std::vector<Group> groups;
   std::vector<int64_t> offs;
   if (!direct) {
-    offs.assign(E + 1, 0);
-    for (int64_t i = 0; i < T * K; ++i) ++offs[ids[i] + 1];
-    for (int64_t e = 0; e < E; ++e) offs[e + 1] += offs[e];
+    // zero-expert pairs (ids >= E) sort last, as one more bucket; their rows are never computed
+    offs.assign(E + 2, 0);
+    for (int64_t i = 0; i < T * K; ++i) ++offs[std::min<int64_t>(ids[i], E) + 1];
+    for (int64_t e = 0; e <= E; ++e) offs[e + 1] += offs[e];
     std::vector<int64_t> fill(offs.begin(), offs.end() - 1);
     for (int64_t i = 0; i < T * K; ++i) {
-      const int64_t p = fill[ids[i]]++;
+      const int64_t p = fill[std::min<int64_t>(ids[i], E)]++;
       pos[i] = p;
       ptok[p] = i / K;
     }
@@ -774,7 +777,8 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   } else if (!routed_packed) {
     // direct path without constant weights: pack the experts this call uses
     std::vector<char> used(E, 0);
-    for (int64_t i = 0; i < T * K; ++i) used[ids[i]] = 1;
+    for (int64_t i = 0; i < T * K; ++i)
+      if (ids[i] < E) used[ids[i]] = 1;
     int64_t slot = 0;
     for (int64_t e = 0; e < E; ++e) {
       if (!used[e]) continue;
@@ -887,6 +891,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
 
   // F. combine.
   {
+    const int64_t zero_row0 = direct ? 0 : offs[E];  // the first zero-expert pair's row
     const float* shared_out = outb + P * D;
     auto phase_f = [&](size_t blk) {
       const int64_t t0 = static_cast<int64_t>(blk) * kTokenBlock;
@@ -924,6 +929,10 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
         for (int64_t j = 0; j < K; ++j) {
           const float w = ow[j];
           const float* o;
+          if (direct ? opos[j] / K >= E : opos[j] >= zero_row0) {  // a zero expert: w * x
+            for (int64_t d = 0; d < D; ++d) y[d] += w * x[d];
+            continue;
+          }
           if (direct) {
             // f_e(x) for a small-intermediate expert: rows1 dot products, activation, I axpys
             const int64_t e = opos[j] / K;

@@ -153,6 +153,7 @@ std::string CheckAttrs(MoEFFNAttrs& a, const std::string& node_name) {
       return who + ": attribute '" + f.first + "' must be 0 or 1, got " + Str(f.second);
   }
   if (a.k < 1) return who + ": attribute 'k' must be >= 1, got " + Str(a.k);
+  if (a.zero_experts < 0) return who + ": attribute 'zero_experts' must be >= 0, got " + Str(a.zero_experts);
   if (a.n_group < 1 || a.topk_group < 1)
     return who + ": attributes 'n_group' and 'topk_group' must be >= 1, got n_group=" +
            Str(a.n_group) + ", topk_group=" + Str(a.topk_group);
@@ -274,16 +275,19 @@ std::string Validate(MoEFFNAttrs& a, const InputDescs& in, const std::string& no
     if (shape(b.first) != b.second) return fail(b.first, FormatDims(b.second), shape(b.first));
   }
 
-  // Routing inputs.
-  if (a.k > experts)
-    return who + ": attribute 'k'=" + Str(a.k) + " exceeds the number of experts E=" + Str(experts) +
-           " (from w1 " + FormatDims(w1) + ")";
-  if (a.n_group > 1 && experts % a.n_group)
-    return who + ": attribute 'n_group'=" + Str(a.n_group) +
-           " does not divide the number of experts E=" + Str(experts);
-  if (a.n_group > 1 && a.k > a.topk_group * (experts / a.n_group))
+  // Routing inputs: the router ranks the E experts and, past them, the zero (identity) experts.
+  const int64_t ranked = experts + a.zero_experts;
+  const std::string e_ranked = a.zero_experts == 0 ? "E=" + Str(experts)
+                                                   : "E + zero_experts = " + Str(experts) + " + " +
+                                                         Str(a.zero_experts) + " = " + Str(ranked);
+  if (a.k > ranked)
+    return who + ": attribute 'k'=" + Str(a.k) + " exceeds the number of experts " + e_ranked + " (from w1 " +
+           FormatDims(w1) + ")";
+  if (a.n_group > 1 && ranked % a.n_group)
+    return who + ": attribute 'n_group'=" + Str(a.n_group) + " does not divide the number of experts " + e_ranked;
+  if (a.n_group > 1 && a.k > a.topk_group * (ranked / a.n_group))
     return who + ": k=" + Str(a.k) + " exceeds the experts in the topk_group=" + Str(a.topk_group) +
-           " selected groups of " + Str(experts / a.n_group);
+           " selected groups of " + Str(ranked / a.n_group);
   if (a.routing_kind == Routing::kPrecomputed) {
     for (int i : {kTopkIds, kTopkWeights}) {
       if (!present(i))
@@ -304,8 +308,10 @@ std::string Validate(MoEFFNAttrs& a, const InputDescs& in, const std::string& no
     if (!present(kRouterLogits))
       return who + ": input 'router_logits' (#1) is required with routing=" + a.routing;
     const auto& lg = shape(kRouterLogits);
-    if (lg.size() < 2 || lg.back() != experts)
-      return fail(kRouterLogits, "[..., E] with E=" + Str(experts) + " (from w1 " + FormatDims(w1) + ")",
+    if (lg.size() < 2 || lg.back() != ranked)
+      return fail(kRouterLogits,
+                  std::string(a.zero_experts ? "[..., E + zero_experts]" : "[..., E]") + " with " + e_ranked +
+                      " (from w1 " + FormatDims(w1) + ")",
                   lg);
     if (!SameTokens(Lead(lg), x_lead))
       return fail(kRouterLogits, "leading dims holding the same tokens as X " + FormatDims(x), lg);
@@ -317,8 +323,8 @@ std::string Validate(MoEFFNAttrs& a, const InputDescs& in, const std::string& no
       if (a.routing_kind != Routing::kSoftmaxTopk && a.routing_kind != Routing::kSigmoidTopk)
         return who + ": input 'selection_bias' is only used with routing=softmax_topk or sigmoid_topk, got routing=" +
                a.routing;
-      if (shape(kSelectionBias) != std::vector<int64_t>{experts})
-        return fail(kSelectionBias, FormatDims({experts}), shape(kSelectionBias));
+      if (shape(kSelectionBias) != std::vector<int64_t>{ranked})
+        return fail(kSelectionBias, FormatDims({ranked}), shape(kSelectionBias));
     }
   }
 

@@ -93,8 +93,10 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     if attrs.routing == "precomputed":
         ids = op("Flatten", op("Cast", "topk_ids", to=TensorProto.INT64), axis=-1)   # [T, k]
         vals = op("Flatten", f32("topk_weights"), axis=-1)
-        experts = op("Shape", "w1", start=0, end=1)
-        zeros = op("ConstantOfShape", op("Concat", op("Shape", x, start=0, end=1), experts, axis=0),
+        ranked = op("Shape", "w1", start=0, end=1)
+        if attrs.zero_experts:
+            ranked = op("Add", ranked, b.ints(attrs.zero_experts))
+        zeros = op("ConstantOfShape", op("Concat", op("Shape", x, start=0, end=1), ranked, axis=0),
                    value=_ZERO)
     else:
         logits = op("Flatten", f32("router_logits"), axis=-1)  # [T, E]
@@ -116,12 +118,21 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     if attrs.routed_scaling_factor != 1.0:
         vals = op("Mul", vals, b.const(attrs.routed_scaling_factor))
     route = op("ScatterElements", zeros, ids, vals, axis=1, reduction="add")       # [T, E]
+    identity, experts_only = None, (lambda t: t)
+    if attrs.zero_experts:  # columns past E: the zero experts' weights, [T, 1] in all
+        n_exp, end = op("Shape", "w1", start=0, end=1), b.ints(np.iinfo(np.int64).max)
+        identity = op("ReduceSum", op("Slice", route, n_exp, end, b.ints(1)), b.ints(-1), keepdims=1)
+
+        def experts_only(t):  # [T, E + Z] -> [T, E]
+            return op("Slice", t, b.ints(0), n_exp, b.ints(1))
+
+        route = experts_only(route)
     route_e = op("Unsqueeze", op("Transpose", route, perm=[1, 0]), b.ints(-1))     # [E, T, 1]
 
     # ---- routed experts, dense over E ----
     if attrs.weight_on_input:
         ones = op("ConstantOfShape", op("Shape", vals), value=_ONE)
-        chosen = op("ScatterElements", zeros, ids, ones, axis=1, reduction="max")
+        chosen = experts_only(op("ScatterElements", zeros, ids, ones, axis=1, reduction="max"))
         xin = op("Mul", route_e, x)                                                 # [E, T, D]
         scale_e = op("Unsqueeze", op("Transpose", chosen, perm=[1, 0]), b.ints(-1))
         combine = chosen
@@ -145,6 +156,9 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     y = op("MatMul", a_rows, w2_rows)                                               # [T, D]
     if "b2" in present:
         y = op("Add", y, op("MatMul", combine, f32("b2")))
+
+    if identity is not None:  # a zero expert returns its input
+        y = op("Add", y, op("Mul", identity, x))
 
     # ---- shared expert ----
     if "shared_w1" in present:

@@ -195,7 +195,7 @@ def moeffn(attrs: MoEFFNAttrs, X: np.ndarray, router_logits=None, w1=None, w2=No
         return y.reshape(X.shape).astype(out_dtype)
 
     ids, weights = route(attrs, router_logits, selection_bias, topk_ids, topk_weights,
-                         sizes.experts)
+                         sizes.experts + attrs.zero_experts)
     lay = attrs.weight_layout
     w1_io, w2_io = _as_in_out(w1, lay), _as_in_out(w2, lay)
     w3_io = None if w3 is None else _as_in_out(w3, lay)
@@ -228,6 +228,9 @@ def moeffn(attrs: MoEFFNAttrs, X: np.ndarray, router_logits=None, w1=None, w2=No
             out = out * w
         np.add.at(routed, rows, out)
     y += routed
+    if attrs.zero_experts:  # a zero expert returns its input: w . x (weight on input or not)
+        identity = np.where(ids >= sizes.experts, weights, F32(0)).sum(axis=1, dtype=F32)
+        y += identity[:, None] * x
 
     if shared_w1 is not None:
         s1 = _as_in_out(shared_w1, lay)

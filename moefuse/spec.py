@@ -108,6 +108,7 @@ class MoEFFNAttrs:
     up_offset: float = 0.0
     weight_on_input: int = 0
     jitter_eps: float = 0.009999999776482582  # 0.01 as a float32 (an ONNX FLOAT attribute)
+    zero_experts: int = 0
 
     # ---- serialization (one place) ----
     def to_onnx(self) -> dict:
@@ -173,6 +174,8 @@ class MoEFFNAttrs:
                 raise MoEFFNError(f"{who}: attribute '{name}' must be 0 or 1, got {getattr(self, name)}")
         if self.k < 1:
             raise MoEFFNError(f"{who}: attribute 'k' must be >= 1, got {self.k}")
+        if self.zero_experts < 0:
+            raise MoEFFNError(f"{who}: attribute 'zero_experts' must be >= 0, got {self.zero_experts}")
         if self.n_group < 1 or self.topk_group < 1:
             raise MoEFFNError(f"{who}: attributes 'n_group' and 'topk_group' must be >= 1, "
                               f"got n_group={self.n_group}, topk_group={self.topk_group}")
@@ -350,16 +353,19 @@ def validate(
             if tuple(shape(name)) != expected:
                 fail(name, _fmt(expected))
 
-    # routing inputs
-    if attrs.k > experts:
+    # routing inputs: the router ranks the E experts and, past them, the zero (identity) experts
+    ranked = experts + attrs.zero_experts
+    e_ranked = (f"E={experts}" if not attrs.zero_experts else
+                f"E + zero_experts = {experts} + {attrs.zero_experts} = {ranked}")
+    if attrs.k > ranked:
         raise MoEFFNError(f"{who}: attribute 'k'={attrs.k} exceeds the number of experts "
-                          f"E={experts} (from w1 {_fmt(w1)})")
-    if attrs.n_group > 1 and experts % attrs.n_group:
+                          f"{e_ranked} (from w1 {_fmt(w1)})")
+    if attrs.n_group > 1 and ranked % attrs.n_group:
         raise MoEFFNError(f"{who}: attribute 'n_group'={attrs.n_group} does not divide the number "
-                          f"of experts E={experts}")
-    if attrs.n_group > 1 and attrs.k > attrs.topk_group * (experts // attrs.n_group):
+                          f"of experts {e_ranked}")
+    if attrs.n_group > 1 and attrs.k > attrs.topk_group * (ranked // attrs.n_group):
         raise MoEFFNError(f"{who}: k={attrs.k} exceeds the experts in the topk_group="
-                          f"{attrs.topk_group} selected groups of {experts // attrs.n_group}")
+                          f"{attrs.topk_group} selected groups of {ranked // attrs.n_group}")
     if attrs.routing == "precomputed":
         for name in ("topk_ids", "topk_weights"):
             if name not in present:
@@ -380,8 +386,9 @@ def validate(
             raise MoEFFNError(f"{who}: input 'router_logits' (#1) is required with "
                               f"routing={attrs.routing}")
         lg = shape("router_logits")
-        if len(lg) < 2 or lg[-1] != experts:
-            fail("router_logits", f"[..., E] with E={experts} (from w1 {_fmt(w1)})")
+        if len(lg) < 2 or lg[-1] != ranked:
+            fail("router_logits", f"[..., {'E + zero_experts' if attrs.zero_experts else 'E'}] "
+                                  f"with {e_ranked} (from w1 {_fmt(w1)})")
         if not _same_tokens(lg[:-1], x[:-1]):
             fail("router_logits", f"leading dims holding the same tokens as X {_fmt(x)}")
         for name in ("topk_ids", "topk_weights"):
@@ -391,8 +398,8 @@ def validate(
             if attrs.routing not in ("softmax_topk", "sigmoid_topk"):
                 raise MoEFFNError(f"{who}: input 'selection_bias' is only used with "
                                   f"routing=softmax_topk or sigmoid_topk, got routing={attrs.routing}")
-            if tuple(shape("selection_bias")) != (experts,):
-                fail("selection_bias", _fmt((experts,)))
+            if tuple(shape("selection_bias")) != (ranked,):
+                fail("selection_bias", _fmt((ranked,)))
 
     # shared expert
     shared_inter = 0

@@ -32,13 +32,14 @@ def random_inputs(attrs: MoEFFNAttrs, tokens, hidden: int, inter: int, experts: 
 
     fused = attrs.gated and attrs.gate_up_layout != "separate"
     n1 = 2 * inter if fused else inter
+    ranked = experts + attrs.zero_experts  # what the router ranks: the experts, then zero experts
     out = {"X": rng.standard_normal(lead + (hidden,), dtype=np.float32).astype(dtype)}
     if attrs.routing == "precomputed":
-        ids = np.stack([rng.permutation(experts)[: attrs.k] for _ in range(int(np.prod(lead)))])
+        ids = np.stack([rng.permutation(ranked)[: attrs.k] for _ in range(int(np.prod(lead)))])
         out["topk_ids"] = ids.reshape(lead + (attrs.k,)).astype(np.int64)
         out["topk_weights"] = rng.random(lead + (attrs.k,), dtype=np.float32).astype(dtype)
     else:
-        out["router_logits"] = (rng.standard_normal(lead + (experts,), dtype=np.float32)
+        out["router_logits"] = (rng.standard_normal(lead + (ranked,), dtype=np.float32)
                                 * 2).astype(dtype)
     out["w1"] = w(experts, hidden, n1)
     out["w2"] = w(experts, inter, hidden)
@@ -50,7 +51,7 @@ def random_inputs(attrs: MoEFFNAttrs, tokens, hidden: int, inter: int, experts: 
         if "w3" in out:
             out["b3"] = vec(experts, inter)
     if selection_bias:
-        out["selection_bias"] = vec(experts, scale=0.05)
+        out["selection_bias"] = vec(ranked, scale=0.05)
     if shared_inter:
         s_n1 = 2 * shared_inter if fused else shared_inter
         out["shared_w1"] = w(None, hidden, s_n1)

@@ -28,6 +28,9 @@ ROUTINGS = {
     # DeepSeek-V2's group-limited softmax: a group's score is its best probability
     "softmax_grouped": (dict(routing="softmax_topk", normalize_topk=0, n_group=2, topk_group=1,
                              group_score="max", routed_scaling_factor=2.0), {}),
+    # LongCat-Flash: experts past E that return their input, ranked with the others
+    "softmax_zero_experts": (dict(routing="softmax_topk", normalize_topk=0, zero_experts=3,
+                                  routed_scaling_factor=1.5), {"selection_bias": True}),
     "sigmoid_on_input": (dict(routing="sigmoid_topk", normalize_topk=0, k=1, weight_on_input=1), {}),
     "precomputed": (dict(routing="precomputed"), {}),
 }

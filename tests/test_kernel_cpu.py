@@ -102,10 +102,11 @@ def test_group_score_max_or_top2_sum(routing):
 
 
 def test_group_attribute_refusals_match_the_spec():
-    """The library refuses bad group attributes with the spec's own message."""
+    """The library refuses bad group attributes, and router logits that leave out the zero
+    experts, with the spec's own message."""
     attrs, a = _valid_arrays()
     for changes in (dict(routing="topk_softmax", n_group=2), dict(group_score="max"),
-                    dict(n_group=2, group_score="mean")):
+                    dict(n_group=2, group_score="mean"), dict(zero_experts=1)):
         with pytest.raises(MoEFFNError) as info:
             validate_arrays(MoEFFNAttrs(**changes), a, node_name="layer0.moe")
         _expect_error(_raw_model(changes, a), feeds(a), str(info.value))

@@ -77,6 +77,7 @@ def test_emitted_node_matches_reference(case, rank):
     (MoEFFNAttrs(routing="sigmoid_topk"), {}, np.float32, "sigmoid routing"),
     (MoEFFNAttrs(routing="precomputed"), {}, np.float32, "precomputed routing"),
     (MoEFFNAttrs(n_group=2, group_score="max"), {}, np.float32, "group-limited routing"),
+    (MoEFFNAttrs(zero_experts=2), {}, np.float32, "zero experts"),
     (MoEFFNAttrs(routed_scaling_factor=2.5), {}, np.float32, "routed_scaling_factor 2.5"),
     (MoEFFNAttrs(weight_on_input=1, k=1), {}, np.float32, "expert input"),
     (MoEFFNAttrs(), {"selection_bias": 1}, np.float32, "selection bias"),

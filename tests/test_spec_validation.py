@@ -223,3 +223,16 @@ def test_attributes_round_trip_through_onnx():
 def test_old_opset_is_refused_with_a_hint():
     with pytest.raises(MoEFFNError, match="opset 17.*needs opset >= 18"):
         make_moeffn_model(MoEFFNAttrs(), inputs(), opset=17)
+
+
+def test_zero_experts_are_ranked_after_the_experts():
+    a = MoEFFNAttrs(k=2, zero_experts=3)
+    ok = inputs(a, selection_bias=True)
+    assert ok["router_logits"].shape[-1] == E + 3 and ok["selection_bias"].shape == (E + 3,)
+    assert validate_arrays(a, ok).experts == E
+    bad = dict(ok, router_logits=ok["router_logits"][:, :E].copy())
+    expect(a, bad, "'router_logits'", "[..., E + zero_experts] with E + zero_experts = 4 + 3 = 7",
+           "[3, 4]")
+    expect(a, dict(ok, selection_bias=ok["selection_bias"][:E].copy()), "'selection_bias'", "[7]")
+    expect(MoEFFNAttrs(k=8, zero_experts=3), inputs(), "'k'=8", "E + zero_experts = 4 + 3 = 7")
+    expect(MoEFFNAttrs(zero_experts=-1), inputs(), "'zero_experts'", ">= 0")

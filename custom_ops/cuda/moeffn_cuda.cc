@@ -168,6 +168,10 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->attrs_ = ReadAttrs(api, info);
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
+  if (k->attrs_.zero_experts > 0) {
+    const std::string msg = Who(k->node_name_) + ": zero_experts is not implemented by the CUDA kernels";
+    return api->CreateStatus(ORT_NOT_IMPLEMENTED, msg.c_str());
+  }
   if (OrtStatus* st = api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &k->alloc_)) return st;
   k->path_ = EnvOr("MOEFUSE_CUDA_PATH", "auto");
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";

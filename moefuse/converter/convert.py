@@ -67,6 +67,8 @@ def traits_of(attrs: MoEFFNAttrs, operands) -> list[str]:
         t.append(f"groups {attrs.topk_group}/{attrs.n_group} by {attrs.group_score}")
     if "selection_bias" in operands:
         t.append("selection bias")
+    if attrs.zero_experts:
+        t.append(f"{attrs.zero_experts} zero experts")
     if attrs.routed_scaling_factor != 1.0:
         t.append(f"scale {attrs.routed_scaling_factor:g}")
     act = attrs.activation + ("" if attrs.activation_alpha == 1.0 else f"(α={attrs.activation_alpha:g})")

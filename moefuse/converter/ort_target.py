@@ -12,7 +12,8 @@ tests/test_ort_target.py against the real onnxruntime):
   out = gate * sigmoid(activation_alpha * gate) * (up + activation_beta), with
   gate = min(gate, swiglu_limit) and up = clip(up, ±swiglu_limit) when swiglu_limit is set
   (defaults: alpha 1, beta 0, no clamp; an explicit swiglu_limit of 0 clamps to zero);
-- no shared expert, no scaling factor, no sigmoid or grouped routing, no weight-on-input.
+- no shared expert, no scaling factor, no sigmoid or grouped routing, no weight-on-input, no zero
+  experts.
 
 A shared expert is emitted next to the node as standard ops (MatMul, activation, Add).
 """
@@ -43,6 +44,8 @@ def fit(attrs: MoEFFNAttrs, operands: dict, dtype) -> str:
         return "sparsemixer routing"
     if attrs.n_group > 1:
         return "group-limited routing (com.microsoft.MoE ranks all experts)"
+    if attrs.zero_experts:
+        return "zero experts"
     if attrs.routed_scaling_factor != 1.0:
         return f"routed_scaling_factor {attrs.routed_scaling_factor:g}"
     if attrs.weight_on_input:
