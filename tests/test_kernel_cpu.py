@@ -101,6 +101,32 @@ def test_group_score_max_or_top2_sum(routing):
     assert picks == {"max": [0, 1], "top2_sum": [2, 3]}
 
 
+@pytest.mark.parametrize("inter", [8, 1], ids=["grouped", "direct"])
+def test_zero_experts_add_their_input(inter):
+    """LongCat-Flash's zero experts: ranked after the E experts, a pick of one adds w * x. A bias
+    of 2 on zero expert E makes it every token's pick; with weight on the input too."""
+    for woi in (0, 1):
+        attrs = MoEFFNAttrs(k=2, routing="softmax_topk", normalize_topk=0, zero_experts=2,
+                            routed_scaling_factor=1.5, weight_on_input=woi)
+        inputs = random_inputs(attrs, 9, D, inter, E, biases=True, shared_inter=8,
+                               selection_bias=True, seed=4)
+        inputs["selection_bias"] = np.zeros(E + 2, np.float32)
+        inputs["selection_bias"][E] = 2.0
+        ids, weights = route(attrs, inputs["router_logits"], inputs["selection_bias"])
+        assert (ids == E).any(axis=1).all() and (ids < E).any()
+        want = moeffn(attrs, **inputs)
+        if not woi:  # the zero experts' part is w * x; the rest, the node routed to the others
+            zero = ids >= E
+            rest = {n: v for n, v in inputs.items() if n not in ("router_logits", "selection_bias")}
+            rest.update(topk_ids=np.where(zero, 0, ids), topk_weights=np.where(zero, 0, weights))
+            routed = moeffn(MoEFFNAttrs(k=2, routing="precomputed"), **rest)
+            identity = np.where(zero, weights, 0).sum(axis=1, keepdims=True) * inputs["X"]
+            np.testing.assert_allclose(want, routed + identity, rtol=1e-5, atol=1e-5)
+        model = make_moeffn_model(attrs, inputs)
+        for sess in (kernel_session(model), stock_session(model)):
+            np.testing.assert_allclose(sess.run(None, feeds(inputs))[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_group_attribute_refusals_match_the_spec():
     """The library refuses bad group attributes, and router logits that leave out the zero
     experts, with the spec's own message."""

@@ -192,6 +192,11 @@ BIG = [
      dict(hidden=128, inter=64, experts=160, k=6)),
     ("softmax_groups_e320", dict(routing="softmax_topk", n_group=16, topk_group=4),
      dict(hidden=128, inter=64, experts=320, k=8)),
+    # LongCat-Flash's zero experts: picks past the experts have no rows; the combine adds w * x
+    ("zero_experts", dict(routing="softmax_topk", zero_experts=32, normalize_topk=0,
+                          routed_scaling_factor=2.0), dict(hidden=128, inter=64, experts=96, k=8)),
+    ("precomputed_zero_experts", dict(routing="precomputed", zero_experts=8),
+     dict(hidden=128, inter=64, experts=16, k=4)),
 ]
 
 
@@ -199,7 +204,8 @@ BIG = [
 @pytest.mark.parametrize("name,changes,size", BIG, ids=[b[0] for b in BIG])
 def test_big_shapes(name, changes, size, dtype):
     attrs = MoEFFNAttrs(k=size["k"]).replace(**changes)
-    opts = {"selection_bias": attrs.routing == "sigmoid_topk" or attrs.n_group > 1, "shared_gate": True}
+    opts = {"selection_bias": attrs.routing == "sigmoid_topk" or attrs.n_group > 1 or attrs.zero_experts > 0
+            and attrs.routing != "precomputed", "shared_gate": True}
     counts = (1, 5, 33, 300) if not MEMCHECK else (5, 140)
     check(attrs, opts, size["inter"], True, True, dtype, counts, experts=size["experts"],
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)
@@ -515,6 +521,8 @@ ONE_TOKEN = [
     ("softmax_bias_e300", dict(k=4, routing="softmax_topk", normalize_topk=0),
      dict(experts=300, hidden=128, inter=64, bias=True)),
     ("precomputed_keeps_passes", dict(k=2, routing="precomputed"), dict(experts=8, hidden=128, inter=64)),
+    ("zero_experts_keep_passes", dict(k=8, routing="softmax_topk", normalize_topk=0, zero_experts=16),
+     dict(experts=128, hidden=128, inter=64, bias=True)),
 ]
 
 

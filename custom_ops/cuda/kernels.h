@@ -39,9 +39,12 @@ struct RouteParams {
   const void* sel_bias = nullptr;  // [E] or null
   const void* ids_in = nullptr;    // [T, K] int32 / int64 (precomputed)
   int ids_int64 = 0;
+  // E counts the zero experts too (ranked after the experts; in the padding before the pointer):
+  // their picks get id -1 and no count, and the combine adds w * x for them
+  int zero_experts = 0;
   const void* w_in = nullptr;  // [T, K] (precomputed)
   // outputs
-  int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E)
+  int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E) or a zero expert
   float* w = nullptr;     // [T*K] routing weights (scaled)
   int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
   // counts, bad and SortParams::zero lie back to back in one buffer, which the launcher clears
@@ -220,6 +223,7 @@ struct CombineParams {
   const int* pair_pos = nullptr;  // [T*K]
   const float* w = nullptr;       // [T*K]
   int weight_on_input = 0;
+  int zero_experts = 0;  // pairs without a row (pair_pos -1) are zero experts' picks: w * x
   const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
   bool ypair_f32 = true;
   int ypair_planes = 1;
@@ -240,6 +244,7 @@ struct DirectParams {
   const int* ids = nullptr;  // [T*K], -1 skipped
   const float* w = nullptr;
   int weight_on_input = 0;
+  int zero_experts = 0;  // an id of -1 is a zero expert's pick: w * x
   FirstProj w1;
   const void* w2 = nullptr;  // [E, D, I] (out_in)
   const void* b2 = nullptr;

@@ -64,6 +64,22 @@ __device__ __forceinline__ void Load8(const void* p, int64_t i, bool f32, float 
   }
 }
 
+// Adds w * x[d .. d + 8) for each of token t's picks of a zero expert (pairs without a row), after
+// the experts' outputs, as the reference does (and outside the loop over the pairs, whose registers
+// it would add to: inside, the 16-bit kernels spilled).
+template <typename T>
+__device__ __forceinline__ void AddZeroExperts8(const CombineParams& p, int t, int d, float* acc) {
+  const int64_t row = static_cast<int64_t>(t) * p.K;
+  float xv[8];
+  Load8<T>(p.X, static_cast<int64_t>(t) * p.D + d, false, xv);
+  for (int j = 0; j < p.K; ++j) {
+    if (p.pair_pos[row + j] >= 0) continue;
+    const float w = p.w[row + j];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] += w * xv[k];
+  }
+}
+
 // One block per token and 2048 columns; 8 consecutive columns per thread (16-byte accesses) when
 // D is a multiple of 8, else columns strided by the block size.
 template <typename T>
@@ -112,6 +128,7 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
 #pragma unroll
           for (int k = 0; k < 8; ++k) acc[k] += w[q] * v[q][k];
     }
+    if (p.zero_experts) AddZeroExperts8<T>(p, t, d, acc);
     if (p.shared) {
       float z[8];
       Load8<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32, z);
@@ -141,6 +158,10 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
       for (int pl = 1; pl < p.ypair_planes; ++pl)
         v += LoadAny<T>(p.ypair, pl * p.ypair_plane + static_cast<int64_t>(pos) * D + d, true);
       acc += p.weight_on_input ? v : p.w[row + j] * v;
+    }
+    if (p.zero_experts) {  // the zero experts' picks (no row): w * x, after the experts' as the reference
+      for (int j = 0; j < K; ++j)
+        if (p.pair_pos[row + j] < 0) acc += p.w[row + j] * ToF(x[d]);
     }
     if (p.shared) {
       const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
@@ -206,7 +227,10 @@ __global__ void __launch_bounds__(kThreads) DirectKernel(DirectParams p) {
     for (int j = 0; j < K; ++j) {
       const int64_t idx = static_cast<int64_t>(t) * K + j;
       const int e = p.ids[idx];
-      if (e < 0) continue;
+      if (e < 0) {
+        if (p.zero_experts) acc += p.w[idx] * ToF(x[d]);  // a zero expert's pick
+        continue;
+      }
       const T* row = w2 + (static_cast<int64_t>(e) * D + d) * I;
       float o = 0.0f;
       for (int i = 0; i < I; ++i) o += a[j * I + i] * ToF(row[i]);

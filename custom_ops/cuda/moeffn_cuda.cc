@@ -168,10 +168,6 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->attrs_ = ReadAttrs(api, info);
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
-  if (k->attrs_.zero_experts > 0) {
-    const std::string msg = Who(k->node_name_) + ": zero_experts is not implemented by the CUDA kernels";
-    return api->CreateStatus(ORT_NOT_IMPLEMENTED, msg.c_str());
-  }
   if (OrtStatus* st = api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &k->alloc_)) return st;
   k->path_ = EnvOr("MOEFUSE_CUDA_PATH", "auto");
   k->check_ids_ = std::string(EnvOr("MOEFUSE_CUDA_CHECK_IDS", "0")) == "1";
@@ -345,7 +341,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t K = a.k;
   if (T == 0 || D == 0) return nullptr;  // Y has no elements
   void* ydata = call.y;
-  if (T * K >= kBadPairBase || E >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
+  if (T * K >= kBadPairBase || E + a.zero_experts >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
 
   void* stream_ptr = nullptr;
@@ -394,8 +390,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
   // decode on Hopper, opt-in: both projections in one kernel (calls of few pairs: one pass of tokens)
+  // (not with zero experts: it takes every pair for a row)
   const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.code.fused_decode &&
-                            P <= kSkinnyFusedMaxPairs;
+                            P <= kSkinnyFusedMaxPairs && a.zero_experts == 0;
   const bool ypair_f32 = rpath != Path::kWgmma;
   const int ypair_planes = rpath != Path::kSkinny ? 1
                            : fused_decode ? SkinnyFusedSplits(I)
@@ -522,7 +519,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // --- 1. routing and grouping ---
   RouteParams r;
   r.T = static_cast<int>(T);
-  r.E = static_cast<int>(E);
+  r.E = static_cast<int>(E + a.zero_experts);  // ranked: the experts, then the zero experts
+  r.zero_experts = static_cast<int>(a.zero_experts);
   r.K = static_cast<int>(K);
   r.mode = static_cast<int>(a.routing_kind);
   r.normalize = static_cast<int>(a.normalize_topk);
@@ -545,7 +543,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.rank_one = rank_one_;
   SortParams s;
   s.T = r.T;
-  s.E = r.E;
+  s.E = static_cast<int>(E);
   s.K = r.K;
   s.bm = bm;
   s.mtiles = static_cast<int4*>(at(o_mt));
@@ -580,7 +578,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         return CudaError(e, "topk_ids check");
       if (!r.ids_int64) id = id32;
       return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": input 'topk_ids' (#9) holds an expert id outside [0, " +
-                                             std::to_string(E) + "): " + std::to_string(id) + " for token " +
+                                             std::to_string(E + a.zero_experts) + "): " + std::to_string(id) + " for token " +
                                              std::to_string(bad / K));
     }
   }
@@ -647,6 +645,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     dp.ids = r.ids;
     dp.w = r.w;
     dp.weight_on_input = woi;
+    dp.zero_experts = a.zero_experts > 0;
     dp.w1 = routed;
     dp.w2 = canon[kW2];
     dp.b2 = in[kB2].data;
@@ -744,6 +743,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     cp.pair_pos = s.pair_pos;
     cp.w = r.w;
     cp.weight_on_input = woi;
+    cp.zero_experts = a.zero_experts > 0;
     cp.ypair = at(o_y);
     cp.ypair_f32 = ypair_f32;
     cp.ypair_planes = ypair_planes;

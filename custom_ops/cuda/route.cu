@@ -273,8 +273,19 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
 // one SM with a cold instruction cache, so the code it walks through must be short (with every
 // mode in one body the executed path was strewn over 95 KB of code).
 
+// A pick's arrival rank within its expert. A zero expert's pick (an id past the experts) is not
+// counted: its id becomes -1 (no sorted row), and the combine adds w * x for it.
+__device__ __forceinline__ int CountPick(const RouteParams& r, int* id) {
+  if (*id >= r.E - r.zero_experts) {
+    *id = -1;
+    return 0;
+  }
+  return atomicAdd(r.counts + *id, 1);
+}
+
 // Given ids and weights (precomputed routing): copied, scaled and counted; ids outside [0, E)
-// become -1 and the first is reported in r.bad.
+// become -1 and the first is reported in r.bad (E counts the zero experts, whose picks become -1
+// too, without a report).
 template <typename T>
 __device__ void CopyPicks(const RouteParams& r, int t) {
   const int lane = threadIdx.x & 31;
@@ -292,6 +303,9 @@ __device__ void CopyPicks(const RouteParams& r, int t) {
       iout[j] = -1;
       rout[j] = 0;
       atomicMax(r.bad, kBadPairBase - static_cast<int>(idx));
+    } else if (id >= E - r.zero_experts) {  // a zero expert's pick: no row
+      iout[j] = -1;
+      rout[j] = 0;
     } else {
       iout[j] = static_cast<int>(id);
       rout[j] = atomicAdd(r.counts + id, 1);
@@ -374,7 +388,7 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
   }
   for (int j = lane; j < K; j += 32) {
     wout[j] = Finish<M>(r, wout[j], sums, esum);
-    rout[j] = atomicAdd(r.counts + iout[j], 1);
+    rout[j] = CountPick(r, iout + j);
   }
 }
 
@@ -412,10 +426,10 @@ __device__ void SparsemixerToken(const RouteParams& r, int t) {
   const int e1 = pick(e0, &w1);
   if (lane < 2) {
     const int64_t at = static_cast<int64_t>(t) * 2 + lane;
-    const int e = lane == 0 ? e0 : e1;
+    int e = lane == 0 ? e0 : e1;
+    r.rank[at] = CountPick(r, &e);
     r.ids[at] = e;
     r.w[at] = lane == 0 ? w0 : w1;
-    r.rank[at] = atomicAdd(r.counts + e, 1);
   }
 }
 
@@ -589,7 +603,7 @@ __global__ void MOEFUSE_ONE_BLOCK_GRID(kThreads) FusedKernel(RouteParams r, Sort
     s.pair_pos[i] = p;
   }
   // counts for the host-side debug check and the multi-kernel layout
-  for (int e = threadIdx.x; e < E; e += blockDim.x) r.counts[e] = cnt[e];
+  for (int e = threadIdx.x; e < E - r.zero_experts; e += blockDim.x) r.counts[e] = cnt[e];
 }
 
 // One token: routed by the block in parallel (RouteTokenByRank), where the selection passes of the
@@ -600,7 +614,7 @@ __global__ void MOEFUSE_ONE_BLOCK_GRID(kThreads) FusedKernel(RouteParams r, Sort
 // picks by its own thread (by one warp, E / 32 rounds of K shuffles each cost 0.5 µs at E = 128).
 bool RoutesOneByRank(const RouteParams& r) {
   const bool computed = (r.mode == kSoftmaxTopk || r.mode == kTopkSoftmax || r.mode == kSigmoidTopk) && r.n_group <= 1;
-  return r.rank_one && computed && r.T == 1 && r.K >= 1 && r.K <= 32 && r.E >= r.K && r.E <= kCachedMaxExperts;
+  return r.rank_one && computed && r.zero_experts == 0 && r.T == 1 && r.K >= 1 && r.K <= 32 && r.E >= r.K && r.E <= kCachedMaxExperts;
 }
 
 constexpr int kRankThreads = 128;
@@ -666,8 +680,10 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
                             : Launch(FusedKernel<T, M, 1024>, dim3(1), dim3(1024), fused_smem, stream, r, s);
   }
   // counts, bad and the later kernels' counters: one buffer, one memset
-  if (r.bad != r.counts + r.E || (s.zero_count > 0 && s.zero != r.bad + 1)) return cudaErrorInvalidValue;
-  if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * (r.E + 1 + s.zero_count), stream)) return e;
+  const int experts = r.E - r.zero_experts;  // counted: not the zero experts
+  if (r.bad != r.counts + experts || s.E != experts || (s.zero_count > 0 && s.zero != r.bad + 1))
+    return cudaErrorInvalidValue;
+  if (cudaError_t e = cudaMemsetAsync(r.counts, 0, sizeof(int) * (experts + 1 + s.zero_count), stream)) return e;
   const size_t smem = static_cast<size_t>(kRouteWarps) * gfloats * sizeof(float);
   if (smem > 48 * 1024) {
     if (cudaError_t e = cudaFuncSetAttribute(RouteKernel<T, M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
