@@ -171,6 +171,21 @@ def phimoe(seed=0, impl="eager"):
     return _randomize(PhimoeSparseMoeBlock(cfg), seed)
 
 
+def longcat_flash(seed=0, impl="eager"):
+    from transformers import LongcatFlashConfig
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
+
+    # zero experts: ranked after the experts by the router, each returning its input
+    cfg = LongcatFlashConfig(hidden_size=32, expert_ffn_hidden_size=16, n_routed_experts=6,
+                             zero_expert_num=3, moe_topk=3, routed_scaling_factor=1.5,
+                             experts_implementation=impl)
+    m = _randomize(LongcatFlashMoE(cfg), seed)
+    bias = m.router.e_score_correction_bias  # a buffer that starts at zero: make it matter
+    with _torch().no_grad():
+        bias.copy_(_torch().randn(bias.shape, generator=_torch().Generator().manual_seed(seed)) * 0.1)
+    return m
+
+
 def _mlp_weights(mlp):
     """gate/up/down of a transformers dense MLP (Linear weights, out_in layout)."""
     return _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight), _np(mlp.down_proj.weight)
@@ -246,6 +261,14 @@ def read_deepseek_v2(m):  # softmax, group-limited by each group's best probabil
         _linear_logits(g.weight), shared=m.shared_experts)
 
 
+def read_longcat_flash(m):  # softmax over experts + zero experts, picks by probability + bias
+    r = m.router
+    return read_out_in_experts(
+        m, dict(k=r.top_k, routing="softmax_topk", normalize_topk=0, zero_experts=m.zero_expert_num,
+                routed_scaling_factor=float(r.routed_scaling_factor)),
+        _linear_logits(r.classifier.weight), selection_bias=_np(r.e_score_correction_bias))
+
+
 def read_gpt_oss(m):
     from moefuse import MoEFFNAttrs
 
@@ -282,6 +305,7 @@ FAMILIES = {
     "granitemoe": Family("granitemoe", granitemoe, read_granitemoe, 32),
     "ernie4_5_moe": Family("ernie4_5_moe", ernie4_5_moe, read_ernie4_5_moe, 32),
     "phimoe": Family("phimoe", phimoe, read_phimoe, 32),
+    "longcat_flash": Family("longcat_flash", longcat_flash, read_longcat_flash, 32),
 }
 
 

@@ -742,7 +742,8 @@ def _providers_of(sess):
         os.remove(trace)
 
 
-FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4", "granitemoe"]
+FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4",
+                "granitemoe", "longcat_flash"]
 
 
 @pytest.mark.slow

@@ -188,6 +188,12 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
             readings = [(r.stacks, [b for b in biases if b.tensor not in r.used] + r.biases,
                          [m for m in shared_mats if m.tensor not in r.used]) for r in lists]
             stacks = lists[0].stacks
+    zero_experts = 0
+    fewer = _zero_expert_stacks(refs, E) if len(stacks) not in (2, 3) else []
+    if fewer:  # LongCat-Flash: the router ranks zero experts after the E' < E stacked ones
+        stacks, zero_experts = fewer, E - fewer[0].shape[0]
+        biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E - zero_experts]
+        readings = [(stacks, biases, shared_mats)]
     if len(stacks) not in (2, 3):
         raise Refusal(f"expected 2 or 3 stacked expert weight tensors [E={E}, ., .] in the "
                       f"block, found {len(stacks)}" +
@@ -204,7 +210,8 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
             routings, experts_shared, (0, 1)):
         if woi and k != 1 and r_attrs.get("routing") != "sigmoid_topk":
             continue
-        attrs = MoEFFNAttrs(**{"k": k, **r_attrs}, weight_on_input=woi, **e_attrs)
+        attrs = MoEFFNAttrs(**{"k": k, **r_attrs}, weight_on_input=woi, zero_experts=zero_experts,
+                            **e_attrs)
         operands = {**r_ops, **e_ops}
         for name, (ref, orient) in s_ops.items():
             want = attrs.weight_layout
@@ -229,6 +236,18 @@ def precheck(g: GraphIndex, cand: Candidate) -> Optional[str]:
     nodes = region_nodes(g, cand, cand.ends[0])
     return expert_lists.block_refusal(g, block_constants(g, nodes), cand.experts, nodes,
                                       cand.anchor)
+
+
+def _zero_expert_stacks(refs: list[ConstRef], E: int) -> list[ConstRef]:
+    """Stacked expert weights of fewer experts than the router ranks (LongCat-Flash's zero experts,
+    ranked after them, return their input): the 2 or 3 rank-3 constants that share a leading dim
+    below E, when exactly one such dim has them; else none."""
+    by_dim: dict[int, list[ConstRef]] = {}
+    for r in refs:
+        if len(r.shape) == 3 and 1 <= r.shape[0] < E:
+            by_dim.setdefault(r.shape[0], []).append(r)
+    found = [v for v in by_dim.values() if len(v) in (2, 3)]
+    return found[0] if len(found) == 1 else []
 
 
 def _is_b_operand(r: ConstRef) -> bool:
