@@ -615,14 +615,19 @@ def test_empty_batch():
         assert sess.run(None, empty)[0].shape == (0, D)
 
 
+@pytest.mark.parametrize("zero", [0, 2], ids=["experts", "zero_experts"])
 @pytest.mark.parametrize("tokens", [4, 40], ids=["one_block_routing", "multi_kernel_routing"])
-def test_precomputed_ids_out_of_range(tokens, monkeypatch):
-    """An id outside [0, E) is dropped (its pair adds nothing) without a host round trip; with
-    MOEFUSE_CUDA_CHECK_IDS=1 the call fails with the CPU kernel's message naming the first such
-    pair's token, and valid ids pass the check. Routing in one block (T <= 32) and in several
-    kernels (after one memset of their counters and the invalid-pair mark)."""
+def test_precomputed_ids_out_of_range(tokens, zero, monkeypatch):
+    """An id outside [0, E + zero_experts) is dropped (its pair adds nothing, also where zero
+    experts' picks add w * x) without a host round trip; with MOEFUSE_CUDA_CHECK_IDS=1 the call
+    fails with the CPU kernel's message naming the first such pair's token, and valid ids pass the
+    check. Routing in one block (T <= 32) and in several kernels (after one memset of their
+    counters and the invalid-pair mark)."""
     attrs, opts, inter = case("precomputed", "swiglu_halves")
+    attrs = attrs.replace(zero_experts=zero)
     valid = random_inputs(attrs, tokens, D, inter, E, dtype=np.float16, seed=3)
+    if zero:
+        valid["topk_ids"][0, 0] = E + 1  # a zero expert's pick
     inputs = dict(valid, topk_ids=valid["topk_ids"].copy())
     inputs["topk_ids"][1, 0] = E + 3
     inputs["topk_ids"][tokens - 1, 1] = -2
@@ -637,7 +642,7 @@ def test_precomputed_ids_out_of_range(tokens, monkeypatch):
     close(checked.run(None, feeds(valid))[0], moeffn(attrs, **valid), np.float16, "valid ids")
     with pytest.raises(Exception) as info:
         checked.run(None, feeds(inputs))
-    assert "'topk_ids' (#9) holds an expert id outside [0, 4): 7 for token 1" in str(info.value)
+    assert f"'topk_ids' (#9) holds an expert id outside [0, {E + zero}): 7 for token 1" in str(info.value)
 
 
 def test_nan_stays_in_its_token():

@@ -40,11 +40,11 @@ struct RouteParams {
   const void* ids_in = nullptr;    // [T, K] int32 / int64 (precomputed)
   int ids_int64 = 0;
   // E counts the zero experts too (ranked after the experts; in the padding before the pointer):
-  // their picks get id -1 and no count, and the combine adds w * x for them
+  // their picks get id kZeroExpertPick and no count, and the combine adds w * x for them
   int zero_experts = 0;
   const void* w_in = nullptr;  // [T, K] (precomputed)
   // outputs
-  int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E) or a zero expert
+  int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E), kZeroExpertPick for a zero expert
   float* w = nullptr;     // [T*K] routing weights (scaled)
   int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
   // counts, bad and SortParams::zero lie back to back in one buffer, which the launcher clears
@@ -60,6 +60,9 @@ struct RouteParams {
 // RouteParams::bad: kBadPairBase - index (token*K + slot) of the first invalid pair (atomicMax
 // keeps the lowest index); 0 when every pair is valid, so that clearing the counters clears it.
 constexpr int kBadPairBase = 0x7fffffff;
+// The id (and SortParams::pair_pos) of a zero expert's pick: no row, the combine adds w * x. An id
+// outside [0, E) is -1 and dropped.
+constexpr int kZeroExpertPick = -2;
 
 // Pairs grouped by expert ("sorted" rows, contiguous per expert) and the tile schedule.
 struct SortParams {
@@ -77,7 +80,7 @@ struct SortParams {
   int64_t max_tiles = 0;       // capacity of mtiles
   int* sorted_row = nullptr;   // [T*K] token of each sorted row
   float* sorted_w = nullptr;   // [T*K] its routing weight
-  int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), -1 when dropped
+  int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), else its id (-1 dropped, kZeroExpertPick)
   int* zero = nullptr;         // [zero_count] ints zeroed for a later kernel (fused decode's
                                // counters), right after RouteParams::bad
   int zero_count = 0;
@@ -223,7 +226,7 @@ struct CombineParams {
   const int* pair_pos = nullptr;  // [T*K]
   const float* w = nullptr;       // [T*K]
   int weight_on_input = 0;
-  int zero_experts = 0;  // pairs without a row (pair_pos -1) are zero experts' picks: w * x
+  int zero_experts = 0;  // pairs with pair_pos kZeroExpertPick are zero experts' picks: w * x
   const void* ypair = nullptr;  // [planes][P, D]: summed over the planes (float32 when > 1)
   bool ypair_f32 = true;
   int ypair_planes = 1;
@@ -243,8 +246,7 @@ struct DirectParams {
   const void* X = nullptr;
   const int* ids = nullptr;  // [T*K], -1 skipped
   const float* w = nullptr;
-  int weight_on_input = 0;
-  int zero_experts = 0;  // an id of -1 is a zero expert's pick: w * x
+  int weight_on_input = 0;  // (an id kZeroExpertPick is a zero expert's pick: w * x)
   FirstProj w1;
   const void* w2 = nullptr;  // [E, D, I] (out_in)
   const void* b2 = nullptr;

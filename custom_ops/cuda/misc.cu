@@ -73,7 +73,7 @@ __device__ __forceinline__ void AddZeroExperts8(const CombineParams& p, int t, i
   float xv[8];
   Load8<T>(p.X, static_cast<int64_t>(t) * p.D + d, false, xv);
   for (int j = 0; j < p.K; ++j) {
-    if (p.pair_pos[row + j] >= 0) continue;
+    if (p.pair_pos[row + j] != kZeroExpertPick) continue;
     const float w = p.w[row + j];
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[k] += w * xv[k];
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
     }
     if (p.zero_experts) {  // the zero experts' picks (no row): w * x, after the experts' as the reference
       for (int j = 0; j < K; ++j)
-        if (p.pair_pos[row + j] < 0) acc += p.w[row + j] * ToF(x[d]);
+        if (p.pair_pos[row + j] == kZeroExpertPick) acc += p.w[row + j] * ToF(x[d]);
     }
     if (p.shared) {
       const float z = LoadAny<T>(p.shared, static_cast<int64_t>(t) * D + d, p.shared_f32);
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) DirectKernel(DirectParams p) {
       const int64_t idx = static_cast<int64_t>(t) * K + j;
       const int e = p.ids[idx];
       if (e < 0) {
-        if (p.zero_experts) acc += p.w[idx] * ToF(x[d]);  // a zero expert's pick
+        if (e == kZeroExpertPick) acc += p.w[idx] * ToF(x[d]);  // a zero expert's pick
         continue;
       }
       const T* row = w2 + (static_cast<int64_t>(e) * D + d) * I;

@@ -645,7 +645,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     dp.ids = r.ids;
     dp.w = r.w;
     dp.weight_on_input = woi;
-    dp.zero_experts = a.zero_experts > 0;
     dp.w1 = routed;
     dp.w2 = canon[kW2];
     dp.b2 = in[kB2].data;

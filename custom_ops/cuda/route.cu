@@ -274,18 +274,18 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
 // mode in one body the executed path was strewn over 95 KB of code).
 
 // A pick's arrival rank within its expert. A zero expert's pick (an id past the experts) is not
-// counted: its id becomes -1 (no sorted row), and the combine adds w * x for it.
+// counted: its id becomes kZeroExpertPick (no sorted row), and the combine adds w * x for it.
 __device__ __forceinline__ int CountPick(const RouteParams& r, int* id) {
   if (*id >= r.E - r.zero_experts) {
-    *id = -1;
+    *id = kZeroExpertPick;
     return 0;
   }
   return atomicAdd(r.counts + *id, 1);
 }
 
 // Given ids and weights (precomputed routing): copied, scaled and counted; ids outside [0, E)
-// become -1 and the first is reported in r.bad (E counts the zero experts, whose picks become -1
-// too, without a report).
+// become -1 and the first is reported in r.bad (E counts the zero experts, whose picks become
+// kZeroExpertPick).
 template <typename T>
 __device__ void CopyPicks(const RouteParams& r, int t) {
   const int lane = threadIdx.x & 31;
@@ -304,7 +304,7 @@ __device__ void CopyPicks(const RouteParams& r, int t) {
       rout[j] = 0;
       atomicMax(r.bad, kBadPairBase - static_cast<int>(idx));
     } else if (id >= E - r.zero_experts) {  // a zero expert's pick: no row
-      iout[j] = -1;
+      iout[j] = kZeroExpertPick;
       rout[j] = 0;
     } else {
       iout[j] = static_cast<int>(id);
@@ -541,7 +541,7 @@ __global__ void ScatterKernel(SortParams s) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int e = s.ids[i];
     if (e < 0) {
-      s.pair_pos[i] = -1;
+      s.pair_pos[i] = e;  // -1 (dropped) or kZeroExpertPick
       continue;
     }
     const int p = s.offsets[e] + s.rank[i];
@@ -594,7 +594,7 @@ __global__ void MOEFUSE_ONE_BLOCK_GRID(kThreads) FusedKernel(RouteParams r, Sort
     r.ids[i] = e;
     r.w[i] = w[i];
     if (e < 0) {
-      s.pair_pos[i] = -1;
+      s.pair_pos[i] = e;  // -1 (dropped) or kZeroExpertPick
       continue;
     }
     const int p = off[e] + rank[i];
