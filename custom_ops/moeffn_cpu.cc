@@ -648,8 +648,9 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const size_t o_w = cv.Add<float>(T * K);
   const size_t o_sg = cv.Add<float>(has_sgate ? T : 0);
   const size_t o_gatev = cv.Add<float>(has_sgate ? D : 0);
-  const size_t o_selb = cv.Add<float>(Er);
-  const size_t o_route = cv.Add<float>(nblocks * 3 * Er);
+  const int64_t Elg = precomputed ? 0 : Er;  // logits a token (none with precomputed routing)
+  const size_t o_selb = cv.Add<float>(Elg);
+  const size_t o_route = cv.Add<float>(nblocks * 3 * Elg);
   const size_t o_pos = cv.Add<int64_t>(P);
   const size_t o_ptok = cv.Add<int64_t>(P);
   const size_t o_xrows = cv.Add<const float*>(R);

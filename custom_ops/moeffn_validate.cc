@@ -276,10 +276,16 @@ std::string Validate(MoEFFNAttrs& a, const InputDescs& in, const std::string& no
   }
 
   // Routing inputs: the router ranks the E experts and, past them, the zero (identity) experts.
-  const int64_t ranked = experts + a.zero_experts;
-  const std::string e_ranked = a.zero_experts == 0 ? "E=" + Str(experts)
-                                                   : "E + zero_experts = " + Str(experts) + " + " +
-                                                         Str(a.zero_experts) + " = " + Str(ranked);
+  constexpr int64_t kMaxRanked = 2147483647;  // 32-bit expert ids
+  const bool too_many = a.zero_experts > kMaxRanked - experts;  // (before the sum can overflow)
+  const int64_t ranked = too_many ? 0 : experts + a.zero_experts;
+  const std::string e_ranked =
+      a.zero_experts == 0 ? "E=" + Str(experts)
+                          : "E + zero_experts = " + Str(experts) + " + " + Str(a.zero_experts) + " = " +
+                                std::to_string(static_cast<uint64_t>(experts) + static_cast<uint64_t>(a.zero_experts));
+  if (too_many)
+    return who + ": attribute 'zero_experts'=" + Str(a.zero_experts) + ": " + e_ranked + " exceeds " +
+           Str(kMaxRanked) + " experts";
   if (a.k > ranked)
     return who + ": attribute 'k'=" + Str(a.k) + " exceeds the number of experts " + e_ranked + " (from w1 " +
            FormatDims(w1) + ")";

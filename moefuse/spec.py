@@ -219,6 +219,9 @@ class MoEFFNAttrs:
         return self.routing != "precomputed"
 
 
+_MAX_RANKED = 2**31 - 1  # experts a router may rank (with the zero experts): 32-bit ids
+
+
 def _who(node_name: str) -> str:
     return f"MoEFFN node '{node_name}'" if node_name else "MoEFFN"
 
@@ -357,6 +360,9 @@ def validate(
     ranked = experts + attrs.zero_experts
     e_ranked = (f"E={experts}" if not attrs.zero_experts else
                 f"E + zero_experts = {experts} + {attrs.zero_experts} = {ranked}")
+    if ranked > _MAX_RANKED:  # expert ids are 32-bit in the kernels
+        raise MoEFFNError(f"{who}: attribute 'zero_experts'={attrs.zero_experts}: {e_ranked} exceeds "
+                          f"{_MAX_RANKED} experts")
     if attrs.k > ranked:
         raise MoEFFNError(f"{who}: attribute 'k'={attrs.k} exceeds the number of experts "
                           f"{e_ranked} (from w1 {_fmt(w1)})")

@@ -132,7 +132,8 @@ def test_group_attribute_refusals_match_the_spec():
     experts, with the spec's own message."""
     attrs, a = _valid_arrays()
     for changes in (dict(routing="topk_softmax", n_group=2), dict(group_score="max"),
-                    dict(n_group=2, group_score="mean"), dict(zero_experts=1)):
+                    dict(n_group=2, group_score="mean"), dict(zero_experts=1),
+                    dict(zero_experts=2**31 - E), dict(zero_experts=2**63 - 1)):
         with pytest.raises(MoEFFNError) as info:
             validate_arrays(MoEFFNAttrs(**changes), a, node_name="layer0.moe")
         _expect_error(_raw_model(changes, a), feeds(a), str(info.value))
