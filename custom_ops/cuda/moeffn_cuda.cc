@@ -10,7 +10,7 @@
 //          Hopper, opt-in: both projections of a call of few pairs in one persistent kernel);
 //        - wgmma (wgmma.cu): Hopper grouped GEMM (prefill), persistent, TMA + wgmma;
 //        - mma (mma_grouped.cu): a grouped GEMM on mma.sync tiles fed by cp.async, for GPUs that
-//          do not run the Hopper kernels (opt-in, MOEFUSE_CUDA_PATH=mma, until run on a GPU);
+//          do not run the Hopper kernels, from 32 rows per active expert;
 //        - simt (simt.cu): float32 and sizes the tensor-core paths do not take;
 //      the shared expert is the same GEMMs over all tokens as one dense group;
 //   3. combine (misc.cu): each token's weighted sum in pick order, plus the (gated) shared expert.
@@ -54,6 +54,12 @@ constexpr int kDenseSkinnyRows = 16;
 constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
+// Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
+// expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
+// every 32 rows). On an H200 running the compute_80 code, bfloat16 (docs/performance.md,
+// 2026-12-05): mma 0.70x and 0.82x of skinny at 8 and 16 rows an expert, 1.09x at 32 (Mixtral
+// T = 128); 1.21x-3.9x at 32 to 1024 rows (T = 512, 4096).
+constexpr int kMmaRowsPerExpert = 32;
 
 enum class Path { kSkinny, kWgmma, kMma, kSimt };
 
@@ -381,10 +387,13 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     if (!ok || path_ == "simt") return Path::kSimt;
     if (!dense && active > 65535) return Path::kSimt;  // skinny grid limit
     if (path_ == "decode") return Path::kSkinny;
-    if (path_ == "mma") return Path::kMma;  // not yet chosen by default: not yet run on a GPU
-    if (path_ == "prefill") return wg_ok ? Path::kWgmma : Path::kSkinny;
-    const bool few = dense ? rows < kDenseSkinnyRows : rows < kDecodeRowsPerExpert * active;
-    return (few || !wg_ok) ? Path::kSkinny : Path::kWgmma;
+    if (path_ == "mma") return Path::kMma;
+    const Path grouped = wg_ok ? Path::kWgmma : Path::kMma;
+    if (path_ == "prefill") return grouped;
+    const bool few = !wg_ok ? rows < kMmaRowsPerExpert * active
+                     : dense ? rows < kDenseSkinnyRows
+                             : rows < kDecodeRowsPerExpert * active;
+    return few ? Path::kSkinny : grouped;
   };
   const int64_t max_active = std::min<int64_t>(E, P);
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
