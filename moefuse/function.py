@@ -127,35 +127,53 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
             return op("Slice", t, b.ints(0), n_exp, b.ints(1))
 
         route = experts_only(route)
-    route_e = op("Unsqueeze", op("Transpose", route, perm=[1, 0]), b.ints(-1))     # [E, T, 1]
 
     # ---- routed experts, dense over E ----
-    if attrs.weight_on_input:
-        ones = op("ConstantOfShape", op("Shape", vals), value=_ONE)
-        chosen = experts_only(op("ScatterElements", zeros, ids, ones, axis=1, reduction="max"))
-        xin = op("Mul", route_e, x)                                                 # [E, T, D]
-        scale_e = op("Unsqueeze", op("Transpose", chosen, perm=[1, 0]), b.ints(-1))
-        combine = chosen
-    else:
-        xin = x
-        scale_e, combine = route_e, route
-    h = op("MatMul", xin, proj3("w1"))                                              # [E, T, N1]
-    if "b1" in present:
-        h = op("Add", h, op("Unsqueeze", f32("b1"), b.ints(1)))
-    up = None
-    if "w3" in present:
-        up = op("MatMul", xin, proj3("w3"))
-        if "b3" in present:
-            up = op("Add", up, op("Unsqueeze", f32("b3"), b.ints(1)))
-    a = op("Mul", glu(h, up), scale_e)                                              # [E, T, I]
+    w1p = proj3("w1")
+    w3p = proj3("w3") if "w3" in present else None
     w2 = proj3("w2")                                                                # [E, I, D]
     e_times_i = op("ReduceProd", op("Shape", w2, start=0, end=2), keepdims=1)
-    a_rows = op("Reshape", op("Transpose", a, perm=[1, 0, 2]),
-                op("Concat", op("Shape", x, start=0, end=1), e_times_i, axis=0))   # [T, E*I]
     w2_rows = op("Reshape", w2, op("Concat", e_times_i, op("Shape", w2, start=2), axis=0))
-    y = op("MatMul", a_rows, w2_rows)                                               # [T, D]
-    if "b2" in present:
-        y = op("Add", y, op("MatMul", combine, f32("b2")))
+
+    def experts(xin, scale_e, combine):
+        """sum over e of combine[:, e] (b2) and scale_e * f_e(xin[e]) (w2): [T, D]."""
+        h = op("MatMul", xin, w1p)                                                  # [E, T, N1]
+        if "b1" in present:
+            h = op("Add", h, op("Unsqueeze", f32("b1"), b.ints(1)))
+        up = None
+        if w3p is not None:
+            up = op("MatMul", xin, w3p)
+            if "b3" in present:
+                up = op("Add", up, op("Unsqueeze", f32("b3"), b.ints(1)))
+        a = op("Mul", glu(h, up), scale_e)                                          # [E, T, I]
+        a_rows = op("Reshape", op("Transpose", a, perm=[1, 0, 2]),
+                    op("Concat", op("Shape", x, start=0, end=1), e_times_i, axis=0))  # [T, E*I]
+        out = op("MatMul", a_rows, w2_rows)                                         # [T, D]
+        if "b2" in present:
+            out = op("Add", out, op("MatMul", combine, f32("b2")))
+        return out
+
+    def weighted_input(route_t, ids_t, vals_t):
+        """The weight on the input: expert e of token t gets route[t, e] * x_t, and its output
+        is taken once where it was chosen."""
+        ones = op("ConstantOfShape", op("Shape", vals_t), value=_ONE)
+        chosen = experts_only(op("ScatterElements", zeros, ids_t, ones, axis=1, reduction="max"))
+        xin = op("Mul", op("Unsqueeze", op("Transpose", route_t, perm=[1, 0]), b.ints(-1)), x)
+        return experts(xin, op("Unsqueeze", op("Transpose", chosen, perm=[1, 0]), b.ints(-1)), chosen)
+
+    if not attrs.weight_on_input:
+        y = experts(x, op("Unsqueeze", op("Transpose", route, perm=[1, 0]), b.ints(-1)), route)
+    elif attrs.routing != "precomputed":  # computed picks are distinct experts
+        y = weighted_input(route, ids, vals)
+    else:
+        # precomputed ids may repeat an expert: f(w1 x) + f(w2 x), one pass a slot
+        y = None
+        for j in range(attrs.k):
+            ids_j = op("Slice", ids, b.ints(j), b.ints(j + 1), b.ints(1))
+            vals_j = op("Slice", vals, b.ints(j), b.ints(j + 1), b.ints(1))
+            route_j = experts_only(op("ScatterElements", zeros, ids_j, vals_j, axis=1))
+            y_j = weighted_input(route_j, ids_j, vals_j)
+            y = y_j if y is None else op("Add", y, y_j)
 
     if identity is not None:  # a zero expert returns its input
         y = op("Add", y, op("Mul", identity, x))

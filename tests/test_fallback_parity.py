@@ -86,3 +86,20 @@ def test_two_configurations_in_one_model_use_overloads():
     weights = {n: a for n, a in inputs.items() if n != "X"}
     want = moeffn(a2, moeffn(a1, **inputs), **weights)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero", [0, 2], ids=["experts", "zero_experts"])
+@pytest.mark.parametrize("woi", [0, 1], ids=["on_output", "on_input"])
+def test_repeated_precomputed_ids(woi, zero):
+    """A repeated precomputed id counts once per occurrence: with the weight on the input, an
+    expert picked twice adds f(w1 x) + f(w2 x), not f((w1 + w2) x)."""
+    attrs = MoEFFNAttrs(k=2, routing="precomputed", weight_on_input=woi, zero_experts=zero,
+                        routed_scaling_factor=1.5)
+    inputs = random_inputs(attrs, 4, D, 8, E, biases=True, shared_inter=8, seed=1)
+    inputs["topk_ids"][:] = [[1, 1], [2, 0], [3, 3], [E + 1 if zero else 0, 1]]
+    got = session(make_moeffn_model(attrs, inputs)).run(None, feeds(inputs))[0]
+    np.testing.assert_allclose(got, moeffn(attrs, **inputs), rtol=1e-5, atol=1e-6)
+    if woi:  # the repeat matters: token 0 through expert 1 once with the weights summed differs
+        once = dict(inputs, X=inputs["X"][:1], topk_ids=np.array([[1]]),
+                    topk_weights=inputs["topk_weights"][:1].sum(axis=1, keepdims=True))
+        assert not np.allclose(moeffn(attrs.replace(k=1), **once)[0], got[0], rtol=1e-3)
