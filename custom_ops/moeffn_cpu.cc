@@ -713,7 +713,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     auto phase_a = [&](size_t blk) {
       const int64_t t0 = static_cast<int64_t>(blk) * kTokenBlock;
       const int64_t t1 = std::min<int64_t>(T, t0 + kTokenBlock);
-      float* lg = route_tmp + static_cast<int64_t>(blk) * 3 * Er;
+      float* lg = route_tmp + static_cast<int64_t>(blk) * 3 * Elg;
       for (int64_t t = t0; t < t1; ++t) {
         if (!f32) ToFloat(static_cast<const char*>(in[kX].data) + t * D * 2, t_type, xf + t * D, D);
         if (has_sgate) sg[t] = SigmoidScalar(kern.dot(X32 + t * D, gatev, D));

@@ -29,6 +29,7 @@ MIN_OPSET = 18
 _F = TensorProto.FLOAT
 _ZERO = helper.make_tensor("zero", _F, [1], [0.0])
 _ONE = helper.make_tensor("one", _F, [1], [1.0])
+_NEG_INF = helper.make_tensor("neg_inf", _F, [1], [-np.inf])
 
 
 class Body:
@@ -272,7 +273,7 @@ def _sparsemixer(b: Body, logits: str, eps: float):
         ids.append(pick)
         vals.append(op("GatherElements", probs, pick, axis=1))
         if j == 0:
-            infs = op("ConstantOfShape", op("Shape", pick), value=helper.make_tensor("ninf", _F, [1], [-np.inf]))
+            infs = op("ConstantOfShape", op("Shape", pick), value=_NEG_INF)
             scores = op("ScatterElements", logits, pick, infs, axis=1)
     return op("Concat", *ids, axis=1), op("Concat", *vals, axis=1)
 
@@ -302,11 +303,10 @@ def _group_limited(b: Body, choice: str, attrs: MoEFFNAttrs) -> str:
     group_size = op("Div", op("Shape", choice, start=1), b.ints(n_group))
     grouped = op("Reshape", choice, op("Concat", tokens, b.ints(n_group), group_size, axis=0),
                  allowzero=1)                                                  # [T, G, E/G]
-    if attrs.group_score == "max":
-        group_scores = op("ReduceMax", grouped, b.ints(-1), keepdims=0)          # [T, G]
-    else:
-        best, _ = op("TopK", grouped, op("Min", group_size, b.ints(2)), outputs=2, axis=-1)
-        group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)             # [T, G]
+    # a group's score: the sum of its best group_score_terms values (1, or 2 capped by its size)
+    terms = b.ints(1) if attrs.group_score == "max" else op("Min", group_size, b.ints(2))
+    best, _ = op("TopK", grouped, terms, outputs=2, axis=-1)
+    group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)                 # [T, G]
     _, keep = op("TopK", group_scores, b.ints(topk_group), outputs=2, axis=-1)
     gzeros = op("ConstantOfShape", op("Shape", group_scores),
                 value=_ZERO)

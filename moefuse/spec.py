@@ -23,8 +23,8 @@ VERSION = 1
 # --- attribute value sets ---------------------------------------------------------------------
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed", "sparsemixer")
-# Routings whose choice scores may be limited to the best expert groups (n_group > 1).
-GROUPED_ROUTINGS = ("softmax_topk", "sigmoid_topk")
+# Routings that rank a score per expert: they take a selection bias and expert groups (n_group > 1).
+RANKED_ROUTINGS = ("softmax_topk", "sigmoid_topk")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 GATE_UP_LAYOUTS = ("halves", "interleaved", "separate")
 # "in_out": a projection is stored [E, in, out] and computed x @ W (GPT-OSS, ORT's old layout).
@@ -58,7 +58,8 @@ class InputSpec:
 # Order is the ABI: new inputs (quantization scales, zero points) are only ever appended.
 INPUTS: tuple[InputSpec, ...] = (
     InputSpec("X", "activations [T, D] or [B, S, D]", optional=False),
-    InputSpec("router_logits", "router projection output [..., E]; absent with routing=precomputed"),
+    InputSpec("router_logits", "router projection output [..., E + zero_experts]; absent with "
+              "routing=precomputed"),
     InputSpec("w1", "first projection: gate+up [E, D, 2I] (gated, fused), gate [E, D, I] "
               "(gated, separate) or fc1 [E, D, I] (non-gated); in_out layout shown", optional=False),
     InputSpec("w2", "down projection [E, I, D] (in_out layout shown)", optional=False),
@@ -66,7 +67,8 @@ INPUTS: tuple[InputSpec, ...] = (
     InputSpec("b1", "bias of w1 [E, N1] where N1 is w1's output width"),
     InputSpec("b2", "bias of w2 [E, D]"),
     InputSpec("b3", "bias of w3 [E, I]"),
-    InputSpec("selection_bias", "[E], added to the scores for selection only (softmax_topk, sigmoid_topk)"),
+    InputSpec("selection_bias", "[E + zero_experts], added to the scores for selection only "
+              "(softmax_topk, sigmoid_topk)"),
     InputSpec("topk_ids", "[..., k] int32/int64 expert ids (routing=precomputed)", integer=True),
     InputSpec("topk_weights", "[..., k] routing weights (routing=precomputed)"),
     InputSpec("shared_w1", "shared expert first projection, [D, N1] (in_out) or [N1, D] (out_in)"),
@@ -182,9 +184,9 @@ class MoEFFNAttrs:
         if self.topk_group > self.n_group:
             raise MoEFFNError(f"{who}: attribute 'topk_group'={self.topk_group} must be <= "
                               f"n_group={self.n_group}")
-        if self.n_group > 1 and self.routing not in GROUPED_ROUTINGS:
+        if self.n_group > 1 and self.routing not in RANKED_ROUTINGS:
             raise MoEFFNError(f"{who}: group-limited top-k (n_group={self.n_group}) is defined for "
-                              f"routing={' or '.join(map(repr, GROUPED_ROUTINGS))} only, "
+                              f"routing={' or '.join(map(repr, RANKED_ROUTINGS))} only, "
                               f"got routing='{self.routing}'")
         if self.n_group == 1 and self.group_score != MoEFFNAttrs.group_score:
             raise MoEFFNError(f"{who}: 'group_score' applies to group-limited top-k (n_group > 1) "
@@ -401,9 +403,9 @@ def validate(
             if name in present:
                 raise MoEFFNError(f"{who}: input '{name}' is only used with routing=precomputed")
         if "selection_bias" in present:
-            if attrs.routing not in ("softmax_topk", "sigmoid_topk"):
+            if attrs.routing not in RANKED_ROUTINGS:
                 raise MoEFFNError(f"{who}: input 'selection_bias' is only used with "
-                                  f"routing=softmax_topk or sigmoid_topk, got routing={attrs.routing}")
+                                  f"routing={' or '.join(RANKED_ROUTINGS)}, got routing={attrs.routing}")
             if tuple(shape("selection_bias")) != (ranked,):
                 fail("selection_bias", _fmt((ranked,)))
 

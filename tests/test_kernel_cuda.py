@@ -204,8 +204,9 @@ BIG = [
 @pytest.mark.parametrize("name,changes,size", BIG, ids=[b[0] for b in BIG])
 def test_big_shapes(name, changes, size, dtype):
     attrs = MoEFFNAttrs(k=size["k"]).replace(**changes)
-    opts = {"selection_bias": attrs.routing == "sigmoid_topk" or attrs.n_group > 1 or attrs.zero_experts > 0
-            and attrs.routing != "precomputed", "shared_gate": True}
+    ranked = attrs.routing != "precomputed"
+    opts = {"selection_bias": ranked and (attrs.routing == "sigmoid_topk" or attrs.n_group > 1
+                                          or attrs.zero_experts > 0), "shared_gate": True}
     counts = (1, 5, 33, 300) if not MEMCHECK else (5, 140)
     check(attrs, opts, size["inter"], True, True, dtype, counts, experts=size["experts"],
           hidden=size["hidden"], shared_inter=size["inter"] // 2 + 8)

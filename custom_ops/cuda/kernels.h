@@ -32,8 +32,9 @@ struct RouteParams {
   float scale = 1.0f;  // routed_scaling_factor
   int n_group = 1, topk_group = 1;
   DType dtype = DType::kF32;
-  // n_group > 1: a group's score adds its best min(group_terms, size) choices (in the padding
-  // before the pointers: a larger struct made the one-block routing kernels spill on sm_90a)
+  // n_group > 1: a group's score adds its best group_terms choices (MoEFFNAttrs::group_score_terms;
+  // in the padding before the pointers: a larger struct made the one-block routing kernels spill
+  // on sm_90a)
   int group_terms = 2;
   const void* logits = nullptr;    // [T, E] (routing != precomputed)
   const void* sel_bias = nullptr;  // [E] or null
@@ -244,9 +245,9 @@ struct DirectParams {
   DType dtype = DType::kF16;
   int T = 0, D = 0, I = 0, K = 0;
   const void* X = nullptr;
-  const int* ids = nullptr;  // [T*K], -1 skipped
+  const int* ids = nullptr;  // [T*K], -1 skipped, kZeroExpertPick a zero expert's pick (w * x)
   const float* w = nullptr;
-  int weight_on_input = 0;  // (an id kZeroExpertPick is a zero expert's pick: w * x)
+  int weight_on_input = 0;
   FirstProj w1;
   const void* w2 = nullptr;  // [E, D, I] (out_in)
   const void* b2 = nullptr;

@@ -58,7 +58,8 @@ constexpr int kGatherMinI = 2048;
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
 // every 32 rows). On an H200 running the compute_80 code, bfloat16 (docs/performance.md,
 // 2026-12-05): mma 0.70x and 0.82x of skinny at 8 and 16 rows an expert, 1.09x at 32 (Mixtral
-// T = 128); 1.21x-3.9x at 32 to 1024 rows (T = 512, 4096).
+// T = 128); with the sm_90a build (the same kernels' source), 1.21x-3.92x at 32 to 1024 rows
+// (T = 512, 4096).
 constexpr int kMmaRowsPerExpert = 32;
 
 enum class Path { kSkinny, kWgmma, kMma, kSimt };
@@ -537,7 +538,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.jitter_eps = a.jitter_eps;
   r.n_group = static_cast<int>(a.n_group);
   r.topk_group = static_cast<int>(a.topk_group);
-  r.group_terms = a.group_score_kind == GroupScore::kMax ? 1 : 2;
+  r.group_terms = a.group_score_terms(static_cast<int>((E + a.zero_experts) / a.n_group));
   r.dtype = dt;
   r.logits = in[kRouterLogits].data;
   r.sel_bias = in[kSelectionBias].data;

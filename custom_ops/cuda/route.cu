@@ -303,7 +303,8 @@ __device__ void CopyPicks(const RouteParams& r, int t) {
       iout[j] = -1;
       rout[j] = 0;
       atomicMax(r.bad, kBadPairBase - static_cast<int>(idx));
-    } else if (id >= E - r.zero_experts) {  // a zero expert's pick: no row
+    } else if (id >= E - r.zero_experts) {  // a zero expert's pick (CountPick written out: through
+                                            // it, the one-block kernel spilled on sm_90a)
       iout[j] = kZeroExpertPick;
       rout[j] = 0;
     } else {
@@ -324,9 +325,9 @@ __device__ void RouteToken(const RouteParams& r, int t, float* gscratch) {
 
   Token<T, M> tok = MakeToken<T, M>(r, t);
   if (IsGrouped(M) && r.n_group > 1) {
-    // Group score: sum of the group's top min(group_terms, size) choices (group_terms is 1 or 2);
-    // keep the topk_group best groups.
-    const int G = r.n_group, gs = E / G, top = gs < r.group_terms ? gs : r.group_terms;
+    // Group score: sum of the group's top group_terms (1 or 2) choices; keep the topk_group best
+    // groups.
+    const int G = r.n_group, gs = E / G, top = r.group_terms;
     tok.gsize = gs;
     for (int g = lane; g < G; g += 32) {
       float b0 = 0.0f, b1 = 0.0f;

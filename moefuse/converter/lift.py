@@ -169,14 +169,19 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
     ops_experts = _ops(g, expert_nodes)
     scalars = _scalars(refs)
 
-    stacks = [r for r in refs if len(r.shape) == 3 and r.shape[0] == E]
-    biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E and r not in stacks]
+    def weights_of(n):
+        """The stacks [n, ., .], biases [n, .] and shared-expert matrices of n stacked experts."""
+        stacks = [r for r in refs if len(r.shape) == 3 and r.shape[0] == n]
+        biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == n]
+        shared = [r for r in refs if len(r.shape) == 2 and r not in biases
+                  and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
+                  and _is_b_operand(r)]
+        return stacks, biases, shared
+
+    stacks, biases, shared_mats = weights_of(E)
     # a selection bias: a float [E] (or [1, E]: TorchScript's Ernie-4.5) on the routing path, [E] first
     sel_bias = sorted((r for r in refs if r.shape in ((E,), (1, E)) and r.first_use in routing_set
                        and _is_float(r.value())), key=lambda r: len(r.shape))
-    shared_mats = [r for r in refs if len(r.shape) == 2 and r not in biases
-                   and r.consumer.op_type in ("MatMul", "Gemm") and r.first_use not in routing_set
-                   and _is_b_operand(r)]
 
     refusal = precheck(g, cand)
     if refusal:
@@ -191,9 +196,9 @@ def hypotheses(g: GraphIndex, cand: Candidate, nodes: list[int]) -> Iterator[Hyp
     zero_experts = 0
     fewer = _zero_expert_stacks(refs, E) if len(stacks) not in (2, 3) else []
     if fewer:  # LongCat-Flash: the router ranks zero experts after the E' < E stacked ones
-        stacks, zero_experts = fewer, E - fewer[0].shape[0]
-        biases = [r for r in refs if len(r.shape) == 2 and r.shape[0] == E - zero_experts]
-        readings = [(stacks, biases, shared_mats)]
+        zero_experts = E - fewer[0].shape[0]
+        readings = [weights_of(E - zero_experts)]
+        stacks = readings[0][0]
     if len(stacks) not in (2, 3):
         raise Refusal(f"expected 2 or 3 stacked expert weight tensors [E={E}, ., .] in the "
                       f"block, found {len(stacks)}" +
