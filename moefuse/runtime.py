@@ -125,7 +125,7 @@ def describe_cuda_build(build: Optional[dict]) -> str:
                                   ("pdl", "programmatic dependent launch")) if build["device"][key]]
     ran = " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
     return (f"MoEFFN's library: CUDA code for {', '.join(build['archs'])}; this GPU runs "
-            f"{ran or 'none of its sm_90a code (skinny and SIMT paths only)'}.")
+            f"{ran or 'none of its sm_90a code (the mma grouped GEMM, skinny and SIMT paths)'}.")
 
 
 def _is_bf16(array: np.ndarray) -> bool:

@@ -238,8 +238,8 @@ def test_the_table_says_what_of_the_library_the_gpu_ran():
             ) in gpu_moe.table(records, hopper)
     ptx = dict(meta, moefuse_cuda={"archs": ["80"], "device": {
         "wgmma": False, "fused_decode": False, "pdl": False}})
-    assert ("MoEFFN's library: CUDA code for 80; this GPU runs none of its sm_90a code (skinny and "
-            "SIMT paths only).") in gpu_moe.table(records, ptx)
+    assert ("MoEFFN's library: CUDA code for 80; this GPU runs none of its sm_90a code (the mma "
+            "grouped GEMM, skinny and SIMT paths).") in gpu_moe.table(records, ptx)
     assert "MoEFFN's library" not in gpu_moe.table(records, meta)
     no_gpu = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": None})
     assert "MoEFFN's library" not in gpu_moe.table(records, no_gpu)
