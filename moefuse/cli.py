@@ -326,5 +326,21 @@ def validate(model):
         sys.exit(1)
 
 
+@main.command()
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: fail unless MoEFFN runs on the GPU too.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def doctor(provider, as_json, quiet):
+    """Check that this installation runs MoEFFN nodes on moefuse's kernels (CPU, and CUDA where
+    onnxruntime has it), each against the reference. Exits 1 if a check fails."""
+    from .doctor import as_json as to_json, failed, run_checks, table
+
+    checks = run_checks(provider, log=_progress(quiet))
+    click.echo(to_json(checks) if as_json else table(checks))
+    if failed(checks):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -395,3 +395,53 @@ def test_a_pipe_as_the_model_is_refused(tmp_path):
     for command in (["inspect", fifo], ["convert", fifo, "-o", tmp_path / "o.onnx"]):
         code, text = invoke(*command)
         assert code == 1 and "not a regular file" in text
+
+
+# --- doctor ---
+
+def test_doctor_runs_the_cpu_kernel_and_says_what_cuda_lacks():
+    import onnxruntime as ort
+
+    code, out = invoke("doctor", "-q")
+    assert "ok       library" in out, out
+    assert "ok       MoEFFN on CPU (float32)  moefuse's kernel ran; max relative error" in out, out
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert code == 0, out
+        assert "skipped  CUDA provider" in out and "install onnxruntime-gpu" in out, out
+        # asked for the GPU, the same finding fails
+        code, out = invoke("doctor", "-q", "--provider", "cuda")
+        assert code == 1 and "failed   CUDA provider" in out, out
+
+
+def test_doctor_json():
+    code, out = invoke("doctor", "-q", "--json")
+    report = json.loads(out)
+    assert report["ok"] is (code == 0)
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["MoEFFN on CPU (float32)"]["status"] == "ok", report
+
+
+def test_doctor_without_the_library(monkeypatch):
+    monkeypatch.setenv("MOEFUSE_LIBRARY", "/nonexistent/libmoefuse_ops.so")
+    code, out = invoke("doctor", "-q")
+    assert code == 1, out
+    assert "failed   library" in out and "/nonexistent/libmoefuse_ops.so" in out, out
+    assert "MoEFFN on CPU" not in out  # nothing runs without it
+
+
+def test_doctor_tells_the_fallback_function_from_the_kernel(monkeypatch):
+    """A session without the library runs the node's embedded function: the check must fail."""
+    import onnxruntime as ort
+
+    import moefuse.runtime
+
+    def plain_options(**options):
+        so = ort.SessionOptions()
+        for key, value in options.items():
+            setattr(so, key, value)
+        return so
+
+    monkeypatch.setattr(moefuse.runtime, "session_options", plain_options)
+    code, out = invoke("doctor", "-q")
+    assert code == 1, out
+    assert "failed   MoEFFN on CPU (float32)  no MoEFFN kernel ran" in out, out

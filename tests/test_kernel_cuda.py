@@ -810,3 +810,14 @@ def test_converted_export(family, tmp_path):
             got = run(cuda_session(one), feeds(data), {"Y": (t, hidden)})[0]
             want = run(cpu_session(one), feeds(data), {"Y": (t, hidden)})[0]
             close(got, want, dtype, f"{family} {np.dtype(dtype).name} T={t}")
+
+
+def test_doctor_runs_the_cuda_kernel():
+    """`moefuse doctor --provider cuda` on a working GPU installation: every check passes and the
+    node ran on the CUDA provider's MoEFFN kernel."""
+    from moefuse.doctor import failed, run_checks, table
+
+    checks = run_checks("cuda")
+    assert not failed(checks), table(checks)
+    gpu = next(c for c in checks if c.name == "MoEFFN on CUDA (float16)")
+    assert gpu.status == "ok" and "moefuse's kernel ran" in gpu.detail, table(checks)
