@@ -42,14 +42,15 @@ asan: setup
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(BIN)/pytest -q -s -p no:cacheprovider tests/test_kernel_cpu.py
 
-# The kernel tests on the oldest onnxruntime we support (pyproject's floor), installed apart
-# from the venv, and on the newest (the venv's).
+# The kernel tests (and doctor's, which reads onnxruntime's profile) on the oldest onnxruntime we
+# support (pyproject's floor), installed apart from the venv, and on the newest (the venv's).
 ORT_OLDEST ?= 1.20.1
 ORT_OLD_DIR := build/onnxruntime-$(ORT_OLDEST)
 test-ort-versions: setup
 	test -d $(ORT_OLD_DIR) || $(BIN)/python -m pip install --quiet --no-deps --target $(ORT_OLD_DIR) "onnxruntime==$(ORT_OLDEST)"
 	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/python -c "import onnxruntime as o; assert o.__version__ == '$(ORT_OLDEST)', o.__version__; print('onnxruntime', o.__version__)"
 	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
+	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_cli.py -k doctor
 	$(BIN)/python -c "import onnxruntime as o; print('onnxruntime', o.__version__)"
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
 

@@ -742,8 +742,8 @@ def _providers_of(sess):
     trace = sess.end_profiling()
     try:
         with open(trace) as f:
-            return {e["args"].get("op_name"): e["args"].get("provider") for e in json.load(f)
-                    if e.get("cat") == "Node"}
+            return {e["args"].get("op_name"): e["args"]["provider"] for e in json.load(f)
+                    if e.get("cat") == "Node" and "provider" in e.get("args", {})}  # (not fences)
     finally:
         os.remove(trace)
 
