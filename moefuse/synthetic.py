@@ -35,8 +35,8 @@ def random_inputs(attrs: MoEFFNAttrs, tokens, hidden: int, inter: int, experts: 
     ranked = experts + attrs.zero_experts  # what the router ranks: the experts, then zero experts
     out = {"X": rng.standard_normal(lead + (hidden,), dtype=np.float32).astype(dtype)}
     if attrs.routing == "precomputed":
-        ids = np.stack([rng.permutation(ranked)[: attrs.k] for _ in range(int(np.prod(lead)))])
-        out["topk_ids"] = ids.reshape(lead + (attrs.k,)).astype(np.int64)
+        ids = [rng.permutation(ranked)[: attrs.k] for _ in range(int(np.prod(lead)))]
+        out["topk_ids"] = np.array(ids, dtype=np.int64).reshape(lead + (attrs.k,))
         out["topk_weights"] = rng.random(lead + (attrs.k,), dtype=np.float32).astype(dtype)
     else:
         out["router_logits"] = (rng.standard_normal(lead + (ranked,), dtype=np.float32)
