@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from moefuse import MoEFFNAttrs, make_moeffn_model
+from moefuse import MoEFFNAttrs, MoEFFNError, make_moeffn_model
 from moefuse.reference import moeffn
 from moefuse.runtime import run
 from moefuse.synthetic import feeds, random_inputs
@@ -115,3 +116,38 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
                                                                list(init.dims)))
     del model.graph.initializer[:]
     return model
+
+
+def random_config(rng):
+    """One random MoEFFN configuration and its inputs, or None where validation refuses it:
+    traits combined freely (routing, groups, zero experts, selection bias, activation, layouts,
+    clamp, weight on input, biases, shared expert and gate, input type), small odd sizes."""
+    E, Z = int(rng.integers(1, 12)), int(rng.choice([0, 0, 0, 1, 3]))
+    routing = str(rng.choice(["softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed", "sparsemixer"]))
+    a = dict(k=2 if routing == "sparsemixer" else int(rng.integers(1, E + Z + 1)), routing=routing,
+             normalize_topk=int(rng.integers(0, 2)), routed_scaling_factor=float(rng.choice([1.0, 2.5])),
+             activation=str(rng.choice(["silu", "gelu", "gelu_tanh", "relu", "identity"])),
+             gated=int(rng.integers(0, 2)), gate_up_layout=str(rng.choice(["halves", "interleaved", "separate"])),
+             weight_layout=str(rng.choice(["out_in", "in_out"])), weight_on_input=int(rng.random() < 0.2),
+             zero_experts=Z)
+    if a["gated"] and rng.random() < 0.3:  # GPT-OSS's clamped SwiGLU
+        a.update(clamp_limit=7.0, activation_alpha=1.702, up_offset=1.0, activation="silu")
+    ranked = E + Z
+    if routing in ("softmax_topk", "sigmoid_topk") and rng.random() < 0.4:
+        groups = int(rng.choice([g for g in range(1, ranked + 1) if ranked % g == 0]))
+        a.update(n_group=groups, topk_group=int(rng.integers(1, groups + 1)),
+                 group_score=str(rng.choice(["top2_sum", "max"])))
+    shared = int(rng.choice([0, 0, 8]))
+    dtype = [np.float32, np.float16, ml_dtypes.bfloat16][int(rng.integers(0, 3))]
+    try:
+        attrs = MoEFFNAttrs(**a)
+        inputs = random_inputs(attrs, tokens=int(rng.choice([0, 1, 2, 5, 17, 40])),
+                               hidden=int(rng.choice([8, 16, 24, 64])), inter=int(rng.choice([8, 16, 40])),
+                               experts=E, biases=bool(rng.random() < 0.3), shared_inter=shared,
+                               shared_gate=bool(shared and rng.random() < 0.5),
+                               selection_bias=bool(routing in ("softmax_topk", "sigmoid_topk") and rng.random() < 0.4),
+                               dtype=dtype, seed=int(rng.integers(1 << 30)))
+        return attrs, inputs, make_moeffn_model(attrs, inputs)
+    except MoEFFNError:
+        return None
+

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cases import ALL, D, E, case, check_parity, f32, stock_session, weights_as_inputs
+from cases import ALL, D, E, case, check_parity, f32, random_config, stock_session, weights_as_inputs
 from moefuse import MoEFFNAttrs, MoEFFNError, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn, moeffn_from_inputs, route
 from moefuse.runtime import library_path, session_options
@@ -447,52 +447,17 @@ def test_library_path_and_session_options(monkeypatch, tmp_path):
     assert library_path() == LIBRARY
 
 
-def _random_config(rng):
-    """One random MoEFFN configuration and its inputs, or None where validation refuses it:
-    traits combined freely (routing, groups, zero experts, selection bias, activation, layouts,
-    clamp, weight on input, biases, shared expert and gate, input type), small odd sizes."""
-    from moefuse.spec import MoEFFNError
-
-    E, Z = int(rng.integers(1, 12)), int(rng.choice([0, 0, 0, 1, 3]))
-    routing = str(rng.choice(["softmax_topk", "topk_softmax", "sigmoid_topk", "precomputed", "sparsemixer"]))
-    a = dict(k=2 if routing == "sparsemixer" else int(rng.integers(1, E + Z + 1)), routing=routing,
-             normalize_topk=int(rng.integers(0, 2)), routed_scaling_factor=float(rng.choice([1.0, 2.5])),
-             activation=str(rng.choice(["silu", "gelu", "gelu_tanh", "relu", "identity"])),
-             gated=int(rng.integers(0, 2)), gate_up_layout=str(rng.choice(["halves", "interleaved", "separate"])),
-             weight_layout=str(rng.choice(["out_in", "in_out"])), weight_on_input=int(rng.random() < 0.2),
-             zero_experts=Z)
-    if a["gated"] and rng.random() < 0.3:  # GPT-OSS's clamped SwiGLU
-        a.update(clamp_limit=7.0, activation_alpha=1.702, up_offset=1.0, activation="silu")
-    ranked = E + Z
-    if routing in ("softmax_topk", "sigmoid_topk") and rng.random() < 0.4:
-        groups = int(rng.choice([g for g in range(1, ranked + 1) if ranked % g == 0]))
-        a.update(n_group=groups, topk_group=int(rng.integers(1, groups + 1)),
-                 group_score=str(rng.choice(["top2_sum", "max"])))
-    shared = int(rng.choice([0, 0, 8]))
-    dtype = [np.float32, np.float16, ml_dtypes.bfloat16][int(rng.integers(0, 3))]
-    try:
-        attrs = MoEFFNAttrs(**a)
-        inputs = random_inputs(attrs, tokens=int(rng.choice([0, 1, 2, 5, 17, 40])),
-                               hidden=int(rng.choice([8, 16, 24, 64])), inter=int(rng.choice([8, 16, 40])),
-                               experts=E, biases=bool(rng.random() < 0.3), shared_inter=shared,
-                               shared_gate=bool(shared and rng.random() < 0.5),
-                               selection_bias=bool(routing in ("softmax_topk", "sigmoid_topk") and rng.random() < 0.4),
-                               dtype=dtype, seed=int(rng.integers(1 << 30)))
-        return attrs, inputs, make_moeffn_model(attrs, inputs)
-    except MoEFFNError:
-        return None
-
-
 def test_random_trait_combinations():
-    """200 random configurations (fixed seed): the kernel and the fallback function against the
-    reference. The trait matrix above crosses routing with expert kind; this crosses everything."""
+    """200 random configurations (cases.random_config, fixed seed): the kernel and the fallback
+    function against the reference. The trait matrix crosses routing with expert kind; this
+    crosses everything."""
     from moefuse.compare import max_relative_error
     from moefuse.runtime import run
 
     rng = np.random.default_rng(20261205)
     checked = 0
     while checked < 200:
-        config = _random_config(rng)
+        config = random_config(rng)
         if config is None:
             continue
         attrs, inputs, model = config

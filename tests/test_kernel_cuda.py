@@ -26,10 +26,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cases import ALL, D, E, case, weights_as_inputs
+from cases import ALL, D, E, case, random_config, weights_as_inputs
 from moefuse import MoEFFNAttrs, make_moeffn_model
 from moefuse.builder import attrs_of
-from moefuse.reference import moeffn
+from moefuse.reference import moeffn, moeffn_from_inputs
 from moefuse.runtime import cuda_build, library_path, run, session_options
 from moefuse.spec import ACTIVATION_INPUTS, INPUT_NAMES
 from moefuse.synthetic import feeds, random_inputs
@@ -821,3 +821,21 @@ def test_doctor_runs_the_cuda_kernel():
     assert not failed(checks), table(checks)
     gpu = next(c for c in checks if c.name == "MoEFFN on CUDA (float16)")
     assert gpu.status == "ok" and "moefuse's kernel ran" in gpu.detail, table(checks)
+
+
+def test_random_trait_combinations():
+    """200 random configurations (cases.random_config, the CPU kernel test's seed): the CUDA
+    kernels against the reference, each within its input type's tolerance."""
+    rng = np.random.default_rng(20261205)
+    checked = 0
+    while checked < 200:
+        config = random_config(rng)
+        if config is None:
+            continue
+        attrs, inputs, model = config
+        checked += 1
+        x = inputs["X"]
+        want = moeffn_from_inputs(attrs, {n: a if a.dtype == np.int64 else a.astype(np.float32)
+                                          for n, a in inputs.items()})
+        got = run(cuda_session(model), feeds(inputs), {"Y": x.shape})[0]
+        close(got, want, x.dtype, f"{attrs} {dict((n, a.shape) for n, a in inputs.items())}")
