@@ -6,8 +6,9 @@ the same inputs, bound on the GPU. For each layer shape, dtype and token count T
 
 - ``gpu_us``: GPU time per call: the time the GPU is busy with the call's kernels (and device
   copies or memsets), the union of their intervals as the CUDA profiling interface reports them
-  (torch.profiler / CUPTI) over 10 back-to-back calls, the median of three such rounds
-  (``gpu_us_rounds``: each round's value; the report names points whose rounds differ by more
+  (torch.profiler / CUPTI) over 10 back-to-back calls, the median of three such rounds, taken
+  in turn with the other variants' rounds of the same point (``gpu_us_rounds``: each round's
+  value; the report names points whose rounds differ by more
   than 10%);
 - ``wall_us``: time per call of back-to-back runs (IO binding, no synchronization between runs)
   measured with CUDA events on onnxruntime's compute stream: includes launch gaps and host
@@ -192,19 +193,19 @@ class Runner:
         return [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
                 if ev.device_type == torch.autograd.DeviceType.CUDA]
 
+    def gpu_round(self, calls=10):
+        """One profiled round of `calls` back-to-back calls: GPU busy time per call, and each
+        kernel name's summed time."""
+        spans, names = [], {}
+        for a, b, name in self.profiled(calls, wait_each=False):
+            spans.append((a, b))
+            names[name] = names.get(name, 0.0) + (b - a)
+        return busy_time(spans) / calls, names
+
     def gpu_us(self, calls=10, rounds=3):
         """GPU busy time per call: the median over `rounds` profiled rounds of `calls` calls, the
         rounds' values, and the kernels with the most time per call."""
-        per_round, names = [], {}
-        for _ in range(rounds):
-            spans = []
-            for a, b, name in self.profiled(calls, wait_each=False):
-                spans.append((a, b))
-                names[name] = names.get(name, 0.0) + (b - a)
-            per_round.append(busy_time(spans) / calls)
-        top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
-        return (statistics.median(per_round), per_round,
-                [(n[:60], round(v / (calls * rounds), 1)) for n, v in top])
+        return interleaved_gpu_us({None: self}, calls, rounds)[None]
 
     def timeline(self, calls=30):
         """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
@@ -212,6 +213,26 @@ class Runner:
         return {"calls": used, "span_us": round(span, 1),
                 "kernels": [{"name": n[:80], "start_us": round(a, 1), "end_us": round(b, 1)}
                             for n, a, b in kernels]}
+
+
+def interleaved_gpu_us(runners: dict, calls=10, rounds=3) -> dict:
+    """Runner.gpu_us of several runners, their rounds taken in turn (round 1 of each, then round
+    2 of each, ...), so that a drift of the GPU's clocks during the measurement reaches every
+    variant alike rather than the one measured last. {key: (median, rounds, top kernels)}."""
+    per_round = {key: [] for key in runners}
+    names = {key: {} for key in runners}
+    for _ in range(rounds):
+        for key, runner in runners.items():
+            busy, seen = runner.gpu_round(calls)
+            per_round[key].append(busy)
+            for name, v in seen.items():
+                names[key][name] = names[key].get(name, 0.0) + v
+    out = {}
+    for key in runners:
+        top = sorted(names[key].items(), key=lambda kv: -kv[1])[:6]
+        out[key] = (statistics.median(per_round[key]), per_round[key],
+                    [(n[:60], round(v / (calls * rounds), 1)) for n, v in top])
+    return out
 
 
 def busy_time(spans) -> float:
@@ -414,38 +435,44 @@ def main():
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
                     act = active_experts(logits.float().cpu().numpy(), k)
-                    outs = {}
-                    for vname, r in runners.items():
-                        rec = {"shape": name, "H": H, "I": I, "E": E, "k": k, "dtype": dtype,
-                               "T": T, "variant": vname, "active_experts": act}
+                    outs, recs, bound = {}, {}, {}
+                    for vname, r in runners.items():  # outputs and wall times, variant by variant
+                        rec = recs[vname] = {"shape": name, "H": H, "I": I, "E": E, "k": k,
+                                             "dtype": dtype, "T": T, "variant": vname,
+                                             "active_experts": act}
                         if isinstance(r, str):
                             rec["error"] = r
-                        else:
-                            try:
-                                if isinstance(r, tuple):  # a graph variant's session for this T
-                                    with variant_environment(r[1] or {}):
-                                        r = r[0]()
-                                y = torch.empty(T, H, device="cuda", dtype=tdt)
-                                r.bind(x, logits, y)
-                                r.call()
-                                torch.cuda.synchronize()
-                                outs[vname] = y.float().cpu().numpy()
-                                rec["wall_us"] = round(r.wall_us(), 2)
-                                gpu_us, rounds, rec["top_kernels"] = r.gpu_us()
-                                rec["gpu_us"] = round(gpu_us, 2)
-                                rec["gpu_us_rounds"] = [round(v, 2) for v in rounds]
-                                if args.timeline:
-                                    rec["timeline"] = r.timeline()
-                            except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-                                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            continue
+                        try:
+                            if isinstance(r, tuple):  # a graph variant's session for this T
+                                with variant_environment(r[1] or {}):
+                                    r = r[0]()
+                            y = torch.empty(T, H, device="cuda", dtype=tdt)
+                            r.bind(x, logits, y)
+                            r.call()
+                            torch.cuda.synchronize()
+                            outs[vname] = y.float().cpu().numpy()
+                            rec["wall_us"] = round(r.wall_us(), 2)
+                            bound[vname] = r
+                        except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    try:  # GPU times, the variants' rounds in turn
+                        for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound).items():
+                            recs[vname].update(gpu_us=round(gpu_us, 2), top_kernels=top,
+                                               gpu_us_rounds=[round(v, 2) for v in rounds])
+                            if args.timeline:
+                                recs[vname]["timeline"] = bound[vname].timeline()
+                    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                        for vname in bound:
+                            recs[vname]["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    ref = outs.get("com.microsoft.MoE")
+                    for vname, rec in recs.items():  # every variant checked, not only the default
+                        if ref is not None and vname in outs:
+                            diff = np.abs(outs[vname] - ref).max()
+                            rec["max_rel_diff_vs_ms"] = round(float(diff / max(np.abs(ref).max(), 1e-30)), 5)
                         roofline_fields(rec, hbm_bytes_per_s, tc_flops)
                         records.append(rec)
                         print(json.dumps(rec), flush=True)
-                    ref = outs.get("com.microsoft.MoE")
-                    for rec in records[-len(runners):]:  # every variant checked, not only the default
-                        if ref is not None and rec["variant"] in outs:
-                            diff = np.abs(outs[rec["variant"]] - ref).max()
-                            rec["max_rel_diff_vs_ms"] = round(float(diff / max(np.abs(ref).max(), 1e-30)), 5)
                 os.environ.pop("MOEFUSE_CUDA_PATH", None)
                 del runners
                 torch.cuda.empty_cache()

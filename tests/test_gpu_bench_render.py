@@ -164,6 +164,7 @@ def test_gpu_time_is_the_union_of_kernel_intervals():
 
     class Profiled:
         shift = iter([0.0, 0.0, 30.0])  # the third round's second call is 30 µs longer
+        gpu_round = gpu_moe.Runner.gpu_round
 
         def profiled(self, calls, wait_each):
             assert not wait_each
@@ -173,6 +174,29 @@ def test_gpu_time_is_the_union_of_kernel_intervals():
     busy, rounds, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2, rounds=3)
     assert rounds == [10.0, 10.0, 25.0] and busy == 10.0
     assert top[0] == ("a", 12.5) and ("b", 3.5) in top and ("c", 1.5) in top
+
+
+def test_variants_take_their_profiled_rounds_in_turn():
+    """Round r of every variant before round r + 1 of any: a clock drift during the point's
+    measurement then reaches all variants alike. Each keeps its own rounds and kernels."""
+    gpu_moe = _gpu_moe()
+    order = []
+
+    class Fake:
+        def __init__(self, name, busy):
+            self.name, self.busy = name, iter(busy)
+
+        def gpu_round(self, calls):
+            order.append(self.name)
+            v = next(self.busy)
+            return v, {self.name + "_kernel": v * calls}
+
+    got = gpu_moe.interleaved_gpu_us({"ours": Fake("ours", [10.0, 12.0, 11.0]),
+                                      "theirs": Fake("theirs", [20.0, 26.0, 22.0])}, calls=4, rounds=3)
+    assert order == ["ours", "theirs"] * 3
+    assert got["ours"][:2] == (11.0, [10.0, 12.0, 11.0])
+    assert got["theirs"][:2] == (22.0, [20.0, 26.0, 22.0])
+    assert got["ours"][2] == [("ours_kernel", 11.0)] and got["theirs"][2] == [("theirs_kernel", 22.7)]
 
 
 def test_report_names_points_whose_rounds_differ():
