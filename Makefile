@@ -43,16 +43,18 @@ asan: setup
 	  $(BIN)/pytest -q -s -p no:cacheprovider tests/test_kernel_cpu.py
 
 # The kernel tests (and doctor's, which reads onnxruntime's profile) on the oldest onnxruntime we
-# support (pyproject's floor), installed apart from the venv, and on the newest (the venv's).
+# support (pyproject's floor), installed apart from the venv, and on the newest (the venv's); on
+# the oldest also the fallback function's, which runs in whatever onnxruntime a user has.
 ORT_OLDEST ?= 1.20.1
 ORT_OLD_DIR := build/onnxruntime-$(ORT_OLDEST)
 test-ort-versions: setup
 	test -d $(ORT_OLD_DIR) || $(BIN)/python -m pip install --quiet --no-deps --target $(ORT_OLD_DIR) "onnxruntime==$(ORT_OLDEST)"
 	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/python -c "import onnxruntime as o; assert o.__version__ == '$(ORT_OLDEST)', o.__version__; print('onnxruntime', o.__version__)"
-	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
+	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py tests/test_fallback_parity.py
 	PYTHONPATH=$(abspath $(ORT_OLD_DIR)) $(BIN)/pytest -q -p no:cacheprovider tests/test_cli.py -k doctor
 	$(BIN)/python -c "import onnxruntime as o; print('onnxruntime', o.__version__)"
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_kernel_cpu.py
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_cli.py -k doctor
 
 # CPU benchmark of the MoEFFN kernel against onnxruntime's com.microsoft.MoE, the fallback
 # function and the unfused export (writes benchmarks/results/cpu_moe.{json,png}).

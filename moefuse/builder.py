@@ -91,6 +91,22 @@ def attach_functions(model: onnx.ModelProto) -> None:
         model.ir_version = 10  # function overloads arrived with IR version 10
 
 
+# onnxruntime runs a node's function overload from this version; before it, every node of a
+# function's name and domain runs one of the overloads (measured: 1.20 to 1.26 do, 1.27 does not).
+ORT_OVERLOADS_FROM = "1.27"
+
+
+def overload_note(model: onnx.ModelProto) -> str:
+    """A warning for models whose MoEFFN nodes need more than one fallback function ("" if not):
+    without moefuse's library, only onnxruntime >= ORT_OVERLOADS_FROM runs them right."""
+    count = sum(1 for f in model.functions if f.domain == DOMAIN and f.name == OP_TYPE and f.overload)
+    if count < 2:
+        return ""
+    return (f"{count} MoEFFN configurations: their fallback functions are overloads, which "
+            f"onnxruntime honors from {ORT_OVERLOADS_FROM}; an older onnxruntime without moefuse's "
+            f"library would run one configuration's function for every node (wrong results)")
+
+
 def declared_shapes(model: onnx.ModelProto):
     """``{tensor name: (shape or None, numpy dtype)}`` for what the model declares."""
     out = {}

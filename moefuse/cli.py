@@ -86,6 +86,7 @@ def _table(blocks, done: str = "converted") -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def convert(model, output, partial, report_path, check, target, quiet):
     """Collapse every MoE block of MODEL into one fused node, proven by execution."""
+    from .builder import overload_note
     from .converter import convert_model
     from .converter.io import ModelFileError, check_opset, copy_unchanged, output_file, save
 
@@ -137,6 +138,9 @@ def convert(model, output, partial, report_path, check, target, quiet):
             if b.target_note:
                 click.echo(f"  {b.name}: kept as MoEFFN, does not fit com.microsoft.MoE: "
                            f"{b.target_note}")
+        note = overload_note(result.model)
+        if note:
+            click.echo(f"note: {note}")
         if check:
             progress("checking original vs converted on random inputs")
             err = _check(original, output, proto)
@@ -290,7 +294,7 @@ def validate(model):
     """Check every MoEFFN node of MODEL against the op spec."""
     import onnx
 
-    from .builder import _moeffn_nodes, attrs_of, declared_shapes, validate_node
+    from .builder import _moeffn_nodes, attrs_of, declared_shapes, overload_note, validate_node
     from .spec import MoEFFNError
 
     proto = _load(model)
@@ -322,6 +326,9 @@ def validate(model):
         click.echo(f"ok   {node.name or '<unnamed>'}: E={size.experts} k={attrs.k} D={size.hidden} "
                    f"I={size.inter} routing={attrs.routing} activation={attrs.activation}"
                    f"{'' if attrs.gated else ' (non-gated)'}")
+    note = overload_note(proto)
+    if note:
+        click.echo(f"note: {note}")
     if bad:
         sys.exit(1)
 

@@ -107,7 +107,7 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
             ids, vals = _ranked(b, op("Softmax", logits, axis=-1), attrs, k,
                                 f32("selection_bias") if "selection_bias" in present else None)
         elif attrs.routing == "topk_softmax":
-            top, ids = op("TopK", logits, k, outputs=2, axis=-1)
+            top, ids = _topk(b, logits, k)
             vals = op("Softmax", top, axis=-1)
         elif attrs.routing == "sparsemixer":
             ids, vals = _sparsemixer(b, logits, attrs.jitter_eps)
@@ -115,19 +115,21 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
             ids, vals = _ranked(b, op("Sigmoid", logits), attrs, k,
                                 f32("selection_bias") if "selection_bias" in present else None)
         if attrs.normalize_topk and attrs.routing not in ("topk_softmax", "sparsemixer"):
-            vals = op("Div", vals, op("ReduceSum", vals, b.ints(-1), keepdims=1))
+            vals = op("Div", vals, _sum_last(b, vals))
     if attrs.routed_scaling_factor != 1.0:
         vals = op("Mul", vals, b.const(attrs.routed_scaling_factor))
     route = op("ScatterElements", zeros, ids, vals, axis=1, reduction="add")       # [T, E]
     identity, experts_only = None, (lambda t: t)
     if attrs.zero_experts:  # columns past E: the zero experts' weights, [T, 1] in all
-        n_exp, end = op("Shape", "w1", start=0, end=1), b.ints(np.iinfo(np.int64).max)
-        identity = op("ReduceSum", op("Slice", route, n_exp, end, b.ints(1)), b.ints(-1), keepdims=1)
+        # (Split, not Slices: onnxruntime 1.20 fuses Slices of one tensor into Splits, giving
+        # two fusions the same node name, and then refuses the model)
+        columns = op("Concat", op("Shape", "w1", start=0, end=1), b.ints(attrs.zero_experts), axis=0)
 
         def experts_only(t):  # [T, E + Z] -> [T, E]
-            return op("Slice", t, b.ints(0), n_exp, b.ints(1))
+            return op("Split", t, columns, outputs=2, axis=1)[0]
 
-        route = experts_only(route)
+        route, zero_part = op("Split", route, columns, outputs=2, axis=1)
+        identity = _sum_last(b, zero_part)
 
     # ---- routed experts, dense over E ----
     w1p = proj3("w1")
@@ -167,11 +169,14 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     elif attrs.routing != "precomputed":  # computed picks are distinct experts
         y = weighted_input(route, ids, vals)
     else:
-        # precomputed ids may repeat an expert: f(w1 x) + f(w2 x), one pass a slot
+        # precomputed ids may repeat an expert: f(w1 x) + f(w2 x), one pass a slot. (The slots
+        # by Split, not Slices: onnxruntime 1.20 fuses the Slices of one tensor into a Split and
+        # names the fusions of ids and of vals alike, then refuses the model.)
         y = None
-        for j in range(attrs.k):
-            ids_j = op("Slice", ids, b.ints(j), b.ints(j + 1), b.ints(1))
-            vals_j = op("Slice", vals, b.ints(j), b.ints(j + 1), b.ints(1))
+        slots = b.ints(*([1] * attrs.k))
+        id_slots = [ids] if attrs.k == 1 else op("Split", ids, slots, outputs=attrs.k, axis=1)
+        val_slots = [vals] if attrs.k == 1 else op("Split", vals, slots, outputs=attrs.k, axis=1)
+        for ids_j, vals_j in zip(id_slots, val_slots):
             route_j = experts_only(op("ScatterElements", zeros, ids_j, vals_j, axis=1))
             y_j = weighted_input(route_j, ids_j, vals_j)
             y = y_j if y is None else op("Add", y, y_j)
@@ -267,7 +272,7 @@ def _sparsemixer(b: Body, logits: str, eps: float):
     threshold, minus_inf = b.const([2.0 * np.float32(eps)]), b.const(-np.inf)
     scores, ids, vals = logits, [], []
     for j in range(2):
-        top, pick = op("TopK", scores, b.ints(1), outputs=2, axis=-1)         # [T, 1]
+        top, pick = _topk(b, scores, b.ints(1))                               # [T, 1]
         drop = op("Greater", op("Div", op("Sub", top, logits), op("Max", abs_logits, top)), threshold)
         probs = op("Softmax", op("Where", drop, minus_inf, scores), axis=-1)
         ids.append(pick)
@@ -278,17 +283,38 @@ def _sparsemixer(b: Body, logits: str, eps: float):
     return op("Concat", *ids, axis=1), op("Concat", *vals, axis=1)
 
 
+def _sum_last(b: Body, x: str) -> str:
+    """The sum over the last axis, kept as a dimension of 1. A product with ones, not ReduceSum:
+    onnxruntime up to 1.31 returns an empty input's shape unreduced ([0, n] for [0, 1])."""
+    op = b.op
+    ones = op("ConstantOfShape", op("Concat", op("Shape", x, start=-1), b.ints(1), axis=0), value=_ONE)
+    return op("MatMul", x, ones)
+
+
+def _topk(b: Body, x: str, k: str) -> tuple[str, str]:
+    """TopK over the last axis: (values, indices), ties to the lower index. The batch gets one
+    row of zeros in front that the results drop: onnxruntime 1.20 to 1.30 stop the process with
+    an integer division by zero (SIGFPE) in TopK over no rows, and an empty batch is valid input."""
+    op = b.op
+    pad = op("ConstantOfShape", op("Concat", b.ints(1), op("Shape", x, start=1), axis=0), value=_ZERO)
+    vals, ids = op("TopK", op("Concat", pad, x, axis=0), k, outputs=2, axis=-1)
+    # (Split, not Slice: onnxruntime 1.20 fuses two such Slices into Splits of one name)
+    sizes = op("Concat", b.ints(1), op("Shape", x, start=0, end=1), axis=0)
+    return (op("Split", vals, sizes, outputs=2, axis=0)[1],
+            op("Split", ids, sizes, outputs=2, axis=0)[1])
+
+
 def _ranked(b: Body, scores: str, attrs: MoEFFNAttrs, k: str, bias: Optional[str]):
     """The top-k of scores (+ bias), limited to the best groups when n_group > 1; the weights are
     the picks' scores without the bias. Returns (ids, weights)."""
     op = b.op
     if bias is None and attrs.n_group == 1:
-        vals, ids = op("TopK", scores, k, outputs=2, axis=-1)
+        vals, ids = _topk(b, scores, k)
         return ids, vals
     choice = scores if bias is None else op("Add", scores, bias)
     if attrs.n_group > 1:
         choice = _group_limited(b, choice, attrs)
-    _, ids = op("TopK", choice, k, outputs=2, axis=-1)
+    _, ids = _topk(b, choice, k)
     return ids, op("GatherElements", scores, ids, axis=1)
 
 
@@ -305,9 +331,9 @@ def _group_limited(b: Body, choice: str, attrs: MoEFFNAttrs) -> str:
                  allowzero=1)                                                  # [T, G, E/G]
     # a group's score: the sum of its best group_score_terms values (1, or 2 capped by its size)
     terms = b.ints(1) if attrs.group_score == "max" else op("Min", group_size, b.ints(2))
-    best, _ = op("TopK", grouped, terms, outputs=2, axis=-1)
-    group_scores = op("ReduceSum", best, b.ints(-1), keepdims=0)                 # [T, G]
-    _, keep = op("TopK", group_scores, b.ints(topk_group), outputs=2, axis=-1)
+    best, _ = _topk(b, grouped, terms)
+    group_scores = op("Squeeze", _sum_last(b, best), b.ints(-1))                # [T, G]
+    _, keep = _topk(b, group_scores, b.ints(topk_group))
     gzeros = op("ConstantOfShape", op("Shape", group_scores),
                 value=_ZERO)
     ones = op("ConstantOfShape", op("Shape", keep), value=_ONE)

@@ -80,7 +80,7 @@ def check_parity(session, attrs, opts, inter, biases, shared, rank, dtype=np.flo
     The weights (with biases, a shared expert of intermediate size 8 and the case's extra
     inputs as asked) are the model's initializers; X and the routing inputs are drawn afresh for
     each token count T, as ``[T, D]`` (rank 2) or ``[2, T, D]`` (rank 3); T = 0 is an empty
-    slice. With ``fallback`` (a session factory), its session must agree too (T > 0).
+    slice. With ``fallback`` (a session factory), its session must agree too.
     """
     base = random_inputs(attrs, (1, 2) if rank == 3 else 2, hidden, inter, experts, biases=biases,
                          shared_inter=8 if shared else 0,
@@ -102,7 +102,7 @@ def check_parity(session, attrs, opts, inter, biases, shared, rank, dtype=np.flo
         assert got.shape == want.shape == inputs["X"].shape, msg
         assert got.dtype == want.dtype, msg
         np.testing.assert_allclose(f32(got), f32(want), rtol=rtol, atol=atol, err_msg=msg)
-        if fb is not None and t > 0:
+        if fb is not None:
             other = run(fb, feeds(inputs), shapes)[0]
             np.testing.assert_allclose(f32(got), f32(other), rtol=rtol, atol=atol,
                                        err_msg="vs fallback " + msg)
@@ -151,3 +151,24 @@ def random_config(rng):
     except MoEFFNError:
         return None
 
+
+RANDOM_SEED = 20261205
+
+
+def random_configs(count: int = 200, seed: int = RANDOM_SEED):
+    """`count` random configurations (random_config), each as (attrs, inputs, model, the
+    reference's output); fails rather than loops if validation refuses most draws."""
+    from moefuse.reference import moeffn_from_inputs
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        for _ in range(20):
+            config = random_config(rng)
+            if config is not None:
+                break
+        else:
+            raise AssertionError("random_config: 20 draws in a row refused by validation")
+        attrs, inputs, model = config
+        want = moeffn_from_inputs(attrs, {n: a if a.dtype == np.int64 else a.astype(np.float32)
+                                          for n, a in inputs.items()})
+        yield attrs, inputs, model, want
