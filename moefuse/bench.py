@@ -13,10 +13,8 @@ import onnx
 import onnxruntime as ort
 
 from .compare import max_relative_error, random_feeds
-from .runtime import run
+from .runtime import PROVIDERS, run
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 @dataclass

@@ -1,17 +1,17 @@
-"""`moefuse doctor`: whether this installation can run MoEFFN nodes on its kernels, and where.
+"""`moefuse doctor`: whether this installation runs MoEFFN nodes on its kernels, and where.
 
-Each check says what it found; the ones that run a node run a small MoEFFN layer (8 experts,
-top-2 SwiGLU) on one execution provider and compare it with ``reference.py``. onnxruntime's
-profiler tells which provider ran the node and that it ran as one MoEFFN kernel (an inlined
-fallback function would show as its primitive nodes instead).
+Each check says what it found. The ones that run a node run a small MoEFFN layer (8 experts,
+top-2 SwiGLU) at 5 tokens and at 256 (on a GPU: the decode path, then a grouped GEMM) on one
+execution provider and compare it with ``reference.py``; onnxruntime's profile tells which
+provider ran the node's kernel (an inlined fallback function shows no MoEFFN kernel at all).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -21,20 +21,33 @@ import onnxruntime as ort
 from . import __version__
 from .compare import max_relative_error
 from .reference import moeffn_from_inputs
+from .runtime import PROVIDERS
 from .spec import MoEFFNAttrs
 
-PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# The layer of the run checks: sizes multiples of 8, so that the GPU takes its tensor-core paths.
-CHECK_SHAPE = dict(tokens=5, hidden=64, inter=32, experts=8)
+# The layer of the run checks (sizes multiples of 8, as the GPU's tensor-core paths want), and
+# its token counts: 5 takes the GPU's decode path, 256 (64 rows an expert) a grouped GEMM.
+CHECK_LAYER = dict(hidden=64, inter=32, experts=8)
+CHECK_TOKENS = (5, 256)
 # Largest relative error accepted against the reference, by input type.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+CUDA_NODE_CHECK = "MoEFFN on CUDA (float16)"
+PROVIDER_NAME_CUDA = PROVIDERS["cuda"][0]
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok", "failed", or "skipped" (not applicable, or not asked for)
+    status: str  # "ok", "failed", "skipped" (not applicable, or not asked for) or "info"
     detail: str
+
+
+def _quiet(f, *args):
+    """f(*args) with what it prints to stdout captured: onnxruntime's Python layer prints its
+    provider fallbacks and library loading there, which would corrupt --json. (result, printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = f(*args)
+    return result, " ".join(out.getvalue().split())
 
 
 def _library(checks: list[Check]) -> Optional[str]:
@@ -49,106 +62,102 @@ def _library(checks: list[Check]) -> Optional[str]:
     return path
 
 
-def _cuda_build(checks: list[Check]) -> Optional[dict]:
-    from .runtime import cuda_build, describe_cuda_build
-
-    try:
-        build = cuda_build()
-    except OSError as e:  # the library does not load on its own (a missing dependency)
-        checks.append(Check("CUDA kernels", "failed", f"the library does not load: {e}"))
-        return None
-    if build is None:
-        checks.append(Check("CUDA kernels", "skipped", "the library was built without them (no nvcc "
-                                                        "at build time, or MOEFUSE_CUDA=OFF)"))
-        return None
-    detail = f"compiled for {', '.join(build['archs'])}"
-    if build["device"] is not None:
-        detail = describe_cuda_build(build)
-    checks.append(Check("CUDA kernels", "ok", detail))
-    return build
-
-
-def _run_node(provider: str, dtype: str) -> tuple[float, list[str], list[str]]:
-    """Runs the check layer on `provider`; (max relative error against the reference, the
-    providers of the session, the providers that ran a MoEFFN kernel by the profile)."""
+def _run_node(provider: str, dtype: str) -> tuple[float, list[str], set[str], str]:
+    """Runs the check layer on `provider` at CHECK_TOKENS; (the largest relative error against
+    the reference, the session's providers, the providers that ran a MoEFFN kernel, what
+    onnxruntime printed while making the session)."""
     from .builder import make_moeffn_model
-    from .runtime import run, session_options
+    from .runtime import node_providers, run, session_options
     from .synthetic import feeds, random_inputs
 
     attrs = MoEFFNAttrs(k=2, routing="softmax_topk", activation="silu", gate_up_layout="halves")
-    inputs = random_inputs(attrs, dtype=np.float16 if dtype == "float16" else np.float32,
-                           **CHECK_SHAPE)
+    inputs = random_inputs(attrs, tokens=max(CHECK_TOKENS), **CHECK_LAYER,
+                           dtype=np.float16 if dtype == "float16" else np.float32)
     model = make_moeffn_model(attrs, inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        so = session_options(log_severity_level=3, enable_profiling=True)
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        names = [PROVIDER_NAMES[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=names)
-        y = run(sess, feeds(inputs))[0]
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
-    # (the kernel's own event carries its provider; older onnxruntime adds fence events without)
-    ran = sorted({e["args"]["provider"] for e in events if e.get("cat") == "Node"
-                  and e.get("args", {}).get("op_name") == "MoEFFN" and "provider" in e["args"]})
-    want = moeffn_from_inputs(attrs, {n: a.astype(np.float32) for n, a in inputs.items()})
-    return max_relative_error(want, np.asarray(y, dtype=np.float32)), sess.get_providers(), ran
+    so = session_options(log_severity_level=3, enable_profiling=True)
+    sess, printed = _quiet(ort.InferenceSession, model.SerializeToString(), so, PROVIDERS[provider])
+    err, per_call = 0.0, feeds(inputs)
+    for t in CHECK_TOKENS:
+        part = {n: (a[:t] if n in per_call else a) for n, a in inputs.items()}
+        y = run(sess, feeds(part))[0]
+        want = moeffn_from_inputs(attrs, {n: a.astype(np.float32) for n, a in part.items()})
+        err = max(err, max_relative_error(want, np.asarray(y, dtype=np.float32)))
+    return err, sess.get_providers(), node_providers(sess).get("MoEFFN", set()), printed
 
 
-def _node_check(checks: list[Check], provider: str, dtype: str) -> None:
-    name = f"MoEFFN on {provider.upper()} ({dtype})"
+def _node_check(checks: list[Check], provider: str, dtype: str, name: str) -> None:
     try:
-        err, session_providers, ran = _run_node(provider, dtype)
+        err, session_providers, ran, printed = _run_node(provider, dtype)
     except Exception as e:  # onnxruntime's own message says what went wrong
         checks.append(Check(name, "failed", f"{type(e).__name__}: {e}"))
         return
-    want = PROVIDER_NAMES[provider]
+    want = PROVIDERS[provider][0]
     if want not in session_providers:
-        checks.append(Check(name, "failed", f"onnxruntime could not use {want}; the session runs "
-                                            f"on {', '.join(session_providers)}"))
+        checks.append(Check(name, "failed", f"onnxruntime could not use {want}; the session runs on "
+                                            f"{', '.join(session_providers)}" + (f" ({printed})" if printed else "")))
     elif not ran:
         checks.append(Check(name, "failed", "no MoEFFN kernel ran: the node's embedded fallback "
                                             "function did (the library is not registered)"))
-    elif ran != [want]:
-        checks.append(Check(name, "failed", f"the node ran on {', '.join(ran)}, not on {want}"))
+    elif ran != {want}:
+        checks.append(Check(name, "failed", f"the node ran on {', '.join(sorted(ran))}, not on {want}"))
     elif err > TOLERANCE[dtype]:
         checks.append(Check(name, "failed", f"max relative error {err:.1e} against the reference "
                                             f"(tolerance {TOLERANCE[dtype]:.0e})"))
     else:
-        checks.append(Check(name, "ok", f"moefuse's kernel ran; max relative error {err:.1e} "
-                                        f"against the reference"))
+        tokens = " and ".join(map(str, CHECK_TOKENS))
+        checks.append(Check(name, "ok", f"moefuse's kernel ran ({tokens} tokens); max relative "
+                                        f"error {err:.1e} against the reference"))
+
+
+def _cuda(checks: list[Check], required: bool) -> None:
+    """The CUDA checks after the CPU's: each missing piece is `skipped`, or `failed` when the
+    GPU is required; the node runs only where all are there."""
+    from .runtime import cuda_build, describe_cuda_build
+
+    missing = "failed" if required else "skipped"
+    if PROVIDER_NAME_CUDA not in ort.get_available_providers():
+        checks.append(Check("CUDA provider", missing,
+                            "onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu "
+                            "built for CUDA 13 (with its nvidia-* CUDA wheels) instead of onnxruntime"))
+        return
+    if hasattr(ort, "preload_dlls"):  # the CUDA libraries of the nvidia-* wheels
+        try:
+            _quiet(ort.preload_dlls)
+        except Exception as e:  # (a bad directory raises)
+            checks.append(Check("CUDA libraries", "failed", f"onnxruntime.preload_dlls(): {e}"))
+            return
+    try:
+        build = cuda_build()
+    except OSError as e:  # the library does not load on its own (a missing dependency)
+        checks.append(Check("CUDA kernels", "failed", f"the library does not load: {e}"))
+        return
+    if build is None:
+        checks.append(Check("CUDA kernels", missing, "the library was built without them: "
+                                                     "rebuild it where nvcc (CUDA 13) is installed"))
+        return
+    if build["device"] is None:
+        checks.append(Check("CUDA kernels", "info", f"compiled for {', '.join(build['archs'])}"))
+        checks.append(Check("GPU", missing, "no usable CUDA device (the CUDA runtime found none)"))
+        return
+    checks.append(Check("CUDA kernels", "ok", describe_cuda_build(build)))
+    _node_check(checks, "cuda", "float16", CUDA_NODE_CHECK)
 
 
 def run_checks(provider: str = "cpu", log: Callable[[str], None] = lambda m: None) -> list[Check]:
-    """The checks, in order. The CPU kernel is always checked; the CUDA kernel where onnxruntime
-    has its CUDA provider, or (failing when it has not) where `provider` is "cuda"."""
-    checks = [Check("moefuse", "ok", f"{__version__} (Python {platform.python_version()}, "
-                                     f"{platform.machine()})")]
-    available = ort.get_available_providers()
-    checks.append(Check("onnxruntime", "ok", f"{ort.__version__}; providers: {', '.join(available)}"))
+    """The checks, in order. The CPU kernel is always checked; the CUDA kernel where this
+    installation has all it needs, and what is missing fails the run where `provider` is
+    "cuda"."""
+    checks = [Check("moefuse", "info", f"{__version__} (Python {platform.python_version()}, "
+                                       f"{platform.machine()})"),
+              Check("onnxruntime", "info", f"{ort.__version__}; providers: "
+                                           f"{', '.join(ort.get_available_providers())}")]
     log("library")
     if _library(checks) is None:
         return checks
     log("MoEFFN on the CPU")
-    _node_check(checks, "cpu", "float32")
-    has_cuda_provider = PROVIDER_NAMES["cuda"] in available
-    if has_cuda_provider and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # onnxruntime-gpu's CUDA libraries, from the nvidia-* wheels
-    log("CUDA kernels")
-    build = _cuda_build(checks)
-    if not has_cuda_provider:
-        status = "failed" if provider == "cuda" else "skipped"
-        checks.append(Check("CUDA provider", status,
-                            "onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu "
-                            "built for CUDA 13 (with its nvidia-* CUDA wheels) instead of "
-                            "onnxruntime"))
-        return checks
-    if build is None:
-        status = "failed" if provider == "cuda" else "skipped"
-        checks.append(Check("MoEFFN on CUDA", status, "the library has no CUDA kernels: rebuild it "
-                                                      "where nvcc (CUDA 13) is installed"))
-        return checks
-    log("MoEFFN on CUDA")
-    _node_check(checks, "cuda", "float16")
+    _node_check(checks, "cpu", "float32", "MoEFFN on CPU (float32)")
+    log("CUDA")
+    _cuda(checks, required=provider == "cuda")
     return checks
 
 

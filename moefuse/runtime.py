@@ -18,6 +18,9 @@ from onnx import TensorProto
 
 
 LIBRARY_ENV = "MOEFUSE_LIBRARY"
+# onnxruntime providers of a session by moefuse's name for it (the first is the one asked for)
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def _library_name() -> str:
@@ -172,3 +175,24 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         else:
             out.append(value.numpy())
     return out
+
+
+def node_providers(session: ort.InferenceSession) -> dict[str, set[str]]:
+    """{op type: the execution providers that ran a kernel of it} from a session created with
+    ``enable_profiling``: ends its profiling and removes the trace. An op whose node was inlined
+    (a MoEFFN node's fallback function) does not appear; the kernel's own event carries its
+    provider (older onnxruntime adds fence events without one)."""
+    import json
+
+    trace = session.end_profiling()
+    try:
+        with open(trace) as f:
+            events = json.load(f)
+    finally:
+        os.remove(trace)
+    placed: dict[str, set[str]] = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            placed.setdefault(args["op_name"], set()).add(args["provider"])
+    return placed

@@ -334,6 +334,28 @@ def test_validate_refuses_an_attribute_of_another_type(tmp_path, value, said):
     assert code == 1 and "'moe0'" in text and f"'k' must be of type INT, {said}" in text, text
 
 
+def test_validate_notes_function_overloads(tmp_path):
+    """Two MoEFFN configurations in one model need two fallback functions, told apart by overload,
+    which onnxruntime before 1.27 ignores: validate says so; one configuration gets no note."""
+    from moefuse import MoEFFNAttrs, add_moeffn, make_moeffn_model
+    from moefuse.synthetic import random_inputs
+
+    a1 = MoEFFNAttrs(k=2)
+    inputs = random_inputs(a1, 3, 16, 8, 4)
+    model = make_moeffn_model(a1, inputs)
+    single = tmp_path / "one.onnx"
+    onnx.save(model, single)
+    code, text = invoke("validate", single)
+    assert code == 0 and "note:" not in text, text
+    model.graph.value_info.append(helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["T", 16]))
+    model.graph.output[0].name = "Z"
+    add_moeffn(model, {n: ("Y" if n == "X" else n) for n in inputs}, "Z", a1.replace(k=3), name="second")
+    two = tmp_path / "two.onnx"
+    onnx.save(model, two)
+    code, text = invoke("validate", two)
+    assert code == 0 and "note: 2 MoEFFN configurations" in text and "from 1.27" in text, text
+
+
 def test_new_data_never_replaces_a_file_of_the_user(tmp_path, monkeypatch):
     """`<output>.data` on disk that the output being replaced does not use is left alone; the new
     tensors go to another name."""
@@ -404,7 +426,7 @@ def test_doctor_runs_the_cpu_kernel_and_says_what_cuda_lacks():
 
     code, out = invoke("doctor", "-q")
     assert "ok       library" in out, out
-    assert "ok       MoEFFN on CPU (float32)  moefuse's kernel ran; max relative error" in out, out
+    assert "ok       MoEFFN on CPU (float32)  moefuse's kernel ran (5 and 256 tokens); max relative error" in out, out
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert code == 0, out
         assert "skipped  CUDA provider" in out and "install onnxruntime-gpu" in out, out
@@ -427,6 +449,28 @@ def test_doctor_without_the_library(monkeypatch):
     assert code == 1, out
     assert "failed   library" in out and "/nonexistent/libmoefuse_ops.so" in out, out
     assert "MoEFFN on CPU" not in out  # nothing runs without it
+
+
+@pytest.mark.parametrize("build,check", [
+    (None, "CUDA kernels"),  # a library built without nvcc
+    ({"archs": ["80", "90a"], "device": None}, "GPU"),  # onnxruntime-gpu on a machine without a GPU
+])
+def test_doctor_says_what_the_gpu_lacks(monkeypatch, build, check):
+    """With onnxruntime's CUDA provider installed, a missing piece is skipped (the CPU is fine),
+    or fails the run when the GPU is asked for; the node is not run on the CPU in its place."""
+    import onnxruntime as ort
+
+    import moefuse.runtime
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(moefuse.runtime, "cuda_build", lambda: build)
+    code, out = invoke("doctor", "-q")
+    assert code == 0 and f"skipped  {check}" in out, out
+    assert "MoEFFN on CUDA" not in out, out
+    code, out = invoke("doctor", "-q", "--provider", "cuda")
+    assert code == 1 and f"failed   {check}" in out, out
 
 
 def test_doctor_tells_the_fallback_function_from_the_kernel(monkeypatch):
