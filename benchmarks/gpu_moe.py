@@ -215,20 +215,31 @@ class Runner:
                             for n, a, b in kernels]}
 
 
-def interleaved_gpu_us(runners: dict, calls=10, rounds=3) -> dict:
+def interleaved_gpu_us(runners: dict, calls=10, rounds=3, errors=None) -> dict:
     """Runner.gpu_us of several runners, their rounds taken in turn (round 1 of each, then round
     2 of each, ...), so that a drift of the GPU's clocks during the measurement reaches every
-    variant alike rather than the one measured last. {key: (median, rounds, top kernels)}."""
+    variant alike rather than the one measured last. {key: (median, rounds, top kernels)}; with
+    `errors` (a dict), a runner whose round raises is left out, its message in errors[key]."""
     per_round = {key: [] for key in runners}
     names = {key: {} for key in runners}
     for _ in range(rounds):
         for key, runner in runners.items():
-            busy, seen = runner.gpu_round(calls)
+            if errors is not None and key in errors:
+                continue
+            try:
+                busy, seen = runner.gpu_round(calls)
+            except Exception as exc:  # noqa: BLE001 - the caller records it
+                if errors is None:
+                    raise
+                errors[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
             per_round[key].append(busy)
             for name, v in seen.items():
                 names[key][name] = names[key].get(name, 0.0) + v
     out = {}
     for key in runners:
+        if errors is not None and key in errors:
+            continue
         top = sorted(names[key].items(), key=lambda kv: -kv[1])[:6]
         out[key] = (statistics.median(per_round[key]), per_round[key],
                     [(n[:60], round(v / (calls * rounds), 1)) for n, v in top])
@@ -456,15 +467,17 @@ def main():
                             bound[vname] = r
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    try:  # GPU times, the variants' rounds in turn
-                        for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound).items():
-                            recs[vname].update(gpu_us=round(gpu_us, 2), top_kernels=top,
-                                               gpu_us_rounds=[round(v, 2) for v in rounds])
-                            if args.timeline:
+                    failed = {}  # GPU times, the variants' rounds in turn
+                    for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound, errors=failed).items():
+                        recs[vname].update(gpu_us=round(gpu_us, 2), top_kernels=top,
+                                           gpu_us_rounds=[round(v, 2) for v in rounds])
+                        if args.timeline:
+                            try:
                                 recs[vname]["timeline"] = bound[vname].timeline()
-                    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-                        for vname in bound:
-                            recs[vname]["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+                                failed[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    for vname, message in failed.items():
+                        recs[vname]["error"] = message
                     ref = outs.get("com.microsoft.MoE")
                     for vname, rec in recs.items():  # every variant checked, not only the default
                         if ref is not None and vname in outs:

@@ -198,6 +198,17 @@ def test_variants_take_their_profiled_rounds_in_turn():
     assert got["theirs"][:2] == (22.0, [20.0, 26.0, 22.0])
     assert got["ours"][2] == [("ours_kernel", 11.0)] and got["theirs"][2] == [("theirs_kernel", 22.7)]
 
+    class Failing:
+        def gpu_round(self, calls):
+            raise RuntimeError("profiler stopped")
+
+    order.clear()
+    errors = {}
+    got = gpu_moe.interleaved_gpu_us({"ours": Fake("ours", [10.0, 12.0, 11.0]), "bad": Failing()},
+                                     calls=4, rounds=3, errors=errors)
+    assert list(got) == ["ours"] and got["ours"][:2] == (11.0, [10.0, 12.0, 11.0])  # the others go on
+    assert errors == {"bad": "RuntimeError: profiler stopped"}
+
 
 def test_report_names_points_whose_rounds_differ():
     """A point whose profiled rounds differ by more than 10% is named under the table with its
