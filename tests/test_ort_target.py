@@ -107,6 +107,23 @@ def test_families_with_ort_target(family, tmp_path):
     assert max_relative_error(run_onnx(model, {"x": x}), run_onnx(conv.model, {"x": x})) < 1e-5
 
 
+def test_target_ort_keeps_moeffn_where_this_onnxruntime_cannot_run_it(monkeypatch, tmp_path):
+    """Before writing com.microsoft.MoE the converter runs it, once per configuration, in the
+    installed onnxruntime (older versions lack its CPU kernel or its SwiGLU attributes): where
+    that fails, the block stays MoEFFN and the note quotes onnxruntime. Simulated here with an op
+    name no onnxruntime has."""
+    import moefuse.converter.ort_target as ort_target
+
+    model = export_family_block("mixtral", "dynamo", tmp_path / "b.onnx")
+    monkeypatch.setattr(ort_target, "ORT_OP", "NoSuchMoE")
+    conv = convert_model(model, target="ort")
+    (block,) = conv.blocks
+    assert block.emitted == "moefuse.MoEFFN", block.emitted
+    assert "this onnxruntime" in block.target_note and "cannot run it" in block.target_note, block.target_note
+    assert "NoSuchMoE" in block.target_note  # onnxruntime's own words
+    assert not any(n.domain == "com.microsoft" for n in conv.model.graph.node)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
 def test_ort_moe_model_round_trips_to_moeffn(family, tmp_path):
     original = export_family_block(family, "dynamo", tmp_path / "b.onnx")

@@ -236,12 +236,14 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
     removed: set[int] = set()
     new_inits: list[onnx.TensorProto] = []
     used_names = set(g.producer) | set(g.initializers) | g.graph_inputs
+    checked: dict = {}  # ort target: what this onnxruntime runs, by configuration
     for b in blocks:
         if not b.converted:
             continue
         h = b._hypothesis
         if target == "ort":
-            b.target_note = ort_target.fit(h.attrs, h.operands, b.dtype)
+            b.target_note = ort_target.fit(h.attrs, h.operands, b.dtype) or ort_target.runs_here(
+                h.attrs, frozenset(h.operands), b.dtype, checked)
             if not b.target_note:
                 name = _unique(f"{b.name or 'moe'}/MoE", used_names)
                 arrays = {n: op.array() for n, op in h.operands.items()}

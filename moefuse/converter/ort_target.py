@@ -15,7 +15,9 @@ tests/test_ort_target.py against the real onnxruntime):
 - no shared expert, no scaling factor, no sigmoid or grouped routing, no weight-on-input, no zero
   experts.
 
-A shared expert is emitted next to the node as standard ops (MatMul, activation, Add).
+A shared expert is emitted next to the node as standard ops (MatMul, activation, Add). Before a
+block is written with it, `runs_here` runs the op for the block's configuration in the installed
+onnxruntime (1.23.1 and newer run it on the CPU; older ones refuse it).
 """
 
 from __future__ import annotations
@@ -144,6 +146,52 @@ def emit(name: str, attrs: MoEFFNAttrs, x: str, logits: str, out: str, arrays: d
         nodes += more_nodes
         inits += more_inits
     return nodes, inits
+
+
+def runs_here(attrs: MoEFFNAttrs, present: frozenset, dtype, cache: dict) -> str:
+    """'' when the installed onnxruntime runs com.microsoft.MoE for this configuration (the
+    block's attributes, which of its inputs are present, its type) and matches the reference on
+    a small random layer of it; else why not. Older onnxruntime has no CPU kernel for the op, or
+    not its SwiGLU attributes (measured: 1.23.0 and older), and would refuse the written model.
+    `cache` holds the answers of one conversion."""
+    import onnxruntime as ort
+
+    from ..reference import moeffn
+    from ..synthetic import random_inputs
+
+    key = (attrs, present, np.dtype(dtype).name)
+    if key in cache:
+        return cache[key]
+    shared = "shared_w1" in present
+    inputs = random_inputs(attrs, 3, 16, 8, max(attrs.k, 4), biases="b1" in present,
+                           shared_inter=8 if shared else 0, shared_gate="shared_gate" in present,
+                           dtype=np.dtype(dtype).type, seed=0)
+    x, logits = inputs.pop("X"), inputs.pop("router_logits")
+    nodes, inits = emit("check", attrs, "x", "logits", "y", inputs, lambda t: t)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(nodes, "ort_target_check",
+                              [helper.make_tensor_value_info("x", et, list(x.shape)),
+                               helper.make_tensor_value_info("logits", et, list(logits.shape))],
+                              [helper.make_tensor_value_info("y", et, list(x.shape))], initializer=inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(ORT_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x, "logits": logits})[0].astype(np.float32)
+    except Exception as e:  # onnxruntime's own message names what it lacks: its last clause
+        said = " ".join(str(e).split())
+        said = said.rsplit(" Error ", 1)[-1] if " Error " in said else said.split(" : ")[-1]
+        cache[key] = f"this onnxruntime ({ort.__version__}) cannot run it: {said[:160]}"
+        return cache[key]
+    want = moeffn(attrs, x.astype(np.float32), logits.astype(np.float32),
+                  **{n: a.astype(np.float32) for n, a in inputs.items()})
+    err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+    tol = 1e-4 if np.dtype(dtype) == np.float32 else 2e-2
+    cache[key] = "" if err <= tol else (f"this onnxruntime ({ort.__version__}) computes it "
+                                        f"differently (max relative error {err:.1e})")
+    return cache[key]
 
 
 def _shared_expert(name, attrs, x, routed, out, arrays, unique):
