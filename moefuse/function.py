@@ -231,11 +231,8 @@ def expert_activation(b: Body, attrs: MoEFFNAttrs, h: str, up: Optional[str]) ->
         if attrs.gate_up_layout == "interleaved":
             gate = op("Slice", h, b.ints(0), b.ints(2**62), b.ints(-1), b.ints(2))
             up = op("Slice", h, b.ints(1), b.ints(2**62), b.ints(-1), b.ints(2))
-        else:  # halves
-            width = op("Shape", h, start=-1)
-            half = op("Div", width, b.ints(2))
-            gate = op("Slice", h, b.ints(0), half, b.ints(-1))
-            up = op("Slice", h, half, width, b.ints(-1))
+        else:  # halves (a Split: onnxruntime 1.20 names Slice-to-Split fusions alike, see _topk)
+            gate, up = op("Split", h, axis=-1, num_outputs=2, outputs=2)
     else:
         gate = h
     if attrs.clamp_limit > 0:
@@ -298,7 +295,8 @@ def _topk(b: Body, x: str, k: str) -> tuple[str, str]:
     op = b.op
     pad = op("ConstantOfShape", op("Concat", b.ints(1), op("Shape", x, start=1), axis=0), value=_ZERO)
     vals, ids = op("TopK", op("Concat", pad, x, axis=0), k, outputs=2, axis=-1)
-    # (Split, not Slice: onnxruntime 1.20 fuses two such Slices into Splits of one name)
+    # (Split, not Slices: onnxruntime 1.20 fuses the Slices of one tensor into a Split named
+    # alike for every such pair, then refuses a model with two pairs)
     sizes = op("Concat", b.ints(1), op("Shape", x, start=0, end=1), axis=0)
     return (op("Split", vals, sizes, outputs=2, axis=0)[1],
             op("Split", ids, sizes, outputs=2, axis=0)[1])

@@ -107,3 +107,24 @@ def test_repeated_precomputed_ids(woi, zero):
         once = dict(inputs, X=inputs["X"][:1], topk_ids=np.array([[1]]),
                     topk_weights=inputs["topk_weights"][:1].sum(axis=1, keepdims=True))
         assert not np.allclose(moeffn(attrs.replace(k=1), **once)[0], got[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("attrs,shared", [
+    (MoEFFNAttrs(k=2), True),  # gate/up halves in the routed and the shared expert
+    (MoEFFNAttrs(k=2, routing="precomputed", weight_on_input=1), False),  # a pass per slot
+    (MoEFFNAttrs(k=3, routing="precomputed", weight_on_input=1, zero_experts=2), True),
+], ids=["halves_shared", "precomputed_woi", "zero_experts_woi_shared"])
+def test_static_shapes(attrs, shared):
+    """The model's inputs with fixed sizes: onnxruntime's optimizer then knows every dim and
+    rewrites more (1.20 fused Slices of one tensor into Splits named alike and refused the
+    model). The function must load and agree with the reference all the same."""
+    inputs = random_inputs(attrs, 6, D, 8, E, shared_inter=8 if shared else 0, seed=3)
+    model = make_moeffn_model(attrs, inputs)
+    for value in list(model.graph.input) + list(model.graph.output):
+        shape = (inputs.get(value.name) if value.name in inputs else inputs["X"]).shape
+        dims = value.type.tensor_type.shape.dim
+        for d, size in zip(dims, shape):
+            d.ClearField("dim_param")
+            d.dim_value = size
+    got = session(model).run(None, feeds(inputs))[0]
+    np.testing.assert_allclose(got, moeffn(attrs, **inputs), rtol=1e-5, atol=1e-6)

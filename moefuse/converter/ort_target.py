@@ -17,7 +17,7 @@ tests/test_ort_target.py against the real onnxruntime):
 
 A shared expert is emitted next to the node as standard ops (MatMul, activation, Add). Before a
 block is written with it, `runs_here` runs the op for the block's configuration in the installed
-onnxruntime (1.23.1 and newer run it on the CPU; older ones refuse it).
+onnxruntime (1.23.1 and newer run it on the CPU; older ones have no usable CPU kernel for it).
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ def emit(name: str, attrs: MoEFFNAttrs, x: str, logits: str, out: str, arrays: d
 def runs_here(attrs: MoEFFNAttrs, present: frozenset, dtype, cache: dict) -> str:
     """'' when the installed onnxruntime runs com.microsoft.MoE for this configuration (the
     block's attributes, which of its inputs are present, its type) and matches the reference on
-    a small random layer of it; else why not. Older onnxruntime has no CPU kernel for the op, or
-    not its SwiGLU attributes (measured: 1.23.0 and older), and would refuse the written model.
+    a small random layer of it; else why not. onnxruntime before 1.23.1 has no usable CPU kernel
+    for the op (1.20.1 and 1.23.0 have none; 1.20.1 also lacks its SwiGLU attributes) and would
+    refuse the written model.
     `cache` holds the answers of one conversion."""
     import onnxruntime as ort
 
@@ -163,9 +164,12 @@ def runs_here(attrs: MoEFFNAttrs, present: frozenset, dtype, cache: dict) -> str
     if key in cache:
         return cache[key]
     shared = "shared_w1" in present
-    inputs = random_inputs(attrs, 3, 16, 8, max(attrs.k, 4), biases="b1" in present,
+    inputs = random_inputs(attrs, 3, 16, 8, max(attrs.k, 4), biases=bool(present & {"b1", "b2", "b3"}),
                            shared_inter=8 if shared else 0, shared_gate="shared_gate" in present,
                            dtype=np.dtype(dtype).type, seed=0)
+    for bias in ("b1", "b2", "b3"):  # the block's biases exactly (random_inputs draws all or none)
+        if bias not in present:
+            inputs.pop(bias, None)
     x, logits = inputs.pop("X"), inputs.pop("router_logits")
     nodes, inits = emit("check", attrs, "x", "logits", "y", inputs, lambda t: t)
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
