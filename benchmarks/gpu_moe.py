@@ -202,11 +202,6 @@ class Runner:
             names[name] = names.get(name, 0.0) + (b - a)
         return busy_time(spans) / calls, names
 
-    def gpu_us(self, calls=10, rounds=3):
-        """GPU busy time per call: the median over `rounds` profiled rounds of `calls` calls, the
-        rounds' values, and the kernels with the most time per call."""
-        return interleaved_gpu_us({None: self}, calls, rounds)[None]
-
     def timeline(self, calls=30):
         """call_timeline over `calls` calls, each waited for (so that they do not overlap)."""
         kernels, span, used = call_timeline(self.profiled(calls, wait_each=True), calls)
@@ -215,11 +210,18 @@ class Runner:
                             for n, a, b in kernels]}
 
 
+def failure(exc: Exception) -> str:
+    """How a failed session, call or measurement is recorded."""
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 def interleaved_gpu_us(runners: dict, calls=10, rounds=3, errors=None) -> dict:
-    """Runner.gpu_us of several runners, their rounds taken in turn (round 1 of each, then round
-    2 of each, ...), so that a drift of the GPU's clocks during the measurement reaches every
-    variant alike rather than the one measured last. {key: (median, rounds, top kernels)}; with
-    `errors` (a dict), a runner whose round raises is left out, its message in errors[key]."""
+    """GPU busy time per call of each runner: the median over `rounds` profiled rounds
+    (Runner.gpu_round) of `calls` calls, the rounds' values, and the kernels with the most time
+    per call. The runners take their rounds in turn (round 1 of each, then round 2 of each, ...),
+    so that a drift of the GPU's clocks during the measurement reaches every variant alike rather
+    than the one measured last. {key: (median, rounds, top kernels)}; with `errors` (a dict), a
+    runner whose round raises is left out, its message in errors[key]."""
     per_round = {key: [] for key in runners}
     names = {key: {} for key in runners}
     for _ in range(rounds):
@@ -231,7 +233,7 @@ def interleaved_gpu_us(runners: dict, calls=10, rounds=3, errors=None) -> dict:
             except Exception as exc:  # noqa: BLE001 - the caller records it
                 if errors is None:
                     raise
-                errors[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                errors[key] = failure(exc)
                 continue
             per_round[key].append(busy)
             for name, v in seen.items():
@@ -441,7 +443,7 @@ def main():
                             # graph variants: a fresh session per T (made with the variant's environment)
                             runners[vname] = ((make, env) if vname in graphs else make())
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-                            runners[vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            runners[vname] = failure(exc)
                 print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
@@ -466,7 +468,7 @@ def main():
                             rec["wall_us"] = round(r.wall_us(), 2)
                             bound[vname] = r
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-                            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                            rec["error"] = failure(exc)
                     failed = {}  # GPU times, the variants' rounds in turn
                     for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound, errors=failed).items():
                         recs[vname].update(gpu_us=round(gpu_us, 2), top_kernels=top,
@@ -475,7 +477,7 @@ def main():
                             try:
                                 recs[vname]["timeline"] = bound[vname].timeline()
                             except Exception as exc:  # noqa: BLE001 - recorded; the times stand
-                                recs[vname]["timeline_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                                recs[vname]["timeline_error"] = failure(exc)
                     for vname, message in failed.items():
                         recs[vname]["error"] = message
                     ref = outs.get("com.microsoft.MoE")

@@ -12,6 +12,11 @@ at once ([E, T, N1]), the activation, a multiplication by the routing weights (z
 not chosen) and one [T, E*I] x [E*I, D] product for the down projection and the combine. Weight
 re-layouts (Transpose, Reshape, Cast of initializers) are constant-folded by onnxruntime at
 session creation, so they cost nothing per call.
+
+The body keeps to what every onnxruntime from 1.20 runs right (tests/test_fallback_parity.py on
+the oldest): a tensor is cut into consecutive parts by Split, not by Slices (1.20 fuses such
+Slices of one tensor into a Split, names every such fusion alike and refuses a model with two);
+TopK and sums go through _topk and _sum_last, which hold for empty batches.
 """
 
 from __future__ import annotations
@@ -121,8 +126,6 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     route = op("ScatterElements", zeros, ids, vals, axis=1, reduction="add")       # [T, E]
     identity, experts_only = None, (lambda t: t)
     if attrs.zero_experts:  # columns past E: the zero experts' weights, [T, 1] in all
-        # (Split, not Slices: onnxruntime 1.20 fuses Slices of one tensor into Splits, giving
-        # two fusions the same node name, and then refuses the model)
         columns = op("Concat", op("Shape", "w1", start=0, end=1), b.ints(attrs.zero_experts), axis=0)
 
         def experts_only(t):  # [T, E + Z] -> [T, E]
@@ -169,9 +172,7 @@ def build_function(attrs: MoEFFNAttrs, present: Iterable[str], opset: int = MIN_
     elif attrs.routing != "precomputed":  # computed picks are distinct experts
         y = weighted_input(route, ids, vals)
     else:
-        # precomputed ids may repeat an expert: f(w1 x) + f(w2 x), one pass a slot. (The slots
-        # by Split, not Slices: onnxruntime 1.20 fuses the Slices of one tensor into a Split and
-        # names the fusions of ids and of vals alike, then refuses the model.)
+        # precomputed ids may repeat an expert: f(w1 x) + f(w2 x), one pass a slot
         y = None
         slots = b.ints(*([1] * attrs.k))
         id_slots = [ids] if attrs.k == 1 else op("Split", ids, slots, outputs=attrs.k, axis=1)
@@ -231,7 +232,7 @@ def expert_activation(b: Body, attrs: MoEFFNAttrs, h: str, up: Optional[str]) ->
         if attrs.gate_up_layout == "interleaved":
             gate = op("Slice", h, b.ints(0), b.ints(2**62), b.ints(-1), b.ints(2))
             up = op("Slice", h, b.ints(1), b.ints(2**62), b.ints(-1), b.ints(2))
-        else:  # halves (a Split: onnxruntime 1.20 names Slice-to-Split fusions alike, see _topk)
+        else:  # halves
             gate, up = op("Split", h, axis=-1, num_outputs=2, outputs=2)
     else:
         gate = h
@@ -295,8 +296,6 @@ def _topk(b: Body, x: str, k: str) -> tuple[str, str]:
     op = b.op
     pad = op("ConstantOfShape", op("Concat", b.ints(1), op("Shape", x, start=1), axis=0), value=_ZERO)
     vals, ids = op("TopK", op("Concat", pad, x, axis=0), k, outputs=2, axis=-1)
-    # (Split, not Slices: onnxruntime 1.20 fuses the Slices of one tensor into a Split named
-    # alike for every such pair, then refuses a model with two pairs)
     sizes = op("Concat", b.ints(1), op("Shape", x, start=0, end=1), axis=0)
     return (op("Split", vals, sizes, outputs=2, axis=0)[1],
             op("Split", ids, sizes, outputs=2, axis=0)[1])

@@ -171,7 +171,7 @@ def test_gpu_time_is_the_union_of_kernel_intervals():
             d = next(self.shift)
             return [(0.0, 10.0, "a"), (8.0, 15.0, "b"), (40.0, 45.0 + d, "a"), (41.0, 44.0, "c")]
 
-    busy, rounds, top = gpu_moe.Runner.gpu_us(Profiled(), calls=2, rounds=3)
+    busy, rounds, top = gpu_moe.interleaved_gpu_us({"one": Profiled()}, calls=2, rounds=3)["one"]
     assert rounds == [10.0, 10.0, 25.0] and busy == 10.0
     assert top[0] == ("a", 12.5) and ("b", 3.5) in top and ("c", 1.5) in top
 

@@ -157,6 +157,7 @@ def runs_here(attrs: MoEFFNAttrs, present: frozenset, dtype, cache: dict) -> str
     `cache` holds the answers of one conversion."""
     import onnxruntime as ort
 
+    from ..compare import max_relative_error
     from ..reference import moeffn
     from ..synthetic import random_inputs
 
@@ -191,7 +192,7 @@ def runs_here(attrs: MoEFFNAttrs, present: frozenset, dtype, cache: dict) -> str
         return cache[key]
     want = moeffn(attrs, x.astype(np.float32), logits.astype(np.float32),
                   **{n: a.astype(np.float32) for n, a in inputs.items()})
-    err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+    err = max_relative_error(want, got)
     tol = 1e-4 if np.dtype(dtype) == np.float32 else 2e-2
     cache[key] = "" if err <= tol else (f"this onnxruntime ({ort.__version__}) computes it "
                                         f"differently (max relative error {err:.1e})")
