@@ -3,6 +3,8 @@ onnxruntime, side by side, with the same weights.
 
 Columns (time per call of one MoE layer; the router projection is outside the MoE ops):
   kernel    moefuse.MoEFFN on the custom-op library (moefuse.session_options())
+  kernel_f32w  the same, float16 / bfloat16 weights widened to float32 when packed
+            (MOEFUSE_CPU_WEIGHTS=float32, the layout before 16-bit packing); half types only
   ort_moe   onnxruntime's com.microsoft.MoE (CPU kernel; interleaved SwiGLU, fc1 [E, 2I, H])
   fallback  the same MoEFFN model without the library: the embedded ONNX function (dense)
   unfused   a transformers Mixtral block (experts_implementation="batched_mm") exported with
@@ -46,7 +48,7 @@ from moefuse.builder import onnx_type, tensor_from_array  # noqa: E402
 from moefuse.reference import moeffn  # noqa: E402
 from moefuse.runtime import run  # noqa: E402
 
-COLUMNS = ("kernel", "ort_moe", "fallback", "unfused")
+COLUMNS = ("kernel", "kernel_f32w", "ort_moe", "fallback", "unfused")
 DEFAULT_SHAPES = ((1024, 512, 32, 4), (2048, 768, 128, 8))
 LARGE_MODEL = 1 << 30  # models above this are saved with external data
 
@@ -311,7 +313,8 @@ def main(argv=None):
                 rows = {T: {"shape": [H, I, E, k], "dtype": dtype_name, "tokens": T} for T in tokens}
                 # kernel and com.microsoft.MoE are timed in alternating rounds, so that both see
                 # the same machine state (memory bandwidth here varies from minute to minute)
-                groups = [[c for c in ("kernel", "ort_moe") if c in columns],
+                paired = ("kernel", "kernel_f32w", "ort_moe") if dtype_name != "float32" else ("kernel", "ort_moe")
+                groups = [[c for c in paired if c in columns],
                           [c for c in ("fallback",) if c in columns],
                           [c for c in ("unfused",) if c in columns and dtype_name == "float32"]]
                 for group in groups:
@@ -351,6 +354,12 @@ def _build(col, attrs, w, dtype, H, I, E, k, tokens, so, tmp, args, notes):
     try:
         if col == "kernel":
             return session(moeffn_model(attrs, w, dtype, H, E), so(True), tmp), None
+        if col == "kernel_f32w":  # read when the kernel packs its weights, at session creation
+            os.environ["MOEFUSE_CPU_WEIGHTS"] = "float32"
+            try:
+                return session(moeffn_model(attrs, w, dtype, H, E), so(True), tmp), None
+            finally:
+                del os.environ["MOEFUSE_CPU_WEIGHTS"]
         if col == "fallback":
             return session(moeffn_model(attrs, w, dtype, H, E), so(False), tmp), None
         if col == "ort_moe":
@@ -511,17 +520,19 @@ def _fmt_row(r):
 
 
 def _table(results):
-    lines = ["| shape (H, I, E, k) | dtype | T | kernel ms | com.microsoft.MoE ms | fallback ms | "
-             "unfused ms | MoE / kernel | unfused / kernel |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape (H, I, E, k) | dtype | T | kernel ms | kernel, float32-packed ms | "
+             "com.microsoft.MoE ms | fallback ms | unfused ms | float32-packed / kernel | "
+             "MoE / kernel | unfused / kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         def ms(c):
             v = r.get(c, {})
             return f"{v['ms']:.3g}" if v.get("ms") else "—"
 
         lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['tokens']} | {ms('kernel')} | "
-                     f"{ms('ort_moe')} | {ms('fallback')} | {ms('unfused')} | "
-                     f"{r.get('ort_moe_over_kernel', '—')} | {r.get('unfused_over_kernel', '—')} |")
+                     f"{ms('kernel_f32w')} | {ms('ort_moe')} | {ms('fallback')} | {ms('unfused')} | "
+                     f"{r.get('kernel_f32w_over_kernel', '—')} | {r.get('ort_moe_over_kernel', '—')} | "
+                     f"{r.get('unfused_over_kernel', '—')} |")
     lines += ["", "| shape | T | threads | kernel ms | dense sgemm ms | efficiency |",
               "|---|---|---|---|---|---|"]
     for e in results["efficiency"]:
@@ -540,14 +551,15 @@ def _chart(results, path):
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\nE={r['shape'][2]} k={r['shape'][3]}\n"
               f"{r['dtype']} T={r['tokens']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 5))
-    width = 0.2
-    names = {"kernel": "moefuse MoEFFN", "ort_moe": "com.microsoft.MoE",
+    width = 0.16
+    names = {"kernel": "moefuse MoEFFN", "kernel_f32w": "MoEFFN, float32-packed weights",
+             "ort_moe": "com.microsoft.MoE",
              "fallback": "embedded fallback", "unfused": "unfused export"}
     for i, col in enumerate(COLUMNS):
         vals = [r.get(col, {}).get("ms") or np.nan for r in rows]
         if all(np.isnan(v) for v in vals):
             continue
-        ax.bar(np.arange(len(rows)) + (i - 1.5) * width, vals, width, label=names[col])
+        ax.bar(np.arange(len(rows)) + (i - 2) * width, vals, width, label=names[col])
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (log)")
     ax.set_xticks(np.arange(len(rows)))

@@ -2,7 +2,9 @@
 // portable build, and picked at run time from what the CPU supports (MOEFUSE_CPU_ISA overrides).
 //
 // Weights are prepacked into column chunks of kChunk = 64 output columns: a chunk of a [K, N]
-// projection is a contiguous, 64-byte aligned [K, 64] row-major block (zero padded). A "tile job"
+// projection is a contiguous, 64-byte aligned [K, 64] row-major block (zero padded), of float32,
+// or of the model's own float16 / bfloat16 values (widened to float32 as they are loaded: the
+// products are those of float32 weights, from half the bytes). A "tile job"
 // multiplies rows of activations by one chunk and applies the epilogue (bias, activation, gating)
 // on the way out, so every output element is produced by exactly one job with a fixed order of
 // summation: results do not depend on the number of threads.
@@ -26,6 +28,11 @@ struct ActParams {
   float up_offset = 0.f;    // gated: up + up_offset
 };
 
+// Element type of a packed weight chunk.
+enum WeightType : int { kWeightF32 = 0, kWeightF16 = 1, kWeightBF16 = 2 };
+
+inline int WeightBytes(int type) { return type == kWeightF32 ? 4 : 2; }
+
 enum EpilogueKind : int {
   kEpiBias = 0,   // out = acc + bias                      (ncols valid columns)
   kEpiAct = 1,    // out = act(acc + bias)                 (64 columns)
@@ -36,7 +43,8 @@ struct TileJob {
   int rows = 0;                    // M
   int K = 0;                       // reduction length
   const float* const* a = nullptr; // M row pointers, each K contiguous floats
-  const float* b = nullptr;        // packed chunk [K, 64], 64-byte aligned
+  const void* b = nullptr;         // packed chunk [K, 64] of b_type, 64-byte aligned
+  int b_type = kWeightF32;
   const float* bias = nullptr;     // 64 floats in chunk column order, or null
   float* out = nullptr;            // row r written at out + r * ldo
   int64_t ldo = 0;
@@ -51,6 +59,7 @@ struct Kernels {
   float (*dot)(const float* a, const float* b, int64_t n);
   // Activation (no gating) on n values in place; used by the small-I direct path.
   void (*activate)(float* v, int64_t n, const ActParams& act);
+  bool half_weights;  // tile() takes float16 / bfloat16 chunks (else float32 only)
 };
 
 // The best kernels this CPU supports (or the ones MOEFUSE_CPU_ISA=avx512|avx2|generic asks for).

@@ -1,5 +1,5 @@
-// AVX2 + FMA build of the inner loops (compiled with -mavx2 -mfma; only called when the CPU
-// reports both).
+// AVX2 + FMA build of the inner loops (compiled with -mavx2 -mfma -mf16c; only called when the
+// CPU reports all three).
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +24,13 @@ struct V {
   static T Set1(float v) { return _mm256_set1_ps(v); }
   static T Load(const float* p) { return _mm256_loadu_ps(p); }
   static T LoadA(const float* p) { return _mm256_load_ps(p); }
+  static T LoadF16A(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static T LoadBF16A(const uint16_t* p) {  // bfloat16 is the upper half of a float32
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static void StoreA(float* p, T v) { _mm256_store_ps(p, v); }
   static T Add(T a, T b) { return _mm256_add_ps(a, b); }
@@ -53,7 +60,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"avx2", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>};
+const Kernels kTable = {"avx2", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
 
 }  // namespace
 

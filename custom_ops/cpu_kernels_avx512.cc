@@ -24,6 +24,13 @@ struct V {
   static T Set1(float v) { return _mm512_set1_ps(v); }
   static T Load(const float* p) { return _mm512_loadu_ps(p); }
   static T LoadA(const float* p) { return _mm512_load_ps(p); }
+  static T LoadF16A(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static T LoadBF16A(const uint16_t* p) {  // bfloat16 is the upper half of a float32
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static void StoreA(float* p, T v) { _mm512_store_ps(p, v); }
   static T Add(T a, T b) { return _mm512_add_ps(a, b); }
@@ -48,7 +55,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"avx512", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>};
+const Kernels kTable = {"avx512", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
 
 }  // namespace
 

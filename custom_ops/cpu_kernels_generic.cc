@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "half.h"
 
 #if defined(MOEFUSE_HAVE_BLAS)
 #include <cblas.h>  // scipy-openblas32's header: every symbol carries the scipy_ prefix
@@ -34,6 +35,12 @@ struct V {
     return v;
   }
   static T LoadA(const float* p) { return Load(p); }
+  static T LoadF16A(const uint16_t* p) {
+    return T{Fp16ToFloat(p[0]), Fp16ToFloat(p[1]), Fp16ToFloat(p[2]), Fp16ToFloat(p[3])};
+  }
+  static T LoadBF16A(const uint16_t* p) {
+    return T{Bf16ToFloat(p[0]), Bf16ToFloat(p[1]), Bf16ToFloat(p[2]), Bf16ToFloat(p[3])};
+  }
   static void Store(float* p, T v) { std::memcpy(p, &v, sizeof(v)); }
   static T Add(T a, T b) { return a + b; }
   static T Sub(T a, T b) { return a - b; }
@@ -48,7 +55,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"generic", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>};
+const Kernels kTable = {"generic", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
 
 #if defined(MOEFUSE_HAVE_BLAS)
 // The portable fallback for CPUs without AVX2: each tile job is one single-threaded BLAS sgemm
@@ -60,7 +67,7 @@ void TileBlas(const TileJob& job) {
   a.resize(static_cast<size_t>(M) * K);
   c.resize(static_cast<size_t>(M) * kChunk);
   for (int r = 0; r < M; ++r) std::memcpy(a.data() + static_cast<size_t>(r) * K, job.a[r], sizeof(float) * K);
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, kChunk, K, 1.0f, a.data(), K, job.b,
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, kChunk, K, 1.0f, a.data(), K, static_cast<const float*>(job.b),
                     kChunk, 0.0f, c.data(), kChunk);
   for (int r0 = 0; r0 < M; r0 += V::MR) {
     const int mr = M - r0 < V::MR ? M - r0 : V::MR;
@@ -68,7 +75,7 @@ void TileBlas(const TileJob& job) {
   }
 }
 
-const Kernels kBlasTable = {"blas", &TileBlas, &DotImpl<V>, &ActivateImpl<V>};
+const Kernels kBlasTable = {"blas", &TileBlas, &DotImpl<V>, &ActivateImpl<V>, false};
 
 const Kernels* BlasTable() {
   // OpenBLAS threads would fight with onnxruntime's: jobs already run in parallel.
@@ -87,7 +94,7 @@ const Kernels& Choose() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   has512 = __builtin_cpu_supports("avx512f");
-  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   const Kernels* blas = BlasTable();
   if (const char* want = std::getenv("MOEFUSE_CPU_ISA")) {

@@ -5,7 +5,8 @@
 // for AVX-512 can never be picked by the linker for a caller in a portable unit.
 //
 // V provides: type T, lane count W, micro-tile shape MR (rows) x NV (vectors per row), and
-// Zero, Set1, Load (unaligned), LoadA (64-byte aligned), Store, Add, Sub, Mul, Div,
+// Zero, Set1, Load (unaligned), LoadA (64-byte aligned), LoadF16A / LoadBF16A (W aligned 16-bit
+// values widened to float32), Store, Add, Sub, Mul, Div,
 // Fma(a, b, c) = a*b + c, MinKeepNan(x, l) (x when x is NaN, else min), MaxKeepNan, Exp and
 // ReduceAdd (fixed order).
 
@@ -60,10 +61,22 @@ inline typename V::T Act(typename V::T v, const cpu::ActParams& p) {
   }
 }
 
-// --- micro kernel: C[MR, NV*W] = A[MR, K] * B[K, NV*W] (B rows kChunk floats apart) ----------
+// --- micro kernel: C[MR, NV*W] = A[MR, K] * B[K, NV*W] (B rows kChunk elements apart) --------
 
-template <class V, int MR, int NV>
-inline void Micro(int K, const float* const* a, const float* b, float* c) {
+// W weights of type BT at p (64-byte aligned chunk rows), widened to float32 exactly.
+template <class V, int BT>
+inline typename V::T LoadWeights(const void* p, ptrdiff_t i) {
+  if constexpr (BT == cpu::kWeightF32) {
+    return V::LoadA(static_cast<const float*>(p) + i);
+  } else if constexpr (BT == cpu::kWeightF16) {
+    return V::LoadF16A(static_cast<const uint16_t*>(p) + i);
+  } else {
+    return V::LoadBF16A(static_cast<const uint16_t*>(p) + i);
+  }
+}
+
+template <class V, int BT, int MR, int NV>
+inline void Micro(int K, const float* const* a, const void* b, ptrdiff_t b0, float* c) {
   using T = typename V::T;
   T acc[MR][NV];
   const float* ap[MR];
@@ -74,10 +87,10 @@ inline void Micro(int K, const float* const* a, const float* b, float* c) {
     for (int j = 0; j < NV; ++j) acc[r][j] = V::Zero();
   }
   for (int k = 0; k < K; ++k) {
-    const float* bk = b + static_cast<ptrdiff_t>(k) * cpu::kChunk;
+    const ptrdiff_t bk = b0 + static_cast<ptrdiff_t>(k) * cpu::kChunk;
     T bv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = V::LoadA(bk + j * V::W);
+    for (int j = 0; j < NV; ++j) bv[j] = LoadWeights<V, BT>(b, bk + j * V::W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const T av = V::Set1(ap[r][k]);
@@ -92,19 +105,19 @@ inline void Micro(int K, const float* const* a, const float* b, float* c) {
   }
 }
 
-template <class V, int MR>
-inline void MicroChunk(int K, const float* const* a, const float* b, float* c) {
+template <class V, int BT, int MR>
+inline void MicroChunk(int K, const float* const* a, const void* b, float* c) {
   constexpr int kSlice = V::NV * V::W;
   static_assert(cpu::kChunk % kSlice == 0, "slices must tile a chunk");
-  for (int s = 0; s < cpu::kChunk; s += kSlice) Micro<V, MR, V::NV>(K, a, b + s, c + s);
+  for (int s = 0; s < cpu::kChunk; s += kSlice) Micro<V, BT, MR, V::NV>(K, a, b, s, c + s);
 }
 
-template <class V, int MR>
-inline void MicroRows(int mr, int K, const float* const* a, const float* b, float* c) {
+template <class V, int BT, int MR>
+inline void MicroRows(int mr, int K, const float* const* a, const void* b, float* c) {
   if constexpr (MR > 1) {
-    if (mr < MR) return MicroRows<V, MR - 1>(mr, K, a, b, c);
+    if (mr < MR) return MicroRows<V, BT, MR - 1>(mr, K, a, b, c);
   }
-  MicroChunk<V, MR>(K, a, b, c);
+  MicroChunk<V, BT, MR>(K, a, b, c);
 }
 
 // --- epilogues ----------------------------------------------------------------------------
@@ -165,15 +178,27 @@ inline void Epilogue(const cpu::TileJob& job, float* tile, int mr, int r0) {
   }
 }
 
-template <class V>
-void TileImpl(const cpu::TileJob& job) {
+template <class V, int BT>
+void TileRows(const cpu::TileJob& job) {
   alignas(64) float tile[V::MR * cpu::kChunk];
   const float* rows[V::MR];
   for (int r0 = 0; r0 < job.rows; r0 += V::MR) {
     const int mr = job.rows - r0 < V::MR ? job.rows - r0 : V::MR;
     for (int r = 0; r < mr; ++r) rows[r] = job.a[r0 + r];
-    MicroRows<V, V::MR>(mr, job.K, rows, job.b, tile);
+    MicroRows<V, BT, V::MR>(mr, job.K, rows, job.b, tile);
     Epilogue<V>(job, tile, mr, r0);
+  }
+}
+
+template <class V>
+void TileImpl(const cpu::TileJob& job) {
+  switch (job.b_type) {
+    case cpu::kWeightF16:
+      return TileRows<V, cpu::kWeightF16>(job);
+    case cpu::kWeightBF16:
+      return TileRows<V, cpu::kWeightBF16>(job);
+    default:
+      return TileRows<V, cpu::kWeightF32>(job);
   }
 }
 

@@ -25,6 +25,7 @@
 #include <exception>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <utility>
 
 #if defined(__linux__)
@@ -38,14 +39,13 @@ namespace moefuse {
 
 // --- storage ----------------------------------------------------------------------------------
 
-AlignedFloats::~AlignedFloats() { std::free(p_); }
+AlignedBuffer::~AlignedBuffer() { std::free(p_); }
 
-void AlignedFloats::Reset(size_t n) {
+void AlignedBuffer::Reset(size_t bytes) {
   std::free(p_);
   p_ = nullptr;
-  n_ = 0;
-  if (n == 0) return;
-  const size_t bytes = n * sizeof(float);
+  bytes_ = 0;
+  if (bytes == 0) return;
   const size_t huge = size_t(2) << 20;
   const size_t align = bytes >= huge ? huge : 64;
   const size_t rounded = (bytes + align - 1) / align * align;
@@ -54,12 +54,12 @@ void AlignedFloats::Reset(size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (align == huge) madvise(p, rounded, MADV_HUGEPAGE);  // fewer TLB misses when streaming
 #endif
-  p_ = static_cast<float*>(p);
-  n_ = n;
+  p_ = p;
+  bytes_ = bytes;
 }
 
 struct MoEFFNCpuKernel::Arena {
-  AlignedFloats buf;
+  AlignedBuffer buf;
 };
 
 namespace {
@@ -273,16 +273,62 @@ Col FirstProjCol(const FFNSource& s, int64_t i, bool up) {
 }
 
 // Element (in = d, out = n) of expert e of a stored projection with `in_dim` inputs and
-// `out_dim` outputs.
-inline float ProjAt(const FFNSource& s, const void* w, int64_t e, int64_t d, int64_t n, int64_t in_dim,
-                    int64_t out_dim) {
+// `out_dim` outputs, as W: float32, or the stored 16-bit value itself.
+template <class W>
+inline W ProjAt(const FFNSource& s, const void* w, int64_t e, int64_t d, int64_t n, int64_t in_dim,
+                int64_t out_dim) {
   const int64_t idx = s.in_out ? (e * in_dim + d) * out_dim + n : (e * out_dim + n) * in_dim + d;
-  return LoadAsFloat(w, idx, s.elem_type);
+  if constexpr (std::is_same_v<W, float>) {
+    return LoadAsFloat(w, idx, s.elem_type);
+  } else {
+    return static_cast<const uint16_t*>(w)[idx];
+  }
+}
+
+// The chunked layout of cpu_kernels.h: first-projection chunks (gated: 32 gate then 32 up
+// columns) into w1 and their biases into b1, down-projection chunks into w2.
+template <class W>
+void PackChunks(const FFNSource& s, const FFNGeometry& g, int64_t e, W* w1, W* w2, float* b1) {
+  const int64_t D = s.D, I = s.I;
+  Col cols[cpu::kChunk];
+  for (int64_t c = 0; c < g.nc1; ++c) {
+    W* blk = w1 + c * D * cpu::kChunk;
+    for (int j = 0; j < cpu::kChunk; ++j) {
+      cols[j] = s.gated ? FirstProjCol(s, c * cpu::kGatedHalf + (j % cpu::kGatedHalf), j >= cpu::kGatedHalf)
+                        : FirstProjCol(s, c * cpu::kChunk + j, false);
+      if (b1) {
+        b1[c * cpu::kChunk + j] =
+            cols[j].w && cols[j].b ? LoadAsFloat(cols[j].b, e * cols[j].width + cols[j].n, s.elem_type) : 0.0f;
+      }
+    }
+    auto at = [&](int64_t d, int j) {
+      return cols[j].w ? ProjAt<W>(s, cols[j].w, e, d, cols[j].n, D, cols[j].width) : W(0);
+    };
+    if (s.in_out) {  // source rows are contiguous over outputs: walk d outside
+      for (int64_t d = 0; d < D; ++d)
+        for (int j = 0; j < cpu::kChunk; ++j) blk[d * cpu::kChunk + j] = at(d, j);
+    } else {  // source rows are contiguous over inputs: walk d inside
+      for (int j = 0; j < cpu::kChunk; ++j)
+        for (int64_t d = 0; d < D; ++d) blk[d * cpu::kChunk + j] = at(d, j);
+    }
+  }
+  for (int64_t c = 0; c < g.nc2; ++c) {
+    W* blk = w2 + c * g.Ipad * cpu::kChunk;
+    std::memset(blk, 0, sizeof(W) * g.Ipad * cpu::kChunk);  // all-zero bits: +0 in every type
+    const int ncols = static_cast<int>(std::min<int64_t>(cpu::kChunk, D - c * cpu::kChunk));
+    if (s.in_out) {
+      for (int64_t i = 0; i < I; ++i)
+        for (int j = 0; j < ncols; ++j) blk[i * cpu::kChunk + j] = ProjAt<W>(s, s.w2, e, i, c * cpu::kChunk + j, I, D);
+    } else {
+      for (int j = 0; j < ncols; ++j)
+        for (int64_t i = 0; i < I; ++i) blk[i * cpu::kChunk + j] = ProjAt<W>(s, s.w2, e, i, c * cpu::kChunk + j, I, D);
+    }
+  }
 }
 
 }  // namespace
 
-FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct) {
+FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct, bool keep_half) {
   FFNGeometry g;
   g.E = s.E;
   g.D = s.D;
@@ -300,59 +346,30 @@ FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct) {
     g.nc1 = CeilDiv(s.I, per);
     g.Ipad = g.nc1 * per;
     g.nc2 = CeilDiv(s.D, cpu::kChunk);
+    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) g.wtype = cpu::kWeightF16;
+    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) g.wtype = cpu::kWeightBF16;
   }
   return g;
 }
 
-void PackExpert(const FFNSource& s, const FFNGeometry& g, int64_t e, float* w1, float* w2, float* b1,
+void PackExpert(const FFNSource& s, const FFNGeometry& g, int64_t e, void* w1v, void* w2v, float* b1,
                 float* b2) {
   const int64_t D = s.D, I = s.I;
-  if (g.direct) {
+  if (g.direct) {  // float32 rows: w1 [rows1, D], w2 [I, D]
+    float* w1 = static_cast<float*>(w1v);
+    float* w2 = static_cast<float*>(w2v);
     for (int64_t r = 0; r < g.rows1; ++r) {
       const bool up = s.gated && r >= I;
       const Col c = FirstProjCol(s, up ? r - I : r, up);
-      for (int64_t d = 0; d < D; ++d) w1[r * D + d] = ProjAt(s, c.w, e, d, c.n, D, c.width);
+      for (int64_t d = 0; d < D; ++d) w1[r * D + d] = ProjAt<float>(s, c.w, e, d, c.n, D, c.width);
       if (b1) b1[r] = c.b ? LoadAsFloat(c.b, e * c.width + c.n, s.elem_type) : 0.0f;
     }
     for (int64_t i = 0; i < I; ++i)
-      for (int64_t d = 0; d < D; ++d) w2[i * D + d] = ProjAt(s, s.w2, e, i, d, I, D);
+      for (int64_t d = 0; d < D; ++d) w2[i * D + d] = ProjAt<float>(s, s.w2, e, i, d, I, D);
+  } else if (g.wtype == cpu::kWeightF32) {
+    PackChunks(s, g, e, static_cast<float*>(w1v), static_cast<float*>(w2v), b1);
   } else {
-    Col cols[cpu::kChunk];
-    for (int64_t c = 0; c < g.nc1; ++c) {
-      float* blk = w1 + c * D * cpu::kChunk;
-      for (int j = 0; j < cpu::kChunk; ++j) {
-        cols[j] = s.gated ? FirstProjCol(s, c * cpu::kGatedHalf + (j % cpu::kGatedHalf), j >= cpu::kGatedHalf)
-                          : FirstProjCol(s, c * cpu::kChunk + j, false);
-        if (b1) {
-          b1[c * cpu::kChunk + j] =
-              cols[j].w && cols[j].b ? LoadAsFloat(cols[j].b, e * cols[j].width + cols[j].n, s.elem_type)
-                                     : 0.0f;
-        }
-      }
-      if (s.in_out) {  // source rows are contiguous over outputs: walk d outside
-        for (int64_t d = 0; d < D; ++d)
-          for (int j = 0; j < cpu::kChunk; ++j)
-            blk[d * cpu::kChunk + j] = cols[j].w ? ProjAt(s, cols[j].w, e, d, cols[j].n, D, cols[j].width) : 0.0f;
-      } else {  // source rows are contiguous over inputs: walk d inside
-        for (int j = 0; j < cpu::kChunk; ++j)
-          for (int64_t d = 0; d < D; ++d)
-            blk[d * cpu::kChunk + j] = cols[j].w ? ProjAt(s, cols[j].w, e, d, cols[j].n, D, cols[j].width) : 0.0f;
-      }
-    }
-    for (int64_t c = 0; c < g.nc2; ++c) {
-      float* blk = w2 + c * g.Ipad * cpu::kChunk;
-      std::memset(blk, 0, sizeof(float) * g.Ipad * cpu::kChunk);
-      const int ncols = static_cast<int>(std::min<int64_t>(cpu::kChunk, D - c * cpu::kChunk));
-      if (s.in_out) {
-        for (int64_t i = 0; i < I; ++i)
-          for (int j = 0; j < ncols; ++j)
-            blk[i * cpu::kChunk + j] = ProjAt(s, s.w2, e, i, c * cpu::kChunk + j, I, D);
-      } else {
-        for (int j = 0; j < ncols; ++j)
-          for (int64_t i = 0; i < I; ++i)
-            blk[i * cpu::kChunk + j] = ProjAt(s, s.w2, e, i, c * cpu::kChunk + j, I, D);
-      }
-    }
+    PackChunks(s, g, e, static_cast<uint16_t*>(w1v), static_cast<uint16_t*>(w2v), b1);
   }
   if (b2) {
     for (int64_t d = 0; d < g.Dpad; ++d) b2[d] = d < D ? LoadAsFloat(s.b2, e * D + d, s.elem_type) : 0.0f;
@@ -361,23 +378,24 @@ void PackExpert(const FFNSource& s, const FFNGeometry& g, int64_t e, float* w1, 
 
 namespace {
 
-std::unique_ptr<PackedFFN> PackAll(const FFNSource& s, bool allow_direct) {
+std::unique_ptr<PackedFFN> PackAll(const FFNSource& s, bool allow_direct, bool keep_half) {
   auto p = std::make_unique<PackedFFN>();
-  FFNGeometry g = FFNGeometry::Make(s, allow_direct);
+  FFNGeometry g = FFNGeometry::Make(s, allow_direct, keep_half);
   p->view.g = g;
-  p->w1.Reset(static_cast<size_t>(g.E * g.W1Size()));
-  p->w2.Reset(static_cast<size_t>(g.E * g.W2Size()));
-  if (g.has_b1) p->b1.Reset(static_cast<size_t>(g.E * g.B1Size()));
-  if (g.has_b2) p->b2.Reset(static_cast<size_t>(g.E * g.B2Size()));
+  const int64_t wb = g.WeightBytes();
+  p->w1.Reset(static_cast<size_t>(g.E * g.W1Size() * wb));
+  p->w2.Reset(static_cast<size_t>(g.E * g.W2Size() * wb));
+  if (g.has_b1) p->b1.Reset(static_cast<size_t>(g.E * g.B1Size()) * sizeof(float));
+  if (g.has_b2) p->b2.Reset(static_cast<size_t>(g.E * g.B2Size()) * sizeof(float));
   p->view.w1.resize(g.E);
   p->view.w2.resize(g.E);
   p->view.b1.assign(g.E, nullptr);
   p->view.b2.assign(g.E, nullptr);
   for (int64_t e = 0; e < g.E; ++e) {
-    float* w1 = p->w1.data() + e * g.W1Size();
-    float* w2 = p->w2.data() + e * g.W2Size();
-    float* b1 = g.has_b1 ? p->b1.data() + e * g.B1Size() : nullptr;
-    float* b2 = g.has_b2 ? p->b2.data() + e * g.B2Size() : nullptr;
+    char* w1 = p->w1.as<char>() + e * g.W1Size() * wb;  // whole chunks: 64-byte aligned
+    char* w2 = p->w2.as<char>() + e * g.W2Size() * wb;
+    float* b1 = g.has_b1 ? p->b1.as<float>() + e * g.B1Size() : nullptr;
+    float* b2 = g.has_b2 ? p->b2.as<float>() + e * g.B2Size() : nullptr;
     PackExpert(s, g, e, w1, w2, b1, b2);
     p->view.w1[e] = w1;
     p->view.w2[e] = w2;
@@ -502,6 +520,10 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     return true;
   };
   auto dims_are = [&](int i, std::vector<int64_t> want) { return !present[i] || in[i].dims == want; };
+  // float16 / bfloat16 weights stay 16-bit in the packed chunks (half the bytes of float32 to
+  // keep and to stream) unless MOEFUSE_CPU_WEIGHTS=float32 asks for the widened layout.
+  const char* weights_env = std::getenv("MOEFUSE_CPU_WEIGHTS");
+  const bool keep_half = kernels_->half_weights && !(weights_env && std::strcmp(weights_env, "float32") == 0);
 
   // Routed experts: pack when every routed weight is constant and the shapes agree.
   if (present[kW1] && present[kW2] && all_const({kW1, kW2, kW3, kB1, kB2, kB3}) &&
@@ -520,7 +542,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) routed_ = PackAll(RoutedSource(a, in, E, D, I), true);
+    if (ok) routed_ = PackAll(RoutedSource(a, in, E, D, I), true, keep_half);
   }
   // Shared expert.
   if (present[kSharedW1] && present[kSharedW2] && all_const({kSharedW1, kSharedW2, kSharedW3}) &&
@@ -539,7 +561,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kSharedW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) shared_ = PackAll(SharedSource(a, in, D, Is), false);
+    if (ok) shared_ = PackAll(SharedSource(a, in, D, Is), false, keep_half);
   }
 }
 
@@ -672,14 +694,14 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     Arena* a;
     ~ArenaGuard() { k->ReleaseArena(a); }
   } guard{this, arena};
-  const size_t need = CeilDiv(static_cast<int64_t>(cv.bytes()), sizeof(float));
+  const size_t need = cv.bytes();
   try {
-    if (arena->buf.size() < need) arena->buf.Reset(need + need / 4);
+    if (arena->buf.bytes() < need) arena->buf.Reset(need + need / 4);
   } catch (const std::bad_alloc&) {
     return Error(ORT_FAIL, Who(node_name_) + ": out of memory for " + std::to_string(cv.bytes()) +
                                " bytes of scratch");
   }
-  char* base = reinterpret_cast<char*>(arena->buf.data());
+  char* base = arena->buf.as<char>();
   auto at = [&](size_t off) { return static_cast<void*>(base + off); };
   float* xf = f32 ? nullptr : static_cast<float*>(at(o_xf));
   int32_t* ids = static_cast<int32_t*>(at(o_ids));
@@ -828,12 +850,12 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
           for (int64_t d = 0; d < D; ++d) dst[d] = x[d] * w;
         }
       } else if (it.kind == 1) {
-        PackExpert(rsrc, rg, it.a, const_cast<float*>(routed_call.w1[it.a]),
-                   const_cast<float*>(routed_call.w2[it.a]), const_cast<float*>(routed_call.b1[it.a]),
+        PackExpert(rsrc, rg, it.a, const_cast<void*>(routed_call.w1[it.a]),
+                   const_cast<void*>(routed_call.w2[it.a]), const_cast<float*>(routed_call.b1[it.a]),
                    const_cast<float*>(routed_call.b2[it.a]));
       } else {
-        PackExpert(ssrc, shared_call.g, 0, const_cast<float*>(shared_call.w1[0]),
-                   const_cast<float*>(shared_call.w2[0]), nullptr, nullptr);
+        PackExpert(ssrc, shared_call.g, 0, const_cast<void*>(shared_call.w1[0]),
+                   const_cast<void*>(shared_call.w2[0]), nullptr, nullptr);
       }
     };
     ParallelFor(api, ctx, items.size(), phase_c);
@@ -860,6 +882,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
         const FFNGeometry& geo = v.g;
         cpu::TileJob tj;
         tj.rows = j.rows;
+        tj.b_type = geo.wtype;
         tj.act.kind = static_cast<int>(a.activation_kind);
         tj.act.alpha = a.activation_alpha;
         tj.act.clamp_limit = a.clamp_limit;
@@ -868,7 +891,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
         if (phase == 1) {
           tj.K = static_cast<int>(D);
           tj.a = xrows + row;
-          tj.b = v.w1[g.expert] + static_cast<int64_t>(j.chunk) * D * cpu::kChunk;
+          tj.b = static_cast<const char*>(v.w1[g.expert]) + j.chunk * D * cpu::kChunk * geo.WeightBytes();
           tj.bias = v.b1[g.expert] ? v.b1[g.expert] + static_cast<int64_t>(j.chunk) * cpu::kChunk : nullptr;
           const int64_t per = geo.gated ? cpu::kGatedHalf : cpu::kChunk;
           tj.out = const_cast<float*>(arows[row]) + j.chunk * per;
@@ -877,7 +900,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
         } else {
           tj.K = static_cast<int>(geo.Ipad);
           tj.a = arows + row;
-          tj.b = v.w2[g.expert] + static_cast<int64_t>(j.chunk) * geo.Ipad * cpu::kChunk;
+          tj.b = static_cast<const char*>(v.w2[g.expert]) + j.chunk * geo.Ipad * cpu::kChunk * geo.WeightBytes();
           tj.bias = v.b2[g.expert] ? v.b2[g.expert] + static_cast<int64_t>(j.chunk) * cpu::kChunk : nullptr;
           tj.out = outb + row * D + static_cast<int64_t>(j.chunk) * cpu::kChunk;
           tj.ldo = D;
@@ -946,7 +969,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
               for (int64_t d = 0; d < D; ++d) xin[d] = x[d] * w;
               xi = xin;
             }
-            const float* w1 = rview->w1[e];
+            const float* w1 = static_cast<const float*>(rview->w1[e]);  // direct: float32
             const float* b1 = rview->b1[e];
             for (int64_t r = 0; r < rg.rows1; ++r) h[r] = kern.dot(xi, w1 + r * D, D) + (b1 ? b1[r] : 0.0f);
             cpu::ActParams ap;
@@ -971,7 +994,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
               for (int64_t i = 0; i < rg.I; ++i) av[i] = h[i];
               kern.activate(av, rg.I, ap);
             }
-            const float* w2 = rview->w2[e];
+            const float* w2 = static_cast<const float*>(rview->w2[e]);
             for (int64_t d = 0; d < D; ++d) fo[d] = av[0] * w2[d];
             for (int64_t i = 1; i < rg.I; ++i)
               for (int64_t d = 0; d < D; ++d) fo[d] += av[i] * w2[i * D + d];

@@ -15,21 +15,21 @@
 
 namespace moefuse {
 
-// 64-byte (or, for large blocks, 2 MiB) aligned float storage.
-class AlignedFloats {
+// 64-byte (or, for large blocks, 2 MiB) aligned storage.
+class AlignedBuffer {
  public:
-  AlignedFloats() = default;
-  explicit AlignedFloats(size_t n) { Reset(n); }
-  ~AlignedFloats();
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  void Reset(size_t n);  // contents are not kept
-  float* data() const { return p_; }
-  size_t size() const { return n_; }
+  AlignedBuffer() = default;
+  ~AlignedBuffer();
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  void Reset(size_t bytes);  // contents are not kept
+  template <class T>
+  T* as() const { return static_cast<T*>(p_); }
+  size_t bytes() const { return bytes_; }
 
  private:
-  float* p_ = nullptr;
-  size_t n_ = 0;
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 // Where the weights of one FFN come from (routed experts: E of them; shared expert: E = 1).
@@ -58,9 +58,12 @@ struct FFNGeometry {
   int64_t Dpad = 0;
   int64_t rows1 = 0;    // direct path: rows of w1 per expert (2I gated, I plain)
   bool has_b1 = false, has_b2 = false;
+  int wtype = cpu::kWeightF32;  // elements of the packed w1 and w2 (biases are float32)
 
-  static FFNGeometry Make(const FFNSource& s, bool allow_direct);
-  // Floats per expert of each packed array.
+  // keep_half: pack float16 / bfloat16 weights in their own type (chunked layout only).
+  static FFNGeometry Make(const FFNSource& s, bool allow_direct, bool keep_half = false);
+  int64_t WeightBytes() const { return cpu::WeightBytes(wtype); }
+  // Elements per expert of each packed array.
   int64_t W1Size() const { return direct ? rows1 * D : nc1 * D * cpu::kChunk; }
   int64_t W2Size() const { return direct ? I * D : nc2 * Ipad * cpu::kChunk; }
   int64_t B1Size() const { return direct ? rows1 : nc1 * cpu::kChunk; }
@@ -70,17 +73,18 @@ struct FFNGeometry {
 // Per-expert pointers into packed weights (a packed store or per-call scratch).
 struct FFNView {
   FFNGeometry g;
-  std::vector<const float*> w1, w2, b1, b2;  // null for experts not packed (inactive)
+  std::vector<const void*> w1, w2;  // elements of g.wtype; null for experts not packed (inactive)
+  std::vector<const float*> b1, b2;
 };
 
 // Packs expert e of `src` into the given destinations (b1/b2 may be null when absent).
-void PackExpert(const FFNSource& src, const FFNGeometry& g, int64_t e, float* w1, float* w2,
+void PackExpert(const FFNSource& src, const FFNGeometry& g, int64_t e, void* w1, void* w2,
                 float* b1, float* b2);
 
 // Weights packed once at kernel creation.
 struct PackedFFN {
   FFNView view;
-  AlignedFloats w1, w2, b1, b2;
+  AlignedBuffer w1, w2, b1, b2;
 };
 
 class MoEFFNCpuKernel {

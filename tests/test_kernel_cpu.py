@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cases import ALL, D, E, case, check_parity, f32, random_configs, stock_session, weights_as_inputs
 from moefuse import MoEFFNAttrs, MoEFFNError, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn, route
-from moefuse.runtime import library_path, node_providers, session_options
+from moefuse.runtime import library_path, node_providers, run, session_options
 from moefuse.spec import validate_arrays
 from moefuse.synthetic import feeds, random_inputs
 
@@ -242,6 +242,72 @@ def test_portable_code_paths(isa, monkeypatch):
         attrs, opts, inter = case(routing, experts)
         check(attrs, opts, inter, True, True, 2, token_counts=(1, E + 5), fallback=None)
     test_multi_chunk_shapes(*BIG[1])
+
+
+# Every ISA the CPU has (avx512 where present), and blas, which reads float32 chunks only.
+ISAS = ["avx512", "avx2", "generic", "blas"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_half_weights_packed_as_stored(isa, dtype, monkeypatch):
+    """16-bit weights are packed in their own type and widened as they are loaded: the products
+    are those of the float32 packing (MOEFUSE_CPU_WEIGHTS=float32), bit for bit, in every chunk
+    layout (gated halves, interleaved and separate, plain; both weight layouts; D and I tails)."""
+    monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
+    for name, changes in BIG:
+        attrs = MoEFFNAttrs(k=2).replace(**changes)
+        inter = 1 if name.startswith("rank1") else 40
+        inputs = random_inputs(attrs, 130, 136, inter, 3, biases=True, shared_inter=72,
+                               shared_gate=True, dtype=dtype, seed=11)
+        model = make_moeffn_model(attrs, inputs)
+        got = {}
+        for weights in ("model", "float32"):
+            monkeypatch.setenv("MOEFUSE_CPU_WEIGHTS", weights)
+            got[weights] = run(kernel_session(model, 2), feeds(inputs), {"Y": inputs["X"].shape})[0]
+        assert np.array_equal(got["model"].view(np.uint16), got["float32"].view(np.uint16)), name
+        np.testing.assert_allclose(f32(got["model"]), f32(moeffn(attrs, **inputs)), rtol=8e-2, atol=8e-2)
+
+
+_RSS_SCRIPT = """
+import sys
+import numpy as np, onnxruntime as ort
+from moefuse import MoEFFNAttrs, make_moeffn_model
+from moefuse.runtime import session_options
+from moefuse.synthetic import random_inputs
+import ml_dtypes
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+attrs = MoEFFNAttrs(k=2)
+inputs = random_inputs(attrs, 1, 1024, 1024, 8, dtype=getattr(ml_dtypes, "bfloat16"), seed=0)
+data = make_moeffn_model(attrs, inputs).SerializeToString()
+del inputs
+before = rss()
+sess = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_half_weights_take_half_the_packed_memory(monkeypatch, tmp_path):
+    """The session of a bfloat16 layer (8 experts, 48 MiB of weights) grows by the packed copy:
+    about 48 MiB with 16-bit packing against 96 MiB with float32 packing (each in a fresh
+    process, so that freed memory is not reused)."""
+    import subprocess
+    import sys
+
+    grown = {}
+    for weights in ("model", "float32"):
+        env = dict(os.environ, MOEFUSE_CPU_WEIGHTS=weights, MOEFUSE_LIBRARY=LIBRARY)
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], env=env, capture_output=True,
+                             text=True, check=True)
+        grown[weights] = int(out.stdout.split()[-1])
+    packed_f32 = 8 * 3 * 1024 * 1024 * 4
+    saved = grown["float32"] - grown["model"]
+    assert saved > 0.7 * packed_f32 / 2, (grown, packed_f32)
 
 
 @pytest.mark.parametrize("rank", [2, 3])
