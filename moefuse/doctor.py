@@ -139,6 +139,9 @@ def _cuda(checks: list[Check], required: bool) -> None:
         checks.append(Check("CUDA kernels", "info", f"compiled for {', '.join(build['archs'])}"))
         checks.append(Check("GPU", missing, "no usable CUDA device (the CUDA runtime found none)"))
         return
+    if not build["device"]["runs"]:
+        checks.append(Check("CUDA kernels", missing, describe_cuda_build(build)))
+        return
     checks.append(Check("CUDA kernels", "ok", describe_cuda_build(build)))
     _node_check(checks, "cuda", "float16", CUDA_NODE_CHECK)
 

@@ -100,10 +100,12 @@ def cuda_build() -> Optional[dict]:
     GPU runs; None for a library built without them (no nvcc at build time).
 
     ``{"archs": ["80", "90a"], "device": None}`` where no GPU is usable, else ``"device"`` is
-    ``{"wgmma": ..., "fused_decode": ..., "pdl": ...}``: whether the GPU runs the grouped GEMM's
-    and the one-kernel decode's sm_90a code, and kernels compiled for sm_90+ (so launched with
-    programmatic dependent launch). A Hopper GPU runs none of these with a build without sm_90a,
-    and a GPU newer than the build runs the compute_80 PTX, compiled for it by the driver.
+    ``{"capability": "9.0", "runs": ..., "wgmma": ..., "fused_decode": ..., "pdl": ...}``: the
+    GPU's compute capability, whether it runs the library's CUDA code at all (not below 8.0, nor
+    where the build has no code for it), the grouped GEMM's and the one-kernel decode's sm_90a
+    code, and kernels compiled for sm_90+ (so launched with programmatic dependent launch). A
+    Hopper GPU runs none of the sm_90a code with a build without sm_90a, and a GPU newer than the
+    build runs the compute_80 PTX, compiled for it by the driver.
     """
     import ctypes
 
@@ -113,8 +115,12 @@ def cuda_build() -> Optional[dict]:
         return None
     lib.MoefuseCudaArchs.restype = ctypes.c_char_p
     code = lib.MoefuseCudaDeviceCode()
-    device = None if code < 0 else {name: bool(code & bit) for name, bit in
-                                    (("wgmma", 1), ("fused_decode", 2), ("pdl", 4))}
+    device = None
+    if code >= 0:
+        cc = lib.MoefuseCudaDeviceCapability()
+        device = {"capability": f"{cc // 10}.{cc % 10}" if cc >= 0 else None, "runs": bool(code & 8)}
+        device.update({name: bool(code & bit) for name, bit in
+                       (("wgmma", 1), ("fused_decode", 2), ("pdl", 4))})
     return {"archs": lib.MoefuseCudaArchs().decode().split(","), "device": device}
 
 
@@ -123,11 +129,18 @@ def describe_cuda_build(build: Optional[dict]) -> str:
     the GPU runs ("" without a GPU or CUDA kernels)."""
     if not build or not build.get("device"):
         return ""
+    archs = ", ".join(build["archs"])
+    if not build["device"]["runs"]:
+        cc = build["device"]["capability"]
+        need = ("its kernels need compute capability 8.0 or newer" if cc and float(cc) < 8.0
+                else "rebuild it with MOEFUSE_CUDA_ARCHS naming this GPU's")
+        return (f"MoEFFN's library: CUDA code for {archs}; this GPU (compute capability {cc}) "
+                f"runs none of it: {need}.")
     ran = [name for key, name in (("wgmma", "the grouped GEMM's sm_90a code"),
                                   ("fused_decode", "the one-kernel decode's sm_90a code"),
                                   ("pdl", "programmatic dependent launch")) if build["device"][key]]
     ran = " and ".join([", ".join(ran[:-1]), ran[-1]] if len(ran) > 1 else ran)
-    return (f"MoEFFN's library: CUDA code for {', '.join(build['archs'])}; this GPU runs "
+    return (f"MoEFFN's library: CUDA code for {archs}; this GPU runs "
             f"{ran or 'none of its sm_90a code (the mma grouped GEMM, skinny and SIMT paths)'}.")
 
 

@@ -454,6 +454,9 @@ def test_doctor_without_the_library(monkeypatch):
 @pytest.mark.parametrize("build,check", [
     (None, "CUDA kernels"),  # a library built without nvcc
     ({"archs": ["80", "90a"], "device": None}, "GPU"),  # onnxruntime-gpu on a machine without a GPU
+    ({"archs": ["80", "90a"], "device": {"capability": "7.5", "runs": False, "wgmma": False,
+                                         "fused_decode": False, "pdl": False}},
+     "CUDA kernels"),  # a GPU older than the kernels
 ])
 def test_doctor_says_what_the_gpu_lacks(monkeypatch, build, check):
     """With onnxruntime's CUDA provider installed, a missing piece is skipped (the CPU is fine),

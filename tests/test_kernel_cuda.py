@@ -488,7 +488,9 @@ def test_device_code():
     torch = pytest.importorskip("torch")
     build = cuda_build()
     sm90a = torch.cuda.get_device_capability()[0] == 9 and "90a" in build["archs"]
-    assert build["device"] == {"wgmma": sm90a, "fused_decode": sm90a, "pdl": sm90a}, build
+    cc = "{}.{}".format(*torch.cuda.get_device_capability())
+    assert build["device"] == {"capability": cc, "runs": True, "wgmma": sm90a, "fused_decode": sm90a,
+                               "pdl": sm90a}, build
 
 
 # One-token calls: the routing kernel ranks the experts in parallel (a thread per expert;

@@ -278,6 +278,8 @@ void SetUsePdl(bool on);
 // the build's compute_80 PTX for it), runs neither the sm_90a kernels nor the waits that make
 // programmatic dependent launch safe; the device's compute capability alone would say it does.
 struct DeviceCode {
+  bool runs = false;          // the library has code for this GPU at all (compute capability 8.0+
+                              // and an architecture of the build, or PTX the driver compiles)
   bool wgmma = false;         // the grouped GEMM's sm_90a kernels (and the driver's TMA encoder)
   bool fused_decode = false;  // the one-kernel decode's sm_90a kernel
   bool pdl = false;           // kernels compiled for sm_90+, which wait for the previous kernel's

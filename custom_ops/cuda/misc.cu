@@ -374,7 +374,12 @@ DeviceCode CurrentDeviceCode() {
   // all. Its PTX architecture is the one its code was compiled from: 80 where the driver compiled
   // the compute_80 PTX, whose waits are compiled out.
   cudaFuncAttributes a;
-  c.pdl = cudaFuncGetAttributes(&a, CombineKernel<__half>) == cudaSuccess && a.ptxVersion >= 90;
+  c.runs = cudaFuncGetAttributes(&a, CombineKernel<__half>) == cudaSuccess;
+  if (!c.runs) {
+    (void)cudaGetLastError();  // the failed query is not an error of the next call's
+    return DeviceCode{};
+  }
+  c.pdl = a.ptxVersion >= 90;
   return c;
 }
 

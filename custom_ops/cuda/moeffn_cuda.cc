@@ -288,6 +288,16 @@ OrtStatus* Kernel::EnsureDevice(const void* p) {
     if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device))
       return CudaError(e, "cudaDeviceGetAttribute");
     d.code = CurrentDeviceCode();  // (the kernels' attributes are the current device's: this one)
+    if (!d.code.runs) {
+      int minor = 0;
+      (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+      const std::string cc = std::to_string(d.major) + "." + std::to_string(minor);
+      return Error(ORT_FAIL, Who(node_name_) + ": this library has no CUDA code for device " + std::to_string(device) +
+                                 " (compute capability " + cc + "; the library's: " MOEFUSE_CUDA_ARCHS_BUILT ")" +
+                                 (d.major < 8 ? ": its kernels need compute capability 8.0 or newer"
+                                              : ": rebuild it with MOEFUSE_CUDA_ARCHS naming this GPU's") +
+                                 ". The CPU execution provider runs the library's CPU kernel.");
+    }
     dev_ = d;
   }
   return nullptr;
@@ -797,10 +807,20 @@ extern "C" MOEFUSE_EXPORT const char* MoefuseCudaArchs(void) { return MOEFUSE_CU
 
 // What of the library's device code the current GPU runs (moefuse::cuda::DeviceCode): bit 0 the
 // grouped GEMM's sm_90a kernels, bit 1 the one-kernel decode's, bit 2 programmatic dependent
-// launch; -1 where there is no usable GPU.
+// launch, bit 3 any of it; -1 where there is no usable GPU.
 extern "C" MOEFUSE_EXPORT int MoefuseCudaDeviceCode(void) {
   int n = 0, dev = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0 || cudaGetDevice(&dev) != cudaSuccess) return -1;
   const moefuse::cuda::DeviceCode c = moefuse::cuda::CurrentDeviceCode();
-  return (c.wgmma ? 1 : 0) | (c.fused_decode ? 2 : 0) | (c.pdl ? 4 : 0);
+  return (c.wgmma ? 1 : 0) | (c.fused_decode ? 2 : 0) | (c.pdl ? 4 : 0) | (c.runs ? 8 : 0);
+}
+
+// The current GPU's compute capability as 10 * major + minor (e.g. 90); -1 without a usable GPU.
+extern "C" MOEFUSE_EXPORT int MoefuseCudaDeviceCapability(void) {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return -1;
+  return 10 * major + minor;
 }
