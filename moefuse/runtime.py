@@ -117,8 +117,11 @@ def cuda_build() -> Optional[dict]:
     code = lib.MoefuseCudaDeviceCode()
     device = None
     if code >= 0:
-        cc = lib.MoefuseCudaDeviceCapability()
-        device = {"capability": f"{cc // 10}.{cc % 10}" if cc >= 0 else None, "runs": bool(code & 8)}
+        if hasattr(lib, "MoefuseCudaDeviceCapability"):
+            cc = lib.MoefuseCudaDeviceCapability()
+            device = {"capability": f"{cc // 10}.{cc % 10}" if cc >= 0 else None, "runs": bool(code & 8)}
+        else:  # a library built before these were reported (e.g. an older MOEFUSE_LIBRARY)
+            device = {"capability": None, "runs": True}
         device.update({name: bool(code & bit) for name, bit in
                        (("wgmma", 1), ("fused_decode", 2), ("pdl", 4))})
     return {"archs": lib.MoefuseCudaArchs().decode().split(","), "device": device}
