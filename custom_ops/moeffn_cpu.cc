@@ -70,12 +70,13 @@ constexpr int kDirectMaxInter = 4;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Floats rounded up to whole 64-byte lines (packed chunks are read with aligned loads).
-int64_t Lines(int64_t floats) { return CeilDiv(floats, 16) * 16; }
+// Bytes rounded up to whole 64-byte lines (packed chunks are read with aligned loads).
+int64_t Lines(int64_t bytes) { return CeilDiv(bytes, 64) * 64; }
 
-// Floats of one expert's per-call packed weights, each array starting on a 64-byte line.
-int64_t SlotFloats(const FFNGeometry& g) {
-  return Lines(g.W1Size()) + Lines(g.W2Size()) + Lines(g.B1Size()) + Lines(g.B2Size());
+// Bytes of one expert's per-call packed weights, each array starting on a 64-byte line.
+int64_t SlotBytes(const FFNGeometry& g) {
+  const int64_t wb = g.WeightBytes(), fb = sizeof(float);
+  return Lines(g.W1Size() * wb) + Lines(g.W2Size() * wb) + Lines(g.B1Size() * fb) + Lines(g.B2Size() * fb);
 }
 
 // Carves 64-byte aligned sub-buffers out of one allocation.
@@ -439,14 +440,15 @@ FFNSource SharedSource(const MoEFFNAttrs& a, const Value* in, int64_t D, int64_t
   return s;
 }
 
-void AssignSlot(const FFNGeometry& g, float* w, FFNView* view, int64_t e) {
-  view->w1[e] = w;
-  w += Lines(g.W1Size());
-  view->w2[e] = w;
-  w += Lines(g.W2Size());
-  view->b1[e] = g.has_b1 ? w : nullptr;
-  w += Lines(g.B1Size());
-  view->b2[e] = g.has_b2 ? w : nullptr;
+void AssignSlot(const FFNGeometry& g, char* slot, FFNView* view, int64_t e) {
+  const int64_t wb = g.WeightBytes(), fb = sizeof(float);
+  view->w1[e] = slot;
+  slot += Lines(g.W1Size() * wb);
+  view->w2[e] = slot;
+  slot += Lines(g.W2Size() * wb);
+  view->b1[e] = g.has_b1 ? reinterpret_cast<float*>(slot) : nullptr;
+  slot += Lines(g.B1Size() * fb);
+  view->b2[e] = g.has_b2 ? reinterpret_cast<float*>(slot) : nullptr;
 }
 
 bool SameGeometry(const FFNGeometry& g, int64_t E, int64_t D, int64_t I) {
@@ -473,6 +475,10 @@ OrtStatus* MoEFFNCpuKernel::Create(const OrtApi* api, const OrtKernelInfo* info,
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
   k->kernels_ = &cpu::Select();
+  // float16 / bfloat16 weights stay 16-bit in the packed chunks (half the bytes of float32 to
+  // keep and to stream) unless MOEFUSE_CPU_WEIGHTS=float32 asks for the widened layout.
+  const char* weights_env = std::getenv("MOEFUSE_CPU_WEIGHTS");
+  k->keep_half_ = k->kernels_->half_weights && !(weights_env && std::strcmp(weights_env, "float32") == 0);
   try {
     k->TryPrepack(info);
   } catch (const std::bad_alloc&) {
@@ -520,10 +526,6 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     return true;
   };
   auto dims_are = [&](int i, std::vector<int64_t> want) { return !present[i] || in[i].dims == want; };
-  // float16 / bfloat16 weights stay 16-bit in the packed chunks (half the bytes of float32 to
-  // keep and to stream) unless MOEFUSE_CPU_WEIGHTS=float32 asks for the widened layout.
-  const char* weights_env = std::getenv("MOEFUSE_CPU_WEIGHTS");
-  const bool keep_half = kernels_->half_weights && !(weights_env && std::strcmp(weights_env, "float32") == 0);
 
   // Routed experts: pack when every routed weight is constant and the shapes agree.
   if (present[kW1] && present[kW2] && all_const({kW1, kW2, kW3, kB1, kB2, kB3}) &&
@@ -542,7 +544,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) routed_ = PackAll(RoutedSource(a, in, E, D, I), true, keep_half);
+    if (ok) routed_ = PackAll(RoutedSource(a, in, E, D, I), true, keep_half_);
   }
   // Shared expert.
   if (present[kSharedW1] && present[kSharedW2] && all_const({kSharedW1, kSharedW2, kSharedW3}) &&
@@ -561,7 +563,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kSharedW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) shared_ = PackAll(SharedSource(a, in, D, Is), false, keep_half);
+    if (ok) shared_ = PackAll(SharedSource(a, in, D, Is), false, keep_half_);
   }
 }
 
@@ -632,7 +634,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   FFNView routed_call;
   const FFNView* rview = routed_packed ? &routed_->view : &routed_call;
   if (!routed_packed) {
-    routed_call.g = FFNGeometry::Make(rsrc, true);
+    routed_call.g = FFNGeometry::Make(rsrc, true, keep_half_);
     routed_call.w1.assign(E, nullptr);
     routed_call.w2.assign(E, nullptr);
     routed_call.b1.assign(E, nullptr);
@@ -648,7 +650,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     if (shared_ && SameGeometry(shared_->view.g, 1, D, Is)) {
       sview = &shared_->view;
     } else {
-      shared_call.g = FFNGeometry::Make(ssrc, false);
+      shared_call.g = FFNGeometry::Make(ssrc, false, keep_half_);
       shared_call.w1.assign(1, nullptr);
       shared_call.w2.assign(1, nullptr);
       shared_call.b1.assign(1, nullptr);
@@ -684,9 +686,9 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const size_t o_comb = cv.Add<float>(nblocks * ((f32 ? 0 : D) + direct_tmp));
   // per-call packing: sized after routing (active experts unknown yet): reserve the worst case
   const int64_t max_active = std::min<int64_t>(E, T * K);
-  const int64_t r_pack = routed_packed ? 0 : max_active * SlotFloats(rg);
-  const int64_t s_pack = (sview && sview == &shared_call) ? SlotFloats(sview->g) : 0;
-  const size_t o_pack = cv.Add<float>(r_pack + s_pack);
+  const int64_t r_pack = routed_packed ? 0 : max_active * SlotBytes(rg);
+  const int64_t s_pack = (sview && sview == &shared_call) ? SlotBytes(sview->g) : 0;
+  const size_t o_pack = cv.Add<char>(r_pack + s_pack);
 
   Arena* arena = AcquireArena();
   struct ArenaGuard {
@@ -718,7 +720,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   float* act = static_cast<float*>(at(o_act));
   float* outb = static_cast<float*>(at(o_out));
   float* comb = static_cast<float*>(at(o_comb));
-  float* pack = static_cast<float*>(at(o_pack));
+  char* pack = static_cast<char*>(at(o_pack));
 
   const float* X32 = f32 ? static_cast<const float*>(in[kX].data) : xf;
   if (has_sgate) ToFloat(in[kSharedGate].data, t_type, gatev, D);
@@ -793,7 +795,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
       if (offs[e + 1] == offs[e]) continue;
       groups.push_back(Group{rview, e, offs[e], offs[e + 1] - offs[e]});
       if (!routed_packed) {
-        AssignSlot(rg, pack + slot * SlotFloats(rg), &routed_call, e);
+        AssignSlot(rg, pack + slot * SlotBytes(rg), &routed_call, e);
         ++slot;
       }
     }
@@ -805,7 +807,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
     int64_t slot = 0;
     for (int64_t e = 0; e < E; ++e) {
       if (!used[e]) continue;
-      AssignSlot(rg, pack + slot * SlotFloats(rg), &routed_call, e);
+      AssignSlot(rg, pack + slot * SlotBytes(rg), &routed_call, e);
       ++slot;
     }
   }

@@ -108,6 +108,7 @@ class MoEFFNCpuKernel {
   std::string node_name_;
   MoEFFNAttrs attrs_;
   const cpu::Kernels* kernels_ = nullptr;
+  bool keep_half_ = false;  // 16-bit weights packed as stored (FFNGeometry::Make)
   std::unique_ptr<PackedFFN> routed_;  // null: weights are not constant, packed per call
   std::unique_ptr<PackedFFN> shared_;
   std::mutex arena_mu_;

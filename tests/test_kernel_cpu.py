@@ -253,7 +253,8 @@ ISAS = ["avx512", "avx2", "generic", "blas"]
 def test_half_weights_packed_as_stored(isa, dtype, monkeypatch):
     """16-bit weights are packed in their own type and widened as they are loaded: the products
     are those of the float32 packing (MOEFUSE_CPU_WEIGHTS=float32), bit for bit, in every chunk
-    layout (gated halves, interleaved and separate, plain; both weight layouts; D and I tails)."""
+    layout (gated halves, interleaved and separate, plain; both weight layouts; D and I tails),
+    whether packed once (constant weights) or per call (weights fed as inputs)."""
     monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
     for name, changes in BIG:
         attrs = MoEFFNAttrs(k=2).replace(**changes)
@@ -261,12 +262,13 @@ def test_half_weights_packed_as_stored(isa, dtype, monkeypatch):
         inputs = random_inputs(attrs, 130, 136, inter, 3, biases=True, shared_inter=72,
                                shared_gate=True, dtype=dtype, seed=11)
         model = make_moeffn_model(attrs, inputs)
-        got = {}
-        for weights in ("model", "float32"):
-            monkeypatch.setenv("MOEFUSE_CPU_WEIGHTS", weights)
-            got[weights] = run(kernel_session(model, 2), feeds(inputs), {"Y": inputs["X"].shape})[0]
-        assert np.array_equal(got["model"].view(np.uint16), got["float32"].view(np.uint16)), name
-        np.testing.assert_allclose(f32(got["model"]), f32(moeffn(attrs, **inputs)), rtol=8e-2, atol=8e-2)
+        for packed, m, f in (("once", model, feeds(inputs)), ("per call", weights_as_inputs(model), inputs)):
+            got = {}
+            for weights in ("model", "float32"):
+                monkeypatch.setenv("MOEFUSE_CPU_WEIGHTS", weights)
+                got[weights] = run(kernel_session(m, 2), f, {"Y": inputs["X"].shape})[0]
+            assert np.array_equal(got["model"].view(np.uint16), got["float32"].view(np.uint16)), (name, packed)
+            np.testing.assert_allclose(f32(got["model"]), f32(moeffn(attrs, **inputs)), rtol=8e-2, atol=8e-2)
 
 
 _RSS_SCRIPT = """
