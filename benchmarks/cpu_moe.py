@@ -3,8 +3,8 @@ onnxruntime, side by side, with the same weights.
 
 Columns (time per call of one MoE layer; the router projection is outside the MoE ops):
   kernel    moefuse.MoEFFN on the custom-op library (moefuse.session_options())
-  kernel_f32w  the same, float16 / bfloat16 weights widened to float32 when packed
-            (MOEFUSE_CPU_WEIGHTS=float32, the layout before 16-bit packing); half types only
+  kernel_f32w  the same, weights packed as float32 (MOEFUSE_CPU_WEIGHTS=float32, the layout
+            before 16-bit packing); for half types, and for float32 with --bf16-valued-weights
   ort_moe   onnxruntime's com.microsoft.MoE (CPU kernel; interleaved SwiGLU, fc1 [E, 2I, H])
   fallback  the same MoEFFN model without the library: the embedded ONNX function (dense)
   unfused   a transformers Mixtral block (experts_implementation="batched_mm") exported with
@@ -262,6 +262,9 @@ def main(argv=None):
     p.add_argument("--rotate", type=int, default=1,
                    help="cycle through this many inputs per cell (1: the same input every call)")
     p.add_argument("--skip-efficiency", action="store_true")
+    p.add_argument("--bf16-valued-weights", action="store_true",
+                   help="round the weights to bfloat16 values (a float32 export of a bfloat16 "
+                        "checkpoint), which the kernel packs as bfloat16 in every type")
     p.add_argument("--unfused-max-gb", type=float, default=12.0,
                    help="skip unfused cells whose gathered expert weights exceed this")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -294,7 +297,8 @@ def main(argv=None):
                     "onnxruntime": ort.__version__, "blas": f"scipy-openblas32 ({blas.corename})",
                     "intra_op_threads": threads or "onnxruntime default",
                     "cpu_isa": os.environ.get("MOEFUSE_CPU_ISA", "auto"),
-                    "rotate_inputs": args.rotate},
+                    "rotate_inputs": args.rotate,
+                    "bf16_valued_weights": args.bf16_valued_weights},
         "rows": [], "efficiency": [], "notes": [],
     }
     tmp_root = tempfile.TemporaryDirectory(prefix="moefuse_bench_")
@@ -303,6 +307,9 @@ def main(argv=None):
         for si, (H, I, E, k) in enumerate(shapes):
             print(f"shape H={H} I={I} E={E} k={k}", flush=True)
             w = make_weights(H, I, E)
+            if args.bf16_valued_weights:
+                for name in ("w1", "w2"):
+                    w[name] = w[name].astype(_bf16()).astype(np.float32)
             attrs = MoEFFNAttrs(k=k, routing="softmax_topk", normalize_topk=1,
                                 gate_up_layout="interleaved", weight_layout="out_in")
             for dtype_name in dtypes:
@@ -313,7 +320,8 @@ def main(argv=None):
                 rows = {T: {"shape": [H, I, E, k], "dtype": dtype_name, "tokens": T} for T in tokens}
                 # kernel and com.microsoft.MoE are timed in alternating rounds, so that both see
                 # the same machine state (memory bandwidth here varies from minute to minute)
-                paired = ("kernel", "kernel_f32w", "ort_moe") if dtype_name != "float32" else ("kernel", "ort_moe")
+                both = dtype_name != "float32" or args.bf16_valued_weights
+                paired = ("kernel", "kernel_f32w", "ort_moe") if both else ("kernel", "ort_moe")
                 groups = [[c for c in paired if c in columns],
                           [c for c in ("fallback",) if c in columns],
                           [c for c in ("unfused",) if c in columns and dtype_name == "float32"]]

@@ -274,13 +274,16 @@ Col FirstProjCol(const FFNSource& s, int64_t i, bool up) {
 }
 
 // Element (in = d, out = n) of expert e of a stored projection with `in_dim` inputs and
-// `out_dim` outputs, as W: float32, or the stored 16-bit value itself.
+// `out_dim` outputs, as W: float32, or its 16 bits (the stored float16 / bfloat16 value, or the
+// upper half of a float32 that holds a bfloat16 value).
 template <class W>
 inline W ProjAt(const FFNSource& s, const void* w, int64_t e, int64_t d, int64_t n, int64_t in_dim,
                 int64_t out_dim) {
   const int64_t idx = s.in_out ? (e * in_dim + d) * out_dim + n : (e * out_dim + n) * in_dim + d;
   if constexpr (std::is_same_v<W, float>) {
     return LoadAsFloat(w, idx, s.elem_type);
+  } else if (s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {  // bf16_values: the upper half
+    return static_cast<uint16_t>(static_cast<const uint32_t*>(w)[idx] >> 16);
   } else {
     return static_cast<const uint16_t*>(w)[idx];
   }
@@ -349,6 +352,7 @@ FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct, bool keep_h
     g.nc2 = CeilDiv(s.D, cpu::kChunk);
     if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) g.wtype = cpu::kWeightF16;
     if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) g.wtype = cpu::kWeightBF16;
+    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && s.bf16_values) g.wtype = cpu::kWeightBF16;
   }
   return g;
 }
@@ -451,6 +455,20 @@ void AssignSlot(const FFNGeometry& g, char* slot, FFNView* view, int64_t e) {
   view->b2[e] = g.has_b2 ? reinterpret_cast<float*>(slot) : nullptr;
 }
 
+// Whether a float32 tensor holds only bfloat16 values (the low 16 bits of every element zero), as
+// a float32 export of a bfloat16 checkpoint does: such weights pack as bfloat16, losslessly.
+bool HoldsBf16Values(const Value& v) {
+  if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return false;
+  const uint32_t* p = static_cast<const uint32_t*>(v.data);
+  const int64_t n = Numel(v.dims);
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // blocks: an early answer for the usual float32 weights
+    uint32_t low = 0;
+    for (int64_t i = i0, i1 = std::min<int64_t>(n, i0 + 4096); i < i1; ++i) low |= p[i];
+    if (low & 0xffffu) return false;
+  }
+  return true;
+}
+
 bool SameGeometry(const FFNGeometry& g, int64_t E, int64_t D, int64_t I) {
   return g.E == E && g.D == D && g.I == I;
 }
@@ -526,6 +544,12 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     return true;
   };
   auto dims_are = [&](int i, std::vector<int64_t> want) { return !present[i] || in[i].dims == want; };
+  auto bf16_values = [&](std::initializer_list<int> idx) {
+    if (!keep_half_) return false;
+    for (int i : idx)
+      if (present[i] && !HoldsBf16Values(in[i])) return false;
+    return true;
+  };
 
   // Routed experts: pack when every routed weight is constant and the shapes agree.
   if (present[kW1] && present[kW2] && all_const({kW1, kW2, kW3, kB1, kB2, kB3}) &&
@@ -544,7 +568,11 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) routed_ = PackAll(RoutedSource(a, in, E, D, I), true, keep_half_);
+    if (ok) {
+      FFNSource src = RoutedSource(a, in, E, D, I);
+      src.bf16_values = bf16_values({kW1, kW2, kW3});
+      routed_ = PackAll(src, true, keep_half_);
+    }
   }
   // Shared expert.
   if (present[kSharedW1] && present[kSharedW2] && all_const({kSharedW1, kSharedW2, kSharedW3}) &&
@@ -563,7 +591,11 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kSharedW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) shared_ = PackAll(SharedSource(a, in, D, Is), false, keep_half_);
+    if (ok) {
+      FFNSource src = SharedSource(a, in, D, Is);
+      src.bf16_values = bf16_values({kSharedW1, kSharedW2, kSharedW3});
+      shared_ = PackAll(src, false, keep_half_);
+    }
   }
 }
 

@@ -41,6 +41,7 @@ struct FFNSource {
   const void* b2 = nullptr;
   const void* b3 = nullptr;
   int elem_type = 1;
+  bool bf16_values = false;  // float32 weights that all hold bfloat16 values (low 16 bits zero)
   bool in_out = false;
   bool gated = true;
   GateUpLayout gate_up = GateUpLayout::kHalves;  // kSeparate when w3 is given
@@ -60,7 +61,8 @@ struct FFNGeometry {
   bool has_b1 = false, has_b2 = false;
   int wtype = cpu::kWeightF32;  // elements of the packed w1 and w2 (biases are float32)
 
-  // keep_half: pack float16 / bfloat16 weights in their own type (chunked layout only).
+  // keep_half: pack float16 / bfloat16 weights in their own type, and float32 weights that are
+  // all bfloat16 values as bfloat16 (chunked layout only; both lossless).
   static FFNGeometry Make(const FFNSource& s, bool allow_direct, bool keep_half = false);
   int64_t WeightBytes() const { return cpu::WeightBytes(wtype); }
   // Elements per expert of each packed array.

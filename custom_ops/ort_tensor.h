@@ -20,6 +20,13 @@ struct Value {
   std::vector<int64_t> dims;
 };
 
+// Elements of a tensor of these dims.
+inline int64_t Numel(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) n *= d;
+  return n;
+}
+
 // Fills *out from v. Returns false when onnxruntime cannot describe it (*out is then not valid).
 inline bool Describe(const OrtApi* api, const OrtValue* v, Value* out) {
   OrtTensorTypeAndShapeInfo* info = nullptr;

@@ -72,12 +72,6 @@ DType ToDType(int t) {
   return DType::kF32;
 }
 
-int64_t Numel(const std::vector<int64_t>& d) {
-  int64_t n = 1;
-  for (int64_t v : d) n *= v;
-  return n;
-}
-
 // 256-byte aligned sub-buffers of one allocation.
 class Carver {
  public:
