@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -59,7 +60,25 @@ def _library(checks: list[Check]) -> Optional[str]:
         checks.append(Check("library", "failed", str(e)))
         return None
     checks.append(Check("library", "ok", path))
+    _cpu_kernels(checks)
     return path
+
+
+CPU_ISA_TEXT = {"avx512": "AVX-512 micro-kernels", "avx2": "AVX2 + FMA micro-kernels",
+                "generic": "portable micro-kernels", "blas": "an OpenBLAS sgemm per tile"}
+
+
+def _cpu_kernels(checks: list[Check]) -> None:
+    from .runtime import cpu_kernels
+
+    k = cpu_kernels()
+    if k is None:
+        return
+    forced = " (MOEFUSE_CPU_ISA)" if os.environ.get("MOEFUSE_CPU_ISA") else ""
+    packing = ("float16 / bfloat16 weights packed 16-bit" if k["half_weights"]
+               else "weights packed as float32")
+    checks.append(Check("CPU kernels", "info",
+                        f"{k['isa']}{forced}: {CPU_ISA_TEXT.get(k['isa'], k['isa'])}; {packing}"))
 
 
 def _run_node(provider: str, dtype: str) -> tuple[float, list[str], set[str], str]:

@@ -127,6 +127,23 @@ def cuda_build() -> Optional[dict]:
     return {"archs": lib.MoefuseCudaArchs().decode().split(","), "device": device}
 
 
+def cpu_kernels() -> Optional[dict]:
+    """The CPU kernel's inner loops in this process: ``{"isa": "avx512" | "avx2" | "generic" |
+    "blas", "half_weights": ...}`` (the best the CPU runs, or ``$MOEFUSE_CPU_ISA``'s choice), and
+    whether float16 / bfloat16 weights, and float32 ones that hold bfloat16 values, stay 16-bit
+    in the packed copy (not with ``blas``, nor with ``MOEFUSE_CPU_WEIGHTS=float32``). None for
+    a library from before these were reported."""
+    import ctypes
+
+    _load_blas()
+    lib = ctypes.CDLL(library_path())
+    if not hasattr(lib, "MoefuseCpuKernels"):
+        return None
+    lib.MoefuseCpuKernels.restype = ctypes.c_char_p
+    half = bool(lib.MoefuseCpuHalfWeights()) and os.environ.get("MOEFUSE_CPU_WEIGHTS") != "float32"
+    return {"isa": lib.MoefuseCpuKernels().decode(), "half_weights": half}
+
+
 def describe_cuda_build(build: Optional[dict]) -> str:
     """One sentence on a ``cuda_build()`` result: the architectures, and what of the sm_90a code
     the GPU runs ("" without a GPU or CUDA kernels)."""

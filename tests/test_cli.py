@@ -435,6 +435,20 @@ def test_doctor_runs_the_cpu_kernel_and_says_what_cuda_lacks():
         assert code == 1 and "failed   CUDA provider" in out, out
 
 
+@pytest.mark.parametrize("isa,packing", [("generic", "float16 / bfloat16 weights packed 16-bit"),
+                                          ("blas", "weights packed as float32")])
+def test_doctor_names_the_cpu_kernels(monkeypatch, isa, packing):
+    """The CPU kernel's inner loops as the library picks them (here forced), and how it packs
+    16-bit weights; the node check runs on them."""
+    monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
+    code, out = invoke("doctor", "-q")
+    assert f"info     CPU kernels              {isa} (MOEFUSE_CPU_ISA): " in out, out
+    assert packing in out and "ok       MoEFFN on CPU (float32)" in out, out
+    monkeypatch.setenv("MOEFUSE_CPU_WEIGHTS", "float32")
+    code, out = invoke("doctor", "-q")
+    assert "weights packed as float32" in out, out
+
+
 def test_doctor_json():
     code, out = invoke("doctor", "-q", "--json")
     report = json.loads(out)
