@@ -282,7 +282,8 @@ inline W ProjAt(const FFNSource& s, const void* w, int64_t e, int64_t d, int64_t
   const int64_t idx = s.in_out ? (e * in_dim + d) * out_dim + n : (e * out_dim + n) * in_dim + d;
   if constexpr (std::is_same_v<W, float>) {
     return LoadAsFloat(w, idx, s.elem_type);
-  } else if (s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {  // bf16_values: the upper half
+  } else if (s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {  // exact_16bit: the same value
+    if (s.exact_16bit == cpu::kWeightF16) return FloatToFp16(static_cast<const float*>(w)[idx]);
     return static_cast<uint16_t>(static_cast<const uint32_t*>(w)[idx] >> 16);
   } else {
     return static_cast<const uint16_t*>(w)[idx];
@@ -352,7 +353,7 @@ FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct, bool keep_h
     g.nc2 = CeilDiv(s.D, cpu::kChunk);
     if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) g.wtype = cpu::kWeightF16;
     if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) g.wtype = cpu::kWeightBF16;
-    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && s.bf16_values) g.wtype = cpu::kWeightBF16;
+    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) g.wtype = s.exact_16bit;
   }
   return g;
 }
@@ -455,10 +456,9 @@ void AssignSlot(const FFNGeometry& g, char* slot, FFNView* view, int64_t e) {
   view->b2[e] = g.has_b2 ? reinterpret_cast<float*>(slot) : nullptr;
 }
 
-// Whether a float32 tensor holds only bfloat16 values (the low 16 bits of every element zero), as
-// a float32 export of a bfloat16 checkpoint does: such weights pack as bfloat16, losslessly.
+// Whether every element of a float32 tensor is a bfloat16 value (its low 16 bits zero), as in a
+// float32 export of a bfloat16 checkpoint: such weights pack as bfloat16, losslessly.
 bool HoldsBf16Values(const Value& v) {
-  if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return false;
   const uint32_t* p = static_cast<const uint32_t*>(v.data);
   const int64_t n = Numel(v.dims);
   for (int64_t i0 = 0; i0 < n; i0 += 4096) {  // blocks: an early answer for the usual float32 weights
@@ -467,6 +467,29 @@ bool HoldsBf16Values(const Value& v) {
     if (low & 0xffffu) return false;
   }
   return true;
+}
+
+// Whether every element of a float32 tensor is a float16 value (it converts to float16 and back
+// to the same bits), as in a float32 export of a float16 checkpoint.
+bool HoldsFp16Values(const Value& v) {
+  const float* p = static_cast<const float*>(v.data);
+  const int64_t n = Numel(v.dims);
+  for (int64_t i = 0; i < n; ++i) {
+    if (FloatToBits(Fp16ToFloat(FloatToFp16(p[i]))) != FloatToBits(p[i])) return false;
+  }
+  return true;
+}
+
+// The 16-bit type (cpu::WeightType) that holds every value of these float32 weights, else
+// kWeightF32.
+int Exact16BitType(const std::vector<const Value*>& weights) {
+  auto all = [&](bool (*holds)(const Value&)) {
+    return std::all_of(weights.begin(), weights.end(), [&](const Value* v) { return holds(*v); });
+  };
+  if (!all([](const Value& v) { return v.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; })) return cpu::kWeightF32;
+  if (all(HoldsBf16Values)) return cpu::kWeightBF16;
+  if (all(HoldsFp16Values)) return cpu::kWeightF16;
+  return cpu::kWeightF32;
 }
 
 bool SameGeometry(const FFNGeometry& g, int64_t E, int64_t D, int64_t I) {
@@ -544,11 +567,11 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     return true;
   };
   auto dims_are = [&](int i, std::vector<int64_t> want) { return !present[i] || in[i].dims == want; };
-  auto bf16_values = [&](std::initializer_list<int> idx) {
-    if (!keep_half_) return false;
+  auto present_values = [&](std::initializer_list<int> idx) {
+    std::vector<const Value*> out;
     for (int i : idx)
-      if (present[i] && !HoldsBf16Values(in[i])) return false;
-    return true;
+      if (present[i]) out.push_back(&in[i]);
+    return out;
   };
 
   // Routed experts: pack when every routed weight is constant and the shapes agree.
@@ -570,7 +593,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
     if (ok) {
       FFNSource src = RoutedSource(a, in, E, D, I);
-      src.bf16_values = bf16_values({kW1, kW2, kW3});
+      if (keep_half_) src.exact_16bit = Exact16BitType(present_values({kW1, kW2, kW3}));
       routed_ = PackAll(src, true, keep_half_);
     }
   }
@@ -593,7 +616,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
     if (ok) {
       FFNSource src = SharedSource(a, in, D, Is);
-      src.bf16_values = bf16_values({kSharedW1, kSharedW2, kSharedW3});
+      if (keep_half_) src.exact_16bit = Exact16BitType(present_values({kSharedW1, kSharedW2, kSharedW3}));
       shared_ = PackAll(src, false, keep_half_);
     }
   }

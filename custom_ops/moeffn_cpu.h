@@ -41,7 +41,9 @@ struct FFNSource {
   const void* b2 = nullptr;
   const void* b3 = nullptr;
   int elem_type = 1;
-  bool bf16_values = false;  // float32 weights that all hold bfloat16 values (low 16 bits zero)
+  // float32 weights that all hold values of a 16-bit type (a float32 export of a bfloat16 or
+  // float16 checkpoint): that type (cpu::WeightType), else kWeightF32
+  int exact_16bit = cpu::kWeightF32;
   bool in_out = false;
   bool gated = true;
   GateUpLayout gate_up = GateUpLayout::kHalves;  // kSeparate when w3 is given

@@ -251,31 +251,34 @@ ISAS = ["avx512", "avx2", "generic", "blas"]
 WEIGHT_MATRICES = ("w1", "w2", "w3", "shared_w1", "shared_w2", "shared_w3")
 
 
-def bf16_valued(inputs: dict) -> dict:
-    """float32 inputs whose weight matrices hold bfloat16 values, as a float32 export of a
-    bfloat16 checkpoint does."""
-    return {n: a.astype(ml_dtypes.bfloat16).astype(np.float32) if n in WEIGHT_MATRICES else a
+def valued(inputs: dict, half) -> dict:
+    """float32 inputs whose weight matrices hold values of the 16-bit type `half`, as a float32
+    export of a bfloat16 or float16 checkpoint does."""
+    return {n: a.astype(half).astype(np.float32) if n in WEIGHT_MATRICES else a
             for n, a in inputs.items()}
 
 
+HALF_VALUED = {"float32_bf16_valued": ml_dtypes.bfloat16, "float32_f16_valued": np.float16}
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, "bf16_valued"],
-                         ids=["float16", "bfloat16", "float32_bf16_valued"])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, *HALF_VALUED],
+                         ids=["float16", "bfloat16", *HALF_VALUED])
 def test_half_weights_packed_as_stored(isa, dtype, monkeypatch):
     """16-bit weights are packed in their own type, and float32 weights that all hold bfloat16
-    values as bfloat16, and widened as they are loaded: the products are those of the float32
-    packing (MOEFUSE_CPU_WEIGHTS=float32), bit for bit, in every chunk layout (gated halves,
-    interleaved and separate, plain; both weight layouts; D and I tails), whether packed once
-    (constant weights) or per call (weights fed as inputs)."""
+    (or float16) values as bfloat16 (float16), and widened as they are loaded: the products are
+    those of the float32 packing (MOEFUSE_CPU_WEIGHTS=float32), bit for bit, in every chunk
+    layout (gated halves, interleaved and separate, plain; both weight layouts; D and I tails),
+    whether packed once (constant weights) or per call (weights fed as inputs)."""
     monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
     for name, changes in BIG:
         attrs = MoEFFNAttrs(k=2).replace(**changes)
         inter = 1 if name.startswith("rank1") else 40
         inputs = random_inputs(attrs, 130, 136, inter, 3, biases=True, shared_inter=72,
                                shared_gate=True, seed=11,
-                               dtype=np.float32 if dtype == "bf16_valued" else dtype)
-        if dtype == "bf16_valued":
-            inputs = bf16_valued(inputs)
+                               dtype=np.float32 if dtype in HALF_VALUED else dtype)
+        if dtype in HALF_VALUED:
+            inputs = valued(inputs, HALF_VALUED[dtype])
         model = make_moeffn_model(attrs, inputs)
         for packed, m, f in (("once", model, feeds(inputs)), ("per call", weights_as_inputs(model), inputs)):
             got = {}
@@ -301,10 +304,11 @@ def rss():
 attrs = MoEFFNAttrs(k=2)
 if sys.argv[1] == "bfloat16":
     inputs = random_inputs(attrs, 1, 1024, 1024, 8, dtype=ml_dtypes.bfloat16, seed=0)
-else:  # float32 weights holding bfloat16 values
+else:  # float32 weights holding bfloat16 (float16) values
     inputs = random_inputs(attrs, 1, 1024, 1024, 8, seed=0)
+    half = ml_dtypes.bfloat16 if sys.argv[1] == "float32_bf16_valued" else np.float16
     for n in ("w1", "w2"):
-        inputs[n] = inputs[n].astype(ml_dtypes.bfloat16).astype(np.float32)
+        inputs[n] = inputs[n].astype(half).astype(np.float32)
 data = make_moeffn_model(attrs, inputs).SerializeToString()
 del inputs
 before = rss()
@@ -314,12 +318,12 @@ print(rss() - before)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
-@pytest.mark.parametrize("weights_dtype", ["bfloat16", "float32_bf16_valued"])
+@pytest.mark.parametrize("weights_dtype", ["bfloat16", *HALF_VALUED])
 def test_half_weights_take_half_the_packed_memory(weights_dtype):
     """The session of a layer of 8 experts (8 x 3 x 1024 x 1024 weights) grows by its packed copy:
-    by 48 MiB less with bfloat16 packing than with float32 packing, for bfloat16 weights and for
-    float32 weights that hold bfloat16 values (each in a fresh process, so that freed memory is
-    not reused)."""
+    by 48 MiB less with 16-bit packing than with float32 packing, for bfloat16 weights and for
+    float32 weights that hold bfloat16 or float16 values (each in a fresh process, so that freed
+    memory is not reused)."""
     import subprocess
     import sys
 
