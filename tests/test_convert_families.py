@@ -12,13 +12,16 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from exports import EXPORTERS, VOCAB, export_family_block, export_family_decoder, run_onnx
 from families import FAMILIES
 from moefuse.compare import max_relative_error
 from moefuse.converter import convert_model
 from moefuse.diff import summary
+from moefuse.spec import INPUT_NAMES
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 DECODERS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "granitemoe"]
@@ -111,3 +114,48 @@ def test_sparsemixer_threshold_read_off_the_graph(eps, exporter, tmp_path):
     assert b.attrs.routing == "sparsemixer"
     assert b.attrs.jitter_eps == float(np.float32(eps))
     assert b.traits[:3] == ["sparsemixer", "k=2", f"eps {eps:g}"]  # no "+norm": it has no effect
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
+def test_bfloat16_checkpoint_in_float32(family, tmp_path, monkeypatch):
+    """A float32 export of a bfloat16 checkpoint (the block's parameters rounded to bfloat16
+    values, as loading a bfloat16 checkpoint in float32 leaves them), converted and run on the
+    library's CPU kernel: it packs the expert weights as bfloat16 (GPT-OSS: interleaved in_out
+    with biases; Qwen2-MoE: a gated shared expert too) and gives bit for bit the output of
+    float32 packing, which matches the original export in stock onnxruntime."""
+    import torch
+
+    from exports import export_module, first_output
+    from moefuse.runtime import library_path, session_options
+
+    try:
+        library_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    fam = FAMILIES[family]
+    module = fam.build(seed=0, impl="batched_mm")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    example = torch.randn(2, 5, fam.hidden, generator=torch.Generator().manual_seed(0))
+    model = export_module(first_output(module), example, tmp_path / "block.onnx", "torchscript")
+    conv = converted(model)
+    # the converter keeps them bfloat16 values (re-layouts move values, never round them), so
+    # the kernel's check (test_kernel_cpu.py) finds them so
+    inits = {t.name: t for t in conv.model.graph.initializer}
+    (node,) = [n for n in conv.model.graph.node if n.op_type == "MoEFFN"]
+    matrices = [name for slot, name in zip(INPUT_NAMES, node.input)
+                if slot in ("w1", "w2", "w3", "shared_w1", "shared_w2", "shared_w3") and name]
+    assert len(matrices) == (5 if family == "qwen2_moe" else 2), matrices
+    for name in matrices:
+        w = numpy_helper.to_array(inits[name])
+        assert w.dtype == np.float32 and not (w.view(np.uint32) & 0xFFFF).any(), name
+    x = np.random.default_rng(3).standard_normal((3, 11, fam.hidden), dtype=np.float32)
+    got = {}
+    for weights in ("model", "float32"):
+        monkeypatch.setenv("MOEFUSE_CPU_WEIGHTS", weights)
+        sess = ort.InferenceSession(conv.model.SerializeToString(), session_options(log_severity_level=3),
+                                    providers=["CPUExecutionProvider"])
+        got[weights] = sess.run(None, {"x": x})[0]
+    assert np.array_equal(got["model"].view(np.uint32), got["float32"].view(np.uint32))
+    assert max_relative_error(run_onnx(model, {"x": x}), got["model"]) < 1e-5
