@@ -150,8 +150,8 @@ def describe_cuda_build(build: Optional[dict]) -> str:
     if not build or not build.get("device"):
         return ""
     archs = ", ".join(build["archs"])
-    if not build["device"]["runs"]:
-        cc = build["device"]["capability"]
+    if not build["device"].get("runs", True):  # (results from before it was reported ran)
+        cc = build["device"].get("capability")
         need = ("its kernels need compute capability 8.0 or newer" if cc and float(cc) < 8.0
                 else "rebuild it with MOEFUSE_CUDA_ARCHS naming this GPU's")
         return (f"MoEFFN's library: CUDA code for {archs}; this GPU (compute capability {cc}) "

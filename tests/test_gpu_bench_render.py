@@ -276,5 +276,9 @@ def test_the_table_says_what_of_the_library_the_gpu_ran():
     assert ("MoEFFN's library: CUDA code for 80; this GPU runs none of its sm_90a code (the mma "
             "grouped GEMM, skinny and SIMT paths).") in gpu_moe.table(records, ptx)
     assert "MoEFFN's library" not in gpu_moe.table(records, meta)
+    turing = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": {
+        "capability": "7.5", "runs": False, "wgmma": False, "fused_decode": False, "pdl": False}})
+    assert ("MoEFFN's library: CUDA code for 80, 90a; this GPU (compute capability 7.5) runs none "
+            "of it: its kernels need compute capability 8.0 or newer.") in gpu_moe.table(records, turing)
     no_gpu = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": None})
     assert "MoEFFN's library" not in gpu_moe.table(records, no_gpu)
