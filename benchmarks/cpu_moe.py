@@ -264,7 +264,7 @@ def main(argv=None):
     p.add_argument("--skip-efficiency", action="store_true")
     p.add_argument("--bf16-valued-weights", action="store_true",
                    help="round the weights to bfloat16 values (a float32 export of a bfloat16 "
-                        "checkpoint), which the kernel packs as bfloat16 in every type")
+                        "checkpoint), which the kernel packs as bfloat16 in float32 and bfloat16")
     p.add_argument("--unfused-max-gb", type=float, default=12.0,
                    help="skip unfused cells whose gathered expert weights exceed this")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -363,11 +363,15 @@ def _build(col, attrs, w, dtype, H, I, E, k, tokens, so, tmp, args, notes):
         if col == "kernel":
             return session(moeffn_model(attrs, w, dtype, H, E), so(True), tmp), None
         if col == "kernel_f32w":  # read when the kernel packs its weights, at session creation
+            before = os.environ.get("MOEFUSE_CPU_WEIGHTS")
             os.environ["MOEFUSE_CPU_WEIGHTS"] = "float32"
             try:
                 return session(moeffn_model(attrs, w, dtype, H, E), so(True), tmp), None
             finally:
-                del os.environ["MOEFUSE_CPU_WEIGHTS"]
+                if before is None:
+                    del os.environ["MOEFUSE_CPU_WEIGHTS"]
+                else:
+                    os.environ["MOEFUSE_CPU_WEIGHTS"] = before
         if col == "fallback":
             return session(moeffn_model(attrs, w, dtype, H, E), so(False), tmp), None
         if col == "ort_moe":

@@ -65,6 +65,10 @@ struct Kernels {
 // The best kernels this CPU supports (or the ones MOEFUSE_CPU_ISA=avx512|avx2|generic asks for).
 const Kernels& Select();
 
+// Whether weights of 16-bit values stay 16-bit when packed for `k`: k reads them, and
+// MOEFUSE_CPU_WEIGHTS=float32 does not ask for float32 packing.
+bool PacksHalfWeights(const Kernels& k);
+
 // Per-ISA tables (null when not compiled in).
 const Kernels* GenericKernels();
 const Kernels* Avx2Kernels();

@@ -114,5 +114,10 @@ const Kernels* GenericKernels() { return &kTable; }
 
 const Kernels& Select() { return Choose(); }
 
+bool PacksHalfWeights(const Kernels& k) {
+  const char* v = std::getenv("MOEFUSE_CPU_WEIGHTS");
+  return k.half_weights && !(v && !std::strcmp(v, "float32"));
+}
+
 }  // namespace cpu
 }  // namespace moefuse

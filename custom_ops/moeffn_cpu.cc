@@ -282,7 +282,8 @@ inline W ProjAt(const FFNSource& s, const void* w, int64_t e, int64_t d, int64_t
   const int64_t idx = s.in_out ? (e * in_dim + d) * out_dim + n : (e * out_dim + n) * in_dim + d;
   if constexpr (std::is_same_v<W, float>) {
     return LoadAsFloat(w, idx, s.elem_type);
-  } else if (s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {  // exact_16bit: the same value
+  } else if (s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    // only where every value is one of the 16-bit type (Make sets wtype = exact_16bit): exact
     if (s.exact_16bit == cpu::kWeightF16) return FloatToFp16(static_cast<const float*>(w)[idx]);
     return static_cast<uint16_t>(static_cast<const uint32_t*>(w)[idx] >> 16);
   } else {
@@ -516,10 +517,7 @@ OrtStatus* MoEFFNCpuKernel::Create(const OrtApi* api, const OrtKernelInfo* info,
   std::string err = CheckAttrs(k->attrs_, k->node_name_);
   if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
   k->kernels_ = &cpu::Select();
-  // float16 / bfloat16 weights stay 16-bit in the packed chunks (half the bytes of float32 to
-  // keep and to stream) unless MOEFUSE_CPU_WEIGHTS=float32 asks for the widened layout.
-  const char* weights_env = std::getenv("MOEFUSE_CPU_WEIGHTS");
-  k->keep_half_ = k->kernels_->half_weights && !(weights_env && std::strcmp(weights_env, "float32") == 0);
+  k->keep_half_ = cpu::PacksHalfWeights(*k->kernels_);  // half the bytes to keep and to stream
   try {
     k->TryPrepack(info);
   } catch (const std::bad_alloc&) {
@@ -567,11 +565,16 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     return true;
   };
   auto dims_are = [&](int i, std::vector<int64_t> want) { return !present[i] || in[i].dims == want; };
-  auto present_values = [&](std::initializer_list<int> idx) {
-    std::vector<const Value*> out;
-    for (int i : idx)
-      if (present[i]) out.push_back(&in[i]);
-    return out;
+  // Packs `src`, whose matrices are the inputs `matrices`; float32 ones that all hold values of a
+  // 16-bit type pack as that type.
+  auto pack = [&](FFNSource src, std::initializer_list<int> matrices, bool allow_direct) {
+    if (keep_half_) {
+      std::vector<const Value*> values;
+      for (int i : matrices)
+        if (present[i]) values.push_back(&in[i]);
+      src.exact_16bit = Exact16BitType(values);
+    }
+    return PackAll(src, allow_direct, keep_half_);
   };
 
   // Routed experts: pack when every routed weight is constant and the shapes agree.
@@ -591,11 +594,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) {
-      FFNSource src = RoutedSource(a, in, E, D, I);
-      if (keep_half_) src.exact_16bit = Exact16BitType(present_values({kW1, kW2, kW3}));
-      routed_ = PackAll(src, true, keep_half_);
-    }
+    if (ok) routed_ = pack(RoutedSource(a, in, E, D, I), {kW1, kW2, kW3}, true);
   }
   // Shared expert.
   if (present[kSharedW1] && present[kSharedW2] && all_const({kSharedW1, kSharedW2, kSharedW3}) &&
@@ -614,11 +613,7 @@ void MoEFFNCpuKernel::TryPrepack(const OrtKernelInfo* info) {
     const int t = in[kSharedW1].type;
     ok = ok && (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
                 t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-    if (ok) {
-      FFNSource src = SharedSource(a, in, D, Is);
-      if (keep_half_) src.exact_16bit = Exact16BitType(present_values({kSharedW1, kSharedW2, kSharedW3}));
-      shared_ = PackAll(src, false, keep_half_);
-    }
+    if (ok) shared_ = pack(SharedSource(a, in, D, Is), {kSharedW1, kSharedW2, kSharedW3}, false);
   }
 }
 

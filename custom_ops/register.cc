@@ -66,6 +66,8 @@ extern "C" MOEFUSE_EXPORT OrtStatus* MOEFUSE_ORT_CALL RegisterCustomOps(OrtSessi
 }
 
 // The CPU kernel's inner loops for this process (avx512, avx2, generic or blas; MOEFUSE_CPU_ISA
-// overrides the CPU's best) and whether they read 16-bit weights.
+// overrides the CPU's best), and whether a kernel made now packs 16-bit weights 16-bit.
 extern "C" MOEFUSE_EXPORT const char* MoefuseCpuKernels(void) { return moefuse::cpu::Select().name; }
-extern "C" MOEFUSE_EXPORT int MoefuseCpuHalfWeights(void) { return moefuse::cpu::Select().half_weights ? 1 : 0; }
+extern "C" MOEFUSE_EXPORT int MoefuseCpuPacksHalfWeights(void) {
+  return moefuse::cpu::PacksHalfWeights(moefuse::cpu::Select()) ? 1 : 0;
+}

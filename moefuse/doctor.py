@@ -64,7 +64,7 @@ def _library(checks: list[Check]) -> Optional[str]:
     return path
 
 
-CPU_ISA_TEXT = {"avx512": "AVX-512 micro-kernels", "avx2": "AVX2 + FMA micro-kernels",
+CPU_ISA_TEXT = {"avx512": "AVX-512 micro-kernels", "avx2": "AVX2 + FMA + F16C micro-kernels",
                 "generic": "portable micro-kernels", "blas": "an OpenBLAS sgemm per tile"}
 
 
@@ -74,7 +74,7 @@ def _cpu_kernels(checks: list[Check]) -> None:
     k = cpu_kernels()
     if k is None:
         return
-    forced = " (MOEFUSE_CPU_ISA)" if os.environ.get("MOEFUSE_CPU_ISA") else ""
+    forced = " (MOEFUSE_CPU_ISA)" if os.environ.get("MOEFUSE_CPU_ISA") == k["isa"] else ""
     packing = ("float16 / bfloat16 weights packed 16-bit" if k["half_weights"]
                else "weights packed as float32")
     checks.append(Check("CPU kernels", "info",

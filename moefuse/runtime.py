@@ -130,9 +130,10 @@ def cuda_build() -> Optional[dict]:
 def cpu_kernels() -> Optional[dict]:
     """The CPU kernel's inner loops in this process: ``{"isa": "avx512" | "avx2" | "generic" |
     "blas", "half_weights": ...}`` (the best the CPU runs, or ``$MOEFUSE_CPU_ISA``'s choice), and
-    whether float16 / bfloat16 weights, and float32 ones that hold bfloat16 values, stay 16-bit
-    in the packed copy (not with ``blas``, nor with ``MOEFUSE_CPU_WEIGHTS=float32``). None for
-    a library from before these were reported."""
+    whether a kernel made now keeps weights of 16-bit values 16-bit in its packed copy: float16
+    and bfloat16 weights, and float32 ones whose values are all bfloat16 (or float16) values
+    (not with ``blas``, nor with ``MOEFUSE_CPU_WEIGHTS=float32``). None for a library from
+    before these were reported."""
     import ctypes
 
     _load_blas()
@@ -140,8 +141,7 @@ def cpu_kernels() -> Optional[dict]:
     if not hasattr(lib, "MoefuseCpuKernels"):
         return None
     lib.MoefuseCpuKernels.restype = ctypes.c_char_p
-    half = bool(lib.MoefuseCpuHalfWeights()) and os.environ.get("MOEFUSE_CPU_WEIGHTS") != "float32"
-    return {"isa": lib.MoefuseCpuKernels().decode(), "half_weights": half}
+    return {"isa": lib.MoefuseCpuKernels().decode(), "half_weights": bool(lib.MoefuseCpuPacksHalfWeights())}
 
 
 def describe_cuda_build(build: Optional[dict]) -> str:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cases import ALL, D, E, case, check_parity, f32, random_configs, stock_session, weights_as_inputs
 from moefuse import MoEFFNAttrs, MoEFFNError, add_moeffn, make_moeffn_model
 from moefuse.reference import moeffn, route
-from moefuse.runtime import library_path, node_providers, run, session_options
+from moefuse.runtime import cpu_kernels, library_path, node_providers, run, session_options
 from moefuse.spec import validate_arrays
 from moefuse.synthetic import feeds, random_inputs
 
@@ -269,8 +269,15 @@ def test_half_weights_packed_as_stored(isa, dtype, monkeypatch):
     (or float16) values as bfloat16 (float16), and widened as they are loaded: the products are
     those of the float32 packing (MOEFUSE_CPU_WEIGHTS=float32), bit for bit, in every chunk
     layout (gated halves, interleaved and separate, plain; both weight layouts; D and I tails),
-    whether packed once (constant weights) or per call (weights fed as inputs)."""
+    whether packed once (constant weights) or per call (weights fed as inputs; float32 ones are
+    packed as float32 there, their values unchecked). blas reads float32 only: it packs float32
+    both ways."""
     monkeypatch.setenv("MOEFUSE_CPU_ISA", isa)
+    monkeypatch.delenv("MOEFUSE_CPU_WEIGHTS", raising=False)
+    kernels = cpu_kernels()
+    if kernels["isa"] != isa:
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    assert kernels["half_weights"] is (isa != "blas"), kernels
     for name, changes in BIG:
         attrs = MoEFFNAttrs(k=2).replace(**changes)
         inter = 1 if name.startswith("rank1") else 40
@@ -302,8 +309,9 @@ def rss():
         return int(f.read().split()[1]) * 4096
 
 attrs = MoEFFNAttrs(k=2)
-if sys.argv[1] == "bfloat16":
-    inputs = random_inputs(attrs, 1, 1024, 1024, 8, dtype=ml_dtypes.bfloat16, seed=0)
+if sys.argv[1] in ("bfloat16", "float16"):
+    dtype = ml_dtypes.bfloat16 if sys.argv[1] == "bfloat16" else np.float16
+    inputs = random_inputs(attrs, 1, 1024, 1024, 8, dtype=dtype, seed=0)
 else:  # float32 weights holding bfloat16 (float16) values
     inputs = random_inputs(attrs, 1, 1024, 1024, 8, seed=0)
     half = ml_dtypes.bfloat16 if sys.argv[1] == "float32_bf16_valued" else np.float16
@@ -318,14 +326,18 @@ print(rss() - before)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
-@pytest.mark.parametrize("weights_dtype", ["bfloat16", *HALF_VALUED])
-def test_half_weights_take_half_the_packed_memory(weights_dtype):
+@pytest.mark.parametrize("weights_dtype", ["bfloat16", "float16", *HALF_VALUED])
+def test_half_weights_take_half_the_packed_memory(weights_dtype, monkeypatch):
     """The session of a layer of 8 experts (8 x 3 x 1024 x 1024 weights) grows by its packed copy:
-    by 48 MiB less with 16-bit packing than with float32 packing, for bfloat16 weights and for
-    float32 weights that hold bfloat16 or float16 values (each in a fresh process, so that freed
-    memory is not reused)."""
+    by 48 MiB less with 16-bit packing than with float32 packing, for bfloat16 and float16
+    weights and for float32 weights that hold bfloat16 or float16 values (each in a fresh
+    process, so that freed memory is not reused)."""
     import subprocess
     import sys
+
+    monkeypatch.delenv("MOEFUSE_CPU_WEIGHTS", raising=False)
+    if not cpu_kernels()["half_weights"]:
+        pytest.skip("this CPU's kernels pack float32 only (blas)")
 
     grown = {}
     for weights in ("model", "float32"):

@@ -374,12 +374,13 @@ DeviceCode CurrentDeviceCode() {
   // all. Its PTX architecture is the one its code was compiled from: 80 where the driver compiled
   // the compute_80 PTX, whose waits are compiled out.
   cudaFuncAttributes a;
-  c.runs = cudaFuncGetAttributes(&a, CombineKernel<__half>) == cudaSuccess;
-  if (!c.runs) {
+  const cudaError_t e = cudaFuncGetAttributes(&a, CombineKernel<__half>);
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError();  // the failed query is not an error of the next call's
     return DeviceCode{};
   }
-  c.pdl = a.ptxVersion >= 90;
+  c.runs = true;  // (another error is the GPU's own: the next launch reports it)
+  c.pdl = e == cudaSuccess && a.ptxVersion >= 90;
   return c;
 }
 
