@@ -97,7 +97,9 @@ def main(argv=None):
               f"{weights:.0f} MiB in {os.path.basename(path)}.data")
         results = {}
         for label, env_value in PACKINGS.items():
-            env = dict(os.environ, MOEFUSE_CPU_WEIGHTS=env_value)
+            # blocks of 1 MiB and more mapped afresh and given back when freed (glibc): the
+            # growth is then what the session holds, not what the heap happened to reuse
+            env = dict(os.environ, MOEFUSE_CPU_WEIGHTS=env_value, MALLOC_MMAP_THRESHOLD_="1048576")
             out = subprocess.run([sys.executable, __file__, "--measure", path], env=env,
                                  capture_output=True, text=True, check=True)
             results[label] = json.loads(out.stdout.splitlines()[-1])
