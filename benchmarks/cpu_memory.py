@@ -1,6 +1,7 @@
 """Memory of a CPU session of one MoEFFN layer saved with external data, by how the kernel packs
 its weights: the growth of the process's anonymous memory (the packed copy, scratch) and of the
-resident pages of the mapped data file (onnxruntime maps external data instead of copying it).
+resident pages of the data file, which onnxruntime maps, and of those the private dirty ones
+(copies the process holds, which the OS cannot drop and reread from the file).
 
 Each packing is measured in a fresh process (freed memory is not reused across runs), on Linux
 (/proc/self/smaps).
@@ -25,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 PACKINGS = {"16-bit where the values allow": "model", "float32": "float32"}
 
 
-def resident_mib(data_file: str) -> tuple[float, float]:
-    """(anonymous, data_file) resident MiB of this process."""
-    anon = mapped = 0
+def resident_mib(data_file: str) -> tuple[float, float, float]:
+    """(anonymous, data_file, data_file's private dirty) resident MiB of this process."""
+    anon = mapped = dirty = 0
     name = ""
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -39,7 +40,9 @@ def resident_mib(data_file: str) -> tuple[float, float]:
                     mapped += int(parts[1])
                 elif not name.startswith("/"):
                     anon += int(parts[1])
-    return anon / 1024, mapped / 1024
+            elif parts and parts[0] == "Private_Dirty:" and name == data_file:
+                dirty += int(parts[1])
+    return anon / 1024, mapped / 1024, dirty / 1024
 
 
 def measure(path: str) -> dict:
@@ -49,11 +52,12 @@ def measure(path: str) -> dict:
     from moefuse.runtime import session_options
 
     data = os.path.realpath(path + ".data")
-    a0, m0 = resident_mib(data)
+    a0, m0, d0 = resident_mib(data)
     sess = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
-    a1, m1 = resident_mib(data)
+    a1, m1, d1 = resident_mib(data)
     del sess
-    return {"anonymous_mib": round(a1 - a0, 1), "mapped_data_mib": round(m1 - m0, 1)}
+    return {"anonymous_mib": round(a1 - a0, 1), "mapped_data_mib": round(m1 - m0, 1),
+            "mapped_data_dirty_mib": round(d1 - d0, 1)}
 
 
 def write_model(path: str, args) -> float:
@@ -103,8 +107,9 @@ def main(argv=None):
             out = subprocess.run([sys.executable, __file__, "--measure", path], env=env,
                                  capture_output=True, text=True, check=True)
             results[label] = json.loads(out.stdout.splitlines()[-1])
-            print(f"  packing {label}: anonymous memory +{results[label]['anonymous_mib']:.0f} MiB, "
-                  f"mapped data file +{results[label]['mapped_data_mib']:.0f} MiB")
+            r = results[label]
+            print(f"  packing {label}: anonymous memory +{r['anonymous_mib']:.0f} MiB, mapped data "
+                  f"file +{r['mapped_data_mib']:.0f} MiB (private dirty +{r['mapped_data_dirty_mib']:.0f} MiB)")
     return {"weights_mib": weights, "packings": results}
 
 
