@@ -67,8 +67,9 @@ void TileBlas(const TileJob& job) {
   a.resize(static_cast<size_t>(M) * K);
   c.resize(static_cast<size_t>(M) * kChunk);
   for (int r = 0; r < M; ++r) std::memcpy(a.data() + static_cast<size_t>(r) * K, job.a[r], sizeof(float) * K);
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, kChunk, K, 1.0f, a.data(), K, static_cast<const float*>(job.b),
-                    kChunk, 0.0f, c.data(), kChunk);
+  const float* b = static_cast<const float*>(job.b);  // float32 chunks only (half_weights false)
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, kChunk, K, 1.0f, a.data(), K, b, kChunk,
+                    0.0f, c.data(), kChunk);
   for (int r0 = 0; r0 < M; r0 += V::MR) {
     const int mr = M - r0 < V::MR ? M - r0 : V::MR;
     Epilogue<V>(job, c.data() + static_cast<size_t>(r0) * kChunk, mr, r0);

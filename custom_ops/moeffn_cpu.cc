@@ -352,9 +352,11 @@ FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct, bool keep_h
     g.nc1 = CeilDiv(s.I, per);
     g.Ipad = g.nc1 * per;
     g.nc2 = CeilDiv(s.D, cpu::kChunk);
-    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) g.wtype = cpu::kWeightF16;
-    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) g.wtype = cpu::kWeightBF16;
-    if (keep_half && s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) g.wtype = s.exact_16bit;
+    if (keep_half) {
+      g.wtype = s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16    ? cpu::kWeightF16
+                : s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? cpu::kWeightBF16
+                                                                         : s.exact_16bit;
+    }
   }
   return g;
 }
