@@ -83,8 +83,14 @@ def _table(blocks, done: str = "converted") -> str:
               help="moefuse: MoEFFN nodes (run fast with the moefuse library, anywhere through "
                    "their embedded function). ort: onnxruntime's com.microsoft.MoE where a block "
                    "fits it (no library needed), MoEFFN elsewhere.")
+@click.option("--weight-layout", type=click.Choice(["as-found", "out_in"]), default="as-found",
+              show_default=True,
+              help="out_in: store expert weights read in_out ([E, in, out], e.g. GPT-OSS) "
+                   "transposed, so that the CUDA kernel reads onnxruntime's copy of them instead "
+                   "of making a transposed copy of its own (half their GPU memory). The "
+                   "transposed weights are held in memory until the output is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def convert(model, output, partial, report_path, check, target, quiet):
+def convert(model, output, partial, report_path, check, target, weight_layout, quiet):
     """Collapse every MoE block of MODEL into one fused node, proven by execution."""
     from .builder import overload_note
     from .converter import convert_model
@@ -107,7 +113,7 @@ def convert(model, output, partial, report_path, check, target, quiet):
         _check_report_path(report_path, _data_files(model, proto))
     base_dir = os.path.dirname(os.path.abspath(model))
     result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
-                           target=target)
+                           target=target, weight_layout=weight_layout)
     blocks = result.blocks
     report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
               "written": False}
@@ -138,6 +144,15 @@ def convert(model, output, partial, report_path, check, target, quiet):
             if b.target_note:
                 click.echo(f"  {b.name}: kept as MoEFFN, does not fit com.microsoft.MoE: "
                            f"{b.target_note}")
+        for b in result.converted:
+            if b.layout_note:
+                click.echo(f"  {b.name}: weights kept in_out: {b.layout_note}")
+        kept_in_out = [b for b in result.converted
+                       if b.emitted == "moefuse.MoEFFN" and b.attrs.weight_layout == "in_out"]
+        if kept_in_out and weight_layout == "as-found":
+            click.echo(f"note: {len(kept_in_out)} MoEFFN node(s) hold in_out weights, which the "
+                       f"CUDA kernel copies transposed at session creation (twice their GPU "
+                       f"memory); --weight-layout out_in stores them transposed instead")
         note = overload_note(result.model)
         if note:
             click.echo(f"note: {note}")

@@ -506,3 +506,37 @@ def test_doctor_tells_the_fallback_function_from_the_kernel(monkeypatch):
     code, out = invoke("doctor", "-q")
     assert code == 1, out
     assert "failed   MoEFFN on CPU (float32)  no MoEFFN kernel ran" in out, out
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_convert_weight_layout_out_in(tmp_path, external):
+    """A GPT-OSS block (expert weights read in_out): as found, the output says what the CUDA
+    kernel will copy and how to avoid it; with --weight-layout out_in, the node holds out_in
+    weights, the check passes and no note is printed, from a model held in one file or with its
+    weights in an external data file."""
+    from exports import export_family_block
+
+    from moefuse.builder import attrs_of
+
+    model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
+    src = tmp_path / "src.onnx"
+    if external:
+        onnx.save(model, src, save_as_external_data=True, location="src.onnx.data", size_threshold=256)
+    else:
+        onnx.save(model, src)
+    code, text = invoke("convert", src, "-o", tmp_path / "found.onnx", "-q")
+    assert code == 0, text
+    assert "note: 1 MoEFFN node(s) hold in_out weights" in text and "--weight-layout out_in" in text
+    out, report = tmp_path / "out_in.onnx", tmp_path / "r.json"
+    code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--check", "-q",
+                        "--report", report)
+    assert code == 0, text
+    assert "in_out" not in text and "check: max relative error" in text
+    (block,) = json.loads(report.read_text())["blocks"]
+    assert block["attrs"]["weight_layout"] == "out_in" and block["layout_note"] == ""
+    assert json.loads(report.read_text())["check_max_relative_error"] < 1e-5
+    converted = onnx.load(out)
+    (node,) = [n for n in converted.graph.node if n.op_type == "MoEFFN"]
+    assert attrs_of(node).weight_layout == "out_in"
+    code, text = invoke("convert", src, "-o", tmp_path / "x.onnx", "--weight-layout", "transposed")
+    assert code != 0 and "transposed" in text

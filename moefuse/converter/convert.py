@@ -18,6 +18,7 @@ from .graph import GraphIndex
 from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, matches,
                    precheck, region_nodes)
 from .region import Candidate, NearMiss, find_candidates
+from .relayout import out_in_reading
 from .verify import cover_experts, probe_block
 
 MAX_HYPOTHESES = 4000
@@ -46,6 +47,7 @@ class Block:
     dtype: str = "float32"
     emitted: str = ""       # the op written for the block: moefuse.MoEFFN or com.microsoft.MoE
     target_note: str = ""   # with --target ort: why the block stayed MoEFFN
+    layout_note: str = ""   # with weight_layout="out_in": why the block's weights stayed in_out
     # private to the rewrite
     _hypothesis: Optional[Hypothesis] = field(default=None, repr=False)
     _region: list = field(default_factory=list, repr=False)
@@ -223,10 +225,11 @@ def ingest_ort_node(g: GraphIndex, i: int, node: onnx.NodeProto) -> Block:
 
 
 def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
-            target: str = "moefuse") -> onnx.ModelProto:
+            target: str = "moefuse", weight_layout: str = "as-found") -> onnx.ModelProto:
     """Replace every converted block by one MoEFFN node (``target="moefuse"``) or, where the
     block fits it, by onnxruntime's com.microsoft.MoE (``target="ort"``). Unrelated nodes are
-    untouched."""
+    untouched. ``weight_layout="out_in"`` stores MoEFFN nodes' in_out weights transposed
+    (relayout.py)."""
     opset = opset_of(model)
     if opset is None or opset < MIN_OPSET:
         raise Refusal(f"the model imports opset {opset}; converted models need opset >= "
@@ -259,6 +262,13 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
                 b.nodes_removed = len(dead)
                 continue
         b.emitted = "moefuse.MoEFFN"
+        if weight_layout == "out_in":
+            relaid, b.layout_note = out_in_reading(g, h, b._region)
+            if relaid is not None:
+                h = b._hypothesis = relaid
+                b.attrs = h.attrs
+                b.weights_reused = sum(1 for op in h.operands.values() if op.reused)
+                b.weights_relaid = len(h.operands) - b.weights_reused
         node_name = _unique(f"{b.name or 'moe'}/MoEFFN", used_names)
         inputs = {"X": b.x}
         if h.attrs.routing != "precomputed":
