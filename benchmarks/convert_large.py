@@ -6,6 +6,10 @@ more than 4 GB of weights in one external data file, then runs `moefuse convert`
 child process and prints the time and the child's peak resident memory.
 
     python benchmarks/convert_large.py [--dir /tmp/moefuse-large] [--layers 48]
+
+`--family gpt_oss` stacks GPT-OSS blocks instead (expert weights stored in_out); with
+`--weight-layout out_in` the conversion writes every expert matrix anew, transposed, which
+measures how the rewrite holds the new tensors.
 """
 
 from __future__ import annotations
@@ -24,14 +28,39 @@ import onnx
 from onnx import helper
 
 
-def export_template(experts: int, hidden: int, inter: int, k: int) -> onnx.ModelProto:
+def template_block(family: str, experts: int, hidden: int, inter: int, k: int):
+    """The torch module one layer exports: the block's first output only."""
     import torch
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
-                        num_experts_per_tok=k, experts_implementation="batched_mm")
-    block = MixtralSparseMoeBlock(cfg).eval()
+    if family == "gpt_oss":
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as Block
+
+        cfg = GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                           num_experts_per_tok=k, experts_implementation="batched_mm")
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+
+        cfg = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                            num_experts_per_tok=k, experts_implementation="batched_mm")
+
+    class First(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block(cfg)
+
+        def forward(self, x):
+            y = self.block(x)
+            return y[0] if isinstance(y, tuple) else y
+
+    return First().eval()
+
+
+def export_template(family: str, experts: int, hidden: int, inter: int, k: int) -> onnx.ModelProto:
+    import torch
+
+    block = template_block(family, experts, hidden, inter, k)
     path = tempfile.mktemp(suffix=".onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -44,9 +73,10 @@ def export_template(experts: int, hidden: int, inter: int, k: int) -> onnx.Model
     return model
 
 
-def build(out_dir: str, layers: int, experts: int, hidden: int, inter: int, k: int) -> str:
+def build(out_dir: str, layers: int, experts: int, hidden: int, inter: int, k: int,
+          family: str = "mixtral") -> str:
     """Write the stacked model and its data file; weights are generated layer by layer."""
-    template = export_template(experts, hidden, inter, k)
+    template = export_template(family, experts, hidden, inter, k)
     g = template.graph
     big = {t.name for t in g.initializer if np.prod(t.dims) >= experts * hidden}
     data_name = "large.onnx.data"
@@ -113,19 +143,22 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=256)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--family", choices=["mixtral", "gpt_oss"], default="mixtral")
+    ap.add_argument("--weight-layout", choices=["as-found", "out_in"], default="as-found",
+                    help="passed to moefuse convert")
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = ap.parse_args()
     out_dir = args.dir or tempfile.mkdtemp(prefix="moefuse-large-")
     os.makedirs(out_dir, exist_ok=True)
     t = time.time()
-    path = build(out_dir, args.layers, args.experts, args.hidden, args.inter, args.k)
+    path = build(out_dir, args.layers, args.experts, args.hidden, args.inter, args.k, args.family)
     size = os.path.getsize(os.path.join(out_dir, "large.onnx.data"))
-    print(f"built {path}: {args.layers} layers x {args.experts} experts, "
+    print(f"built {path}: {args.layers} {args.family} layers x {args.experts} experts, "
           f"{size / 1e9:.2f} GB external data ({time.time() - t:.0f} s)")
     out = os.path.join(out_dir, "large.moefuse.onnx")
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "moefuse.cli", "convert", path, "-o", out, "-q"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "moefuse.cli", "convert", path, "-o", out, "-q",
+                           "--weight-layout", args.weight_layout], capture_output=True, text=True)
     wall = time.time() - t
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(proc.stdout[-1500:])
@@ -134,8 +167,11 @@ def main():
         sys.exit(proc.returncode)
     n = sum(1 for node in onnx.load(out, load_external_data=False).graph.node
             if node.op_type == "MoEFFN")
+    new_data = [f for f in os.listdir(out_dir) if f.startswith("large.moefuse.onnx") and f.endswith(".data")]
+    new_size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in new_data)
     print(f"convert: {wall:.1f} s wall, peak resident memory {peak_mb:.0f} MB, "
-          f"{n} MoEFFN nodes; data file size {size / 1e9:.2f} GB left in place")
+          f"{n} MoEFFN nodes; data file size {size / 1e9:.2f} GB left in place, "
+          f"{new_size / 1e9:.2f} GB of new tensors written")
     if not args.keep and args.dir is None:
         import shutil
 

@@ -87,14 +87,13 @@ def _table(blocks, done: str = "converted") -> str:
               show_default=True,
               help="out_in: store expert weights read in_out ([E, in, out], e.g. GPT-OSS) "
                    "transposed, so that the CUDA kernel reads onnxruntime's copy of them instead "
-                   "of making a transposed copy of its own (half their GPU memory). The "
-                   "transposed weights are held in memory until the output is written.")
+                   "of making a transposed copy of its own (half their GPU memory).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def convert(model, output, partial, report_path, check, target, weight_layout, quiet):
     """Collapse every MoE block of MODEL into one fused node, proven by execution."""
     from .builder import overload_note
     from .converter import convert_model
-    from .converter.io import ModelFileError, check_opset, copy_unchanged, output_file, save
+    from .converter.io import ModelFileError, Spill, check_opset, copy_unchanged, output_file, save
 
     progress = _progress(quiet)
     try:
@@ -112,8 +111,16 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     if report_path:  # nor the model's data files
         _check_report_path(report_path, _data_files(model, proto))
     base_dir = os.path.dirname(os.path.abspath(model))
-    result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
-                           target=target, weight_layout=weight_layout)
+    try:
+        spill = Spill(output)  # re-laid weights go to disk as they are made
+    except ModelFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
+                               target=target, weight_layout=weight_layout, store=spill)
+    except BaseException:
+        spill.discard()
+        raise
     blocks = result.blocks
     report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
               "written": False}
@@ -134,7 +141,7 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
         report["blocks"] = [b.to_json() for b in blocks]
         # the original's session before the output is written: it may replace the input
         original = _session_or_exit(model) if check else None
-        save(result.model, output, model)
+        save(result.model, output, model, spill)
         report["written"], written = True, result.model
         ops = Counter(b.emitted for b in result.converted)
         click.echo(f"wrote {output}: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
@@ -164,6 +171,7 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
+        spill.discard()  # (placed by save when the output was written)
         if report_path:
             _write_report(report_path, report, _data_files(output, written) if written else [],
                           failing=sys.exc_info()[0] is not None)

@@ -150,6 +150,7 @@ def test_all_or_nothing_then_partial(tmp_path):
     assert code != 0
     assert "near miss" in text and "did not verify; nothing written" in text
     assert not out.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".moefuse-")]  # no temporary left
     code, text = invoke("convert", broken, "-o", out, "--partial", "--check", "-q")
     assert code == 0, text
     model = onnx.load(out)
@@ -540,3 +541,40 @@ def test_convert_weight_layout_out_in(tmp_path, external):
     assert attrs_of(node).weight_layout == "out_in"
     code, text = invoke("convert", src, "-o", tmp_path / "x.onnx", "--weight-layout", "transposed")
     assert code != 0 and "transposed" in text
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_new_tensors_spilled_to_the_data_file(tmp_path, monkeypatch, external):
+    """The rewrite's new tensors (here every one: the size above which they leave the model is set
+    to 0) are written to a temporary file beside the output as they are made, which becomes the
+    output's data file: the model refers to it, runs and matches the original, and no temporary
+    file is left, for a model held in one file or with its weights external."""
+    from exports import export_family_block
+
+    import moefuse.converter.io as io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 0)
+    model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
+    src = tmp_path / "src.onnx"
+    if external:
+        onnx.save(model, src, save_as_external_data=True, location="src.onnx.data", size_threshold=256)
+    else:
+        onnx.save(model, src)
+    out = tmp_path / "out.onnx"
+    code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--check", "-q")
+    assert code == 0, text
+    assert float(text.split("max relative error")[1].split()[0]) < 1e-5
+    converted = onnx.load(out, load_external_data=False)
+    (node,) = [n for n in converted.graph.node if n.op_type == "MoEFFN"]
+    new = [t for t in converted.graph.initializer if t.name.startswith(node.name + ".")]
+    assert len(new) == 2  # w1 and w2, transposed
+    for t in new:
+        assert t.data_location == onnx.TensorProto.EXTERNAL
+        assert {e.key: e.value for e in t.external_data}["location"] == "out.onnx.data"
+    # the new data file holds those tensors end to end (and any other the model no longer holds)
+    places = [{e.key: e.value for e in t.external_data} for t in converted.graph.initializer
+              if t.data_location == onnx.TensorProto.EXTERNAL]
+    places = sorted((int(p["offset"]), int(p["length"])) for p in places if p["location"] == "out.onnx.data")
+    assert [sum(n for _, n in places[:i]) for i in range(len(places))] == [o for o, _ in places]
+    assert os.path.getsize(tmp_path / "out.onnx.data") == sum(n for _, n in places)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".moefuse-")]

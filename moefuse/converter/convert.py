@@ -225,11 +225,16 @@ def ingest_ort_node(g: GraphIndex, i: int, node: onnx.NodeProto) -> Block:
 
 
 def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
-            target: str = "moefuse", weight_layout: str = "as-found") -> onnx.ModelProto:
+            target: str = "moefuse", weight_layout: str = "as-found",
+            store: Optional[Callable[[onnx.TensorProto], onnx.TensorProto]] = None) -> onnx.ModelProto:
     """Replace every converted block by one MoEFFN node (``target="moefuse"``) or, where the
     block fits it, by onnxruntime's com.microsoft.MoE (``target="ort"``). Unrelated nodes are
     untouched. ``weight_layout="out_in"`` stores MoEFFN nodes' in_out weights transposed
-    (relayout.py)."""
+    (relayout.py). ``store`` takes each new tensor as it is made (io.Spill writes it to disk);
+    the block's arrays are released after its node, so only one block's are in memory."""
+    from ..builder import tensor_from_array
+
+    keep = store or (lambda t: t)
     opset = opset_of(model)
     if opset is None or opset < MIN_OPSET:
         raise Refusal(f"the model imports opset {opset}; converted models need opset >= "
@@ -252,7 +257,10 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
                 arrays = {n: op.array() for n, op in h.operands.items()}
                 new_nodes, inits = ort_target.emit(name, h.attrs, b.x, b.logits, b.output,
                                                    arrays, lambda t: _unique(t, used_names))
-                new_inits.extend(inits)
+                new_inits.extend(keep(t) for t in inits)
+                for op in h.operands.values():
+                    op.ref.release()
+                g.release_arrays()
                 b.emitted = f"{ort_target.ORT_DOMAIN}.{ort_target.ORT_OP}"
                 b.weights_reused, b.weights_relaid = 0, len(inits)
                 producer = g.producer[b.output]
@@ -278,10 +286,10 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
                 inputs[name] = op.ref.tensor
             else:
                 tensor_name = _unique(f"{node_name}.{name}", used_names)
-                from ..builder import tensor_from_array
-
-                new_inits.append(tensor_from_array(op.array(), tensor_name))
+                new_inits.append(keep(tensor_from_array(op.array(), tensor_name)))
+                op.ref.release()
                 inputs[name] = tensor_name
+        g.release_arrays()
         out = b.output
         new_nodes = []
         if b._flatten_output:

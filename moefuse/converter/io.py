@@ -14,6 +14,8 @@
   re-layouts go to ``<output>.data``, or to another name where that one is taken: by the model's
   own data (an in-place conversion of a model whose weights are in ``model.onnx.data``, as
   torch's exporter names them) or by a file on disk that the output being replaced does not use.
+  A :class:`Spill` writes them there as the rewrite makes them, so that they are never all in
+  memory at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -143,6 +146,54 @@ class _Staged:
         self.moves = []
 
 
+def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+
+
+class Spill:
+    """The new tensors of a rewrite, written as they are made to a temporary file beside the
+    output, which :func:`save` then places as the output's new data file (its name is known only
+    then); re-laid weights of a large model are thus never all in memory. Tensors of at most
+    _EXTERNAL_THRESHOLD bytes stay in the model. Call it on each new tensor; ``discard`` removes
+    the file where the output is not written."""
+
+    LOCATION = "moefuse-spill"  # a placeholder until save names the data file
+
+    def __init__(self, out_path: str):
+        self.path = _temp_beside(output_file(out_path), out_path, ".data")
+        self._file = open(self.path, "wb")
+        self.size = 0
+
+    def __call__(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        raw = t.raw_data
+        if len(raw) <= _EXTERNAL_THRESHOLD:
+            return t
+        try:
+            self._file.write(raw)
+        except OSError as exc:
+            raise ModelFileError(f"{self.path}: cannot write ({exc.strerror})") from None
+        # a new message: clearing the field of ``t`` would not give its bytes back (protobuf
+        # frees a message's memory with the message)
+        out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+        _set_location(out, self.LOCATION, self.size, len(raw))
+        self.size += len(raw)
+        return out
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def discard(self) -> None:
+        self.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
 def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged) -> bool:
     """Makes the data files of ``model`` (read from ``in_dir``) available beside ``out_file``,
     rewriting a tensor's location where it cannot keep its relative path; whether it rewrote one."""
@@ -156,6 +207,8 @@ def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, sta
             if e.key != "location":
                 continue
             loc = e.value
+            if loc == Spill.LOCATION:  # new data, placed by save
+                continue
             if loc not in placed:
                 placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged, replaceable)
             e.value = placed[loc]
@@ -220,30 +273,35 @@ def _new_data_name(model: onnx.ModelProto, out_file: str) -> str:
                          f"{len(names) - 1} others exist)")
 
 
-def save(model: onnx.ModelProto, out_path: str, in_path: str) -> None:
-    """Write ``model`` to ``out_path`` atomically, keeping external data external."""
+def save(model: onnx.ModelProto, out_path: str, in_path: str, spill: Optional[Spill] = None) -> None:
+    """Write ``model`` to ``out_path`` atomically, keeping external data external; the tensors
+    ``spill`` holds go to the output's new data file."""
     out_file = output_file(out_path)
     in_dir = os.path.dirname(os.path.abspath(in_path))
     staged = _Staged(out_path)
+    spilled = spill is not None and spill.size > 0
     try:
         _place_external_data(model, in_dir, out_file, staged)
         has_external = any(True for _ in external_tensors(model))
         big_new = [t for t in model.graph.initializer
                    if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > _EXTERNAL_THRESHOLD]
-        if big_new and (has_external or model.ByteSize() > (3 << 29)):
+        if spilled or (big_new and (has_external or model.ByteSize() > (3 << 29))):
             data_name = _new_data_name(model, out_file)
+            data_file = os.path.join(os.path.dirname(out_file), data_name)
             offset = 0
-            with open(staged.new(os.path.join(os.path.dirname(out_file), data_name), ".data"), "wb") as f:
+            if spilled:  # the spill's file becomes the data file; the rest follows it
+                spill.close()
+                staged.moves.append((spill.path, data_file))
+                for t in external_tensors(model):
+                    for e in t.external_data:
+                        if e.key == "location" and e.value == Spill.LOCATION:
+                            e.value = data_name
+                offset = spill.size
+            with open(spill.path if spilled else staged.new(data_file, ".data"), "ab") as f:
                 for t in big_new:
                     raw = t.raw_data
                     f.write(raw)
-                    del t.external_data[:]
-                    for key, value in (("location", data_name), ("offset", str(offset)),
-                                       ("length", str(len(raw)))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = key, value
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    t.ClearField("raw_data")
+                    _set_location(t, data_name, offset, len(raw))
                     offset += len(raw)
         with open(staged.new(out_file, ".onnx"), "wb") as f:
             f.write(model.SerializeToString())
