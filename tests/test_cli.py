@@ -509,15 +509,10 @@ def test_doctor_tells_the_fallback_function_from_the_kernel(monkeypatch):
     assert "failed   MoEFFN on CPU (float32)  no MoEFFN kernel ran" in out, out
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_convert_weight_layout_out_in(tmp_path, external):
-    """A GPT-OSS block (expert weights read in_out): as found, the output says what the CUDA
-    kernel will copy and how to avoid it; with --weight-layout out_in, the node holds out_in
-    weights, the check passes and no note is printed, from a model held in one file or with its
-    weights in an external data file."""
+def _gpt_oss_block_file(tmp_path, external):
+    """An exported GPT-OSS block (expert weights in_out) saved as src.onnx, its weights in one
+    file or in src.onnx.data."""
     from exports import export_family_block
-
-    from moefuse.builder import attrs_of
 
     model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
     src = tmp_path / "src.onnx"
@@ -525,6 +520,18 @@ def test_convert_weight_layout_out_in(tmp_path, external):
         onnx.save(model, src, save_as_external_data=True, location="src.onnx.data", size_threshold=256)
     else:
         onnx.save(model, src)
+    return src
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_convert_weight_layout_out_in(tmp_path, external):
+    """A GPT-OSS block (expert weights read in_out): as found, the output says what the CUDA
+    kernel will copy and how to avoid it; with --weight-layout out_in, the node holds out_in
+    weights, the check passes and no note is printed, from a model held in one file or with its
+    weights in an external data file."""
+    from moefuse.builder import attrs_of
+
+    src = _gpt_oss_block_file(tmp_path, external)
     code, text = invoke("convert", src, "-o", tmp_path / "found.onnx", "-q")
     assert code == 0, text
     assert "note: 1 MoEFFN node(s) hold in_out weights" in text and "--weight-layout out_in" in text
@@ -549,17 +556,10 @@ def test_new_tensors_spilled_to_the_data_file(tmp_path, monkeypatch, external):
     to 0) are written to a temporary file beside the output as they are made, which becomes the
     output's data file: the model refers to it, runs and matches the original, and no temporary
     file is left, for a model held in one file or with its weights external."""
-    from exports import export_family_block
-
     import moefuse.converter.io as io
 
     monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 0)
-    model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
-    src = tmp_path / "src.onnx"
-    if external:
-        onnx.save(model, src, save_as_external_data=True, location="src.onnx.data", size_threshold=256)
-    else:
-        onnx.save(model, src)
+    src = _gpt_oss_block_file(tmp_path, external)
     out = tmp_path / "out.onnx"
     code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--check", "-q")
     assert code == 0, text
