@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -26,6 +29,24 @@ def _load(path):
         return load(path)
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (a job scheduler's stop) raises SystemExit, so that the temporary files of a
+    conversion are removed on the way out as on any error."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(quiet):
@@ -93,7 +114,8 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     """Collapse every MoE block of MODEL into one fused node, proven by execution."""
     from .builder import overload_note
     from .converter import convert_model
-    from .converter.io import ModelFileError, Spill, check_opset, copy_unchanged, output_file, save
+    from .converter.io import (ModelFileError, Spill, check_opset, copy_unchanged, external_tensors,
+                               output_file, save)
 
     progress = _progress(quiet)
     try:
@@ -111,21 +133,20 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     if report_path:  # nor the model's data files
         _check_report_path(report_path, _data_files(model, proto))
     base_dir = os.path.dirname(os.path.abspath(model))
+    report = {"model": model, "output": output, "blocks": [], "written": False}
+    written = None  # the output's model, its data locations as written
+    spill = None
+    stack = contextlib.ExitStack()
+    stack.enter_context(_sigterm_as_exit())
     try:
-        spill = Spill(output)  # re-laid weights go to disk as they are made
-    except ModelFileError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
+        # A model with external data may be far larger than memory: the tensors the rewrite
+        # makes go to disk as they are made (a model in one file stays one file below 1.5 GB).
+        if any(True for _ in external_tensors(proto)):
+            spill = Spill(output)
         result = convert_model(proto, base_dir=base_dir, partial=partial, progress=progress,
                                target=target, weight_layout=weight_layout, store=spill)
-    except BaseException:
-        spill.discard()
-        raise
-    blocks = result.blocks
-    report = {"model": model, "output": output, "blocks": [b.to_json() for b in blocks],
-              "written": False}
-    written = None  # the output's model, its data locations as written
-    try:
+        blocks = result.blocks
+        report["blocks"] = [b.to_json() for b in blocks]
         if not blocks:
             click.echo("no MoE blocks found; the output is a copy of the input")
             copy_unchanged(proto, model, output)
@@ -171,7 +192,9 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        spill.discard()  # (placed by save when the output was written)
+        if spill is not None:
+            spill.discard()  # (placed by save when the output was written)
+        stack.close()
         if report_path:
             _write_report(report_path, report, _data_files(output, written) if written else [],
                           failing=sys.exc_info()[0] is not None)

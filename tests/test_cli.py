@@ -509,15 +509,15 @@ def test_doctor_tells_the_fallback_function_from_the_kernel(monkeypatch):
     assert "failed   MoEFFN on CPU (float32)  no MoEFFN kernel ran" in out, out
 
 
-def _gpt_oss_block_file(tmp_path, external):
-    """An exported GPT-OSS block (expert weights in_out) saved as src.onnx, its weights in one
-    file or in src.onnx.data."""
+def _gpt_oss_block_file(tmp_path, data_file):
+    """An exported GPT-OSS block (expert weights in_out) saved as src.onnx, its weights in the
+    external file ``data_file``, or in src.onnx itself for None."""
     from exports import export_family_block
 
     model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
     src = tmp_path / "src.onnx"
-    if external:
-        onnx.save(model, src, save_as_external_data=True, location="src.onnx.data", size_threshold=256)
+    if data_file:
+        onnx.save(model, src, save_as_external_data=True, location=data_file, size_threshold=256)
     else:
         onnx.save(model, src)
     return src
@@ -531,7 +531,7 @@ def test_convert_weight_layout_out_in(tmp_path, external):
     weights in an external data file."""
     from moefuse.builder import attrs_of
 
-    src = _gpt_oss_block_file(tmp_path, external)
+    src = _gpt_oss_block_file(tmp_path, "src.onnx.data" if external else None)
     code, text = invoke("convert", src, "-o", tmp_path / "found.onnx", "-q")
     assert code == 0, text
     assert "note: 1 MoEFFN node(s) hold in_out weights" in text and "--weight-layout out_in" in text
@@ -550,16 +550,17 @@ def test_convert_weight_layout_out_in(tmp_path, external):
     assert code != 0 and "transposed" in text
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_new_tensors_spilled_to_the_data_file(tmp_path, monkeypatch, external):
-    """The rewrite's new tensors (here every one: the size above which they leave the model is set
-    to 0) are written to a temporary file beside the output as they are made, which becomes the
-    output's data file: the model refers to it, runs and matches the original, and no temporary
-    file is left, for a model held in one file or with its weights external."""
+@pytest.mark.parametrize("data_file", ["src.onnx.data", "moefuse-spill"])
+def test_new_tensors_spilled_to_the_data_file(tmp_path, monkeypatch, data_file):
+    """With its weights in external data (in a file of any name, the spill's placeholder
+    included), the rewrite's new tensors (here every one: the size above which they leave the
+    model is set to 0) are written to a temporary file beside the output as they are made, which
+    becomes the output's data file: the model refers to it, runs and matches the original, and no
+    temporary file is left."""
     import moefuse.converter.io as io
 
     monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 0)
-    src = _gpt_oss_block_file(tmp_path, external)
+    src = _gpt_oss_block_file(tmp_path, data_file)
     out = tmp_path / "out.onnx"
     code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--check", "-q")
     assert code == 0, text
@@ -577,4 +578,54 @@ def test_new_tensors_spilled_to_the_data_file(tmp_path, monkeypatch, external):
     places = sorted((int(p["offset"]), int(p["length"])) for p in places if p["location"] == "out.onnx.data")
     assert [sum(n for _, n in places[:i]) for i in range(len(places))] == [o for o, _ in places]
     assert os.path.getsize(tmp_path / "out.onnx.data") == sum(n for _, n in places)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".moefuse-")]
+
+
+def test_a_model_in_one_file_stays_one_file(tmp_path, monkeypatch):
+    """A model held in one file is converted in memory: its output is one file too (below the
+    size at which save moves tensors out), whatever the size of its new tensors."""
+    import moefuse.converter.io as io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 0)
+    src = _gpt_oss_block_file(tmp_path, None)
+    out = tmp_path / "out.onnx"
+    code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--check", "-q")
+    assert code == 0, text
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(out, load_external_data=False).graph.initializer)
+    assert sorted(os.listdir(tmp_path)) == ["block.onnx", "out.onnx", "src.onnx"]
+
+
+def test_spill_write_failure_is_an_error_not_a_traceback(tmp_path, monkeypatch):
+    """A disk that fills while the rewrite writes its new tensors: a clear error naming the file,
+    exit 1, the report written (not converted), no output and no temporary file left."""
+    import errno
+
+    import moefuse.converter.io as io
+
+    monkeypatch.setattr(io, "_EXTERNAL_THRESHOLD", 0)
+
+    class Full:
+        closed = False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.closed = True
+
+    real_init = io.Spill.__init__
+
+    def init(self, out_path):
+        real_init(self, out_path)
+        self._file.close()
+        self._file = Full()
+
+    monkeypatch.setattr(io.Spill, "__init__", init)
+    src = _gpt_oss_block_file(tmp_path, "src.onnx.data")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--report", report)
+    assert code == 1 and "cannot write" in text and "No space left on device" in text, text
+    assert "Traceback" not in text
+    assert not out.exists() and json.loads(report.read_text())["written"] is False
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".moefuse-")]

@@ -211,18 +211,68 @@ def test_in_out_weights_stored_out_in(family, tmp_path):
     assert max_relative_error(want, got[1]) < 1e-5
 
 
-def test_in_out_weights_read_elsewhere_stay(tmp_path):
-    """A matrix that the graph also reads outside the block keeps the block in_out under
-    ``weight_layout="out_in"`` (transposing it would store it twice), and the reason is given."""
+def _also_read(model, tensor, in_subgraph):
+    """``model`` with one more output computed from ``tensor``: by a node of the graph, or inside
+    the branches of an If (which reads it from the enclosing graph)."""
+    helper = onnx.helper
+    total = helper.make_node("ReduceSum", [tensor], ["total"], keepdims=0)
+    if in_subgraph:
+        branch = helper.make_graph([total], "branch", [],
+                                   [helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, [])])
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "always"))
+        total = helper.make_node("If", ["always"], ["total"], then_branch=branch, else_branch=branch)
+    model.graph.node.append(total)
+    model.graph.output.append(helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, []))
+    return model
+
+
+@pytest.mark.parametrize("in_subgraph", [False, True])
+def test_in_out_weights_read_elsewhere_stay(tmp_path, in_subgraph):
+    """A stored matrix that the graph also reads outside the block (by a node, or inside an If's
+    branches) keeps the block in_out under ``weight_layout="out_in"`` (transposing it would store it
+    twice), and the reason is given; the reader keeps its matrix, and the model runs."""
     model = export_family_block("gpt_oss", "torchscript", tmp_path / "block.onnx")
-    found = converted(model)
-    node, _ = _projections(found.model)
+    node, _ = _projections(converted(model).model)
     w1 = node.input[INPUT_NAMES.index("w1")]
-    model.graph.node.append(onnx.helper.make_node("ReduceSum", [w1], ["w1_sum"], keepdims=0))
-    model.graph.output.append(onnx.helper.make_tensor_value_info("w1_sum", onnx.TensorProto.FLOAT, None))
+    model = _also_read(model, w1, in_subgraph)
     relaid = convert_model(model, weight_layout="out_in")
     (b,) = relaid.blocks
     assert b.converted and b.attrs.weight_layout == "in_out"
     assert b.layout_note == f"w1 ({w1}) is also read outside the block"
+    onnx.checker.check_model(relaid.model, full_check=True)
+    x = np.random.default_rng(4).standard_normal((2, 3, FAMILIES["gpt_oss"].hidden), dtype=np.float32)
+    assert max_relative_error(run_onnx(model, {"x": x}), run_onnx(relaid.model, {"x": x})) < 1e-5
     with pytest.raises(ValueError, match="weight_layout"):
         convert_model(model, weight_layout="transposed")
+
+
+def test_subgraph_reads_keep_their_initializers(tmp_path):
+    """An initializer read only inside an If's branches stays in the converted model (the rewrite
+    counts what subgraphs read from the enclosing graph as read)."""
+    model = export_family_block("mixtral", "torchscript", tmp_path / "block.onnx")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(6, dtype=np.float32), "elsewhere"))
+    model = _also_read(model, "elsewhere", in_subgraph=True)
+    conv = converted(model)
+    assert "elsewhere" in {t.name for t in conv.model.graph.initializer}
+    sess = ort.InferenceSession(conv.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 2, FAMILIES["mixtral"].hidden), np.float32)
+    assert sess.run(["total"], {"x": x})[0] == 15.0
+
+
+def test_transposed_reading_of_a_stored_linear_weight_becomes_a_reuse(tmp_path):
+    """Llama-4's shared expert, exported by dynamo, keeps torch Linear's [out, in] weights, which
+    the in_out reading transposes into new tensors; out_in reads them as stored, even where the
+    graph also reads them elsewhere (nothing is stored twice), and re-lays out the routed ones."""
+    model = export_family_block("llama4", "dynamo", tmp_path / "block.onnx")
+    found = converted(model)
+    shared = found.blocks[0]._hypothesis.operands["shared_w1"]
+    assert shared.swap and shared.ref.initializer
+    model = _also_read(model, shared.ref.tensor, in_subgraph=False)
+    relaid = convert_model(model, weight_layout="out_in")
+    (b,) = relaid.blocks
+    assert b.attrs.weight_layout == "out_in" and b.layout_note == ""
+    node, mats = _projections(relaid.model)
+    assert node.input[INPUT_NAMES.index("shared_w1")] == shared.ref.tensor  # reused as stored
+    assert (b.weights_reused, b.weights_relaid) == (found.blocks[0].weights_relaid, found.blocks[0].weights_reused)
+    x = np.random.default_rng(6).standard_normal((2, 3, FAMILIES["llama4"].hidden), dtype=np.float32)
+    assert max_relative_error(run_onnx(model, {"x": x}), run_onnx(relaid.model, {"x": x})) < 1e-5

@@ -14,7 +14,7 @@ from ..builder import attach_functions, make_node
 from ..function import MIN_OPSET, opset_of
 from ..spec import MoEFFNAttrs, validate_arrays
 from . import ort_ingest, ort_target
-from .graph import GraphIndex
+from .graph import GraphIndex, outer_reads
 from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, matches,
                    precheck, region_nodes)
 from .region import Candidate, NearMiss, find_candidates
@@ -258,11 +258,12 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
                 new_nodes, inits = ort_target.emit(name, h.attrs, b.x, b.logits, b.output,
                                                    arrays, lambda t: _unique(t, used_names))
                 new_inits.extend(keep(t) for t in inits)
+                b.emitted = f"{ort_target.ORT_DOMAIN}.{ort_target.ORT_OP}"
+                b.weights_reused, b.weights_relaid = 0, len(inits)
+                del arrays, inits  # this block's, before the next block's are made
                 for op in h.operands.values():
                     op.ref.release()
                 g.release_arrays()
-                b.emitted = f"{ort_target.ORT_DOMAIN}.{ort_target.ORT_OP}"
-                b.weights_reused, b.weights_relaid = 0, len(inits)
                 producer = g.producer[b.output]
                 replace[producer] = new_nodes
                 dead = _dead_after(g, set(b._region), producer, keep_inputs={b.x, b.logits})
@@ -315,7 +316,7 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
     result.CopyFrom(model)
     del result.graph.node[:]
     result.graph.node.extend(out_nodes)
-    consumed = {t for n in out_nodes for t in n.input} | g.graph_outputs
+    consumed = {t for n in out_nodes for t in [*n.input, *outer_reads(n)]} | g.graph_outputs
     kept = [t for t in result.graph.initializer if t.name in consumed or t.name in g.graph_inputs]
     del result.graph.initializer[:]
     result.graph.initializer.extend(kept)

@@ -19,6 +19,22 @@ SHAPE_ONLY_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cas
                   "Expand"}
 
 
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing graph: its
+    inputs no less than ``node.input``."""
+    reads: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sg in graphs:
+            local = ({v.name for v in sg.input} | {t.name for t in sg.initializer}
+                     | {o for n in sg.node for o in n.output})
+            inner = {i for n in sg.node for i in n.input if i}
+            for n in sg.node:
+                inner |= outer_reads(n)
+            reads |= inner - local
+    return reads
+
+
 class GraphIndex:
     def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
         self.model = model
@@ -31,7 +47,7 @@ class GraphIndex:
             for out in node.output:
                 if out:
                     self.producer[out] = i
-            for inp in node.input:
+            for inp in dict.fromkeys([*node.input, *sorted(outer_reads(node))]):
                 if inp:
                     self.consumers[inp].append(i)
         self.initializers = {t.name: t for t in self.graph.initializer}

@@ -166,8 +166,13 @@ class Spill:
 
     def __init__(self, out_path: str):
         self.path = _temp_beside(output_file(out_path), out_path, ".data")
-        self._file = open(self.path, "wb")
+        try:
+            self._file = open(self.path, "wb")
+        except OSError as exc:
+            os.unlink(self.path)
+            raise ModelFileError(f"{out_path}: cannot write in its folder ({exc.strerror})") from None
         self.size = 0
+        self.names: set[str] = set()  # the tensors whose data it holds
 
     def __call__(self, t: onnx.TensorProto) -> onnx.TensorProto:
         raw = t.raw_data
@@ -182,6 +187,7 @@ class Spill:
         out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
         _set_location(out, self.LOCATION, self.size, len(raw))
         self.size += len(raw)
+        self.names.add(t.name)
         return out
 
     def close(self) -> None:
@@ -194,21 +200,23 @@ class Spill:
             os.unlink(self.path)
 
 
-def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged) -> bool:
+def _place_external_data(model: onnx.ModelProto, in_dir: str, out_file: str, staged: _Staged,
+                         new: frozenset = frozenset()) -> bool:
     """Makes the data files of ``model`` (read from ``in_dir``) available beside ``out_file``,
-    rewriting a tensor's location where it cannot keep its relative path; whether it rewrote one."""
+    rewriting a tensor's location where it cannot keep its relative path; whether it rewrote one.
+    The tensors named in ``new`` (a spill's) are left to the caller."""
     out_dir = os.path.dirname(out_file)
     if os.path.realpath(in_dir) == out_dir:
         return False
     replaceable = _data_of_replaced_output(out_file)
     placed: dict[str, str] = {}
     for t in external_tensors(model):
+        if t.name in new:
+            continue
         for e in t.external_data:
             if e.key != "location":
                 continue
             loc = e.value
-            if loc == Spill.LOCATION:  # new data, placed by save
-                continue
             if loc not in placed:
                 placed[loc] = _place_one(os.path.join(in_dir, loc), loc, out_file, staged, replaceable)
             e.value = placed[loc]
@@ -281,7 +289,7 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str, spill: Optional[Sp
     staged = _Staged(out_path)
     spilled = spill is not None and spill.size > 0
     try:
-        _place_external_data(model, in_dir, out_file, staged)
+        _place_external_data(model, in_dir, out_file, staged, frozenset(spill.names) if spilled else frozenset())
         has_external = any(True for _ in external_tensors(model))
         big_new = [t for t in model.graph.initializer
                    if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > _EXTERNAL_THRESHOLD]
@@ -293,9 +301,10 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str, spill: Optional[Sp
                 spill.close()
                 staged.moves.append((spill.path, data_file))
                 for t in external_tensors(model):
-                    for e in t.external_data:
-                        if e.key == "location" and e.value == Spill.LOCATION:
-                            e.value = data_name
+                    if t.name in spill.names:
+                        for e in t.external_data:
+                            if e.key == "location":
+                                e.value = data_name
                 offset = spill.size
             with open(spill.path if spilled else staged.new(data_file, ".data"), "ab") as f:
                 for t in big_new:

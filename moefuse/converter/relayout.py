@@ -7,8 +7,9 @@ reads onnxruntime's copy as it is. The CPU kernel packs either layout alike.
 
 The reading is the verified one with every projection matrix transposed and the layout attribute
 switched, which the op spec defines as the same function; the transposed values are copies, never
-rounded. A matrix also read outside the block keeps the block in_out: transposing it would store
-it twice in the model.
+rounded. A stored matrix also read outside the block (by a node or a subgraph) keeps the block
+in_out: transposing it would store it twice in the model. One the in_out reading had transposed
+(a torch Linear's [out, in] weight) is then read as stored.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def out_in_reading(g: GraphIndex, h: Hypothesis, region: list) -> tuple[Optional
             return None, f"{name} is read through a reshape"
         tensor = op.ref.tensor
         outside = [c for c in g.consumers.get(tensor, []) if c not in inside]
-        if op.ref.initializer is not None and (outside or tensor in g.graph_outputs):
+        if not op.swap and op.ref.initializer is not None and (outside or tensor in g.graph_outputs):
             return None, f"{name} ({tensor}) is also read outside the block"
         operands[name] = Operand(op.ref, swap=not op.swap)
     return Hypothesis(dataclasses.replace(h.attrs, weight_layout="out_in"), operands), ""
