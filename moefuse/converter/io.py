@@ -130,7 +130,10 @@ class _Staged:
         self.moves: list[tuple[str, str]] = []
 
     def new(self, final: str, suffix: str = "") -> str:
-        tmp = _temp_beside(final, self.shown, suffix)
+        return self.adopt(_temp_beside(final, self.shown, suffix), final)
+
+    def adopt(self, tmp: str, final: str) -> str:
+        """A temporary file written elsewhere (a spill's), renamed to ``final`` with the rest."""
         self.moves.append((tmp, final))
         return tmp
 
@@ -289,7 +292,8 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str, spill: Optional[Sp
     staged = _Staged(out_path)
     spilled = spill is not None and spill.size > 0
     try:
-        _place_external_data(model, in_dir, out_file, staged, frozenset(spill.names) if spilled else frozenset())
+        spill_names = frozenset(spill.names) if spilled else frozenset()
+        _place_external_data(model, in_dir, out_file, staged, spill_names)
         has_external = any(True for _ in external_tensors(model))
         big_new = [t for t in model.graph.initializer
                    if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > _EXTERNAL_THRESHOLD]
@@ -299,9 +303,9 @@ def save(model: onnx.ModelProto, out_path: str, in_path: str, spill: Optional[Sp
             offset = 0
             if spilled:  # the spill's file becomes the data file; the rest follows it
                 spill.close()
-                staged.moves.append((spill.path, data_file))
+                staged.adopt(spill.path, data_file)
                 for t in external_tensors(model):
-                    if t.name in spill.names:
+                    if t.name in spill_names:
                         for e in t.external_data:
                             if e.key == "location":
                                 e.value = data_name
