@@ -46,7 +46,8 @@ def _sigterm_as_exit():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # (None: a handler installed outside Python, not restorable)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(quiet):
@@ -192,9 +193,13 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
+        stack.close()
         if spill is not None:
             spill.discard()  # (placed by save when the output was written)
-        stack.close()
+        error = sys.exc_info()[1]
+        if error is not None:  # what the user is told, or what ended the run
+            report["error"] = (error.format_message() if isinstance(error, click.ClickException)
+                               else f"{type(error).__name__}: {error}")[:500]
         if report_path:
             _write_report(report_path, report, _data_files(output, written) if written else [],
                           failing=sys.exc_info()[0] is not None)

@@ -627,5 +627,23 @@ def test_spill_write_failure_is_an_error_not_a_traceback(tmp_path, monkeypatch):
     code, text = invoke("convert", src, "-o", out, "--weight-layout", "out_in", "--report", report)
     assert code == 1 and "cannot write" in text and "No space left on device" in text, text
     assert "Traceback" not in text
-    assert not out.exists() and json.loads(report.read_text())["written"] is False
+    data = json.loads(report.read_text())
+    assert not out.exists() and data["written"] is False and "No space left on device" in data["error"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".moefuse-")]
+
+
+def test_sigterm_during_convert_exits_through_the_cleanup():
+    """During a conversion SIGTERM raises SystemExit (143), so the finally blocks that remove
+    temporary files run; the previous handler is back afterwards."""
+    import signal
+    import time
+
+    from moefuse.cli import _sigterm_as_exit
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        with _sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at once, not after the sleep
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -211,17 +211,23 @@ def test_in_out_weights_stored_out_in(family, tmp_path):
     assert max_relative_error(want, got[1]) < 1e-5
 
 
-def _also_read(model, tensor, in_subgraph):
-    """``model`` with one more output computed from ``tensor``: by a node of the graph, or inside
-    the branches of an If (which reads it from the enclosing graph)."""
+def _also_read(model, tensor, in_subgraph, plus=None):
+    """``model`` with one more output computed from ``tensor`` (plus the graph input ``plus``):
+    by a node of the graph, or inside the branches of an If (which reads from the enclosing
+    graph)."""
     helper = onnx.helper
     total = helper.make_node("ReduceSum", [tensor], ["total"], keepdims=0)
+    if plus:
+        model.graph.input.append(helper.make_tensor_value_info(plus, onnx.TensorProto.FLOAT, []))
+        total = [helper.make_node("ReduceSum", [tensor], ["part"], keepdims=0),
+                 helper.make_node("Add", ["part", plus], ["total"])]
+    total = total if isinstance(total, list) else [total]
     if in_subgraph:
-        branch = helper.make_graph([total], "branch", [],
+        branch = helper.make_graph(total, "branch", [],
                                    [helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, [])])
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "always"))
-        total = helper.make_node("If", ["always"], ["total"], then_branch=branch, else_branch=branch)
-    model.graph.node.append(total)
+        total = [helper.make_node("If", ["always"], ["total"], then_branch=branch, else_branch=branch)]
+    model.graph.node.extend(total)
     model.graph.output.append(helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, []))
     return model
 
@@ -257,6 +263,27 @@ def test_subgraph_reads_keep_their_initializers(tmp_path):
     sess = ort.InferenceSession(conv.model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.zeros((1, 2, FAMILIES["mixtral"].hidden), np.float32)
     assert sess.run(["total"], {"x": x})[0] == 15.0
+
+
+@pytest.mark.parametrize("what", ["block output", "routing weights"])
+def test_a_subgraph_reading_the_block(tmp_path, what):
+    """An If after the block whose branches read the block's output (with another graph input),
+    or a tensor inside the block (the router's top-k values): the block still converts, the If
+    keeps what it reads, and both outputs match the original's."""
+    model = export_family_block("mixtral", "torchscript", tmp_path / "block.onnx")
+    if what == "block output":
+        tensor = model.graph.output[0].name
+    else:
+        tensor = next(n for n in model.graph.node if n.op_type == "TopK").output[0]
+    model = _also_read(model, tensor, in_subgraph=True, plus="r")
+    conv = converted(model)
+    assert [n.op_type for n in conv.model.graph.node].count("MoEFFN") == 1
+    feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, FAMILIES["mixtral"].hidden), dtype=np.float32),
+             "r": np.array(0.5, np.float32)}
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for m in (model, conv.model)]
+    for want, got in zip(*runs):
+        assert max_relative_error(want, got) < 1e-5
 
 
 def test_transposed_reading_of_a_stored_linear_weight_becomes_a_reuse(tmp_path):

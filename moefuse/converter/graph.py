@@ -43,13 +43,15 @@ class GraphIndex:
         self.nodes = list(self.graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
+        # what each node reads: its inputs, then what its subgraphs read from this graph
+        self.reads: list[list[str]] = []
         for i, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
                     self.producer[out] = i
-            for inp in dict.fromkeys([*node.input, *sorted(outer_reads(node))]):
-                if inp:
-                    self.consumers[inp].append(i)
+            self.reads.append([t for t in dict.fromkeys([*node.input, *sorted(outer_reads(node))]) if t])
+            for inp in self.reads[i]:
+                self.consumers[inp].append(i)
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.graph_inputs = {v.name for v in self.graph.input} - set(self.initializers)
         self.graph_outputs = {v.name for v in self.graph.output}
@@ -91,7 +93,8 @@ class GraphIndex:
             result = False
         else:
             node = self.node_of(tensor)
-            result = node is not None and all(self.is_constant(i) for i in node.input)
+            result = node is not None and all(self.is_constant(i)
+                                              for i in self.reads[self.producer[tensor]])
             if node is not None and node.op_type in ("RandomNormal", "RandomUniform",
                                                      "RandomNormalLike", "RandomUniformLike"):
                 result = False
@@ -109,7 +112,7 @@ class GraphIndex:
             if i is None or i in seen:
                 continue
             seen.add(i)
-            stack.extend(x for x in self.nodes[i].input if x and x not in stop)
+            stack.extend(x for x in self.reads[i] if x not in stop)
         return seen
 
     def descendants(self, tensors: Iterable[str]) -> set[int]:
@@ -140,11 +143,11 @@ class GraphIndex:
                 continue
             if self.is_constant(t):
                 continue
-            node = self.node_of(t)
-            if node is None:
+            i = self.producer.get(t)
+            if i is None:
                 found.add(t)
                 continue
-            stack.extend(node.input)
+            stack.extend(self.reads[i])
         return found
 
     # ---- values ----

@@ -88,7 +88,7 @@ def evaluate_constant(g: GraphIndex, tensor: str) -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
     nodes = sorted(g.ancestors([tensor]))
-    needed = {i for n in nodes for i in g.nodes[n].input if i in g.initializers}
+    needed = {i for n in nodes for i in g.reads[n] if i in g.initializers}
     inits = [_loaded(g, name) for name in sorted(needed)]
     graph = helper.make_graph([g.nodes[i] for i in nodes], "const", [],
                               [helper.make_tensor_value_info(tensor, 0, None)], initializer=inits)

@@ -94,7 +94,7 @@ def _pure_nodes(g: GraphIndex, x: str) -> set[int]:
     candidates = sorted(g.descendants([x]))
     for i in candidates:  # graph order is topological
         node = g.nodes[i]
-        if all(not t or t in pure_tensors or g.is_constant(t) for t in node.input):
+        if all(t in pure_tensors or g.is_constant(t) for t in g.reads[i]):
             pure.add(i)
             pure_tensors.update(o for o in node.output if o)
     return pure

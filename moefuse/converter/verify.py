@@ -25,7 +25,7 @@ _SHARE_BYTES = 1 << 16
 def extract_block(g: GraphIndex, cand: Candidate, ends: list[str]):
     """(model, {name: array}) computing ends + logits from the block input."""
     nodes = sorted(g.ancestors(list(ends) + [cand.logits], stop=[cand.x]))
-    needed = {i for n in nodes for i in g.nodes[n].input if i in g.initializers}
+    needed = {i for n in nodes for i in g.reads[n] if i in g.initializers}
     inits, shared = [], {}
     for name in sorted(needed):
         init = g.initializers[name]
