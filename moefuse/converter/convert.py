@@ -53,6 +53,11 @@ class Block:
     _region: list = field(default_factory=list, repr=False)
     _flatten_output: bool = field(default=False, repr=False)
 
+    def count_weights(self, h: Hypothesis) -> None:
+        """Weights of reading ``h`` reused as stored, and re-laid out into new tensors."""
+        self.weights_reused = sum(1 for op in h.operands.values() if op.reused)
+        self.weights_relaid = len(h.operands) - self.weights_reused
+
     def to_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
         out["attrs"] = None if self.attrs is None else dataclasses.asdict(self.attrs)
@@ -141,8 +146,7 @@ def lift_candidate(g: GraphIndex, cand: Candidate) -> Block:
                       hidden=size.hidden, inter=size.inter, x=cand.x, logits=cand.logits,
                       output=end, max_error=err, traits=traits_of(h.attrs, h.operands),
                       experts_unreached=unreached, _hypothesis=h, _region=nodes)
-        block.weights_reused = sum(1 for op in h.operands.values() if op.reused)
-        block.weights_relaid = sum(1 for op in h.operands.values() if not op.reused)
+        block.count_weights(h)
         block._flatten_output = probes[0].y.ndim != probes[0].x.ndim
         block.dtype = np.dtype(probes[0].x.dtype).name
         for op in h.operands.values():
@@ -276,8 +280,7 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
             if relaid is not None:
                 h = b._hypothesis = relaid
                 b.attrs = h.attrs
-                b.weights_reused = sum(1 for op in h.operands.values() if op.reused)
-                b.weights_relaid = len(h.operands) - b.weights_reused
+                b.count_weights(h)
         node_name = _unique(f"{b.name or 'moe'}/MoEFFN", used_names)
         inputs = {"X": b.x}
         if h.attrs.routing != "precomputed":

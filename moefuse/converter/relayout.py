@@ -36,9 +36,9 @@ def out_in_reading(g: GraphIndex, h: Hypothesis, region: list) -> tuple[Optional
             continue
         if op.reshape is not None:
             return None, f"{name} is read through a reshape"
-        tensor = op.ref.tensor
-        outside = [c for c in g.consumers.get(tensor, []) if c not in inside]
-        if not op.swap and op.ref.initializer is not None and (outside or tensor in g.graph_outputs):
-            return None, f"{name} ({tensor}) is also read outside the block"
+        tensor = op.ref.initializer
+        if tensor is not None and not op.swap:  # stored as read: transposed, it is a new copy
+            if tensor in g.graph_outputs or any(c not in inside for c in g.consumers.get(tensor, [])):
+                return None, f"{name} ({tensor}) is also read outside the block"
         operands[name] = Operand(op.ref, swap=not op.swap)
     return Hypothesis(dataclasses.replace(h.attrs, weight_layout="out_in"), operands), ""
