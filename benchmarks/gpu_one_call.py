@@ -9,7 +9,7 @@ by name prefix), makes WARMUP calls (sessions, autotuning), then one call inside
 
     ncu --nvtx --nvtx-include "last/" --kernel-name regex:Wg \\
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
-        python benchmarks/gpu_one_call.py Qwen 4096 bfloat16 2 [ours|ms]
+        python benchmarks/gpu_one_call.py Qwen 4096 bfloat16 2 [ours|ms] [--save y.npy]
 
 com.microsoft.MoE's GEMMs are matched by `--kernel-name regex:"^(device_kernel|Kernel)$"`.
 `benchmarks/ncu_kernels.py` puts the printed metrics of several such runs side by side. Needs
@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("warmup", type=int, help="calls before the one in the NVTX range")
     ap.add_argument("op", nargs="?", default="ours", choices=["ours", "ms"],
                     help="MoEFFN (ours) or com.microsoft.MoE (ms)")
+    ap.add_argument("--save", default="", metavar="NPY",
+                    help="write the last call's output there, its 16-bit values as stored (uint16), "
+                         "to compare two builds bit for bit")
     args = ap.parse_args(argv)
     matches = [s for s in g.SHAPES if s[0].startswith(args.shape)]
     if len(matches) != 1:
@@ -78,6 +81,10 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_pop()
         print("done", float(y.float().abs().mean()))
+        if args.save:
+            import numpy as np
+
+            np.save(args.save, y.view(torch.int16).cpu().numpy().view(np.uint16))
     return 0
 
 

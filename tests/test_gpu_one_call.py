@@ -13,7 +13,9 @@ SCRIPT = script("gpu_one_call")
 def test_arguments_pick_one_layer():
     args = load("gpu_one_call").parse_args(["GPT", "32", "bfloat16", "2"])
     assert args.layer == ("GPT-OSS-20B", 2880, 2880, 32, 4)
-    assert (args.tokens, args.dtype, args.warmup, args.op) == (32, "bfloat16", 2, "ours")
+    assert (args.tokens, args.dtype, args.warmup, args.op, args.save) == (32, "bfloat16", 2, "ours", "")
+    args = load("gpu_one_call").parse_args(["Qwen", "4096", "float16", "1", "ms", "--save", "y.npy"])
+    assert (args.layer[0], args.op, args.save) == ("Qwen3-30B-A3B", "ms", "y.npy")
 
 
 @pytest.mark.parametrize("argv,message", [
