@@ -57,7 +57,7 @@ def measure(path: str, tokens: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from moefuse.runtime import session_options
+    from moefuse.runtime import run, session_options
 
     cudart = cuda_runtime()
     cudart.cudaFree(None)  # the context first, so that it is not counted
@@ -68,8 +68,11 @@ def measure(path: str, tokens: int) -> dict:
     if "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError("the session has no CUDA execution provider")
     f1 = free_mib(cudart)
-    feeds = dict(np.load(path + ".feeds.npz"))
-    sess.run(None, feeds)
+    import ml_dtypes
+
+    dtype = np.float16 if os.path.basename(path).startswith("float16") else ml_dtypes.bfloat16
+    feeds = {n: a.view(dtype) for n, a in np.load(path + ".feeds.npz").items()}  # stored as uint16
+    run(sess, feeds, {"Y": feeds["X"].shape})
     f2 = free_mib(cudart)
     return {"session_mib": round(f0 - f1, 1), "after_call_mib": round(f0 - f2, 1)}
 
@@ -97,11 +100,12 @@ def write_models(tmp: str, args) -> tuple[dict, float]:
         else:
             inputs = dict(base, w1=np.ascontiguousarray(base["w1"].transpose(0, 2, 1)),
                           w2=np.ascontiguousarray(base["w2"].transpose(0, 2, 1)))
-        path = os.path.join(tmp, f"layer_{layout}.onnx")
+        path = os.path.join(tmp, f"{args.dtype}_{layout}.onnx")
         onnx.save_model(make_moeffn_model(attrs, inputs), path, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=os.path.basename(path) + ".data",
                         size_threshold=1024)
-        np.savez(path + ".feeds.npz", X=inputs["X"], router_logits=inputs["router_logits"])
+        np.savez(path + ".feeds.npz", X=inputs["X"].view(np.uint16),
+                 router_logits=inputs["router_logits"].view(np.uint16))
         paths[layout] = path
     return paths, weights
 

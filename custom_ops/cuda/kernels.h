@@ -147,7 +147,8 @@ struct Gemm1Params {
   ActParams act;
   Groups g;
   void* H = nullptr;  // [rows, I] in dtype
-  int64_t rows = 0;   // rows of A when row_map is null (the wgmma path then reads them by TMA)
+  int64_t rows = 0;   // rows of A (X: T; X gathered in sorted order: its sorted rows)
+  bool rows_by_tma = true;  // wgmma path: A's rows by TMA where they are the sorted rows (no row_map)
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
 };
@@ -161,7 +162,8 @@ struct Gemm2Params {
   const void* b2 = nullptr;  // [G, D] or null
   Groups g;
   void* out = nullptr;  // [rows, D]
-  int64_t rows = 0;     // rows of H (the wgmma path reads them by TMA; 0: by cp.async)
+  int64_t rows = 0;     // rows of H
+  bool rows_by_tma = true;  // wgmma path: H's rows by TMA (else gathered by cp.async)
   bool out_f32 = true;  // float32 output (else dtype)
   int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)

@@ -613,7 +613,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.act = ActParams{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
     g1.g = g;
     g1.H = at(o_hs);
-    g1.rows = tma_rows_ >= 1 ? T : 0;
+    g1.rows = T;
+    g1.rows_by_tma = tma_rows_ >= 1;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);
@@ -623,7 +624,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.g = g;
     g2.out = at(o_s);
     g2.out_f32 = shared_f32;
-    g2.rows = g1.rows;
+    g2.rows = T;
+    g2.rows_by_tma = g1.rows_by_tma;
     switch (spath) {
       case Path::kWgmma:
         if ((e = LaunchWgmmaGemm1(g1, dev_.num_sms, stream)) || (e = LaunchWgmmaGemm2(g2, dev_.num_sms, stream)))
@@ -691,6 +693,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.I = static_cast<int>(I);
     g1.A = in[kX].data;
     g1.row_map = s.sorted_row;
+    g1.rows = T;
     g1.row_scale = woi ? s.sorted_w : nullptr;
     g1.w = routed;
     g1.act = act;
@@ -712,7 +715,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.pingpong = pingpong_;
     g2.splits = ypair_planes;
     g2.plane = P * D;
-    g2.rows = tma_rows_ >= 1 ? P : 0;
+    g2.rows = P;
+    g2.rows_by_tma = tma_rows_ >= 1;
     if (overlap)
       g2.g.ready_need = rpath == Path::kWgmma ? WgmmaFirstProjSignals(g1, dev_.num_sms) : SkinnyFirstProjSignals(g1);
     switch (rpath) {
