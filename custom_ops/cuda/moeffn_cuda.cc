@@ -352,7 +352,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t K = a.k;
   if (T == 0 || D == 0) return nullptr;  // Y has no elements
   void* ydata = call.y;
-  if (T * K >= kBadPairBase || E + a.zero_experts >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX)
+  // The wgmma path numbers the 16-byte chunks of X and H in 32 bits (Produce): 2^35 elements.
+  const int64_t kMaxActivation = (int64_t{1} << 35) - 64;
+  if (T * K >= kBadPairBase || E + a.zero_experts >= INT_MAX / 2 || D >= INT_MAX || I >= INT_MAX ||
+      T * D >= kMaxActivation || T * K * I >= kMaxActivation || T * Is >= kMaxActivation)
     return Error(ORT_INVALID_ARGUMENT, Who(node_name_) + ": sizes exceed the CUDA kernel's 32-bit row indices");
 
   void* stream_ptr = nullptr;
