@@ -27,9 +27,38 @@ class Variant:
     error: dict = field(default_factory=dict)  # tokens -> max relative error vs original
 
 
+def fused_variants(model: onnx.ModelProto, count: int, log: Callable[[str], None]) -> list[Variant]:
+    """A model that already has MoEFFN nodes: what stock onnxruntime runs (their embedded
+    function, the baseline) against the moefuse library's kernel."""
+    from .spec import DOMAIN, OP_TYPE
+
+    log(f"the model already has {count} MoEFFN node(s): timing them with the moefuse library "
+        "against their embedded function")
+    out = []
+    if any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
+        out.append(Variant("MoEFFN, embedded function", model))
+    else:
+        log("no embedded MoEFFN function: stock onnxruntime cannot run this model (moefuse "
+            "convert embeds one)")
+    try:
+        from .runtime import session_options
+
+        out.append(Variant("MoEFFN + moefuse library", model, session_options()))
+    except Exception as exc:  # noqa: BLE001 - the library is optional
+        log(f"moefuse library not available ({exc})")
+    if not out:
+        raise RuntimeError("its MoEFFN nodes have no embedded function and the moefuse library "
+                           "is not available: nothing can run them")
+    return out
+
+
 def variants(model: onnx.ModelProto, base_dir: str, log: Callable[[str], None]) -> list[Variant]:
+    from .builder import _moeffn_nodes
     from .converter import convert_model
 
+    fused = sum(1 for _ in _moeffn_nodes(model.graph))
+    if fused:
+        return fused_variants(model, fused, log)
     out = [Variant("original", model)]
     fused = convert_model(model, base_dir=base_dir)
     if fused.model is None:

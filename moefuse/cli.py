@@ -322,7 +322,10 @@ def _token_counts(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def bench(model, tokens, batch, provider, threads, as_json, quiet):
-    """Time MODEL, its MoEFFN version and its com.microsoft.MoE version side by side."""
+    """Time MODEL, its MoEFFN version and its com.microsoft.MoE version side by side.
+
+    A MODEL that already has MoEFFN nodes is timed with moefuse's library against their
+    embedded function (what stock onnxruntime runs)."""
     import onnxruntime as ort
 
     from .bench import bench as run_bench, table, to_json

@@ -305,6 +305,27 @@ def test_bench_refuses_bad_sizes(argv, message):
     assert code == 2 and message in text, text
 
 
+def test_bench_of_a_converted_model_times_the_library_against_the_function(tmp_path):
+    """A model that is already fused has nothing to convert: bench times its MoEFFN nodes with
+    the library against the embedded function that stock onnxruntime runs, and without that
+    function (a model fused elsewhere) the library alone, saying why."""
+    fused = tmp_path / "fused.onnx"
+    assert invoke("convert", TINY, "-o", fused, "-q")[0] == 0
+    code, text = invoke("bench", fused, "--tokens", "1,5", "--json", "-q")
+    assert code == 0, text
+    rows = json.loads(text)
+    assert [r["variant"] for r in rows] == ["MoEFFN, embedded function", "MoEFFN + moefuse library"]
+    assert all(ms > 0 for r in rows for ms in r["ms_per_call"].values())
+    assert max(rows[1]["max_relative_error"].values()) < 1e-4
+    bare = onnx.load(fused)
+    del bare.functions[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    code, text = invoke("bench", tmp_path / "bare.onnx", "--tokens", "3")
+    assert code == 0, text
+    assert "no embedded MoEFFN function" in text
+    assert "MoEFFN + moefuse library" in text and "embedded function  " not in text
+
+
 def test_bench_cuda_without_a_cuda_provider():
     import onnxruntime as ort
 
