@@ -53,10 +53,10 @@ def fused_variants(model: onnx.ModelProto, count: int, log: Callable[[str], None
 
 
 def variants(model: onnx.ModelProto, base_dir: str, log: Callable[[str], None]) -> list[Variant]:
-    from .builder import _moeffn_nodes
+    from .builder import iter_moeffn_nodes
     from .converter import convert_model
 
-    fused = sum(1 for _ in _moeffn_nodes(model.graph))
+    fused = sum(1 for _ in iter_moeffn_nodes(model.graph))
     if fused:
         return fused_variants(model, fused, log)
     out = [Variant("original", model)]

@@ -46,16 +46,17 @@ def present_inputs(node: onnx.NodeProto) -> list[str]:
     return [INPUT_NAMES[i] for i, v in enumerate(node.input) if v]
 
 
-def _moeffn_nodes(graph: onnx.GraphProto):
+def iter_moeffn_nodes(graph: onnx.GraphProto):
+    """The graph's MoEFFN nodes, those of its subgraphs included."""
     for node in graph.node:
         if node.op_type == OP_TYPE and node.domain == DOMAIN:
             yield node
         for attr in node.attribute:  # nodes inside If/Loop/Scan bodies
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _moeffn_nodes(attr.g)
+                yield from iter_moeffn_nodes(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _moeffn_nodes(g)
+                    yield from iter_moeffn_nodes(g)
 
 
 def attach_functions(model: onnx.ModelProto) -> None:
@@ -68,7 +69,7 @@ def attach_functions(model: onnx.ModelProto) -> None:
         raise MoEFFNError(f"the model imports opset {opset}; MoEFFN's fallback function needs "
                           f"opset >= {MIN_OPSET} (upgrade the model with "
                           f"onnx.version_converter first)")
-    nodes = list(_moeffn_nodes(model.graph))
+    nodes = list(iter_moeffn_nodes(model.graph))
     configs: dict[str, tuple[MoEFFNAttrs, list[str]]] = {}
     node_keys = []
     for node in nodes:

@@ -149,7 +149,7 @@ def convert(model, output, partial, report_path, check, target, weight_layout, q
         blocks = result.blocks
         report["blocks"] = [b.to_json() for b in blocks]
         if not blocks:
-            click.echo("no MoE blocks found; the output is a copy of the input")
+            click.echo("no MoE blocks found; the output is a copy of the input" + _fused_note(proto))
             copy_unchanged(proto, model, output)
             report["written"], written = True, proto
             return
@@ -278,7 +278,7 @@ def inspect(model, as_json):
     if as_json:
         click.echo(json.dumps([b.to_json() for b in blocks], indent=2))
     elif not blocks:
-        click.echo("no MoE blocks found")
+        click.echo("no MoE blocks found" + _fused_note(proto))
     else:
         click.echo(_table(blocks, done="verified"))
 
@@ -298,6 +298,14 @@ def diff(a, b, as_json, summary):
         return
     d = diff_models(ma, mb)
     click.echo(json.dumps(d, indent=2) if as_json else format_diff(d))
+
+
+def _fused_note(proto) -> str:
+    """For a model with nothing to convert: whether it is one that was converted already."""
+    from .builder import iter_moeffn_nodes
+
+    count = sum(1 for _ in iter_moeffn_nodes(proto.graph))
+    return f"; it already has {count} MoEFFN node(s) (`moefuse validate` checks them)" if count else ""
 
 
 def _token_counts(ctx, param, value):
@@ -348,7 +356,7 @@ def validate(model):
     """Check every MoEFFN node of MODEL against the op spec."""
     import onnx
 
-    from .builder import _moeffn_nodes, attrs_of, declared_shapes, overload_note, validate_node
+    from .builder import iter_moeffn_nodes, attrs_of, declared_shapes, overload_note, validate_node
     from .spec import MoEFFNError
 
     proto = _load(model)
@@ -360,7 +368,7 @@ def validate(model):
         known = declared_shapes(proto)
     except Exception as exc:  # noqa: BLE001 - a malformed value info or initializer
         raise click.ClickException(f"{model}: cannot read its declared shapes ({exc!r})") from None
-    nodes = list(_moeffn_nodes(proto.graph))
+    nodes = list(iter_moeffn_nodes(proto.graph))
     if not nodes:
         click.echo("no MoEFFN nodes")
         return

@@ -43,7 +43,7 @@ def moeffn_nodes(model: onnx.ModelProto) -> list[dict]:
         attrs = {k: (v.decode() if isinstance(v, bytes) else
                      (round(v, 6) if isinstance(v, float) else v)) for k, v in sorted(attrs.items())}
         inputs = {INPUT_NAMES[i]: shapes.get(t, "?") for i, t in enumerate(n.input) if t}
-        out.append({"attrs": attrs, "inputs": inputs})
+        out.append({"name": n.name, "attrs": attrs, "inputs": inputs})
     return out
 
 
@@ -112,5 +112,7 @@ def format_diff(d: dict, max_names: int = 20) -> str:
         lines.append("graph inputs/outputs CHANGED")
     for side in ("a", "b"):
         for i, node in enumerate(d["moeffn"][side]):
-            lines.append(f"MoEFFN {side}#{i}: " + ", ".join(f"{k}={v}" for k, v in node["attrs"].items()))
+            attrs = ", ".join(f"{k}={v}" for k, v in node["attrs"].items()) or "default attributes"
+            inputs = ", ".join(f"{k}{v}" for k, v in node["inputs"].items())
+            lines.append(f"MoEFFN {side}#{i} {node['name'] or '(unnamed)'}: {attrs}; inputs {inputs}")
     return "\n".join(lines)

@@ -71,6 +71,19 @@ def test_diff_shows_op_deltas(tmp_path):
     code, text = invoke("diff", TINY, out)
     assert code == 0
     assert "moefuse.MoEFFN: +2" in text and "TopK: -2" in text
+    # each node by name, its attributes (all default here: said so) and its input shapes
+    assert "MoEFFN b#0 model.model.layers.0.mlp/MoEFFN: default attributes; inputs X[" in text
+    assert "w1[8, 256, 64]" in text and "w2[8, 64, 128]" in text
+
+
+def test_a_converted_model_is_named_as_such(tmp_path):
+    fused = tmp_path / "fused.onnx"
+    assert invoke("convert", TINY, "-o", fused, "-q")[0] == 0
+    code, text = invoke("inspect", fused)
+    assert code == 0 and text.strip() == ("no MoE blocks found; it already has 2 MoEFFN node(s) "
+                                          "(`moefuse validate` checks them)")
+    code, text = invoke("convert", fused, "-o", tmp_path / "again.onnx", "-q")
+    assert code == 0 and "the output is a copy of the input; it already has 2 MoEFFN node(s)" in text
 
 
 def test_not_an_onnx_file(tmp_path):
