@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moefuse-installed
 
-.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-build gpu-test gpu-memcheck gpu-bench
+.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-build gpu-test gpu-memcheck gpu-compare gpu-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ MEMCHECK_SHARD ?=
 gpu-memcheck:
 	MOEFUSE_TEST_SHARD=$(MEMCHECK_SHARD) MOEFUSE_GPU_MEMCHECK=1 MOEFUSE_CUDA_EXACT_ALLOC=1 compute-sanitizer --tool memcheck --error-exitcode 1 --report-api-errors no \
 	  --print-limit 20 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernel_cuda.py
+
+# Two builds of the library against each other (BASE=path/to/a.so NEW=path/to/b.so): outputs bit
+# for bit, Nsight Compute kernel times, gpu_moe.py with both (benchmarks/gpu_compare_builds.sh).
+COMPARE_DIR ?= build/gpu-compare
+gpu-compare:
+	PYTHON=$(GPU_PYTHON) benchmarks/gpu_compare_builds.sh "$(BASE)" "$(NEW)" $(COMPARE_DIR)
 
 # MoEFFN vs com.microsoft.MoE on the CUDA EP (writes benchmarks/results/gpu_moe.{json,md,png}).
 gpu-bench:
