@@ -56,9 +56,9 @@ def variants(model: onnx.ModelProto, base_dir: str, log: Callable[[str], None]) 
     from .builder import iter_moeffn_nodes
     from .converter import convert_model
 
-    fused = sum(1 for _ in iter_moeffn_nodes(model.graph))
-    if fused:
-        return fused_variants(model, fused, log)
+    already = sum(1 for _ in iter_moeffn_nodes(model.graph))
+    if already:
+        return fused_variants(model, already, log)
     out = [Variant("original", model)]
     fused = convert_model(model, base_dir=base_dir)
     if fused.model is None:
