@@ -157,3 +157,48 @@ def test_unverifiable_ort_node_is_a_near_miss():
     conv = convert_model(model)
     assert conv.model is None
     assert "fc3" in conv.blocks[0].reason
+
+
+def qmoe_model(bits=4):
+    """A com.microsoft.QMoE node as model builders write it: int4 experts packed in uint8 with
+    per-row scales (never run here)."""
+    t, d, i, e = 3, D, I, E
+    packed = 8 // bits
+    inits = [
+        onnx.numpy_helper.from_array(np.zeros((e, 2 * i, d // packed), np.uint8), "fc1_q"),
+        onnx.numpy_helper.from_array(np.ones((e, 2 * i), np.float32), "fc1_scales"),
+        onnx.numpy_helper.from_array(np.zeros((e, d, i // packed), np.uint8), "fc2_q"),
+        onnx.numpy_helper.from_array(np.ones((e, d), np.float32), "fc2_scales"),
+    ]
+    node = helper.make_node("QMoE", ["x", "probs", "fc1_q", "fc1_scales", "", "fc2_q", "fc2_scales"],
+                            ["y"], name="layer0/qmoe", domain="com.microsoft", k=2,
+                            expert_weight_bits=bits, activation_type="swiglu")
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [t, d]),
+                               helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [t, e])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [t, d])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_quantized_ort_node_is_named_as_a_near_miss(tmp_path):
+    """A model builder's QMoE node cannot become MoEFFN version 1 (float experts): it is reported
+    with why, and nothing is written, --partial or not (no block converts)."""
+    from click.testing import CliRunner
+
+    from moefuse.cli import main
+
+    conv = convert_model(qmoe_model(4))
+    assert conv.model is None
+    (block,) = conv.blocks
+    assert (block.name, block.converted) == ("layer0/qmoe", False)
+    assert block.reason.startswith("com.microsoft.QMoE: its experts are 4-bit weights with scales")
+    src = tmp_path / "q.onnx"
+    onnx.save(qmoe_model(8), src)
+    out = CliRunner().invoke(main, ["inspect", str(src)]).output
+    assert "layer0/qmoe" in out and "8-bit weights" in out
+    for extra in ([], ["--partial"]):
+        result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "o.onnx"), "-q", *extra])
+        assert result.exit_code == 1 and not (tmp_path / "o.onnx").exists()
+        assert "near miss layer0/qmoe: com.microsoft.QMoE: its experts are 8-bit" in result.output

@@ -203,6 +203,9 @@ def analyze(model: onnx.ModelProto, base_dir: str = "",
             progress(f"com.microsoft.MoE node {node.name or i}")
         blocks.append(ingest_ort_node(g, i, node))
         g.release_arrays()
+    for i, node, reason in ort_ingest.quantized_moe_nodes(g):
+        blocks.append(Block(name=node.name or f"com.microsoft.QMoE#{i}", converted=False,
+                            reason=reason, x=node.input[0], logits=node.input[1]))
     return g, blocks
 
 

@@ -27,6 +27,17 @@ def ort_moe_nodes(g: GraphIndex):
             yield i, node
 
 
+def quantized_moe_nodes(g: GraphIndex):
+    """com.microsoft.QMoE nodes (model builders' int4/int8 experts), with why they stay."""
+    for i, node in enumerate(g.nodes):
+        if node.op_type == "QMoE" and node.domain == ORT_DOMAIN:
+            bits = next((helper.get_attribute_value(a) for a in node.attribute
+                         if a.name == "expert_weight_bits"), None)
+            held = f"{bits}-bit" if bits else "quantized"
+            yield i, node, (f"com.microsoft.QMoE: its experts are {held} weights with scales; "
+                            "MoEFFN version 1 takes float experts, so the node stays as it is")
+
+
 def read(g: GraphIndex, i: int, node: onnx.NodeProto) -> Hypothesis:
     """The MoEFFN reading of a com.microsoft.MoE node (raises Refusal when there is none)."""
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
