@@ -1036,19 +1036,15 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_us = p.w.bu_us;
   a.ready_signal = p.g.ready;
   if (p.g.ready && p.g.tile_rows == kBM && p.pingpong) return cudaErrorInvalidValue;
+  const bool narrow = p.g.tile_rows != kBM;
+  const int bn = narrow ? 0 : FirstProjBn(p, num_sms);
+  const int box = narrow ? NarrowCfg<32>::kUnits : gated ? bn / 2 : bn;
   TmaMaps m;
-  if (p.g.tile_rows != kBM) {  // narrow tiles
-    if (!FirstProjMaps(p, NarrowCfg<32>::kUnits, a, &m)) return cudaErrorInvalidValue;
-    if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m)) return cudaErrorInvalidValue;
-    return DispatchNarrow(p.dtype, m, a, num_sms, stream);
-  }
-  const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = FirstProjBn(p, num_sms);
-  const int box = gated ? bn / 2 : bn;
-  if (!FirstProjMaps(p, box, a, &m)) return cudaErrorInvalidValue;
-  if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, kBM, a, &m)) return cudaErrorInvalidValue;
+  if (!FirstProjMaps(p, box, a, &m) || !ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m))
+    return cudaErrorInvalidValue;
+  if (narrow) return DispatchNarrow(p.dtype, m, a, num_sms, stream);
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
-  return Dispatch(p.dtype, bn, p.pingpong, m, a, mt * a.n_tiles, num_sms, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m, a, MTilesUpperBound(p.g) * a.n_tiles, num_sms, stream);
 }
 
 cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t stream) {
@@ -1075,21 +1071,16 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
     a.next_tile = p.g.next_tile;
   }
   const int64_t groups = p.g.dense_rows >= 0 ? 1 : p.g.num_groups;
-  TmaMaps m;
   a.b1_rpe = p.D;
-  if (p.g.tile_rows != kBM) {
-    if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, NarrowCfg<32>::kUnits)) return cudaErrorInvalidValue;
-    m.w2 = m.w1;
-    if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m)) return cudaErrorInvalidValue;
-    return DispatchNarrow(p.dtype, m, a, num_sms, stream);
-  }
-  const int64_t mt = MTilesUpperBound(p.g);
-  const int bn = p.bn ? p.bn : PickBn(p.g, p.D, num_sms);
+  const bool narrow = p.g.tile_rows != kBM;
+  const int bn = narrow ? NarrowCfg<32>::kUnits : p.bn ? p.bn : PickBn(p.g, p.D, num_sms);  // box rows
+  TmaMaps m;
   if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
   m.w2 = m.w1;
-  if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, kBM, a, &m)) return cudaErrorInvalidValue;
+  if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m)) return cudaErrorInvalidValue;
+  if (narrow) return DispatchNarrow(p.dtype, m, a, num_sms, stream);
   a.n_tiles = static_cast<int>(CeilDiv(p.D, bn));
-  return Dispatch(p.dtype, bn, p.pingpong, m, a, mt * a.n_tiles, num_sms, stream);
+  return Dispatch(p.dtype, bn, p.pingpong, m, a, MTilesUpperBound(p.g) * a.n_tiles, num_sms, stream);
 }
 
 }  // namespace cuda
