@@ -738,9 +738,6 @@ def test_errors_match_cpu(change):
 
 # --- converted real exports: CUDA EP vs CPU EP ---------------------------------------------------
 
-
-
-
 FAMILY_NAMES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4",
                 "granitemoe", "longcat_flash"]
 
