@@ -59,6 +59,10 @@ struct Kernels {
   float (*dot)(const float* a, const float* b, int64_t n);
   // Activation (no gating) on n values in place; used by the small-I direct path.
   void (*activate)(float* v, int64_t n, const ActParams& act);
+  // The direct path's 16-bit rows (wtype float16 / bfloat16): dot(a, b) bit for bit that of b
+  // widened to float32, and n values widened, exactly.
+  float (*dot_half)(const float* a, const uint16_t* b, int wtype, int64_t n);
+  void (*widen)(const uint16_t* src, int wtype, float* dst, int64_t n);
   bool half_weights;  // tile() takes float16 / bfloat16 chunks (else float32 only)
 };
 

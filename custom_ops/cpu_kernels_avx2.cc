@@ -31,6 +31,13 @@ struct V {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
+  static T LoadF16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static T LoadBF16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static void StoreA(float* p, T v) { _mm256_store_ps(p, v); }
   static T Add(T a, T b) { return _mm256_add_ps(a, b); }
@@ -60,7 +67,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"avx2", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
+const Kernels kTable = {"avx2", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, &DotHalfImpl<V>, &WidenImpl<V>, true};
 
 }  // namespace
 

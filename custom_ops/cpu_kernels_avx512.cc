@@ -31,6 +31,13 @@ struct V {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   }
+  static T LoadF16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static T LoadBF16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static void StoreA(float* p, T v) { _mm512_store_ps(p, v); }
   static T Add(T a, T b) { return _mm512_add_ps(a, b); }
@@ -55,7 +62,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"avx512", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
+const Kernels kTable = {"avx512", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, &DotHalfImpl<V>, &WidenImpl<V>, true};
 
 }  // namespace
 

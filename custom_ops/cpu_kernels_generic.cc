@@ -41,6 +41,8 @@ struct V {
   static T LoadBF16A(const uint16_t* p) {
     return T{Bf16ToFloat(p[0]), Bf16ToFloat(p[1]), Bf16ToFloat(p[2]), Bf16ToFloat(p[3])};
   }
+  static T LoadF16(const uint16_t* p) { return LoadF16A(p); }
+  static T LoadBF16(const uint16_t* p) { return LoadBF16A(p); }
   static void Store(float* p, T v) { std::memcpy(p, &v, sizeof(v)); }
   static T Add(T a, T b) { return a + b; }
   static T Sub(T a, T b) { return a - b; }
@@ -55,7 +57,7 @@ struct V {
 
 #include "cpu_kernels_impl.h"
 
-const Kernels kTable = {"generic", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, true};
+const Kernels kTable = {"generic", &TileImpl<V>, &DotImpl<V>, &ActivateImpl<V>, &DotHalfImpl<V>, &WidenImpl<V>, true};
 
 #if defined(MOEFUSE_HAVE_BLAS)
 // The portable fallback for CPUs without AVX2: each tile job is one single-threaded BLAS sgemm
@@ -76,7 +78,7 @@ void TileBlas(const TileJob& job) {
   }
 }
 
-const Kernels kBlasTable = {"blas", &TileBlas, &DotImpl<V>, &ActivateImpl<V>, false};
+const Kernels kBlasTable = {"blas", &TileBlas, &DotImpl<V>, &ActivateImpl<V>, &DotHalfImpl<V>, &WidenImpl<V>, false};
 
 const Kernels* BlasTable() {
   // OpenBLAS threads would fight with onnxruntime's: jobs already run in parallel.

@@ -230,3 +230,62 @@ void ActivateImpl(float* v, int64_t n, const cpu::ActParams& p) {
     for (int64_t j = i; j < n; ++j) v[j] = lanes[j - i];
   }
 }
+
+// W 16-bit weights of type BT at p (any alignment), widened to float32 exactly.
+template <class V, int BT>
+inline typename V::T LoadHalf(const uint16_t* p) {
+  if constexpr (BT == cpu::kWeightF16) {
+    return V::LoadF16(p);
+  } else {
+    return V::LoadBF16(p);
+  }
+}
+
+// n 16-bit weights of type BT to float32.
+template <class V, int BT>
+void WidenAs(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) V::Store(dst + i, LoadHalf<V, BT>(src + i));
+  if (i < n) {
+    alignas(64) uint16_t lanes[V::W] = {};
+    alignas(64) float out[V::W];
+    for (int64_t j = i; j < n; ++j) lanes[j - i] = src[j];
+    V::Store(out, LoadHalf<V, BT>(lanes));
+    for (int64_t j = i; j < n; ++j) dst[j] = out[j - i];
+  }
+}
+
+template <class V>
+void WidenImpl(const uint16_t* src, int wtype, float* dst, int64_t n) {
+  if (wtype == cpu::kWeightF16) return WidenAs<V, cpu::kWeightF16>(src, dst, n);
+  WidenAs<V, cpu::kWeightBF16>(src, dst, n);
+}
+
+// DotImpl over 16-bit b, widened as it is loaded: the same sums in the same order, so bit for
+// bit DotImpl of b widened to float32.
+template <class V, int BT>
+float DotHalfAs(const float* a, const uint16_t* b, int64_t n) {
+  using T = typename V::T;
+  T acc0 = V::Zero(), acc1 = V::Zero(), acc2 = V::Zero(), acc3 = V::Zero();
+  int64_t i = 0;
+  for (; i + 4 * V::W <= n; i += 4 * V::W) {
+    acc0 = V::Fma(V::Load(a + i), LoadHalf<V, BT>(b + i), acc0);
+    acc1 = V::Fma(V::Load(a + i + V::W), LoadHalf<V, BT>(b + i + V::W), acc1);
+    acc2 = V::Fma(V::Load(a + i + 2 * V::W), LoadHalf<V, BT>(b + i + 2 * V::W), acc2);
+    acc3 = V::Fma(V::Load(a + i + 3 * V::W), LoadHalf<V, BT>(b + i + 3 * V::W), acc3);
+  }
+  for (; i + V::W <= n; i += V::W) acc0 = V::Fma(V::Load(a + i), LoadHalf<V, BT>(b + i), acc0);
+  float s = V::ReduceAdd(V::Add(V::Add(acc0, acc1), V::Add(acc2, acc3)));
+  if (i < n) {
+    alignas(64) float rest[V::W];
+    WidenAs<V, BT>(b + i, rest, n - i);
+    for (int64_t j = i; j < n; ++j) s += a[j] * rest[j - i];
+  }
+  return s;
+}
+
+template <class V>
+float DotHalfImpl(const float* a, const uint16_t* b, int wtype, int64_t n) {
+  if (wtype == cpu::kWeightF16) return DotHalfAs<V, cpu::kWeightF16>(a, b, n);
+  return DotHalfAs<V, cpu::kWeightBF16>(a, b, n);
+}

@@ -74,6 +74,26 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t Lines(int64_t bytes) { return CeilDiv(bytes, 64) * 64; }
 
 // Bytes of one expert's per-call packed weights, each array starting on a 64-byte line.
+// Row r of a direct-path weight array (rows of n elements of wtype): float32 rows as stored,
+// 16-bit ones widened into `wide` (the products are those of float32 rows), whose row is valid
+// until the next call.
+struct RowsOf {
+  const void* w;
+  int wtype;
+  int64_t n;
+  float* wide;
+  const cpu::Kernels& k;
+  const float* Row(int64_t r) const {
+    if (wtype == cpu::kWeightF32) return static_cast<const float*>(w) + r * n;
+    k.widen(static_cast<const uint16_t*>(w) + r * n, wtype, wide, n);
+    return wide;
+  }
+  float Dot(const float* x, int64_t r) const {  // dot(x, Row(r)) without widening the row first
+    if (wtype == cpu::kWeightF32) return k.dot(x, static_cast<const float*>(w) + r * n, n);
+    return k.dot_half(x, static_cast<const uint16_t*>(w) + r * n, wtype, n);
+  }
+};
+
 int64_t SlotBytes(const FFNGeometry& g) {
   const int64_t wb = g.WeightBytes(), fb = sizeof(float);
   return Lines(g.W1Size() * wb) + Lines(g.W2Size() * wb) + Lines(g.B1Size() * fb) + Lines(g.B2Size() * fb);
@@ -352,29 +372,36 @@ FFNGeometry FFNGeometry::Make(const FFNSource& s, bool allow_direct, bool keep_h
     g.nc1 = CeilDiv(s.I, per);
     g.Ipad = g.nc1 * per;
     g.nc2 = CeilDiv(s.D, cpu::kChunk);
-    if (keep_half) {
-      g.wtype = s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16    ? cpu::kWeightF16
-                : s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? cpu::kWeightBF16
-                                                                         : s.exact_16bit;
-    }
+  }
+  if (keep_half) {
+    g.wtype = s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16    ? cpu::kWeightF16
+              : s.elem_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? cpu::kWeightBF16
+                                                                       : s.exact_16bit;
   }
   return g;
 }
 
+// The direct path's rows (w1 [rows1, D], w2 [I, D]) of element type W, and w1's biases.
+template <class W>
+void PackRows(const FFNSource& s, const FFNGeometry& g, int64_t e, W* w1, W* w2, float* b1) {
+  const int64_t D = s.D, I = s.I;
+  for (int64_t r = 0; r < g.rows1; ++r) {
+    const bool up = s.gated && r >= I;
+    const Col c = FirstProjCol(s, up ? r - I : r, up);
+    for (int64_t d = 0; d < D; ++d) w1[r * D + d] = ProjAt<W>(s, c.w, e, d, c.n, D, c.width);
+    if (b1) b1[r] = c.b ? LoadAsFloat(c.b, e * c.width + c.n, s.elem_type) : 0.0f;
+  }
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t d = 0; d < D; ++d) w2[i * D + d] = ProjAt<W>(s, s.w2, e, i, d, I, D);
+}
+
 void PackExpert(const FFNSource& s, const FFNGeometry& g, int64_t e, void* w1v, void* w2v, float* b1,
                 float* b2) {
-  const int64_t D = s.D, I = s.I;
-  if (g.direct) {  // float32 rows: w1 [rows1, D], w2 [I, D]
-    float* w1 = static_cast<float*>(w1v);
-    float* w2 = static_cast<float*>(w2v);
-    for (int64_t r = 0; r < g.rows1; ++r) {
-      const bool up = s.gated && r >= I;
-      const Col c = FirstProjCol(s, up ? r - I : r, up);
-      for (int64_t d = 0; d < D; ++d) w1[r * D + d] = ProjAt<float>(s, c.w, e, d, c.n, D, c.width);
-      if (b1) b1[r] = c.b ? LoadAsFloat(c.b, e * c.width + c.n, s.elem_type) : 0.0f;
-    }
-    for (int64_t i = 0; i < I; ++i)
-      for (int64_t d = 0; d < D; ++d) w2[i * D + d] = ProjAt<float>(s, s.w2, e, i, d, I, D);
+  const int64_t D = s.D;
+  if (g.direct && g.wtype == cpu::kWeightF32) {
+    PackRows(s, g, e, static_cast<float*>(w1v), static_cast<float*>(w2v), b1);
+  } else if (g.direct) {
+    PackRows(s, g, e, static_cast<uint16_t*>(w1v), static_cast<uint16_t*>(w2v), b1);
   } else if (g.wtype == cpu::kWeightF32) {
     PackChunks(s, g, e, static_cast<float*>(w1v), static_cast<float*>(w2v), b1);
   } else {
@@ -734,7 +761,7 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
   const size_t o_xs = cv.Add<float>(woi ? P * D : 0);
   const size_t o_act = cv.Add<float>(P * r_ipad + Tsh * s_ipad);
   const size_t o_out = cv.Add<float>(R * D);
-  const int64_t direct_tmp = direct ? (2 * D + rg.rows1 + 2 * rg.I) : 0;
+  const int64_t direct_tmp = direct ? (3 * D + rg.rows1 + 2 * rg.I) : 0;
   const size_t o_comb = cv.Add<float>(nblocks * ((f32 ? 0 : D) + direct_tmp));
   // per-call packing: sized after routing (active experts unknown yet): reserve the worst case
   const int64_t max_active = std::min<int64_t>(E, T * K);
@@ -1018,14 +1045,15 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
             float* h = xin + D;
             float* av = h + rg.rows1;
             float* fo = av + 2 * rg.I;
+            float* wide = fo + D;  // a 16-bit row widened
             const float* xi = x;
             if (woi) {
               for (int64_t d = 0; d < D; ++d) xin[d] = x[d] * w;
               xi = xin;
             }
-            const float* w1 = static_cast<const float*>(rview->w1[e]);  // direct: float32
+            const RowsOf w1{rview->w1[e], rg.wtype, D, wide, kern}, w2{rview->w2[e], rg.wtype, D, wide, kern};
             const float* b1 = rview->b1[e];
-            for (int64_t r = 0; r < rg.rows1; ++r) h[r] = kern.dot(xi, w1 + r * D, D) + (b1 ? b1[r] : 0.0f);
+            for (int64_t r = 0; r < rg.rows1; ++r) h[r] = w1.Dot(xi, r) + (b1 ? b1[r] : 0.0f);
             cpu::ActParams ap;
             ap.kind = static_cast<int>(a.activation_kind);
             ap.alpha = a.activation_alpha;
@@ -1048,10 +1076,12 @@ OrtStatus* MoEFFNCpuKernel::Compute(OrtKernelContext* ctx) {
               for (int64_t i = 0; i < rg.I; ++i) av[i] = h[i];
               kern.activate(av, rg.I, ap);
             }
-            const float* w2 = static_cast<const float*>(rview->w2[e]);
-            for (int64_t d = 0; d < D; ++d) fo[d] = av[0] * w2[d];
-            for (int64_t i = 1; i < rg.I; ++i)
-              for (int64_t d = 0; d < D; ++d) fo[d] += av[i] * w2[i * D + d];
+            const float* w2r = w2.Row(0);
+            for (int64_t d = 0; d < D; ++d) fo[d] = av[0] * w2r[d];
+            for (int64_t i = 1; i < rg.I; ++i) {
+              w2r = w2.Row(i);
+              for (int64_t d = 0; d < D; ++d) fo[d] += av[i] * w2r[d];
+            }
             if (const float* b2 = rview->b2[e])
               for (int64_t d = 0; d < D; ++d) fo[d] += b2[d];
             o = fo;

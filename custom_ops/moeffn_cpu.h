@@ -64,7 +64,7 @@ struct FFNGeometry {
   int wtype = cpu::kWeightF32;  // elements of the packed w1 and w2 (biases are float32)
 
   // keep_half: pack float16 / bfloat16 weights in their own type, and float32 weights whose
-  // values are all of a 16-bit type (s.exact_16bit) as that type (chunked layout only; lossless).
+  // values are all of a 16-bit type (s.exact_16bit) as that type (lossless).
   static FFNGeometry Make(const FFNSource& s, bool allow_direct, bool keep_half = false);
   int64_t WeightBytes() const { return cpu::WeightBytes(wtype); }
   // Elements per expert of each packed array.

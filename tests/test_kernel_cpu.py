@@ -178,6 +178,7 @@ BIG = [
     ("gelu_tanh_plain_inout", dict(activation="gelu_tanh", gated=0, weight_layout="in_out")),
     ("identity_plain", dict(activation="identity", gated=0)),
     ("rank1_relu", dict(activation="relu", gated=0)),
+    ("rank1_clamped_swiglu", dict(activation="silu", clamp_limit=0.5, up_offset=1.0)),
 ]
 
 
@@ -309,11 +310,12 @@ def rss():
         return int(f.read().split()[1]) * 4096
 
 attrs = MoEFFNAttrs(k=2)
+experts, inter = int(sys.argv[2]), int(sys.argv[3])
 if sys.argv[1] in ("bfloat16", "float16"):
     dtype = ml_dtypes.bfloat16 if sys.argv[1] == "bfloat16" else np.float16
-    inputs = random_inputs(attrs, 1, 1024, 1024, 8, dtype=dtype, seed=0)
+    inputs = random_inputs(attrs, 1, 1024, inter, experts, dtype=dtype, seed=0)
 else:  # float32 weights holding bfloat16 (float16) values
-    inputs = random_inputs(attrs, 1, 1024, 1024, 8, seed=0)
+    inputs = random_inputs(attrs, 1, 1024, inter, experts, seed=0)
     half = ml_dtypes.bfloat16 if sys.argv[1] == "float32_bf16_valued" else np.float16
     for n in ("w1", "w2"):
         inputs[n] = inputs[n].astype(half).astype(np.float32)
@@ -326,12 +328,14 @@ print(rss() - before)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("experts,inter", [(8, 1024), (8192, 1)], ids=["chunks", "rank1_rows"])
 @pytest.mark.parametrize("weights_dtype", ["bfloat16", "float16", *HALF_VALUED])
-def test_half_weights_take_half_the_packed_memory(weights_dtype, monkeypatch):
-    """The session of a layer of 8 experts (8 x 3 x 1024 x 1024 weights) grows by its packed copy:
-    by 48 MiB less with 16-bit packing than with float32 packing, for bfloat16 and float16
-    weights and for float32 weights that hold bfloat16 or float16 values (each in a fresh
-    process, so that freed memory is not reused)."""
+def test_half_weights_take_half_the_packed_memory(weights_dtype, experts, inter, monkeypatch):
+    """The session of a layer of 8 experts of 1024 x 1024 (chunked packing), or of 8192 rank-1
+    experts (the direct path's rows), 3 x 8M weights either way, grows by its packed copy: by
+    48 MiB less with 16-bit packing than with float32 packing, for bfloat16 and float16 weights
+    and for float32 weights that hold bfloat16 or float16 values (each in a fresh process, so
+    that freed memory is not reused)."""
     import subprocess
     import sys
 
@@ -345,10 +349,10 @@ def test_half_weights_take_half_the_packed_memory(weights_dtype, monkeypatch):
         # then what the session holds, not what the heap happened to reuse
         env = dict(os.environ, MOEFUSE_CPU_WEIGHTS=weights, MOEFUSE_LIBRARY=LIBRARY,
                    MALLOC_MMAP_THRESHOLD_="1048576")
-        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, weights_dtype], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, weights_dtype, str(experts), str(inter)],
+                             env=env, capture_output=True, text=True, check=True)
         grown[weights] = int(out.stdout.split()[-1])
-    packed_f32 = 8 * 3 * 1024 * 1024 * 4
+    packed_f32 = experts * 3 * 1024 * inter * 4
     saved = grown["float32"] - grown["model"]
     assert saved > 0.7 * packed_f32 / 2, (grown, packed_f32)
 
