@@ -202,3 +202,21 @@ def test_quantized_ort_node_is_named_as_a_near_miss(tmp_path):
         result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "o.onnx"), "-q", *extra])
         assert result.exit_code == 1 and not (tmp_path / "o.onnx").exists()
         assert "near miss layer0/qmoe: com.microsoft.QMoE: its experts are 8-bit" in result.output
+
+
+def test_sparse_mixer_node_is_a_near_miss():
+    """onnxruntime's CPU MoE kernel ignores use_sparse_mixer (checked here against the installed
+    onnxruntime: should that change, this test says so), so such a node cannot be verified by
+    running it and stays as it is, with that reason."""
+    attrs = MoEFFNAttrs(k=2, normalize_topk=0, gate_up_layout="interleaved")
+    inputs = random_inputs(attrs, 5, D, I, E, seed=3)
+    model = ort_moe_model(attrs, inputs, 2)
+    feeds = {"X": inputs["X"], "router_logits": inputs["router_logits"]}
+    plain = run_onnx(model, feeds)
+    node = next(n for n in model.graph.node if n.op_type == "MoE")
+    node.attribute.append(helper.make_attribute("use_sparse_mixer", 1))
+    assert np.array_equal(run_onnx(model, feeds), plain)
+    conv = convert_model(model)
+    assert conv.model is None
+    assert conv.blocks[0].reason == ("com.microsoft.MoE: use_sparse_mixer=1: onnxruntime's CPU kernel "
+                                     "ignores it, so the node's routing cannot be verified by running it")

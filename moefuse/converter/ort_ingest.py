@@ -43,8 +43,10 @@ def read(g: GraphIndex, i: int, node: onnx.NodeProto) -> Hypothesis:
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
     if a.get("use_sparse_mixer", 0):
-        raise Refusal("use_sparse_mixer=1 (onnxruntime's SparseMixer not yet checked against "
-                      "MoEFFN's routing=sparsemixer)")
+        # onnxruntime's CPU MoE kernel ignores the attribute (its output equals that of
+        # use_sparse_mixer=0: onnxruntime 1.32), so running the node cannot show its routing
+        raise Refusal("use_sparse_mixer=1: onnxruntime's CPU kernel ignores it, so the node's "
+                      "routing cannot be verified by running it")
     inputs = dict(zip(_INPUTS, list(node.input) + [""] * 8))
     for name in ("fc1", "fc2", "fc1_bias", "fc2_bias", "fc3", "fc3_bias"):
         if inputs[name] and not g.is_constant(inputs[name]):

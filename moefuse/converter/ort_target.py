@@ -42,8 +42,8 @@ def fit(attrs: MoEFFNAttrs, operands: dict, dtype) -> str:
         return "sigmoid routing (com.microsoft.MoE routes by softmax only)"
     if attrs.routing == "precomputed":
         return "precomputed routing (com.microsoft.MoE takes router logits)"
-    if attrs.routing == "sparsemixer":  # its use_sparse_mixer not yet checked against ours
-        return "sparsemixer routing"
+    if attrs.routing == "sparsemixer":  # its CPU kernel ignores use_sparse_mixer (ort_ingest.py)
+        return "sparsemixer routing (com.microsoft.MoE's CPU kernel ignores use_sparse_mixer)"
     if attrs.n_group > 1:
         return "group-limited routing (com.microsoft.MoE ranks all experts)"
     if attrs.zero_experts:
