@@ -6,7 +6,8 @@ the same inputs, bound on the GPU. For each layer shape, dtype and token count T
 
 - ``gpu_us``: GPU time per call: the time the GPU is busy with the call's kernels (and device
   copies or memsets), the union of their intervals as the CUDA profiling interface reports them
-  (torch.profiler / CUPTI) over 10 back-to-back calls, the median of three such rounds, taken
+  (torch.profiler / CUPTI) over 10 back-to-back calls, the median of three such rounds
+  (``--rounds``; more steady the median where long calls' rounds spread), taken
   in turn with the other variants' rounds of the same point (``gpu_us_rounds``: each round's
   value; the report names points whose rounds differ by more
   than 10%);
@@ -391,7 +392,11 @@ def main():
     ap.add_argument("--render", default="", metavar="JSON",
                     help="measure nothing: rewrite a results JSON's roofline fields (for its GPU, "
                     "or --hbm-tbps / --tc-tflops) and write its JSON, table and chart to --out")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="profiled rounds of GPU time per point and variant, their median reported")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.render:
         return render(args)
 
@@ -470,7 +475,7 @@ def main():
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                             rec["error"] = failure(exc)
                     failed = {}  # GPU times, the variants' rounds in turn
-                    for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound, errors=failed).items():
+                    for vname, (gpu_us, rounds, top) in interleaved_gpu_us(bound, rounds=args.rounds, errors=failed).items():
                         recs[vname].update(gpu_us=round(gpu_us, 2), top_kernels=top,
                                            gpu_us_rounds=[round(v, 2) for v in rounds])
                         if args.timeline:
@@ -492,7 +497,7 @@ def main():
                 del runners
                 torch.cuda.empty_cache()
     meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "hbm_bytes_per_s": hbm_bytes_per_s,
+            "python": platform.python_version(), "rounds": args.rounds, "hbm_bytes_per_s": hbm_bytes_per_s,
             "tensor_flops": tc_flops, "moefuse_cuda": cuda_build()}
     write_results(records, meta, args.out)
 

@@ -282,3 +282,9 @@ def test_the_table_says_what_of_the_library_the_gpu_ran():
             "of it: its kernels need compute capability 8.0 or newer.") in gpu_moe.table(records, turing)
     no_gpu = dict(meta, moefuse_cuda={"archs": ["80", "90a"], "device": None})
     assert "MoEFFN's library" not in gpu_moe.table(records, no_gpu)
+
+
+def test_rounds_below_one_are_refused_before_the_gpu():
+    done = subprocess.run([sys.executable, SCRIPT, "--rounds", "0"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--rounds must be at least 1 (got 0)" in done.stderr
