@@ -22,7 +22,7 @@ from onnx import helper
 from ..reference import moeffn
 from ..spec import MoEFFNAttrs, MoEFFNError, validate_arrays
 from . import expert_lists
-from .graph import GraphIndex, np_dtype, to_array
+from .graph import GraphIndex, np_dtype, swapped_last_axes, to_array
 from .region import Candidate
 
 
@@ -67,7 +67,7 @@ class Operand:
     def array(self) -> np.ndarray:
         a = self.ref.value()
         if self.swap:
-            a = np.swapaxes(a, -1, -2)
+            a = swapped_last_axes(a)
         if self.reshape is not None:
             a = a.reshape(self.reshape)
         return np.ascontiguousarray(a)

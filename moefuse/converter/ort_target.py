@@ -29,6 +29,7 @@ from onnx import helper
 from ..builder import tensor_from_array
 from ..function import Body, shared_expert
 from ..spec import MoEFFNAttrs
+from .graph import swapped_last_axes
 
 ORT_DOMAIN = "com.microsoft"
 ORT_OP = "MoE"
@@ -79,7 +80,7 @@ def _interleave(gate: np.ndarray, up: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _out_in(a: np.ndarray, attrs: MoEFFNAttrs) -> np.ndarray:
-    return a if attrs.weight_layout == "out_in" else np.ascontiguousarray(np.swapaxes(a, -1, -2))
+    return a if attrs.weight_layout == "out_in" else swapped_last_axes(a)
 
 
 def ort_weights(attrs: MoEFFNAttrs, arrays: dict) -> dict:
