@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import onnx
 
 from .convert import Block, analyze, rewrite
+from .io import Spill
 
 
 @dataclass
@@ -41,13 +42,13 @@ WEIGHT_LAYOUTS = ("as-found", "out_in")
 def convert_model(model: onnx.ModelProto, base_dir: str = "", partial: bool = False,
                   progress: Optional[Callable[[str], None]] = None,
                   target: str = "moefuse", weight_layout: str = "as-found",
-                  store: Optional[Callable[[onnx.TensorProto], onnx.TensorProto]] = None) -> Conversion:
+                  store: Optional[Spill] = None) -> Conversion:
     """Convert every verified MoE block. All-or-nothing unless ``partial``: if any block found
     fails to verify, ``model`` is None and the blocks explain why. ``target="ort"`` writes
     onnxruntime's com.microsoft.MoE for the blocks that fit it (see ort_target.py).
     ``weight_layout="out_in"`` stores MoEFFN nodes' in_out expert weights transposed, so that the
     CUDA kernel needs no copy of its own (see relayout.py); "as-found" keeps the layout read.
-    ``store`` takes each new tensor of the rewrite as it is made (``io.Spill``)."""
+    ``store`` (an ``io.Spill``) writes each new tensor of the rewrite to disk as it is made."""
     if target not in ("moefuse", "ort"):
         raise ValueError(f"unknown target {target!r}: expected 'moefuse' or 'ort'")
     if weight_layout not in WEIGHT_LAYOUTS:

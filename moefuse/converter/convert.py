@@ -15,6 +15,7 @@ from ..function import MIN_OPSET, opset_of
 from ..spec import MoEFFNAttrs, validate_arrays
 from . import ort_ingest, ort_target
 from .graph import GraphIndex, outer_reads
+from .io import Spill
 from .lift import (Hypothesis, Refusal, _scalars, block_constants, check, hypotheses, matches,
                    precheck, region_nodes)
 from .region import Candidate, NearMiss, find_candidates
@@ -233,15 +234,18 @@ def ingest_ort_node(g: GraphIndex, i: int, node: onnx.NodeProto) -> Block:
 
 def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
             target: str = "moefuse", weight_layout: str = "as-found",
-            store: Optional[Callable[[onnx.TensorProto], onnx.TensorProto]] = None) -> onnx.ModelProto:
+            store: Optional[Spill] = None) -> onnx.ModelProto:
     """Replace every converted block by one MoEFFN node (``target="moefuse"``) or, where the
     block fits it, by onnxruntime's com.microsoft.MoE (``target="ort"``). Unrelated nodes are
     untouched. ``weight_layout="out_in"`` stores MoEFFN nodes' in_out weights transposed
-    (relayout.py). ``store`` takes each new tensor as it is made (io.Spill writes it to disk);
-    the block's arrays are released after its node, so only one block's are in memory."""
+    (relayout.py). ``store`` (io.Spill) takes each new tensor as it is made and writes it to
+    disk: a TensorProto (``store(t)``), or a re-laid weight straight from its array
+    (``store.array(a, name)``, no serialized copy); the block's arrays are released after its
+    node, so only one block's are in memory."""
     from ..builder import tensor_from_array
 
     keep = store or (lambda t: t)
+    new_tensor = store.array if store is not None else tensor_from_array
     opset = opset_of(model)
     if opset is None or opset < MIN_OPSET:
         raise Refusal(f"the model imports opset {opset}; converted models need opset >= "
@@ -293,7 +297,7 @@ def rewrite(model: onnx.ModelProto, g: GraphIndex, blocks: list[Block],
                 inputs[name] = op.ref.tensor
             else:
                 tensor_name = _unique(f"{node_name}.{name}", used_names)
-                new_inits.append(keep(tensor_from_array(op.array(), tensor_name)))
+                new_inits.append(new_tensor(op.array(), tensor_name))
                 op.ref.release()
                 inputs[name] = tensor_name
         g.release_arrays()

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from typing import Optional
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -191,6 +193,23 @@ class Spill:
         _set_location(out, self.LOCATION, self.size, len(raw))
         self.size += len(raw)
         self.names.add(t.name)
+        return out
+
+    def array(self, a: np.ndarray, name: str) -> onnx.TensorProto:
+        """A new tensor from an array: its bytes go straight to the file (no serialized copy)."""
+        from ..builder import onnx_type, tensor_from_array
+
+        if a.nbytes <= _EXTERNAL_THRESHOLD or sys.byteorder != "little":
+            return self(tensor_from_array(a, name))
+        a = np.ascontiguousarray(a)
+        try:
+            self._file.write(a.reshape(-1).view(np.uint8).data)
+        except OSError as exc:
+            raise ModelFileError(f"{self.path}: cannot write ({exc.strerror})") from None
+        out = onnx.TensorProto(name=name, data_type=onnx_type(a.dtype), dims=a.shape)
+        _set_location(out, self.LOCATION, self.size, a.nbytes)
+        self.size += a.nbytes
+        self.names.add(name)
         return out
 
     def close(self) -> None:
