@@ -164,8 +164,8 @@ class Spill:
     """The new tensors of a rewrite, written as they are made to a temporary file beside the
     output, which :func:`save` then places as the output's new data file (its name is known only
     then); re-laid weights of a large model are thus never all in memory. Tensors of at most
-    _EXTERNAL_THRESHOLD bytes stay in the model. Call it on each new tensor; ``discard`` removes
-    the file where the output is not written."""
+    _EXTERNAL_THRESHOLD bytes stay in the model. Call it on each new tensor, or ``array`` on
+    each new array; ``discard`` removes the file where the output is not written."""
 
     LOCATION = "moefuse-spill"  # a placeholder until save names the data file
 
@@ -183,17 +183,9 @@ class Spill:
         raw = t.raw_data
         if len(raw) <= _EXTERNAL_THRESHOLD:
             return t
-        try:
-            self._file.write(raw)
-        except OSError as exc:
-            raise ModelFileError(f"{self.path}: cannot write ({exc.strerror})") from None
         # a new message: clearing the field of ``t`` would not give its bytes back (protobuf
         # frees a message's memory with the message)
-        out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        _set_location(out, self.LOCATION, self.size, len(raw))
-        self.size += len(raw)
-        self.names.add(t.name)
-        return out
+        return self._append(raw, len(raw), t.name, t.data_type, t.dims)
 
     def array(self, a: np.ndarray, name: str) -> onnx.TensorProto:
         """A new tensor from an array: its bytes go straight to the file (no serialized copy)."""
@@ -202,13 +194,17 @@ class Spill:
         if a.nbytes <= _EXTERNAL_THRESHOLD or sys.byteorder != "little":
             return self(tensor_from_array(a, name))
         a = np.ascontiguousarray(a)
+        return self._append(a.reshape(-1).view(np.uint8).data, a.nbytes, name, onnx_type(a.dtype), a.shape)
+
+    def _append(self, data, length: int, name: str, data_type: int, dims) -> onnx.TensorProto:
+        """Writes a tensor's bytes at the end of the file; the tensor that refers to them."""
         try:
-            self._file.write(a.reshape(-1).view(np.uint8).data)
+            self._file.write(data)
         except OSError as exc:
             raise ModelFileError(f"{self.path}: cannot write ({exc.strerror})") from None
-        out = onnx.TensorProto(name=name, data_type=onnx_type(a.dtype), dims=a.shape)
-        _set_location(out, self.LOCATION, self.size, a.nbytes)
-        self.size += a.nbytes
+        out = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        _set_location(out, self.LOCATION, self.size, length)
+        self.size += length
         self.names.add(name)
         return out
 
