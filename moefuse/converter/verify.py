@@ -1,8 +1,10 @@
 """Running a candidate block on its own: extract it with its weights, feed random inputs.
 
 One extraction and one onnxruntime session per block serve every candidate output: all of them
-are graph outputs of the extracted model. Weights are handed to onnxruntime as external
-initializers backed by the arrays the lifter reads, so each weight is in memory once.
+are graph outputs of the extracted model. Large weights are graph inputs of the extracted model,
+fed on every run from the arrays the lifter reads, so each weight is in memory once: onnxruntime
+copies initializers handed to it as external initializers (measured: onnxruntime 1.32 copied 864
+MB of a block's weights at session creation), not the inputs it is fed.
 """
 
 from __future__ import annotations
@@ -12,39 +14,39 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from ..builder import tensor_from_array
 from ..reference import route
 from ..runtime import run
 from .graph import GraphIndex, np_dtype
 from .lift import Hypothesis, Probe, probe_shapes
 from .region import Candidate
 
-# Initializers above this many bytes are passed to onnxruntime as arrays, not in the proto.
+# Initializers above this many bytes are fed to onnxruntime as inputs, not held in the proto.
 _SHARE_BYTES = 1 << 16
 
 
 def extract_block(g: GraphIndex, cand: Candidate, ends: list[str]):
-    """(model, {name: array}) computing ends + logits from the block input."""
+    """(model, {name: array}) computing ends + logits from the block input and the arrays, which
+    are graph inputs after the block input."""
     nodes = sorted(g.ancestors(list(ends) + [cand.logits], stop=[cand.x]))
     needed = {i for n in nodes for i in g.reads[n] if i in g.initializers}
-    inits, shared = [], {}
+    inits, shared, weight_inputs = [], {}, []
     for name in sorted(needed):
         init = g.initializers[name]
         size = int(np.prod(init.dims, dtype=np.int64))
-        if init.data_location == onnx.TensorProto.EXTERNAL or size * 4 > _SHARE_BYTES:
-            stub = onnx.TensorProto(name=name, data_type=init.data_type, dims=init.dims)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            entry = stub.external_data.add()
-            entry.key, entry.value = "location", "moefuse-shared-array"
-            inits.append(stub)
+        if size * 4 > _SHARE_BYTES:
+            weight_inputs.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
             shared[name] = g.read_initializer(name)
+        elif init.data_location == onnx.TensorProto.EXTERNAL:  # small: a constant in the proto
+            inits.append(tensor_from_array(g.read_initializer(name), name))
         else:
             inits.append(init)
     x_type = g.dtypes.get(cand.x, onnx.TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info(t, g.dtypes.get(t, 0), None)
                for t in list(ends) + [cand.logits]]
     graph = helper.make_graph([g.nodes[i] for i in nodes], "moe_block",
-                              [helper.make_tensor_value_info(cand.x, x_type, g.shapes.get(cand.x))],
-                              outputs, initializer=inits)
+                              [helper.make_tensor_value_info(cand.x, x_type, g.shapes.get(cand.x))]
+                              + weight_inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=list(g.model.opset_import),
                               ir_version=g.model.ir_version)
     model.functions.extend(g.model.functions)
@@ -59,9 +61,7 @@ class BlockRunner:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = False  # give probe intermediates back between runs
-        names = list(shared)
-        so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(shared[n])) for n in names])
+        self.weights = {n: np.ascontiguousarray(a) for n, a in shared.items()}
         self.session = ort.InferenceSession(model.SerializeToString(), so,
                                             providers=["CPUExecutionProvider"])
         self.x, self.ends, self.hidden = cand.x, list(ends), cand.hidden
@@ -71,7 +71,7 @@ class BlockRunner:
     def run(self, x: np.ndarray) -> dict:
         """{end: Probe} for one input."""
         x = x.astype(self.dtype)
-        *ys, logits = run(self.session, {self.x: x})
+        *ys, logits = run(self.session, {self.x: x, **self.weights})
         return {end: Probe(x=x, logits=logits, y=y) for end, y in zip(self.ends, ys)}
 
     def run_rows(self, rows: np.ndarray, rng) -> dict:
