@@ -4,7 +4,9 @@ One extraction and one onnxruntime session per block serve every candidate outpu
 are graph outputs of the extracted model. Large weights are graph inputs of the extracted model,
 fed on every run from the arrays the lifter reads, so each weight is in memory once: onnxruntime
 copies initializers handed to it as external initializers (measured: onnxruntime 1.32 copied 864
-MB of a block's weights at session creation), not the inputs it is fed.
+MB of a block's weights at session creation), not the inputs it is fed. A weight the block
+transposes stays an (external) initializer, so that onnxruntime folds the transpose once rather
+than redoing it on every run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..builder import tensor_from_array
 from ..reference import route
 from ..runtime import run
 from .graph import GraphIndex, np_dtype
@@ -23,22 +24,31 @@ from .region import Candidate
 
 # Initializers above this many bytes are fed to onnxruntime as inputs, not held in the proto.
 _SHARE_BYTES = 1 << 16
+_EXTERNAL_INITIALIZER = "moefuse-shared-array"  # a stub's location: the array is handed over
 
 
 def extract_block(g: GraphIndex, cand: Candidate, ends: list[str]):
-    """(model, {name: array}) computing ends + logits from the block input and the arrays, which
-    are graph inputs after the block input."""
+    """(model, {name: array}) computing ends + logits from the block input; the arrays are graph
+    inputs after the block input, or external initializers (their stubs' location is
+    _EXTERNAL_INITIALIZER)."""
     nodes = sorted(g.ancestors(list(ends) + [cand.logits], stop=[cand.x]))
     needed = {i for n in nodes for i in g.reads[n] if i in g.initializers}
     inits, shared, weight_inputs = [], {}, []
+    in_block = set(nodes)
     for name in sorted(needed):
         init = g.initializers[name]
         size = int(np.prod(init.dims, dtype=np.int64))
-        if size * 4 > _SHARE_BYTES:
+        transposed = any(g.nodes[i].op_type == "Transpose" for i in g.consumers.get(name, []) if i in in_block)
+        if size * 4 > _SHARE_BYTES and not transposed:
             weight_inputs.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
             shared[name] = g.read_initializer(name)
-        elif init.data_location == onnx.TensorProto.EXTERNAL:  # small: a constant in the proto
-            inits.append(tensor_from_array(g.read_initializer(name), name))
+        elif size * 4 > _SHARE_BYTES or init.data_location == onnx.TensorProto.EXTERNAL:
+            stub = onnx.TensorProto(name=name, data_type=init.data_type, dims=init.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", _EXTERNAL_INITIALIZER
+            inits.append(stub)
+            shared[name] = g.read_initializer(name)
         else:
             inits.append(init)
     x_type = g.dtypes.get(cand.x, onnx.TensorProto.FLOAT)
@@ -61,7 +71,12 @@ class BlockRunner:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = False  # give probe intermediates back between runs
-        self.weights = {n: np.ascontiguousarray(a) for n, a in shared.items()}
+        external = {t.name for t in model.graph.initializer if t.external_data
+                    and t.external_data[0].value == _EXTERNAL_INITIALIZER}
+        arrays = {n: np.ascontiguousarray(a) for n, a in shared.items()}
+        so.add_external_initializers(sorted(external),
+                                     [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in sorted(external)])
+        self.weights = {n: a for n, a in arrays.items() if n not in external}
         self.session = ort.InferenceSession(model.SerializeToString(), so,
                                             providers=["CPUExecutionProvider"])
         self.x, self.ends, self.hidden = cand.x, list(ends), cand.hidden
