@@ -11,8 +11,8 @@
 # POINTS: "shape:T:dtype ..." (default: the prefill points Qwen:4096, GPT:4096, Qwen:512 in
 # bfloat16, and Qwen:4096:float16, GPT:512:float16 for the bit-for-bit check). Needs what
 # gpu_moe.py needs (onnxruntime-gpu, torch with CUDA) and ncu on PATH for step 2 (skipped
-# without); PYTHON picks the interpreter (python3). The same steps, run by hand, took 98 s on an
-# H100 with the default points.
+# without); PYTHON picks the interpreter (python3). Run by hand on an H100 with these points,
+# steps like these took 98 s (the script itself has not yet run on a GPU).
 set -u
 if [ $# -lt 3 ]; then
   sed -n 2,15p "$0"

@@ -73,7 +73,6 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Bytes rounded up to whole 64-byte lines (packed chunks are read with aligned loads).
 int64_t Lines(int64_t bytes) { return CeilDiv(bytes, 64) * 64; }
 
-// Bytes of one expert's per-call packed weights, each array starting on a 64-byte line.
 // Row r of a direct-path weight array (rows of n elements of wtype): float32 rows as stored,
 // 16-bit ones widened into `wide` (the products are those of float32 rows), whose row is valid
 // until the next call.
@@ -94,6 +93,7 @@ struct RowsOf {
   }
 };
 
+// Bytes of one expert's per-call packed weights, each array starting on a 64-byte line.
 int64_t SlotBytes(const FFNGeometry& g) {
   const int64_t wb = g.WeightBytes(), fb = sizeof(float);
   return Lines(g.W1Size() * wb) + Lines(g.W2Size() * wb) + Lines(g.B1Size() * fb) + Lines(g.B2Size() * fb);

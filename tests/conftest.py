@@ -21,6 +21,5 @@ def pytest_collection_modifyitems(config, items):
         i = n = 0
     if not 1 <= i <= n:
         raise pytest.UsageError(f"{SHARD_ENV}={value!r}: expected i/n with 1 <= i <= n, e.g. 1/2")
-    kept = items[i - 1::n]
-    config.hook.pytest_deselected(items=[t for t in items if t not in kept])
-    items[:] = kept
+    config.hook.pytest_deselected(items=[t for j, t in enumerate(items) if j % n != i - 1])
+    items[:] = items[i - 1::n]
