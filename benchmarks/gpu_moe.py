@@ -318,6 +318,7 @@ VARIANT_PREFIXES = [
     ("splitk", "MOEFUSE_CUDA_SPLITK", "auto"),
     ("bn", "MOEFUSE_CUDA_BN", None),
     ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
+    ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
 ]
 
 
@@ -375,6 +376,7 @@ def main():
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
+                    "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

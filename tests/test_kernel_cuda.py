@@ -4,8 +4,8 @@ Against reference.py: the trait matrix of tests/cases.py (routing mode x expert 
 shared expert) in float16, bfloat16 and float32, with token counts that take the decode (skinny)
 and prefill (grouped GEMM) paths; every path forced on its own; shapes spanning many tiles with K
 and N tails; expert row counts at the tiles' boundaries; projection 2 overlapping projection 1
-bit for bit against the waiting schedule; one-token calls routed by rank bit for bit against the
-selection passes; weights stored in_out and weights that are not constants; precomputed ids out
+bit for bit against the waiting schedule; one-token calls routed by rank, and run as two kernels
+that route for themselves and combine, bit for bit against the selection passes; weights stored in_out and weights that are not constants; precomputed ids out
 of range; empty batches; calls captured and replayed as onnxruntime CUDA graphs; errors worded as
 the CPU kernel words them. Against the CPU kernel: real
 transformers blocks exported, converted and run on both execution providers.
@@ -431,6 +431,7 @@ def test_decode_per_expert_start_kernels(monkeypatch):
     where it takes many or with MOEFUSE_CUDA_OVERLAP=0."""
     if not cuda_build()["device"]["pdl"]:
         pytest.skip("the per-expert start needs programmatic dependent launch (sm_90+ code)")
+    monkeypatch.setenv("MOEFUSE_CUDA_ONE_TOKEN", "0")  # one token: the skinny kernels, not the two of its own
 
     def kernels(inter, overlap, tokens=1, experts=64):
         monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
@@ -493,12 +494,15 @@ def test_device_code():
                                "pdl": sm90a}, build
 
 
-# One-token calls: the routing kernel ranks the experts in parallel (a thread per expert;
-# MOEFUSE_CUDA_RANK_ROUTE=0 runs the selection passes of the multi-token routing instead) where the
-# routing allows (softmax_topk, topk_softmax, sigmoid_topk, all without expert groups; k <= 32,
-# E <= 256). Bit for bit the selection passes' result, against the reference too, with the cases
-# that keep the passes (expert groups, more than 256 experts, precomputed ids) beside them, and
-# the one-kernel decode, whose counters the routing kernel clears. Biases, a gated shared expert.
+# One-token calls: the experts are ranked in parallel (a thread per expert; MOEFUSE_CUDA_RANK_ROUTE=0
+# runs the selection passes of the multi-token routing instead) where the routing allows
+# (softmax_topk, topk_softmax, sigmoid_topk, all without expert groups; k <= 32, E <= 256), and
+# where projection 2's K is short the call runs two kernels that route for themselves and combine
+# (MOEFUSE_CUDA_ONE_TOKEN=0: routing, skinny and combine kernels), projection 2 starting per pick
+# (MOEFUSE_CUDA_OVERLAP=0: after all of projection 1). Each is bit for bit the selection passes'
+# result, against the reference too, with the cases that keep the passes (expert groups, more than
+# 256 experts, precomputed ids) beside them, and the one-kernel decode, whose counters the routing
+# kernel clears. Biases, a gated shared expert.
 ONE_TOKEN = [
     ("softmax_norm_k8", dict(k=8), dict(experts=128, hidden=256, inter=96)),
     ("softmax_scaled", dict(k=3, normalize_topk=0, routed_scaling_factor=2.5),
@@ -528,6 +532,16 @@ ONE_TOKEN = [
 ]
 
 
+# Each form sets all three switches, so that it does not inherit the one before.
+ONE_TOKEN_FORMS = {
+    "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1", "MOEFUSE_CUDA_OVERLAP": "1"},
+    "two_kernels_waiting": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1",
+                            "MOEFUSE_CUDA_OVERLAP": "0"},
+    "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0", "MOEFUSE_CUDA_OVERLAP": "1"},
+    "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1", "MOEFUSE_CUDA_OVERLAP": "1"},
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name,changes,size", ONE_TOKEN, ids=[c[0] for c in ONE_TOKEN])
 def test_one_token_routing(name, changes, size, dtype, monkeypatch):
@@ -539,31 +553,40 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
                            dtype=dtype, seed=11)
     model = make_moeffn_model(attrs, inputs)
     outs = {}
-    for rank in ("1", "0"):
-        monkeypatch.setenv("MOEFUSE_CUDA_RANK_ROUTE", rank)
+    for form, env in ONE_TOKEN_FORMS.items():
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
         sess = cuda_session(model)
         for seed in (12, 13, 14):
             fresh = dict(inputs, **feeds(random_inputs(attrs, 1, size["hidden"], size["inter"],
                                                        size["experts"], dtype=dtype, seed=seed)))
             got = run(sess, feeds(fresh), {"Y": fresh["X"].shape})[0]
-            close(got, moeffn(attrs, **fresh), dtype, f"{name} T=1 seed {seed} rank routing {rank}")
-            outs[rank, seed] = f32(got)
-    for seed in (12, 13, 14):
-        np.testing.assert_array_equal(outs["1", seed], outs["0", seed], err_msg=f"{name} seed {seed}")
+            close(got, moeffn(attrs, **fresh), dtype, f"{name} T=1 seed {seed} {form}")
+            outs[form, seed] = f32(got)
+    for form in ONE_TOKEN_FORMS:
+        for seed in (12, 13, 14):
+            np.testing.assert_array_equal(outs[form, seed], outs["passes", seed],
+                                          err_msg=f"{name} seed {seed}: {form} against the passes")
 
 
 def test_one_token_routing_kernels(monkeypatch):
-    """The routing kernel a call runs (through the profiler): ranks for one token, the selection
-    passes for two tokens, for more than 256 experts and with MOEFUSE_CUDA_RANK_ROUTE=0."""
+    """The kernels a call runs (through the profiler): for one token, the two one-token kernels
+    (no routing or combine kernel), or with MOEFUSE_CUDA_ONE_TOKEN=0 the routing kernel that ranks;
+    the selection passes for two tokens, for more than 256 experts and with
+    MOEFUSE_CUDA_RANK_ROUTE=0."""
 
-    def kernels(tokens, experts, rank):
+    def kernels(tokens, experts, rank, one="1"):
         monkeypatch.setenv("MOEFUSE_CUDA_RANK_ROUTE", rank)
+        monkeypatch.setenv("MOEFUSE_CUDA_ONE_TOKEN", one)
         return " ".join(kernel_names(tokens, 64, experts))
 
-    one = kernels(1, 128, "1")
-    assert "RouteOneKernel" in one and "FusedKernel" not in one, one
+    two = kernels(1, 128, "1")
+    assert "OneTokenGemm1Kernel" in two and "OneTokenGemm2Kernel" in two, two
+    assert not any(k in two for k in ("RouteOneKernel", "FusedKernel", "CombineKernel", "Gemm2WarpKernel")), two
+    four = kernels(1, 128, "1", one="0")
+    assert "RouteOneKernel" in four and "CombineKernel" in four and "OneToken" not in four, four
     for names in (kernels(2, 128, "1"), kernels(1, 300, "1"), kernels(1, 128, "0")):
-        assert "FusedKernel" in names and "RouteOneKernel" not in names, names
+        assert "FusedKernel" in names and "RouteOneKernel" not in names and "OneToken" not in names, names
 
 
 @pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),

@@ -234,6 +234,28 @@ __device__ __forceinline__ void WarpBest(float& v, int& i) {
   }
 }
 
+// Sum over the block (all threads get it); smem holds 32 floats.
+__device__ inline float BlockSum(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int w = 0; w < nw; ++w) s += smem[w];
+  return s;
+}
+
+// The shared expert's gate of one token: sigmoid(x . gate) over its row's D values. Blocks of one
+// size sum in one order (the combine's and the one-token decode's: 256 threads).
+template <typename T>
+__device__ inline float SharedGate(const T* x, const void* gate, int D, float* smem) {
+  float s = 0.0f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    s += ToF(x[d]) * ToF(static_cast<const T*>(gate)[d]);
+  return Sigmoid(BlockSum(s, smem));
+}
+
 // Programmatic dependent launch: wait for the previous kernel's results / let the next start.
 __device__ __forceinline__ void GridDepWait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -20,26 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// sum over the block (all threads get it); smem holds 32 floats.
-__device__ float BlockSum(float v, float* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = WarpSum(v);
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  float s = 0.0f;
-  for (int w = 0; w < nw; ++w) s += smem[w];
-  return s;
-}
-
-template <typename T>
-__device__ float SharedGate(const T* x, const void* gate, int D, float* smem) {
-  float s = 0.0f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x)
-    s += ToF(x[d]) * ToF(static_cast<const T*>(gate)[d]);
-  return Sigmoid(BlockSum(s, smem));
-}
-
 template <typename T>
 __device__ __forceinline__ float LoadAny(const void* p, int64_t i, bool f32) {
   return f32 ? static_cast<const float*>(p)[i] : ToF(static_cast<const T*>(p)[i]);

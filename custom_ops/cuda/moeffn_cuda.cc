@@ -138,6 +138,8 @@ class Kernel {
   bool use_pdl_ = true;            // MOEFUSE_CUDA_PDL=0: no programmatic dependent launch
   bool rank_one_ = true;           // MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the
                                    // selection passes (else by rank, in parallel)
+  bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
+                                   // skinny and combine kernels (else two kernels where they serve)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
@@ -175,6 +177,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
+  k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -578,7 +581,16 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.pair_pos = static_cast<int*>(at(o_pos));
   s.zero = sync_count ? r.bad + 1 : nullptr;
   s.zero_count = sync_count;
-  if ((e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
+  // One token on the skinny path: two kernels that route for themselves and combine (no routing
+  // or combine kernel), where they serve the routing and projection 2's K.
+  Gemm2Params one_p2;
+  one_p2.dtype = dt;
+  one_p2.D = static_cast<int>(D);
+  one_p2.I = static_cast<int>(I);
+  one_p2.splits = ypair_planes;
+  const bool one_token = one_token_ && !small && rpath == Path::kSkinny && !fused_decode &&
+                         OneTokenDecodeServes(r, one_p2);
+  if (!one_token && (e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
   if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
     int mark = 0;
     if ((e = cudaMemcpyAsync(&mark, r.bad, sizeof(int), cudaMemcpyDeviceToHost, stream)) ||
@@ -653,7 +665,36 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                          in[kB3].data, E, I, 1);
   const ActParams act{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
 
-  if (small) {
+  if (one_token) {
+    OneTokenParams op;
+    op.r = r;
+    Gemm1Params& g1 = op.p1;
+    g1.dtype = dt;
+    g1.D = static_cast<int>(D);
+    g1.I = static_cast<int>(I);
+    g1.A = in[kX].data;
+    g1.rows = 1;
+    g1.w = routed;
+    g1.act = act;
+    g1.H = at(o_h);
+    op.p2 = one_p2;
+    op.p2.H = g1.H;
+    op.p2.w2 = canon[kW2];
+    op.p2.b2 = in[kB2].data;
+    op.p2.rows = K;
+    // projection 2 starts per pick with programmatic dependent launch (as the skinny kernels'
+    // per-expert start), else after all of projection 1; the routing's counts are free for it
+    if (overlap_ && pdl) {
+      op.ready = r.counts;
+      op.ready_need = SkinnyFirstProjSignals(g1);
+    }
+    op.weight_on_input = woi;
+    op.shared = has_shared ? at(o_s) : nullptr;
+    op.shared_f32 = shared_f32;
+    op.shared_gate = in[kSharedGate].data;
+    op.Y = ydata;
+    if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
+  } else if (small) {
     DirectParams dp;
     dp.dtype = dt;
     dp.T = static_cast<int>(T);

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "route_token.cuh"
 #include "sm90.cuh"
 
 namespace moefuse {
@@ -196,11 +197,12 @@ __device__ __forceinline__ const T* Tile2Row(const Gemm2Params& p, int e, int ti
 }
 
 // Projection 1's epilogue for this warp's token tile of the pass at c0 (`v` from Reduce): routing
-// weight on the input, bias, activation (gated: act(gate) * up) into H. Unit ua is MMA row g; ub,
-// of row g + 8, is the same unit's up row (gated) or unit ua + 8.
+// weight on the input (row_scale, per sorted row, or null), bias, activation (gated: act(gate) *
+// up) into H. Unit ua is MMA row g; ub, of row g + 8, is the same unit's up row (gated) or unit
+// ua + 8.
 template <typename T>
 __device__ __forceinline__ void StoreH(const Gemm1Params& p, const Slot& s, int c0, int ntiles, int ua,
-                                       int ub, const float (&v)[4]) {
+                                       int ub, const float (&v)[4], const float* row_scale) {
   const int warp = threadIdx.x >> 5, t = threadIdx.x & 3, I = p.I;
   if (warp >= ntiles) return;
   const DType bt = Elem<T>::kType;
@@ -209,7 +211,7 @@ __device__ __forceinline__ void StoreH(const Gemm1Params& p, const Slot& s, int 
     const int col = c0 + warp * 8 + 2 * t + c;
     if (col >= s.rows) continue;
     const int r = s.r0 + col;
-    const float sc = p.row_scale ? p.row_scale[r] : 1.0f;
+    const float sc = row_scale ? row_scale[r] : 1.0f;
     T* hrow = static_cast<T*>(p.H) + static_cast<int64_t>(r) * I;
     if (p.w.up) {
       if (ua < I) {
@@ -277,15 +279,11 @@ __device__ __forceinline__ void StoreOut(const Gemm2Params& p, const Slot& s, in
   StoreOutTile<T>(p, s, c0 + warp * 8, z, da, db, bias, v);
 }
 
-// kSignal (Groups::ready): the block counts itself done for its expert once its rows of H are
-// written (projection 2 then starts per expert). kTokensEarly: as in MainLoop.
-template <typename T, bool kSignal, bool kTokensEarly>
-__global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
-  GridDepWait();
-  GridDepLaunch();
-  __shared__ float red[kWarps * kNT * 4 * 32];
-  Slot s;
-  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+// Projection 1 of one slot by a block: its weight tile (blockIdx.x) times the slot's rows of A
+// (src_row(sorted row): A's row), in passes of kNT * 8 rows, into H. kTokensEarly: as in MainLoop.
+template <typename T, bool kTokensEarly, typename SrcRow>
+__device__ __forceinline__ void Gemm1Block(const Gemm1Params& p, const Slot& s, SrcRow src_row,
+                                           const float* row_scale, float* red) {
   const int g = (threadIdx.x & 31) >> 2, D = p.D;
   const bool gated = p.w.up != nullptr;
   // this thread's two weight rows
@@ -301,19 +299,28 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
     for (int i = 0; i < kNT; ++i) {
       const int c = c0 + i * 8 + g;
       brow[i] = nullptr;
-      if (i < ntiles && c < s.rows) {
-        const int r = s.r0 + c;
-        const int src = p.row_map ? p.row_map[r] : r;
-        brow[i] = A + static_cast<int64_t>(src) * D;
-      }
+      if (i < ntiles && c < s.rows) brow[i] = A + static_cast<int64_t>(src_row(s.r0 + c)) * D;
     }
     float acc[kNT][4] = {};
     MainLoop<T, false, kTokensEarly>(acc, wa, wb, brow, ntiles, D, 0, (D + 31) / 32);
     float v[4];
     Reduce(acc, red, v);
-    StoreH<T>(p, s, c0, ntiles, ua, ub, v);
+    StoreH<T>(p, s, c0, ntiles, ua, ub, v, row_scale);
     __syncthreads();  // red is reused by the next pass (and the block's rows of H are written)
   }
+}
+
+// kSignal (Groups::ready): the block counts itself done for its expert once its rows of H are
+// written (projection 2 then starts per expert). kTokensEarly: as in MainLoop.
+template <typename T, bool kSignal, bool kTokensEarly>
+__global__ void __launch_bounds__(kWarps * 32) Gemm1Kernel(Gemm1Params p) {
+  GridDepWait();
+  GridDepLaunch();
+  __shared__ float red[kWarps * kNT * 4 * 32];
+  Slot s;
+  if (!GetSlot(p.g, blockIdx.y, &s)) return;
+  const int* row_map = p.row_map;
+  Gemm1Block<T, kTokensEarly>(p, s, [row_map](int r) { return row_map ? row_map[r] : r; }, p.row_scale, red);
   if constexpr (kSignal) {
     if (threadIdx.x == 0) RedRelease(p.g.ready + s.e, 1);
   }
@@ -400,6 +407,115 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
     for (int i = 0; i < kNT; ++i)
       if (i < ntiles) StoreOutTile<T>(p, s, c0 + i * 8, 0, da, db, bias, acc[i]);
   }
+}
+
+// ---- one-token decode: no routing kernel, no combine ---------------------------------------------
+//
+// A decode call of one token otherwise runs four kernels one after another: routing, the two
+// projections, the combine. Here every block of both projections ranks the token's experts itself
+// (RouteTokenByRank; the logits are an input, so no block waits for another kernel to learn its
+// expert), and each block of projection 2 computes 16 output features for all k picks, then sums
+// them with the routing weights, and adds the shared expert's, as the combine does: the output is
+// bit for bit that of the four kernels. Pick j's row of H is row j.
+constexpr int kOneTokenWarps = 8;  // projection 2: a warp per pick (k <= 8); 256 threads, as the combine
+
+// Projection 2 reads the rows of H after all of projection 1 (griddepcontrol.wait), its first
+// weights already requested.
+struct AfterGrid {
+  __device__ __forceinline__ void operator()() const { GridDepWait(); }
+};
+
+// Projection 1: block (tile, j) takes pick j's expert. kSignal: each block counts itself done for
+// its pick (OneTokenParams::ready).
+template <typename T, int M, bool kTokensEarly, bool kSignal>
+__global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParams p) {
+  GridDepWait();
+  GridDepLaunch();
+  __shared__ float red[kWarps * kNT * 4 * 32];
+  __shared__ routing::RankScratch rank;
+  __shared__ float w[32];
+  int id;
+  float wj;
+  routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj);
+  if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k)
+  __syncthreads();
+  // The slot's row count from the call (T, which is 1), not the constant 1: told the count, the
+  // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
+  const int j = blockIdx.y;
+  const Slot s{rank.pick[j], j, p.r.T};
+  Gemm1Block<T, kTokensEarly>(p.p1, s, [](int) { return 0; }, p.weight_on_input ? w : nullptr, red);
+  if constexpr (kSignal) {
+    if (threadIdx.x == 0) RedRelease(p.ready + j, 1);
+  }
+}
+
+// Projection 2 and the combine: block `tile` computes output features tile*16 .. tile*16+15, warp
+// i for picks i, i + kOneTokenWarps, ...; a warp's weight loads of a pick are in flight before it
+// waits for that pick's row of H (kPerPick: its counter; else all of projection 1).
+template <typename T, int M, bool kPerPick>
+__global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTokenParams p) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  GridDepLaunch();
+  __shared__ routing::RankScratch rank;
+  __shared__ uint16_t logits[routing::kCachedMaxExperts], sel_bias[routing::kCachedMaxExperts];
+  __shared__ float w[32];
+  __shared__ float part[32][16];  // pick j's output features, plus bias
+  __shared__ float smem[32];
+  // The logits through L2: this kernel starts before projection 1 ends, without the wait that
+  // makes an earlier kernel's writes safe to read through L1.
+  const int E = p.r.E, K = p.r.K;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    logits[e] = __ldcg(static_cast<const uint16_t*>(p.r.logits) + e);
+    if (p.r.sel_bias) sel_bias[e] = __ldcg(static_cast<const uint16_t*>(p.r.sel_bias) + e);
+  }
+  __syncthreads();
+  RouteParams r = p.r;
+  r.logits = logits;
+  r.sel_bias = p.r.sel_bias ? sel_bias : nullptr;
+  int id;
+  float wj;
+  routing::RouteTokenByRank<T, M>(r, 0, rank, &id, &wj);
+  if (threadIdx.x < 32) w[threadIdx.x] = wj;
+  const Gemm2Params& q = p.p2;
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const int tile = blockIdx.x, da = tile * 16 + g, db = da + 8;
+  for (int j = threadIdx.x >> 5; j < K; j += kOneTokenWarps) {
+    const Slot s{rank.pick[j], j, p.r.T};  // (T = 1: see OneTokenGemm1Kernel)
+    const T* wa = Tile2Row<T>(q, s.e, tile, g);
+    const T* wb = Tile2Row<T>(q, s.e, tile, g + 8);
+    const float2 bias = Bias2<T>(q, s, 0, da, db);
+    const T* brow[kNT];
+    const int ntiles = s.rows;
+    HRows<T>(q, s, 0, ntiles, brow);
+    float acc[kNT][4] = {};
+    if constexpr (kPerPick)
+      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32,
+                                    ExpertReady{p.ready + j, p.ready_need});
+    else
+      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32, AfterGrid{});
+    if ((lane & 3) == 0) {  // the token is MMA column 0: c = 0 of rows g and g + 8
+      part[j][g] = acc[0][0] + bias.x;
+      part[j][g + 8] = acc[0][2] + bias.y;
+    }
+  }
+  // The shared expert's output and X (its gate) after all earlier kernels (they ran before
+  // projection 1, which is done by now).
+  float sg = 1.0f;
+  if (p.shared) {
+    GridDepWait();
+    if (p.shared_gate) sg = SharedGate<T>(static_cast<const T*>(p.p1.A), p.shared_gate, q.D, smem);
+  }
+  __syncthreads();
+  const int d = tile * 16 + threadIdx.x;
+  if (threadIdx.x >= 16 || d >= q.D) return;
+  // the combine's sum: the picks in order, then the shared expert
+  float y = 0.0f;
+  for (int j = 0; j < K; ++j) y += (p.weight_on_input ? 1.0f : w[j]) * part[j][threadIdx.x];
+  if (p.shared) {
+    const float z = p.shared_f32 ? static_cast<const float*>(p.shared)[d] : ToF(static_cast<const T*>(p.shared)[d]);
+    y += p.shared_gate ? z * sg : z;
+  }
+  static_cast<T*>(p.Y)[d] = FromF<T>(y);
 }
 
 // ---- decode on Hopper: both projections in one persistent kernel (opt-in) ---------------------
@@ -617,7 +733,7 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
     float v[4];
     Reduce(acc, sh.red, v, sync);
     if (it.first) {
-      StoreH<T>(f.p1, s, 0, ntiles, ua, ub, v);
+      StoreH<T>(f.p1, s, 0, ntiles, ua, ub, v, f.p1.row_scale);
       sync();  // every thread's H values are written (and red is free again)
       if (threadIdx.x == 0) RedRelease(f.sync + 1 + it.slot, 1);
     } else {
@@ -705,6 +821,36 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
              : Launch(Gemm2Kernel<T, false, false>, grid, dim3(kWarps * 32), 0, stream, p);
 }
 
+template <typename T, int M>
+cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
+  const bool gated = p.p1.w.up != nullptr, early = TokensEarly(p.p1.D), counters = p.ready != nullptr;
+  const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
+  const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
+  if (counters) {
+    if (cudaError_t e = cudaMemsetAsync(p.ready, 0, sizeof(int) * p.r.K, stream)) return e;
+  }
+  auto kernel1 = counters ? (early ? OneTokenGemm1Kernel<T, M, true, true> : OneTokenGemm1Kernel<T, M, false, true>)
+                          : (early ? OneTokenGemm1Kernel<T, M, true, false> : OneTokenGemm1Kernel<T, M, false, false>);
+  if (cudaError_t e = Launch(kernel1, grid1, dim3(kWarps * 32), 0, stream, p)) return e;
+  return Launch(counters ? OneTokenGemm2Kernel<T, M, true> : OneTokenGemm2Kernel<T, M, false>, grid2,
+                dim3(kOneTokenWarps * 32), 0, stream, p);
+}
+
+template <typename T>
+cudaError_t OneTokenModeT(const OneTokenParams& p, cudaStream_t stream) {
+  switch (p.r.mode) {
+    case routing::kSoftmaxTopk:
+      return p.r.sel_bias ? OneTokenT<T, routing::kSoftmaxBiasTopk>(p, stream)
+                          : OneTokenT<T, routing::kSoftmaxTopk>(p, stream);
+    case routing::kTopkSoftmax:
+      return OneTokenT<T, routing::kTopkSoftmax>(p, stream);
+    case routing::kSigmoidTopk:
+      return OneTokenT<T, routing::kSigmoidTopk>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 template <typename T>
 cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream) {
   const int nst2 = static_cast<int>(CeilDiv(f.p2.I, kFzKC));
@@ -783,6 +929,18 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream) {
   if (p.dtype == DType::kBF16) return Gemm2T<__nv_bfloat16>(p, stream);
   if (p.dtype == DType::kF16) return Gemm2T<__half>(p, stream);
   return cudaErrorInvalidValue;
+}
+
+bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2) {
+  const bool half = p2.dtype == DType::kBF16 || p2.dtype == DType::kF16;
+  return half && routing::RoutesOneByRank(r) && p2.splits == 1 && p2.D > 0 && p2.I > 0 &&
+         CeilDiv(p2.I, 32) < kWarps * kBatch;  // projection 2 as Gemm2WarpKernel takes it
+}
+
+cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream) {
+  if (!OneTokenDecodeServes(p.r, p.p2) || p.r.dtype != p.p2.dtype) return cudaErrorInvalidValue;
+  if (p.p2.dtype == DType::kBF16) return OneTokenModeT<__nv_bfloat16>(p, stream);
+  return OneTokenModeT<__half>(p, stream);
 }
 
 bool SkinnyFusedAvailable() {
