@@ -185,8 +185,8 @@ bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms)
 // (1 when K is too short to split; at most 4).
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
 
-// One-token decode: a call of one token whose routing a block ranks in parallel (RoutesOneByRank)
-// and whose projection 2 a warp per weight tile takes (short K, unsplit), in two kernels where the
+// One-token decode: a call of one token whose routing a block ranks in parallel (RoutesOneByRank),
+// D <= 3072 and projection 2 taken by a warp per weight tile (I < 1024, unsplit), in two kernels where the
 // skinny path runs four (routing, projections 1 and 2, combine): every block of both ranks the
 // token's experts itself, and projection 2 sums the picks' outputs into Y as the combine does (bit
 // for bit the four kernels' output). p1.H holds pick j's row at row j.

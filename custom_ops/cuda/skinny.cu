@@ -427,7 +427,7 @@ struct AfterGrid {
 
 // Projection 1: block (tile, j) takes pick j's expert. kSignal: each block counts itself done for
 // its pick (OneTokenParams::ready).
-template <typename T, int M, bool kTokensEarly, bool kSignal>
+template <typename T, int M, bool kSignal>
 __global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParam
   // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
   const int j = blockIdx.y;
   const Slot s{rank.pick[j], j, p.r.T};
-  Gemm1Block<T, kTokensEarly>(p.p1, s, [](int) { return 0; }, p.weight_on_input ? w : nullptr, red);
+  Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, p.weight_on_input ? w : nullptr, red);
   if constexpr (kSignal) {
     if (threadIdx.x == 0) RedRelease(p.ready + j, 1);
   }
@@ -823,15 +823,15 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
 
 template <typename T, int M>
 cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
-  const bool gated = p.p1.w.up != nullptr, early = TokensEarly(p.p1.D), counters = p.ready != nullptr;
+  const bool gated = p.p1.w.up != nullptr, counters = p.ready != nullptr;
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
   if (counters) {
     if (cudaError_t e = cudaMemsetAsync(p.ready, 0, sizeof(int) * p.r.K, stream)) return e;
   }
-  auto kernel1 = counters ? (early ? OneTokenGemm1Kernel<T, M, true, true> : OneTokenGemm1Kernel<T, M, false, true>)
-                          : (early ? OneTokenGemm1Kernel<T, M, true, false> : OneTokenGemm1Kernel<T, M, false, false>);
-  if (cudaError_t e = Launch(kernel1, grid1, dim3(kWarps * 32), 0, stream, p)) return e;
+  if (cudaError_t e = Launch(counters ? OneTokenGemm1Kernel<T, M, true> : OneTokenGemm1Kernel<T, M, false>, grid1,
+                             dim3(kWarps * 32), 0, stream, p))
+    return e;
   return Launch(counters ? OneTokenGemm2Kernel<T, M, true> : OneTokenGemm2Kernel<T, M, false>, grid2,
                 dim3(kOneTokenWarps * 32), 0, stream, p);
 }
@@ -933,8 +933,10 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream) {
 
 bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2) {
   const bool half = p2.dtype == DType::kBF16 || p2.dtype == DType::kF16;
-  return half && routing::RoutesOneByRank(r) && p2.splits == 1 && p2.D > 0 && p2.I > 0 &&
-         CeilDiv(p2.I, 32) < kWarps * kBatch;  // projection 2 as Gemm2WarpKernel takes it
+  // projection 1 with its token loads early (the other form spills here: D > 3072 is left to the
+  // skinny kernels), projection 2 as Gemm2WarpKernel takes it
+  return half && routing::RoutesOneByRank(r) && p2.splits == 1 && p2.D > 0 && p2.I > 0 && TokensEarly(p2.D) &&
+         CeilDiv(p2.I, 32) < kWarps * kBatch;
 }
 
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream) {
