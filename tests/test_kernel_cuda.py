@@ -498,9 +498,8 @@ def test_device_code():
 # runs the selection passes of the multi-token routing instead) where the routing allows
 # (softmax_topk, topk_softmax, sigmoid_topk, all without expert groups; k <= 32, E <= 256), and
 # where projection 2's K is short the call runs two kernels that route for themselves and combine
-# (MOEFUSE_CUDA_ONE_TOKEN=0: routing, skinny and combine kernels), projection 2 starting per pick
-# (MOEFUSE_CUDA_OVERLAP=0: after all of projection 1). Each is bit for bit the selection passes'
-# result, against the reference too, with the cases that keep the passes (expert groups, more than
+# (MOEFUSE_CUDA_ONE_TOKEN=0: routing, skinny and combine kernels). Each is bit for bit the selection
+# passes' result, against the reference too, with the cases that keep the passes (expert groups, more than
 # 256 experts, precomputed ids) beside them, and the one-kernel decode, whose counters the routing
 # kernel clears. Biases, a gated shared expert.
 ONE_TOKEN = [
@@ -532,13 +531,11 @@ ONE_TOKEN = [
 ]
 
 
-# Each form sets all three switches, so that it does not inherit the one before.
+# Each form sets both switches, so that it does not inherit the one before.
 ONE_TOKEN_FORMS = {
-    "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1", "MOEFUSE_CUDA_OVERLAP": "1"},
-    "two_kernels_waiting": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1",
-                            "MOEFUSE_CUDA_OVERLAP": "0"},
-    "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0", "MOEFUSE_CUDA_OVERLAP": "1"},
-    "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1", "MOEFUSE_CUDA_OVERLAP": "1"},
+    "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
+    "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
+    "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
 }
 
 

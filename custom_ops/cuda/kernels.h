@@ -186,18 +186,14 @@ bool SkinnyPerExpertStartPays(int64_t I, bool gated, int64_t slots, int num_sms)
 int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
 
 // One-token decode: a call of one token whose routing a block ranks in parallel (RoutesOneByRank),
-// D <= 3072 and projection 2 taken by a warp per weight tile (I < 1024, unsplit), in two kernels where the
-// skinny path runs four (routing, projections 1 and 2, combine): every block of both ranks the
-// token's experts itself, and projection 2 sums the picks' outputs into Y as the combine does (bit
-// for bit the four kernels' output). p1.H holds pick j's row at row j.
+// with D <= 3072 and projection 2 taken by a warp per weight tile (I < 1024, unsplit), in two
+// kernels where the skinny path runs four (routing, projections 1 and 2, combine): every block of
+// both ranks the token's experts itself, and projection 2 sums the picks' outputs into Y as the
+// combine does (bit for bit the four kernels' output). p1.H holds pick j's row at row j.
 struct OneTokenParams {
   RouteParams r;   // routing of the one token (outputs unused)
   Gemm1Params p1;  // A = X [1, D]
   Gemm2Params p2;  // H = p1.H; out unused
-  // [k] ints, or null: projection 1's finished blocks per pick (cleared first; projection 2 starts
-  // each pick once its count reaches ready_need), or projection 2 waits for all of projection 1
-  int* ready = nullptr;
-  int ready_need = 0;
   int weight_on_input = 0;
   const void* shared = nullptr;  // [1, D] shared expert output or null
   bool shared_f32 = true;

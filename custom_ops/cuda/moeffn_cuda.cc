@@ -682,12 +682,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.w2 = canon[kW2];
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
-    // projection 2 starts per pick with programmatic dependent launch (as the skinny kernels'
-    // per-expert start), else after all of projection 1; the routing's counts are free for it
-    if (overlap_ && pdl) {
-      op.ready = r.counts;
-      op.ready_need = SkinnyFirstProjSignals(g1);
-    }
     op.weight_on_input = woi;
     op.shared = has_shared ? at(o_s) : nullptr;
     op.shared_f32 = shared_f32;

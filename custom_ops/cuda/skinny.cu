@@ -416,18 +416,19 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
 // (RouteTokenByRank; the logits are an input, so no block waits for another kernel to learn its
 // expert), and each block of projection 2 computes 16 output features for all k picks, then sums
 // them with the routing weights, and adds the shared expert's, as the combine does: the output is
-// bit for bit that of the four kernels. Pick j's row of H is row j.
+// bit for bit that of the four kernels. Pick j's row of H is row j. Projection 2 reads H after all
+// of projection 1 (griddepcontrol.wait), its warps' first weights already requested: starting each
+// pick once its blocks of projection 1 were done (counters, cleared by a memset first) was 5%
+// slower on an H100 at (2048, 768, 128, 8) (docs/performance.md).
 constexpr int kOneTokenWarps = 8;  // projection 2: a warp per pick (k <= 8); 256 threads, as the combine
 
-// Projection 2 reads the rows of H after all of projection 1 (griddepcontrol.wait), its first
-// weights already requested.
+// MainLoop's wait before the first row of H: all of projection 1.
 struct AfterGrid {
   __device__ __forceinline__ void operator()() const { GridDepWait(); }
 };
 
-// Projection 1: block (tile, j) takes pick j's expert. kSignal: each block counts itself done for
-// its pick (OneTokenParams::ready).
-template <typename T, int M, bool kSignal>
+// Projection 1: block (tile, j) takes pick j's expert.
+template <typename T, int M>
 __global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
@@ -444,15 +445,12 @@ __global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParam
   const int j = blockIdx.y;
   const Slot s{rank.pick[j], j, p.r.T};
   Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, p.weight_on_input ? w : nullptr, red);
-  if constexpr (kSignal) {
-    if (threadIdx.x == 0) RedRelease(p.ready + j, 1);
-  }
 }
 
 // Projection 2 and the combine: block `tile` computes output features tile*16 .. tile*16+15, warp
-// i for picks i, i + kOneTokenWarps, ...; a warp's weight loads of a pick are in flight before it
-// waits for that pick's row of H (kPerPick: its counter; else all of projection 1).
-template <typename T, int M, bool kPerPick>
+// i for picks i, i + kOneTokenWarps, ...; a warp's first weight loads of a pick are in flight
+// before it waits for projection 1.
+template <typename T, int M>
 __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTokenParams p) {
   static_assert(sizeof(T) == 2, "16-bit types");
   GridDepLaunch();
@@ -488,18 +486,14 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
     const int ntiles = s.rows;
     HRows<T>(q, s, 0, ntiles, brow);
     float acc[kNT][4] = {};
-    if constexpr (kPerPick)
-      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32,
-                                    ExpertReady{p.ready + j, p.ready_need});
-    else
-      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32, AfterGrid{});
+    MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32, AfterGrid{});
     if ((lane & 3) == 0) {  // the token is MMA column 0: c = 0 of rows g and g + 8
       part[j][g] = acc[0][0] + bias.x;
       part[j][g + 8] = acc[0][2] + bias.y;
     }
   }
-  // The shared expert's output and X (its gate) after all earlier kernels (they ran before
-  // projection 1, which is done by now).
+  // The shared expert's output and X (its gate) after all earlier kernels (a warp without a pick
+  // has not waited yet).
   float sg = 1.0f;
   if (p.shared) {
     GridDepWait();
@@ -823,17 +817,11 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
 
 template <typename T, int M>
 cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
-  const bool gated = p.p1.w.up != nullptr, counters = p.ready != nullptr;
+  const bool gated = p.p1.w.up != nullptr;
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
-  if (counters) {
-    if (cudaError_t e = cudaMemsetAsync(p.ready, 0, sizeof(int) * p.r.K, stream)) return e;
-  }
-  if (cudaError_t e = Launch(counters ? OneTokenGemm1Kernel<T, M, true> : OneTokenGemm1Kernel<T, M, false>, grid1,
-                             dim3(kWarps * 32), 0, stream, p))
-    return e;
-  return Launch(counters ? OneTokenGemm2Kernel<T, M, true> : OneTokenGemm2Kernel<T, M, false>, grid2,
-                dim3(kOneTokenWarps * 32), 0, stream, p);
+  if (cudaError_t e = Launch(OneTokenGemm1Kernel<T, M>, grid1, dim3(kWarps * 32), 0, stream, p)) return e;
+  return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }
 
 template <typename T>
