@@ -665,6 +665,14 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                          in[kB3].data, E, I, 1);
   const ActParams act{static_cast<int>(a.activation_kind), a.activation_alpha, a.clamp_limit, a.up_offset};
 
+  // Y and the shared expert's output, for the kernel that writes Y (one-token projection 2, the
+  // direct experts or the combine)
+  auto set_output = [&](auto& p) {
+    p.shared = has_shared ? at(o_s) : nullptr;
+    p.shared_f32 = shared_f32;
+    p.shared_gate = in[kSharedGate].data;
+    p.Y = ydata;
+  };
   if (one_token) {
     OneTokenParams op;
     op.r = r;
@@ -683,10 +691,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
-    op.shared = has_shared ? at(o_s) : nullptr;
-    op.shared_f32 = shared_f32;
-    op.shared_gate = in[kSharedGate].data;
-    op.Y = ydata;
+    set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
     DirectParams dp;
@@ -703,10 +708,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     dp.w2 = canon[kW2];
     dp.b2 = in[kB2].data;
     dp.act = act;
-    dp.shared = has_shared ? at(o_s) : nullptr;
-    dp.shared_f32 = shared_f32;
-    dp.shared_gate = in[kSharedGate].data;
-    dp.Y = ydata;
+    set_output(dp);
     if ((e = LaunchDirect(dp, stream))) return CudaError(e, "direct experts");
   } else {
     Groups g;
@@ -803,10 +805,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     cp.ypair_f32 = ypair_f32;
     cp.ypair_planes = ypair_planes;
     cp.ypair_plane = P * D;
-    cp.shared = has_shared ? at(o_s) : nullptr;
-    cp.shared_f32 = shared_f32;
-    cp.shared_gate = in[kSharedGate].data;
-    cp.Y = ydata;
+    set_output(cp);
     if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
   }
   if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
