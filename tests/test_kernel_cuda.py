@@ -560,7 +560,7 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
             got = run(sess, feeds(fresh), {"Y": fresh["X"].shape})[0]
             close(got, moeffn(attrs, **fresh), dtype, f"{name} T=1 seed {seed} {form}")
             outs[form, seed] = f32(got)
-    for form in ONE_TOKEN_FORMS:
+    for form in ONE_TOKEN_FORMS.keys() - {"passes"}:
         for seed in (12, 13, 14):
             np.testing.assert_array_equal(outs[form, seed], outs["passes", seed],
                                           err_msg=f"{name} seed {seed}: {form} against the passes")
