@@ -211,6 +211,25 @@ class Runner:
                             for n, a, b in kernels]}
 
 
+class Copies(Runner):
+    """Sessions of one model (each holding its own copy of the weights on the GPU), called in turn:
+    a call finds its weights out of L2, as a layer of a model does after the layers between, rather
+    than left there by the previous call (``--copies``)."""
+
+    def __init__(self, runners):
+        first = runners[0]
+        self.ort, self.torch, self.stream, self.dtype = first.ort, first.torch, first.stream, first.dtype
+        self.runners, self.turn = runners, 0
+
+    def bind(self, x, logits, y):
+        for r in self.runners:
+            r.bind(x, logits, y)
+
+    def call(self):
+        self.runners[self.turn].call()
+        self.turn = (self.turn + 1) % len(self.runners)
+
+
 def failure(exc: Exception) -> str:
     """How a failed session, call or measurement is recorded."""
     return f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -319,6 +338,7 @@ VARIANT_PREFIXES = [
     ("bn", "MOEFUSE_CUDA_BN", None),
     ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
     ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
+    ("prefetch", "MOEFUSE_CUDA_L2_PREFETCH", None),
 ]
 
 
@@ -377,6 +397,8 @@ def main():
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
+                    "prefetch0..2 (MOEFUSE_CUDA_L2_PREFETCH: one-token calls' projection-2 weights asked of L2: "
+                    "no, as projection 1's blocks start, as they end), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
@@ -394,11 +416,18 @@ def main():
     ap.add_argument("--render", default="", metavar="JSON",
                     help="measure nothing: rewrite a results JSON's roofline fields (for its GPU, "
                     "or --hbm-tbps / --tc-tflops) and write its JSON, table and chart to --out")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="sessions per variant, each with its own copy of the weights, called in "
+                    "turn, so that a call's weights are not in L2 from the call before (a layer of a "
+                    "model reads its weights after the other layers'); costs this many times the "
+                    "weights' GPU memory")
     ap.add_argument("--rounds", type=int, default=3,
                     help="profiled rounds of GPU time per point and variant, their median reported")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1 (got {args.rounds})")
+    if args.copies < 1:
+        ap.error(f"--copies must be at least 1 (got {args.copies})")
     if args.render:
         return render(args)
 
@@ -444,8 +473,10 @@ def main():
                         else:
                             so = ort.SessionOptions()
                             so.log_severity_level = 3
-                        make = (lambda path=path, so=so, graph=vname in graphs:
-                                Runner(ort, torch, path, so, stream, dtype, graph=graph))
+                        def make(path=path, so=so, graph=vname in graphs):
+                            made = [Runner(ort, torch, path, so, stream, dtype, graph=graph)
+                                    for _ in range(args.copies)]
+                            return made[0] if len(made) == 1 else Copies(made)
                         try:
                             # graph variants: a fresh session per T (made with the variant's environment)
                             runners[vname] = ((make, env) if vname in graphs else make())
@@ -499,7 +530,8 @@ def main():
                 del runners
                 torch.cuda.empty_cache()
     meta = {"gpu": gpu, "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "rounds": args.rounds, "hbm_bytes_per_s": hbm_bytes_per_s,
+            "python": platform.python_version(), "rounds": args.rounds, "copies": args.copies,
+            "hbm_bytes_per_s": hbm_bytes_per_s,
             "tensor_flops": tc_flops, "moefuse_cuda": cuda_build()}
     write_results(records, meta, args.out)
 
@@ -553,6 +585,9 @@ def table(records, meta) -> str:
              "Speedup: com.microsoft.MoE's time over MoEFFN's, by GPU time and by wall time (the "
              "profiled GPU time of long calls can lie above or below their wall time and vary "
              "between rounds).", "", *([device, ""] if device else []),
+             *([f"Each variant ran as {meta['copies']} sessions, each with its own copy of the weights, "
+                "called in turn: a call's weights were not in L2 from the call before.", ""]
+               if meta.get("copies", 1) > 1 else []),
              "| shape (H, I, E, k) | dtype | T | MoEFFN | com.microsoft.MoE | speedup (GPU) | "
              "speedup (wall) | mem roofline | flop roofline | MoEFFN % mem | MoEFFN % flop |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -98,6 +98,7 @@ def test_variant_environments():
     assert gpu_moe.variant_env("split") == {"MOEFUSE_CUDA_DECODE": "split"}
     assert gpu_moe.variant_env("passes") == {"MOEFUSE_CUDA_RANK_ROUTE": "0"}
     assert gpu_moe.variant_env("onetoken0") == {"MOEFUSE_CUDA_ONE_TOKEN": "0"}
+    assert gpu_moe.variant_env("prefetch2") == {"MOEFUSE_CUDA_L2_PREFETCH": "2"}
     assert gpu_moe.variant_env("graph+tmarows0") == {"MOEFUSE_CUDA_TMA_ROWS": "0"}
     assert gpu_moe.uses_graph("graph+tmarows0") and not gpu_moe.uses_graph("tmarows0")
     assert gpu_moe.variant_env("lib=/x.so+nooverlap") == {"MOEFUSE_LIBRARY": "/x.so",
@@ -289,3 +290,38 @@ def test_rounds_below_one_are_refused_before_the_gpu():
     done = subprocess.run([sys.executable, SCRIPT, "--rounds", "0"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "--rounds must be at least 1 (got 0)" in done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "--copies", "0"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--copies must be at least 1 (got 0)" in done.stderr
+
+
+def test_copies_take_the_calls_in_turn():
+    """--copies: each call goes to the next session (its own weights), every session bound alike;
+    the report says how the variants ran."""
+    gpu_moe = _gpu_moe()
+    calls = []
+
+    class Session:
+        ort = torch = stream = dtype = None
+
+        def __init__(self, name):
+            self.name, self.bound = name, None
+
+        def bind(self, x, logits, y):
+            self.bound = (x, logits, y)
+
+        def call(self):
+            calls.append(self.name)
+
+    sessions = [Session("a"), Session("b"), Session("c")]
+    cycle = gpu_moe.Copies(sessions)
+    cycle.bind("x", "l", "y")
+    for _ in range(5):
+        cycle.call()
+    assert calls == ["a", "b", "c", "a", "b"]
+    assert all(s.bound == ("x", "l", "y") for s in sessions)
+    meta = {"gpu": "NVIDIA H100", "onnxruntime": "1.31.1", "hbm_bytes_per_s": 3.35e12,
+            "tensor_flops": 989e12}
+    records = [_record("MoEFFN", 30.0)]
+    assert "ran as 4 sessions" in gpu_moe.table(records, dict(meta, copies=4))
+    assert "sessions" not in gpu_moe.table(records, dict(meta, copies=1))
