@@ -338,7 +338,6 @@ VARIANT_PREFIXES = [
     ("bn", "MOEFUSE_CUDA_BN", None),
     ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
     ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
-    ("prefetch", "MOEFUSE_CUDA_L2_PREFETCH", None),
 ]
 
 
@@ -397,8 +396,6 @@ def main():
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
-                    "prefetch0..2 (MOEFUSE_CUDA_L2_PREFETCH: one-token calls' projection-2 weights asked of L2: "
-                    "no, as projection 1's blocks start, as they end), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

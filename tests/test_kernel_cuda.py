@@ -531,14 +531,9 @@ ONE_TOKEN = [
 ]
 
 
-# Each form sets the routing switches, so that it does not inherit the one before; the L2 prefetch
-# applies to the two kernels only.
-ONE_TOKEN_FORMS = {  # (MOEFUSE_CUDA_L2_PREFETCH changes what L2 holds, never a value)
-    "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1", "MOEFUSE_CUDA_L2_PREFETCH": "1"},
-    "two_kernels_prefetch_late": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1",
-                                  "MOEFUSE_CUDA_L2_PREFETCH": "2"},
-    "two_kernels_no_prefetch": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1",
-                                "MOEFUSE_CUDA_L2_PREFETCH": "0"},
+# Each form sets both switches, so that it does not inherit the one before.
+ONE_TOKEN_FORMS = {
+    "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
     "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
 }

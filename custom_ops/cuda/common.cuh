@@ -304,24 +304,6 @@ cudaError_t Launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 
 __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Asks L2 for part `part` of `parts` of [p, p + bytes), for a later kernel's reads (the data is
-// not needed here): one bulk prefetch by thread 0 where the part is 16-byte aligned on sm_90, else
-// one 128-byte line per thread and step.
-__device__ __forceinline__ void PrefetchL2Part(const void* p, int64_t bytes, int part, int parts) {
-  const int64_t len = CeilDiv(CeilDiv(bytes, parts), 128) * 128;
-  const int64_t b0 = part * len, n = min(len, bytes - b0);
-  if (n <= 0) return;
-  const size_t g = __cvta_generic_to_global(static_cast<const char*>(p) + b0);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (((g | static_cast<size_t>(n)) & 15) == 0) {
-    if (threadIdx.x == 0)
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(g), "r"(static_cast<uint32_t>(n)) : "memory");
-    return;
-  }
-#endif
-  for (int64_t o = threadIdx.x * 128; o < n; o += blockDim.x * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(g + o));
-}
-
 // Whether the current device runs `kernel`'s sm_90a machine code rather than a stand-in compiled
 // for another architecture. The code the driver compiles from a build's compute_80 PTX reports the
 // device's own binaryVersion (90 on a Hopper GPU running a build without sm_90a), so the PTX

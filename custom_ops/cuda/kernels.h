@@ -199,11 +199,6 @@ struct OneTokenParams {
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null
   void* Y = nullptr;
-  // Projection 1's blocks ask L2 for projection 2's weights of their pick, so that DRAM streams
-  // them while projection 1 ends and projection 2 reads them from L2: 0 no, 1 as a block starts,
-  // 2 once its own weights are read. The caller asks only where they fit L2 beside projection 1's
-  // stream (read evict-first).
-  int prefetch_w2 = 0;
 };
 bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2);
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream);

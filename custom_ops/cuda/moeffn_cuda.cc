@@ -101,7 +101,6 @@ struct DeviceInfo {
   int device = -1;
   int num_sms = 0;
   int major = 0;
-  int l2_bytes = 0;
   DeviceCode code;  // what of the library's device code runs here
 };
 
@@ -141,8 +140,6 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
-  int l2_prefetch_ = 1;            // MOEFUSE_CUDA_L2_PREFETCH=0|1|2: one-token calls' projection 2
-                                   // weights asked of L2 by projection 1 (OneTokenParams::prefetch_w2)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
@@ -181,7 +178,6 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
-  k->l2_prefetch_ = std::min(2, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_L2_PREFETCH", "1"))));
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -287,8 +283,6 @@ OrtStatus* Kernel::EnsureDevice(const void* p) {
     if (cudaError_t e = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device))
       return CudaError(e, "cudaDeviceGetAttribute");
     if (cudaError_t e = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device))
-      return CudaError(e, "cudaDeviceGetAttribute");
-    if (cudaError_t e = cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, device))
       return CudaError(e, "cudaDeviceGetAttribute");
     d.code = CurrentDeviceCode();  // (the kernels' attributes are the current device's: this one)
     if (!d.code.runs) {
@@ -697,10 +691,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
-    // the picks' projection-2 weights into L2 while projection 1 streams its own, where they take
-    // at most half of it
-    const int64_t w2_bytes = K * D * I * static_cast<int64_t>(DTypeSize(dt));
-    op.prefetch_w2 = w2_bytes <= dev_.l2_bytes / 2 ? l2_prefetch_ : 0;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {

@@ -444,12 +444,7 @@ __global__ void __launch_bounds__(kWarps * 32) OneTokenGemm1Kernel(OneTokenParam
   // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
   const int j = blockIdx.y;
   const Slot s{rank.pick[j], j, p.r.T};
-  // pick j's weights of projection 2, a part per block of the pick (OneTokenParams::prefetch_w2)
-  const int64_t w2_bytes = static_cast<int64_t>(p.p2.D) * p.p2.I * sizeof(T);
-  const void* w2 = static_cast<const T*>(p.p2.w2) + static_cast<int64_t>(s.e) * p.p2.D * p.p2.I;
-  if (p.prefetch_w2 == 1) PrefetchL2Part(w2, w2_bytes, blockIdx.x, gridDim.x);
   Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, p.weight_on_input ? w : nullptr, red);
-  if (p.prefetch_w2 == 2) PrefetchL2Part(w2, w2_bytes, blockIdx.x, gridDim.x);
 }
 
 // Projection 2 and the combine: block `tile` computes output features tile*16 .. tile*16+15, warp
