@@ -86,12 +86,16 @@ gpu-test:
 # any memory error found in the process. 172 of its 187 tests took 19 minutes on an H100:
 # MEMCHECK_SHARD=i/n runs the i-th of n parts (every n-th test), so that n runs cover it;
 # MEMCHECK_K=EXPR only the tests pytest's -k EXPR selects (e.g. test_one_token_routing).
+# Each test is named as it ends (-v), so that a run cut short says how far it got, and a test
+# still running after MEMCHECK_STACKS seconds has every thread's Python stack printed (it goes on):
+# test_concurrent_runs ran for more than 480 s under memcheck on an H200 without finishing.
 MEMCHECK_SHARD ?=
 MEMCHECK_K ?=
+MEMCHECK_STACKS ?= 240
 gpu-memcheck:
 	MOEFUSE_TEST_SHARD=$(MEMCHECK_SHARD) MOEFUSE_GPU_MEMCHECK=1 MOEFUSE_CUDA_EXACT_ALLOC=1 compute-sanitizer --tool memcheck --error-exitcode 1 --report-api-errors no \
-	  --print-limit 20 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernel_cuda.py \
-	  $(if $(MEMCHECK_K),-k "$(MEMCHECK_K)")
+	  --print-limit 20 $(GPU_PYTHON) -m pytest -v -p no:cacheprovider -o faulthandler_timeout=$(MEMCHECK_STACKS) \
+	  -m "not slow" tests/test_kernel_cuda.py $(if $(MEMCHECK_K),-k "$(MEMCHECK_K)")
 
 # Two builds of the library against each other (BASE=path/to/a.so NEW=path/to/b.so): outputs bit
 # for bit, Nsight Compute kernel times, gpu_moe.py with both (benchmarks/gpu_compare_builds.sh).
