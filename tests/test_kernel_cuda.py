@@ -338,6 +338,68 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
+# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1, experimental): the two CTAs of a cluster take m-tiles 2j and
+# 2j + 1 of one expert and n-tile, each loading half of the weight tile into both (TMA multicast).
+# Bit for bit the unpaired kernels' output, and the reference's: experts of odd and even m-tile
+# counts (an odd count's last pair has a second CTA without rows) and one of none, both tile
+# widths, rows gathered by cp.async (0) or X copied first and read by TMA (3), projection 2 paired
+# (waiting for projection 1) or unpaired (overlapping it: its tiles come from a counter).
+PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5
+
+
+@pytest.mark.parametrize("overlap", ["0", "1"])
+@pytest.mark.parametrize("rows", ["0", "3"])
+@pytest.mark.parametrize("bn", ["128", "256"])
+def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch):
+    for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
+                       ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_OVERLAP", overlap)):
+        monkeypatch.setenv(key, value)
+    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
+    hidden, inter, experts = 200, 264, len(PAIR_COUNTS)
+    ids = np.repeat(np.arange(experts), PAIR_COUNTS)  # sorted: a token's two halves differ
+    tokens = ids.size // 2
+    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
+    inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
+    model = make_moeffn_model(attrs, inputs)
+    outs = {}
+    for pairs in ("0", "1"):
+        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
+        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(got, moeffn(attrs, **inputs), BF16, f"CTA pairs {pairs}, bn {bn}, rows {rows}, overlap {overlap}")
+        outs[pairs] = f32(got)
+    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=f"bn {bn}, rows {rows}, overlap {overlap}")
+
+
+def test_prefill_cta_pairs_one_tile_experts(monkeypatch):
+    """128 experts of one m-tile each: every pair's second CTA has no rows."""
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
+    attrs = MoEFFNAttrs(k=8)
+    inputs = random_inputs(attrs, 600, 512, 768, 128, biases=True, dtype=BF16, seed=21)
+    model = make_moeffn_model(attrs, inputs)
+    outs = {}
+    for pairs in ("0", "1"):
+        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
+        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(got, moeffn(attrs, **inputs), BF16, f"CTA pairs {pairs}")
+        outs[pairs] = f32(got)
+    np.testing.assert_array_equal(outs["1"], outs["0"])
+
+
+@pytest.mark.parametrize("overlap,paired", [("0", 2), ("1", 1)])
+def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch):
+    """Which grouped GEMMs run on CTA pairs: both projections, or projection 1 alone where
+    projection 2 takes its tiles from a counter (overlapping projection 1)."""
+    monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
+    monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
+    monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
+    monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", "1")
+    names = [n for n in kernel_names(600, 768, 16) if "WgKernel<" in n]
+    assert len(names) == 2, names
+    assert sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names) == paired, names
+
+
 # The wgmma path's activation rows: by TMA where they are in sorted order (projection 2, the shared
 # expert), X's rows copied in sorted order first (forced: 3), or all gathered by cp.async (0).
 # Against the reference and bit for bit against cp.async: K tails in both projections (hidden 200,

@@ -79,6 +79,10 @@ struct SortParams {
   int* num_active = nullptr;   // [1]
   int4* mtiles = nullptr;      // [max m-tiles] (expert, first sorted row, rows, 0) of m-tile i
   int64_t max_tiles = 0;       // capacity of mtiles
+  // Optional (wgmma path, MOEFUSE_CUDA_CTA_PAIRS=1): an expert's m-tiles two by two, for the two
+  // CTAs of a cluster that share the weight tile (Groups::mpairs).
+  int* mpair_prefix = nullptr;  // [E+1] m-tile pairs of the experts before e
+  int4* mpairs = nullptr;       // [max_tiles] (expert, its first m-tile's index in mtiles, m-tiles: 1 or 2, 0)
   int* sorted_row = nullptr;   // [T*K] token of each sorted row
   float* sorted_w = nullptr;   // [T*K] its routing weight
   int* pair_pos = nullptr;     // [T*K] sorted row of pair (t, j), else its id (-1 dropped, kZeroExpertPick)
@@ -119,6 +123,12 @@ struct Groups {
   int max_slots = 0;                 // upper bound of active groups (skinny kernel grid)
   int64_t max_tiles = 0;             // upper bound of m-tiles (grouped GEMM grid)
   int64_t est_tiles = 0;             // expected m-tiles of 128 rows (balanced routing): tile choice
+  // Non-null (SortParams::mpairs): the wgmma path's 128-row tiles run on clusters of two CTAs that
+  // take m-tiles 2j and 2j + 1 of one expert and n-tile, each loading half of the weight tile into
+  // both (TMA multicast); where an expert's m-tile count is odd, its last pair's second CTA has no
+  // rows. Only where tiles are assigned statically (not Groups::next_tile), grouped, expert-major.
+  const int* mpair_prefix = nullptr;
+  const int4* mpairs = nullptr;
   int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64
                                      // for the wgmma path's narrow tiles
   int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)

@@ -132,6 +132,8 @@ class Kernel {
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
+  bool cta_pairs_ = false;         // MOEFUSE_CUDA_CTA_PAIRS=1: 128-row wgmma tiles on CTA pairs that
+                                   // share the weight tile (Groups::mpairs; experimental)
   int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
@@ -185,6 +187,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
+  k->cta_pairs_ = std::string(EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "0")) == "1";
   const std::string narrow = EnvOr("MOEFUSE_CUDA_NARROW", "auto");
   k->narrow_ = narrow == "32" ? 32 : narrow == "64" ? 64 : narrow == "0" ? 0 : -1;
   const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
@@ -438,6 +441,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                        : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
+  // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
+  const bool cta_pairs = cta_pairs_ && rpath == Path::kWgmma && !narrow && !pingpong_;
+  const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
+  const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
   // ping-pong schedule of 128-row tiles), and on the skinny path's two kernels where projection 2
   // is launched before projection 1 ends (programmatic dependent launch) and projection 1 takes
@@ -568,6 +575,10 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.bm = bm;
   s.mtiles = static_cast<int4*>(at(o_mt));
   s.max_tiles = max_tiles;
+  if (cta_pairs) {
+    s.mpair_prefix = static_cast<int*>(at(o_mpp));
+    s.mpairs = static_cast<int4*>(at(o_mp));
+  }
   s.ids = r.ids;
   s.w = r.w;
   s.rank = r.rank;
@@ -720,6 +731,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.max_slots = static_cast<int>(max_active);
     g.mtiles = s.mtiles;
     g.max_tiles = max_tiles;
+    g.mpair_prefix = s.mpair_prefix;
+    g.mpairs = s.mpairs;
     g.est_tiles = max_active * CeilDiv64(CeilDiv64(P, max_active), 128);
     g.tile_rows = bm;
     g.order_n = order_n_;

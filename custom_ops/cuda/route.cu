@@ -283,6 +283,21 @@ __device__ void Group(const SortParams& s, const int* cnt, int* smem, int* off_c
     s.tile_prefix[E] = total.y;
     *s.num_active = total.z;
   }
+  if (s.mpairs) {  // the m-tiles two by two (uniform branch: the scan's barriers)
+    int pairs = 0;
+    for (int e = e0; e < e0 + per && e < E; ++e) pairs += ((cnt[e] + s.bm - 1) / s.bm + 1) / 2;
+    int3 ptotal;
+    int q = BlockScan3<kThreads>(make_int3(pairs, 0, 0), &ptotal, smem).x;
+    int t = first.y;
+    for (int e = e0; e < e0 + per && e < E; ++e) {
+      const int tiles_e = (cnt[e] + s.bm - 1) / s.bm;
+      s.mpair_prefix[e] = q;
+      for (int j = 0; 2 * j < tiles_e; ++j, ++q)
+        if (q < s.max_tiles) s.mpairs[q] = make_int4(e, t + 2 * j, min(2, tiles_e - 2 * j), 0);
+      t += tiles_e;
+    }
+    if (threadIdx.x == 0) s.mpair_prefix[E] = ptotal.x;
+  }
 }
 
 __global__ void GroupKernel(SortParams s) {
@@ -395,6 +410,7 @@ __global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, So
     s.active[pos] = id;
     s.active[E + pos] = 1;
     if (pos < s.max_tiles) s.mtiles[pos] = make_int4(id, pos, 1, 0);
+    if (s.mpairs && pos < s.max_tiles) s.mpairs[pos] = make_int4(id, pos, 1, 0);  // (one m-tile a pair)
   }
   // every expert's first sorted row and count, a thread per expert
   for (int e = threadIdx.x; e <= E; e += blockDim.x) {
@@ -406,6 +422,7 @@ __global__ void __launch_bounds__(kRankThreads) RouteOneKernel(RouteParams r, So
     }
     s.offsets[e] = below;
     s.tile_prefix[e] = below;  // one row, so one m-tile, per picked expert
+    if (s.mpairs) s.mpair_prefix[e] = below;
     if (e < E) r.counts[e] = here;
   }
   if (threadIdx.x == 0) {

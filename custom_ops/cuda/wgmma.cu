@@ -67,6 +67,9 @@ struct WgArgs {
   // A's rows are the sorted rows themselves (no row_map): the producer loads them with the TMA
   // (TmaMaps::a, boxes of kBK x BM rows), not with cp.async.
   int a_tma = 0;
+  // Clusters of two CTAs share each weight tile (Groups::mpairs; the weight maps' boxes are half
+  // a tile's rows): the cooperative kernel's WgKernel<..., true>.
+  int cta_pairs = 0;
 };
 
 // The kernels' TMA maps: weight boxes (gate and up views, or one view twice) and, with
@@ -120,6 +123,16 @@ __device__ __forceinline__ void TmaLoad2d(void* dst, const CUtensorMap* map, int
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
       "[%0], [%1, {%2, %3}], [%4];" ::"r"(SmemAddr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+// The same box into the same shared-memory offset of both CTAs of the cluster, completing on each
+// one's mbarrier at `bar`'s offset.
+__device__ __forceinline__ void TmaLoad2dBoth(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%2, %3}], [%4], %5;" ::"r"(SmemAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(SmemAddr(bar)), "h"(static_cast<uint16_t>(3))
       : "memory");
 }
 
@@ -234,14 +247,21 @@ __device__ __forceinline__ void AcquireStage(uint64_t* full, uint32_t phase) {
   WgmmaFence();
 }
 
+// A stage read by this warp goes back to the producer, and with CTA pairs to the partner's
+// producer too (its multicast writes this CTA's stage).
+__device__ __forceinline__ void ReleaseStage(uint64_t* empty, int partner) {
+  MbarArrive(empty);
+  if (partner >= 0) MbarArriveCluster(empty, static_cast<uint32_t>(partner));
+}
+
 // After a k-block's MMAs are issued: once the previous k-block's MMAs are done, its stage goes
-// back to the producer; then on to the next stage of the ring.
+// back to the producer(s); then on to the next stage of the ring.
 template <int S>
 __device__ __forceinline__ void NextStage(uint64_t* empty, int lane, int& prev, int& stage,
-                                          uint32_t& phase) {
+                                          uint32_t& phase, int partner = -1) {
   WgmmaCommit();
   WgmmaWait<1>();
-  if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+  if (prev >= 0 && lane == 0) ReleaseStage(empty + prev, partner);
   prev = stage;
   if (++stage == S) {
     stage = 0;
@@ -253,6 +273,26 @@ template <int BM>
 __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
   if (p.g.dense_rows >= 0) return CeilDiv(p.g.dense_rows, BM);
   return p.g.tile_prefix[p.g.num_groups];
+}
+
+// CTA pairs: the tiles' schedule counts m-tile pairs, expert-major as DecodeTile's; the CTA of
+// cluster rank `rank` takes the pair's m-tile `rank`, or no rows where the expert has no such
+// m-tile (its rows are then those of the pair's first, computed and never stored).
+__device__ __forceinline__ Tile DecodePairTile(const WgArgs& p, int64_t tile, uint32_t rank) {
+  const int64_t q0 = tile / p.n_tiles;
+  const int4 first = p.g.mpairs[q0];
+  const int* pre = p.g.mpair_prefix;
+  const int p0 = pre[first.x], pe = pre[first.x + 1] - p0;
+  const int64_t local = tile - static_cast<int64_t>(p0) * p.n_tiles;
+  const int64_t q = p0 + local % pe;
+  const int4 pair = q == q0 ? first : p.g.mpairs[q];
+  const int4 info = p.g.mtiles[pair.y + (static_cast<int>(rank) < pair.z ? rank : 0)];
+  Tile t;
+  t.n = static_cast<int>(local / pe);
+  t.e = pair.x;
+  t.r0 = info.y;
+  t.rows = static_cast<int>(rank) < pair.z ? info.z : 0;
+  return t;
 }
 
 // Tile order. Expert-major (default): expert by expert, n-tile by n-tile, m-tiles innermost, so
@@ -351,7 +391,7 @@ __device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 3, 128;"
 // that start first take more; the end is then published as a tile of expert -1 on the next stage.
 // With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
 // are ready.
-template <typename T, int BM, int S>
+template <typename T, int BM, int S, bool Pairs = false>
 __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
                                         const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
                                         int nkb) {
@@ -362,7 +402,11 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
   const uint32_t tx_bytes = (two_boxes ? 2 : 1) * box_rows * kBK * 2 + (p.a_tma ? BM * kBK * 2 : 0);
   int stage = 0;
   uint32_t phase = 0;
-  const int64_t step = gridDim.x;
+  // CTA pairs: cluster c takes pair tiles c, c + clusters, ...; this CTA loads half of each weight
+  // box (rows rank * half ..) into both CTAs' stage
+  const uint32_t rank = Pairs ? ClusterRank() : 0;
+  const int64_t step = Pairs ? gridDim.x / 2 : gridDim.x;
+  auto decode = [&](int64_t t) { return Pairs ? DecodePairTile(p, t, rank) : DecodeTile<BM>(p, t, mtiles); };
   // A counter's tile goes to the warpgroup through two shared slots: a slot is written again only
   // after every thread has passed the barrier that follows its read.
   __shared__ int taken[2];
@@ -390,9 +434,9 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
       out[j] = row >= 0 ? static_cast<uint32_t>(row) * lda16 + chunk : kNoRow;
     }
   };
-  int64_t tile = p.next_tile ? take() : blockIdx.x;
+  int64_t tile = p.next_tile ? take() : Pairs ? blockIdx.x / 2 : blockIdx.x;
   if (tile < total) {
-    cur = DecodeTile<BM>(p, tile, mtiles);
+    cur = decode(tile);
     rows_of(cur, src);
   }
   int local = 0;
@@ -408,9 +452,16 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
       uint8_t* as = ring.As + stage * ring.a_bytes;
       uint8_t* bs = ring.Bs + stage * ring.b_bytes;
       if (tid == 0) {
-        MbarExpectTx(ring.full + stage, tx_bytes);
-        TmaLoad2d(bs, &maps.w1, kb * kBK, y1, ring.full + stage);
-        if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &maps.w2, kb * kBK, y2, ring.full + stage);
+        MbarExpectTx(ring.full + stage, tx_bytes);  // (with pairs, the partner's half too)
+        if constexpr (Pairs) {
+          const int off = static_cast<int>(rank) * (box_rows / 2);
+          TmaLoad2dBoth(bs + off * kBK * 2, &maps.w1, kb * kBK, y1 + off, ring.full + stage);
+          if (two_boxes)
+            TmaLoad2dBoth(bs + (box_rows + off) * kBK * 2, &maps.w2, kb * kBK, y2 + off, ring.full + stage);
+        } else {
+          TmaLoad2d(bs, &maps.w1, kb * kBK, y1, ring.full + stage);
+          if (two_boxes) TmaLoad2d(bs + box_rows * kBK * 2, &maps.w2, kb * kBK, y2, ring.full + stage);
+        }
       }
       if (kb == 0 && p.ready_wait) {  // the expert's rows of the previous kernel
         if (tid == 0) {
@@ -444,7 +495,7 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
       if (kb == 0) {  // the next tile and its rows, while this one streams
         if (p.next_tile) next = take();
         if (next < total) {
-          nxt = DecodeTile<BM>(p, next, mtiles);
+          nxt = decode(next);
           rows_of(nxt, nsrc);
         }
       }
@@ -532,8 +583,9 @@ __device__ __forceinline__ void WarpgroupSync(int id) {
 }
 
 // Projection 1 (p.ready_signal): consumer warpgroup cw's part of tile t is in H, visible to the GPU.
+// (A CTA pair's tile without rows is not one of the expert's.)
 __device__ __forceinline__ void SignalReady(const WgArgs& p, const Tile& t, int cw) {
-  if (!p.ready_signal) return;
+  if (!p.ready_signal || t.rows == 0) return;
   __threadfence();
   WarpgroupSync(1 + cw);
   if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
@@ -606,14 +658,21 @@ __device__ __forceinline__ void Epilogue(const WgArgs& p, const Tile& t, const f
   }
 }
 
-template <typename T, int BN, bool PingPong>
+// Pairs: launched on clusters of two CTAs (Run<..., true>) that share each weight tile
+// (WgArgs::cta_pairs; cooperative schedule only): each CTA's stages are released by both CTAs'
+// consumers.
+template <typename T, int BN, bool PingPong, bool Pairs>
 __global__ void __launch_bounds__(kThreads, 1)
     WgKernel(const __grid_constant__ TmaMaps maps, const __grid_constant__ WgArgs p) {
+  static_assert(!(PingPong && Pairs), "CTA pairs: cooperative schedule");
   using C = Cfg<BN, PingPong>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
-  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo, C::kPingPong ? 4 : 8,
-                                 C::kEpiBytes);
+  const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo,
+                                 C::kPingPong ? 4 : Pairs ? 16 : 8, C::kEpiBytes);
+  // the partner's barriers are initialised before this CTA arrives on them or multicasts to them
+  if constexpr (Pairs) ClusterSync();
+  const int partner = Pairs ? static_cast<int>(ClusterRank() ^ 1) : -1;
   uint8_t* const As = ring.As;
   uint8_t* const Bs = ring.Bs;
   uint64_t* const full = ring.full;
@@ -622,14 +681,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int4* const tinfo = ring.tinfo;
   if (!p.ready_wait) GridDepWait();  // (as in WgNarrowKernel)
   GridDepLaunch();
-  const int64_t mtiles = MTiles<kBM>(p);
+  const int64_t mtiles = Pairs ? p.g.mpair_prefix[p.g.num_groups] : MTiles<kBM>(p);
   const int64_t total = mtiles * p.n_tiles;
   const int nkb = (p.K + kBK - 1) / kBK;
   const int wg = threadIdx.x >> 7;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    Produce<T, kBM, S>(maps, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
+    Produce<T, kBM, S, Pairs>(maps, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
   } else {
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -640,8 +699,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       int stage = 0;
       uint32_t phase = 0;
       float acc[BN / 2] = {};
-      int64_t tile = blockIdx.x;  // (static schedule)
-      for (int local = 0; p.next_tile || tile < total; ++local, tile += gridDim.x) {
+      const int64_t step = Pairs ? gridDim.x / 2 : gridDim.x;  // (static schedule, as Produce's)
+      int64_t tile = Pairs ? blockIdx.x / 2 : blockIdx.x;
+      for (int local = 0; p.next_tile || tile < total; ++local, tile += step) {
         MbarWait(full + stage, phase);  // the tile's first stage: its description came before
         const Tile t = ReadTile(tinfo[local % C::kInfo]);
         if (t.e < 0) break;  // the producer's end of a counted schedule
@@ -652,10 +712,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t db = Desc(Bs + stage * C::kBBytes);
 #pragma unroll
           for (int kk = 0; kk < kBK / 16; ++kk) Wgmma<T, BN>(acc, da + 2 * kk, db + 2 * kk, (kb | kk) != 0);
-          NextStage<S>(empty, lane, prev, stage, phase);
+          NextStage<S>(empty, lane, prev, stage, phase, partner);
         }
         WgmmaWait<0>();
-        if (prev >= 0 && lane == 0) MbarArrive(empty + prev);
+        if (prev >= 0 && lane == 0) ReleaseStage(empty + prev, partner);
         Epilogue<T, BN>(p, t, acc, cw, ToGlobal<T>{static_cast<T*>(p.out), p.ldo, t.r0});
         SignalReady(p, t, cw);
       }
@@ -713,6 +773,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  // neither CTA of a pair leaves while the other may still arrive on its barriers
+  if constexpr (Pairs) ClusterSync();
 }
 
 // Narrow tiles: the weight rows on wgmma's M side, the tile's BT token rows on its N side.
@@ -840,7 +902,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else  // not sm_90a: never launched (WgmmaAvailable() checks the device's code); a launch traps
         // rather than leave the outputs unwritten
 
-template <typename T, int BN, bool PingPong>
+template <typename T, int BN, bool PingPong, bool Pairs>
 __global__ void WgKernel(const __grid_constant__ TmaMaps, const __grid_constant__ WgArgs) { __trap(); }
 
 template <typename T, int BT>
@@ -884,21 +946,56 @@ bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t 
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BN, bool PingPong>
+// Clusters of two such CTAs that the GPU holds at once (an SM alone in its GPC takes none), once
+// per device: the persistent grid of CTA pairs, so that no cluster waits for another to end.
+template <typename Kernel>
+int64_t ResidentPairs(Kernel kernel, int smem, int num_sms, std::atomic<int>* per_device) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) device = 0;
+  if (int n = per_device[device].load(std::memory_order_relaxed)) return n;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(num_sms & ~1));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = num_sms / 2;
+  }
+  per_device[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+template <typename T, int BN, bool PingPong, bool Pairs = false>
 cudaError_t Run(const TmaMaps& m, const WgArgs& a, int64_t tiles_ub,
                 int num_sms, cudaStream_t stream) {
   using C = Cfg<BN, PingPong>;
   static std::atomic<uint64_t> smem_allowed{0};
-  if (cudaError_t e = AllowDynamicSmem(WgKernel<T, BN, PingPong>, C::kSmem, smem_allowed)) return e;
-  const int64_t grid = tiles_ub < num_sms ? tiles_ub : num_sms;
-  if (grid <= 0) return cudaSuccess;
-  return Launch(WgKernel<T, BN, PingPong>, dim3(static_cast<unsigned>(grid)), dim3(kThreads),
-                static_cast<size_t>(C::kSmem), stream, m, a);
+  if (cudaError_t e = AllowDynamicSmem(WgKernel<T, BN, PingPong, Pairs>, C::kSmem, smem_allowed)) return e;
+  // (pairs: tiles_ub counts pair tiles, each of two CTAs)
+  static std::atomic<int> resident[64] = {};
+  const int64_t clusters = Pairs ? ResidentPairs(WgKernel<T, BN, PingPong, Pairs>, C::kSmem, num_sms, resident) : 0;
+  const int64_t ctas = Pairs ? 2 * (tiles_ub < clusters ? tiles_ub : clusters)
+                             : (tiles_ub < num_sms ? tiles_ub : num_sms);
+  if (ctas <= 0) return cudaSuccess;
+  return LaunchOnClusters(Pairs ? 2 : 1, WgKernel<T, BN, PingPong, Pairs>, dim3(static_cast<unsigned>(ctas)),
+                          dim3(kThreads), static_cast<size_t>(C::kSmem), stream, m, a);
 }
 
 template <typename T>
 cudaError_t DispatchT(int bn, bool pingpong, const TmaMaps& m,
                       const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
+  if (a.cta_pairs) {
+    return bn == 256 ? Run<T, 256, false, true>(m, a, tiles_ub, num_sms, stream)
+                     : Run<T, 128, false, true>(m, a, tiles_ub, num_sms, stream);
+  }
   if (bn == 256) return Run<T, 256, false>(m, a, tiles_ub, num_sms, stream);
   if (pingpong) return Run<T, 128, true>(m, a, tiles_ub, num_sms, stream);
   return Run<T, 128, false>(m, a, tiles_ub, num_sms, stream);
@@ -908,6 +1005,8 @@ cudaError_t Dispatch(DType t, int bn, bool pingpong, const TmaMaps& m,
                      const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
   // the ping-pong epilogue's 16-byte stores (the tensor-core paths take only such sizes)
   if (pingpong && bn == 128 && (a.N % 8 != 0 || a.ldo % 8 != 0)) return cudaErrorInvalidValue;
+  if (a.cta_pairs && (pingpong || a.next_tile || !a.expert_major || a.g.dense_rows >= 0 || !a.g.mpairs))
+    return cudaErrorInvalidValue;
   return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m, a, tiles_ub, num_sms, stream)
                            : DispatchT<__half>(bn, pingpong, m, a, tiles_ub, num_sms, stream);
 }
@@ -982,6 +1081,13 @@ bool ActivationMap(DType t, int64_t rows, bool by_tma, int box_rows, WgArgs& a, 
   return a.lda % 8 == 0 && rows * (a.lda / 8) < 0xFFFFFFFFll;
 }
 
+// CTA pairs where the schedule offers them (Groups::mpairs) and the call's tiles are assigned
+// statically: 128-row tiles, cooperative, grouped, expert-major, not taken from a counter.
+bool TakesCtaPairs(const WgArgs& a, bool narrow, bool pingpong, int num_sms) {
+  return a.g.mpairs && a.g.mpair_prefix && !narrow && !pingpong && !a.next_tile && a.expert_major &&
+         a.g.dense_rows < 0 && num_sms >= 2;
+}
+
 // 128 x 256 tiles unless there would be fewer than half a wave of them (then 128 x 128 tiles put
 // twice as many SMs to work). Forcing 256 was faster or equal at every T >= 512 point of the GPU
 // benchmark on an H200 (docs/performance.md), K short or long.
@@ -1000,7 +1106,7 @@ int FirstProjBn(const Gemm1Params& p, int num_sms) {
 
 bool WgmmaAvailable() {
   // (plain sm_90 code would be a stand-in too: CMake refuses it)
-  return GetEncode() != nullptr && RunsSm90aCode(WgKernel<__half, 128, false>);
+  return GetEncode() != nullptr && RunsSm90aCode(WgKernel<__half, 128, false, false>);
 }
 
 int WgmmaFirstProjSignals(const Gemm1Params& p, int num_sms) {
@@ -1039,8 +1145,10 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? 0 : FirstProjBn(p, num_sms);
   const int box = narrow ? NarrowCfg<32>::kUnits : gated ? bn / 2 : bn;
+  a.cta_pairs = TakesCtaPairs(a, narrow, p.pingpong, num_sms);
   TmaMaps m;
-  if (!FirstProjMaps(p, box, a, &m) || !ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m))
+  if (!FirstProjMaps(p, a.cta_pairs ? box / 2 : box, a, &m) ||
+      !ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m))
     return cudaErrorInvalidValue;
   if (narrow) return DispatchNarrow(p.dtype, m, a, num_sms, stream);
   a.n_tiles = static_cast<int>(CeilDiv(p.I, box));
@@ -1074,8 +1182,9 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.b1_rpe = p.D;
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? NarrowCfg<32>::kUnits : p.bn ? p.bn : PickBn(p.g, p.D, num_sms);  // box rows
+  a.cta_pairs = TakesCtaPairs(a, narrow, p.pingpong, num_sms);
   TmaMaps m;
-  if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, bn)) return cudaErrorInvalidValue;
+  if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, a.cta_pairs ? bn / 2 : bn)) return cudaErrorInvalidValue;
   m.w2 = m.w1;
   if (!ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m)) return cudaErrorInvalidValue;
   if (narrow) return DispatchNarrow(p.dtype, m, a, num_sms, stream);
