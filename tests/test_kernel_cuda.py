@@ -347,6 +347,18 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
 PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5
 
 
+def assert_pairs_change_nothing(attrs, inputs, name, monkeypatch):
+    """The output with CTA pairs and without: each against the reference, and bit for bit."""
+    model = make_moeffn_model(attrs, inputs)
+    outs = {}
+    for pairs in ("0", "1"):
+        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
+        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(got, moeffn(attrs, **inputs), BF16, f"{name}, CTA pairs {pairs}")
+        outs[pairs] = f32(got)
+    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=name)
+
+
 @pytest.mark.parametrize("overlap", ["0", "1"])
 @pytest.mark.parametrize("rows", ["0", "3"])
 @pytest.mark.parametrize("bn", ["128", "256"])
@@ -360,14 +372,7 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch):
     tokens = ids.size // 2
     inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
     inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
-    model = make_moeffn_model(attrs, inputs)
-    outs = {}
-    for pairs in ("0", "1"):
-        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
-        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
-        close(got, moeffn(attrs, **inputs), BF16, f"CTA pairs {pairs}, bn {bn}, rows {rows}, overlap {overlap}")
-        outs[pairs] = f32(got)
-    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=f"bn {bn}, rows {rows}, overlap {overlap}")
+    assert_pairs_change_nothing(attrs, inputs, f"bn {bn}, rows {rows}, overlap {overlap}", monkeypatch)
 
 
 def test_prefill_cta_pairs_one_tile_experts(monkeypatch):
@@ -377,14 +382,7 @@ def test_prefill_cta_pairs_one_tile_experts(monkeypatch):
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
     attrs = MoEFFNAttrs(k=8)
     inputs = random_inputs(attrs, 600, 512, 768, 128, biases=True, dtype=BF16, seed=21)
-    model = make_moeffn_model(attrs, inputs)
-    outs = {}
-    for pairs in ("0", "1"):
-        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
-        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
-        close(got, moeffn(attrs, **inputs), BF16, f"CTA pairs {pairs}")
-        outs[pairs] = f32(got)
-    np.testing.assert_array_equal(outs["1"], outs["0"])
+    assert_pairs_change_nothing(attrs, inputs, "128 one-tile experts", monkeypatch)
 
 
 @pytest.mark.parametrize("overlap,paired", [("0", 2), ("1", 1)])
