@@ -347,6 +347,17 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
 PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5
 
 
+@pytest.fixture
+def hang_guard():
+    """CTA pairs wait on each other's barriers: a wrong count would hang the GPU and this process
+    with it. Past the limit the process prints every thread's stack and exits instead."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(1800 if MEMCHECK else 300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 def assert_pairs_change_nothing(attrs, inputs, name, monkeypatch):
     """The output with CTA pairs and without: each against the reference, and bit for bit."""
     model = make_moeffn_model(attrs, inputs)
@@ -362,7 +373,7 @@ def assert_pairs_change_nothing(attrs, inputs, name, monkeypatch):
 @pytest.mark.parametrize("overlap", ["0", "1"])
 @pytest.mark.parametrize("rows", ["0", "3"])
 @pytest.mark.parametrize("bn", ["128", "256"])
-def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch):
+def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch, hang_guard):
     for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
                        ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_OVERLAP", overlap)):
         monkeypatch.setenv(key, value)
@@ -375,7 +386,7 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch):
     assert_pairs_change_nothing(attrs, inputs, f"bn {bn}, rows {rows}, overlap {overlap}", monkeypatch)
 
 
-def test_prefill_cta_pairs_one_tile_experts(monkeypatch):
+def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
     """128 experts of one m-tile each: every pair's second CTA has no rows."""
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
@@ -386,7 +397,7 @@ def test_prefill_cta_pairs_one_tile_experts(monkeypatch):
 
 
 @pytest.mark.parametrize("overlap,paired", [("0", 2), ("1", 1)])
-def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch):
+def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch, hang_guard):
     """Which grouped GEMMs run on CTA pairs: both projections, or projection 1 alone where
     projection 2 takes its tiles from a counter (overlapping projection 1)."""
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
