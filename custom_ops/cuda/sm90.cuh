@@ -46,6 +46,9 @@ __device__ __forceinline__ uint32_t ClusterRank() {
   return r;
 }
 
+// (Default semantics, release at CTA scope, as CUTLASS's cluster barrier arrives: what it orders is
+// this CTA's wgmma reads of a stage before the partner's TMA writes it. The cluster-scope release
+// made paired CTAs 1.26x-1.62x slower on an H200, docs/performance.md "H200, 2026-12-04 (night)".)
 __device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t cta) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(SmemAddr(bar)), "r"(cta));

@@ -950,9 +950,10 @@ bool MakeMap(CUtensorMap* map, const void* base, DType t, int64_t rows, int64_t 
 // per device: the persistent grid of CTA pairs, so that no cluster waits for another to end.
 template <typename Kernel>
 int64_t ResidentPairs(Kernel kernel, int smem, int num_sms, std::atomic<int>* per_device) {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) device = 0;
-  if (int n = per_device[device].load(std::memory_order_relaxed)) return n;
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) device = -1;  // (not cached)
+  const int cached = device >= 0 ? per_device[device].load(std::memory_order_relaxed) : 0;
+  if (cached > 0) return cached;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(num_sms & ~1));
   cfg.blockDim = dim3(kThreads);
@@ -965,11 +966,12 @@ int64_t ResidentPairs(Kernel kernel, int smem, int num_sms, std::atomic<int>* pe
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess || n <= 0) {
-    (void)cudaGetLastError();
-    n = num_sms / 2;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // (the query's own error)
+    return num_sms / 2;        // not cached: a later call asks again
   }
-  per_device[device].store(n, std::memory_order_relaxed);
+  if (n <= 0) return num_sms / 2;
+  if (device >= 0) per_device[device].store(n, std::memory_order_relaxed);
   return n;
 }
 
