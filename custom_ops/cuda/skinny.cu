@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
 // of projection 1 (griddepcontrol.wait), its warps' first weights already requested: starting each
 // pick once its blocks of projection 1 were done (counters, cleared by a memset first) was 5%
 // slower on an H100 at (2048, 768, 128, 8) (docs/performance.md).
-constexpr int kOneTokenWarps = 8;  // projection 2: a warp per pick (k <= 8); 256 threads, as the combine
+constexpr int kOneTokenWarps = 8;  // projection 2's warps, a pick each at a time; 256 threads, as the combine
 
 // MainLoop's wait before the first row of H: all of projection 1.
 struct AfterGrid {
