@@ -329,7 +329,6 @@ VARIANTS = {
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0"},
-    "ctapairs": {"MOEFUSE_CUDA_CTA_PAIRS": "1"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -339,6 +338,7 @@ VARIANT_PREFIXES = [
     ("bn", "MOEFUSE_CUDA_BN", None),
     ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
     ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
+    ("ctapairs", "MOEFUSE_CUDA_CTA_PAIRS", "1"),
 ]
 
 
@@ -395,7 +395,7 @@ def main():
                     "(MOEFUSE_CUDA_BN), order_n (MOEFUSE_CUDA_ORDER=n), pingpong, cooperative "
                     "(MOEFUSE_CUDA_SCHEDULE), splitk, splitk2..4 (MOEFUSE_CUDA_SPLITK auto or 2..4), "
                     "narrow0, narrow32, narrow64 (MOEFUSE_CUDA_NARROW), nooverlap (MOEFUSE_CUDA_OVERLAP=0), tmarows0..3 (MOEFUSE_CUDA_TMA_ROWS), "
-                    "ctapairs (MOEFUSE_CUDA_CTA_PAIRS=1: 128-row tiles on CTA pairs sharing the weight tile, experimental), "
+                    "ctapairs, ctapairs0 (MOEFUSE_CUDA_CTA_PAIRS=1 or 0: 128-row tiles on CTA pairs sharing the weight tile, or never; default automatic), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
                     "graph (the call captured and replayed as a CUDA graph: "

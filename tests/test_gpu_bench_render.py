@@ -98,6 +98,7 @@ def test_variant_environments():
     assert gpu_moe.variant_env("split") == {"MOEFUSE_CUDA_DECODE": "split"}
     assert gpu_moe.variant_env("passes") == {"MOEFUSE_CUDA_RANK_ROUTE": "0"}
     assert gpu_moe.variant_env("onetoken0") == {"MOEFUSE_CUDA_ONE_TOKEN": "0"}
+    assert gpu_moe.variant_env("ctapairs0") == {"MOEFUSE_CUDA_CTA_PAIRS": "0"}
     assert gpu_moe.variant_env("ctapairs+nooverlap") == {"MOEFUSE_CUDA_CTA_PAIRS": "1",
                                                          "MOEFUSE_CUDA_OVERLAP": "0"}
     assert gpu_moe.variant_env("graph+tmarows0") == {"MOEFUSE_CUDA_TMA_ROWS": "0"}

@@ -341,10 +341,11 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
 # CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1, experimental): the two CTAs of a cluster take m-tiles 2j and
 # 2j + 1 of one expert and n-tile, each loading half of the weight tile into both (TMA multicast).
 # Bit for bit the unpaired kernels' output, and the reference's: experts of odd and even m-tile
-# counts (an odd count's last pair has a second CTA without rows) and one of none, both tile
+# counts (an odd count's last m-tile split in halves of 64 rows, the second half empty, partial or
+# full; a pair's second m-tile of 64 rows or fewer) and one of none, both tile
 # widths, rows gathered by cp.async (0) or X copied first and read by TMA (3), projection 2 paired
 # (waiting for projection 1) or unpaired (overlapping it: its tiles come from a counter).
-PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5
+PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640, 350, 200)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5, 3, 2
 
 
 @pytest.fixture
@@ -391,7 +392,8 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch, hang_guard):
 
 
 def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
-    """128 experts of one m-tile each: every pair's second CTA has no rows."""
+    """128 experts of one m-tile each (about 38 rows): every pair is one m-tile split in halves,
+    most of them with no rows in the second."""
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
@@ -409,6 +411,16 @@ def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch, hang_guard):
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
     monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", "1")
     names = [n for n in kernel_names(600, 768, 16) if "WgKernel<" in n]
+    assert len(names) == 2, names
+    assert sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names) == paired, names
+
+
+@pytest.mark.parametrize("tokens,paired", [(1024, 0), (2048, 1)])
+def test_prefill_cta_pairs_by_default(tokens, paired, monkeypatch, hang_guard):
+    """By default projection 1 runs on CTA pairs from 1024 routed rows an expert on average
+    (k = 8 of 16 experts: 512 and 1024 rows); projection 2, overlapping it, does not."""
+    monkeypatch.delenv("MOEFUSE_CUDA_CTA_PAIRS", raising=False)
+    names = [n for n in kernel_names(tokens, 768, 16) if "WgKernel<" in n]
     assert len(names) == 2, names
     assert sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names) == paired, names
 

@@ -54,6 +54,11 @@ constexpr int kDenseSkinnyRows = 16;
 constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
+// wgmma path, 128-row tiles: CTA pairs that share the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto)
+// from this many routed pairs per active expert on average (8 m-tiles). On an H100, T = 4096 of
+// the Mixtral shape (1024 an expert) took 0.92x-0.98x the time with pairs; fewer rows an expert
+// gained nothing or lost (docs/performance.md, "H100, 2026-12-06 (CTA pairs)").
+constexpr int kCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
 // every 32 rows). On an H200 running the compute_80 code, bfloat16 (docs/performance.md,
@@ -132,8 +137,8 @@ class Kernel {
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
-  bool cta_pairs_ = false;         // MOEFUSE_CUDA_CTA_PAIRS=1: 128-row wgmma tiles on CTA pairs that
-                                   // share the weight tile (Groups::mpairs; experimental)
+  int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1: 128-row wgmma tiles on CTA
+                                   // pairs that share the weight tile (Groups::mpairs; -1 auto)
   int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
@@ -187,7 +192,8 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
-  k->cta_pairs_ = std::string(EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "0")) == "1";
+  const std::string pairs = EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "auto");
+  k->cta_pairs_ = pairs == "1" ? 1 : pairs == "0" ? 0 : -1;
   const std::string narrow = EnvOr("MOEFUSE_CUDA_NARROW", "auto");
   k->narrow_ = narrow == "32" ? 32 : narrow == "64" ? 64 : narrow == "0" ? 0 : -1;
   const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
@@ -442,7 +448,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
-  const bool cta_pairs = cta_pairs_ && rpath == Path::kWgmma && !narrow && !pingpong_;
+  const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
+                         (cta_pairs_ >= 0 ? cta_pairs_ == 1 : CeilDiv64(P, max_active) >= kCtaPairMinRows);
   const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
   const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the

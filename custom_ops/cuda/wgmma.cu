@@ -235,9 +235,12 @@ __device__ __forceinline__ void WgmmaWait() {
 
 struct Tile {
   int e, r0, rows, n;
+  int split = 0;  // CTA pairs: half of a lone m-tile (DecodePairTile)
 };
 
-__device__ __forceinline__ Tile ReadTile(int4 v) { return Tile{v.x, v.y, v.z, v.w}; }
+// A tile as the producer publishes it to the consumers (its split in bit 30 of n).
+__device__ __forceinline__ int4 PackTile(const Tile& t) { return make_int4(t.e, t.r0, t.rows, t.n | (t.split << 30)); }
+__device__ __forceinline__ Tile ReadTile(int4 v) { return Tile{v.x, v.y, v.z, v.w & 0x3FFFFFFF, v.w >> 30}; }
 
 // A consumer's k-block: wait for the stage to fill; its cp.async rows (generic proxy) are then
 // made visible to wgmma (async proxy).
@@ -276,8 +279,10 @@ __device__ __forceinline__ int64_t MTiles(const WgArgs& p) {
 }
 
 // CTA pairs: the tiles' schedule counts m-tile pairs, expert-major as DecodeTile's; the CTA of
-// cluster rank `rank` takes the pair's m-tile `rank`, or no rows where the expert has no such
-// m-tile (its rows are then those of the pair's first, computed and never stored).
+// cluster rank `rank` takes the pair's m-tile `rank`. Where an expert's m-tile count is odd, its
+// last pair is one m-tile split in halves: rows 64 rank .. 64 rank + 63 of it (none where it has
+// fewer rows), so that neither CTA computes a whole tile on rows it never stores (a warpgroup
+// without rows only passes the stages on).
 __device__ __forceinline__ Tile DecodePairTile(const WgArgs& p, int64_t tile, uint32_t rank) {
   const int64_t q0 = tile / p.n_tiles;
   const int4 first = p.g.mpairs[q0];
@@ -286,12 +291,14 @@ __device__ __forceinline__ Tile DecodePairTile(const WgArgs& p, int64_t tile, ui
   const int64_t local = tile - static_cast<int64_t>(p0) * p.n_tiles;
   const int64_t q = p0 + local % pe;
   const int4 pair = q == q0 ? first : p.g.mpairs[q];
-  const int4 info = p.g.mtiles[pair.y + (static_cast<int>(rank) < pair.z ? rank : 0)];
   Tile t;
+  t.split = pair.z == 1;
+  const int4 info = p.g.mtiles[pair.y + (t.split ? 0 : static_cast<int>(rank))];
+  const int skip = t.split ? static_cast<int>(rank) * (kBM / 2) : 0;
   t.n = static_cast<int>(local / pe);
   t.e = pair.x;
-  t.r0 = info.y;
-  t.rows = static_cast<int>(rank) < pair.z ? info.z : 0;
+  t.r0 = info.y + skip;
+  t.rows = t.split ? max(0, min(kBM / 2, info.z - skip)) : info.z;
   return t;
 }
 
@@ -443,7 +450,7 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
   for (; tile < total; ++local) {
     int64_t next = tile + step;
     // published before the tile's first stage completes (the expect_tx arrive below releases it)
-    if (tid == 0) ring.tinfo[local % ring.info_slots] = make_int4(cur.e, cur.r0, cur.rows, cur.n);
+    if (tid == 0) ring.tinfo[local % ring.info_slots] = PackTile(cur);
     const int64_t n0 = static_cast<int64_t>(cur.n) * box_rows;
     const int y1 = static_cast<int>(cur.e * p.b1_rpe + n0);
     const int y2 = static_cast<int>(cur.e * p.b2_rpe + n0);
@@ -583,9 +590,10 @@ __device__ __forceinline__ void WarpgroupSync(int id) {
 }
 
 // Projection 1 (p.ready_signal): consumer warpgroup cw's part of tile t is in H, visible to the GPU.
-// (A CTA pair's tile without rows is not one of the expert's.)
+// Each half of a split m-tile (CTA pairs) signals once, from its CTA's warpgroup 0: two signals, as
+// the two warpgroups of a whole tile give.
 __device__ __forceinline__ void SignalReady(const WgArgs& p, const Tile& t, int cw) {
-  if (!p.ready_signal || t.rows == 0) return;
+  if (!p.ready_signal || (t.split && cw != 0)) return;
   __threadfence();
   WarpgroupSync(1 + cw);
   if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
@@ -705,6 +713,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         MbarWait(full + stage, phase);  // the tile's first stage: its description came before
         const Tile t = ReadTile(tinfo[local % C::kInfo]);
         if (t.e < 0) break;  // the producer's end of a counted schedule
+        if constexpr (Pairs) {
+          if (t.rows <= 64 * cw) {  // no rows for this warpgroup: its stages go straight back
+            for (int kb = 0; kb < nkb; ++kb) {
+              MbarWait(full + stage, phase);
+              if (lane == 0) ReleaseStage(empty + stage, partner);
+              if (++stage == S) {
+                stage = 0;
+                phase ^= 1;
+              }
+            }
+            SignalReady(p, t, cw);
+            continue;
+          }
+        }
         int prev = -1;
         for (int kb = 0; kb < nkb; ++kb) {
           AcquireStage(full + stage, phase);
