@@ -55,9 +55,11 @@ constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
 // wgmma path, 128-row tiles: CTA pairs that share the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto)
-// from this many routed pairs per active expert on average (8 m-tiles). On an H100, T = 4096 of
-// the Mixtral shape (1024 an expert) took 0.92x-0.98x the time with pairs; fewer rows an expert
-// gained nothing or lost (docs/performance.md, "H100, 2026-12-06 (CTA pairs)").
+// from this many routed pairs per active expert on average (8 m-tiles). On an H100 (GPU time,
+// pairs over unpaired; docs/performance.md, "H100, 2026-12-06 (CTA pairs)"): 1024 rows an expert
+// (Mixtral T = 4096) 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64
+// 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in one run; with 64
+// and 256 losing, not taken until it is understood.
 constexpr int kCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
