@@ -338,7 +338,7 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
-# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1, experimental): the two CTAs of a cluster take m-tiles 2j and
+# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; by default from 1024 rows an expert): the two CTAs of a cluster take m-tiles 2j and
 # 2j + 1 of one expert and n-tile, each loading half of the weight tile into both (TMA multicast).
 # Bit for bit the unpaired kernels' output, and the reference's: experts of odd and even m-tile
 # counts (an odd count's last m-tile split in halves of 64 rows, the second half empty, partial or
@@ -410,9 +410,7 @@ def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch, hang_guard):
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
     monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", "1")
-    names = [n for n in kernel_names(600, 768, 16) if "WgKernel<" in n]
-    assert len(names) == 2, names
-    assert sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names) == paired, names
+    assert paired_grouped_gemms(600) == paired
 
 
 @pytest.mark.parametrize("tokens,paired", [(1024, 0), (2048, 1)])
@@ -420,9 +418,14 @@ def test_prefill_cta_pairs_by_default(tokens, paired, monkeypatch, hang_guard):
     """By default projection 1 runs on CTA pairs from 1024 routed rows an expert on average
     (k = 8 of 16 experts: 512 and 1024 rows); projection 2, overlapping it, does not."""
     monkeypatch.delenv("MOEFUSE_CUDA_CTA_PAIRS", raising=False)
+    assert paired_grouped_gemms(tokens) == paired
+
+
+def paired_grouped_gemms(tokens):
+    """How many of a call's two grouped GEMMs (k = 8 of 16 experts, I = 768) run on CTA pairs."""
     names = [n for n in kernel_names(tokens, 768, 16) if "WgKernel<" in n]
     assert len(names) == 2, names
-    assert sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names) == paired, names
+    return sum(bool(re.search(r"WgKernel<[^>]*, true>", n)) for n in names)
 
 
 # The wgmma path's activation rows: by TMA where they are in sorted order (projection 2, the shared

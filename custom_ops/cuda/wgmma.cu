@@ -239,8 +239,12 @@ struct Tile {
 };
 
 // A tile as the producer publishes it to the consumers (its split in bit 30 of n).
-__device__ __forceinline__ int4 PackTile(const Tile& t) { return make_int4(t.e, t.r0, t.rows, t.n | (t.split << 30)); }
-__device__ __forceinline__ Tile ReadTile(int4 v) { return Tile{v.x, v.y, v.z, v.w & 0x3FFFFFFF, v.w >> 30}; }
+__device__ __forceinline__ int4 PackTile(const Tile& t) {
+  return make_int4(t.e, t.r0, t.rows, t.n | (t.split << 30));
+}
+__device__ __forceinline__ Tile ReadTile(int4 v) {
+  return Tile{v.x, v.y, v.z, v.w & 0x3FFFFFFF, v.w >> 30};
+}
 
 // A consumer's k-block: wait for the stage to fill; its cp.async rows (generic proxy) are then
 // made visible to wgmma (async proxy).
