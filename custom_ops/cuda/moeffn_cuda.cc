@@ -58,8 +58,8 @@ constexpr int kGatherMinI = 2048;
 // from this many routed pairs per active expert on average (8 m-tiles). On an H100 (GPU time,
 // pairs over unpaired; docs/performance.md, "H100, 2026-12-06 (CTA pairs)"): 1024 rows an expert
 // (Mixtral T = 4096) 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64
-// 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in one run; with 64
-// and 256 losing, not taken until it is understood.
+// 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in the last run
+// (Qwen3 0.97x-0.98x in the one before); with 64 and 256 losing, not taken until it is understood.
 constexpr int kCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
