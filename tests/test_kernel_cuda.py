@@ -338,13 +338,13 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
-# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; by default from 1024 rows an expert): the two CTAs of a cluster take m-tiles 2j and
-# 2j + 1 of one expert and n-tile, each loading half of the weight tile into both (TMA multicast).
-# Bit for bit the unpaired kernels' output, and the reference's: experts of odd and even m-tile
-# counts (an odd count's last m-tile split in halves of 64 rows, the second half empty, partial or
-# full; a pair's second m-tile of 64 rows or fewer) and one of none, both tile
-# widths, rows gathered by cp.async (0) or X copied first and read by TMA (3), projection 2 paired
-# (waiting for projection 1) or unpaired (overlapping it: its tiles come from a counter).
+# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; by default from 1024 rows an expert): the two CTAs of a
+# cluster take m-tiles 2j and 2j + 1 of one expert and n-tile, each loading half of the weight tile
+# into both (TMA multicast). Bit for bit the unpaired kernels' output, and the reference's: experts
+# of odd and even m-tile counts (an odd count's last m-tile split in halves of 64 rows, the second
+# half empty, partial or full; a pair's second m-tile of 64 rows or fewer) and one of none, both
+# tile widths, rows gathered by cp.async (0) or X copied first and read by TMA (3), projection 2
+# paired (waiting for projection 1) or unpaired (overlapping it: its tiles come from a counter).
 PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640, 350, 200)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5, 3, 2
 
 

@@ -284,6 +284,16 @@ __device__ __forceinline__ void RedRelease(int* p, int v) {
 // Launch with the programmatic-stream-serialization attribute when enabled (launch.cu).
 bool UsePdl();
 
+// Blocks in clusters of cluster_x along x (a launch's, or an occupancy query's, attribute).
+inline cudaLaunchAttribute ClusterAttribute(unsigned cluster_x) {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = cluster_x;
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+  return a;
+}
+
 // LaunchOnClusters: blocks in clusters of cluster_x along x (grid.x a multiple of it).
 template <typename Kernel, typename... Args>
 cudaError_t LaunchOnClusters(unsigned cluster_x, Kernel kernel, dim3 grid, dim3 block, size_t smem,
@@ -299,12 +309,7 @@ cudaError_t LaunchOnClusters(unsigned cluster_x, Kernel kernel, dim3 grid, dim3 
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster_x > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster_x;
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
+  if (cluster_x > 1) attr[n++] = ClusterAttribute(cluster_x);
   cfg.attrs = n ? attr : nullptr;
   cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);

@@ -79,8 +79,8 @@ struct SortParams {
   int* num_active = nullptr;   // [1]
   int4* mtiles = nullptr;      // [max m-tiles] (expert, first sorted row, rows, 0) of m-tile i
   int64_t max_tiles = 0;       // capacity of mtiles
-  // Optional (wgmma path, MOEFUSE_CUDA_CTA_PAIRS=1): an expert's m-tiles two by two, for the two
-  // CTAs of a cluster that share the weight tile (Groups::mpairs).
+  // Optional (wgmma path, CTA pairs: MOEFUSE_CUDA_CTA_PAIRS): an expert's m-tiles two by two, for
+  // the two CTAs of a cluster that share the weight tile (Groups::mpairs).
   int* mpair_prefix = nullptr;  // [E+1] m-tile pairs of the experts before e
   int4* mpairs = nullptr;       // [max_tiles] (expert, its first m-tile's index in mtiles, m-tiles: 1 or 2, 0)
   int* sorted_row = nullptr;   // [T*K] token of each sorted row

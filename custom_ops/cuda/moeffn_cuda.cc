@@ -418,6 +418,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     return few ? Path::kSkinny : grouped;
   };
   const int64_t max_active = std::min<int64_t>(E, P);
+  const int64_t per_expert = CeilDiv64(P, max_active);  // routed rows per active expert, on average
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
   // decode on Hopper, opt-in: both projections in one kernel (calls of few pairs: one pass of tokens)
@@ -439,19 +440,18 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const size_t o_srow = cv.Add(P * 4), o_sw = cv.Add(P * 4), o_pos = cv.Add(P * 4);
   int narrow = 0;  // wgmma: m-tile rows of the narrow tiles, 0 = 128-row tiles
   if (rpath == Path::kWgmma) {
-    const int64_t per_expert = CeilDiv64(P, max_active);
     narrow = narrow_ >= 0 ? narrow_ : per_expert <= kNarrow32Rows ? 32 : per_expert <= kNarrow64Rows ? 64 : 0;
   }
   // m-tile rows of the grouped GEMM schedule
   const int bm = rpath == Path::kSimt  ? 64
-                 : rpath == Path::kMma ? MmaTileRows(CeilDiv64(P, max_active))
+                 : rpath == Path::kMma ? MmaTileRows(per_expert)
                  : narrow              ? narrow
                                        : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
   // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
   const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
-                         (cta_pairs_ >= 0 ? cta_pairs_ == 1 : CeilDiv64(P, max_active) >= kCtaPairMinRows);
+                         (cta_pairs_ >= 0 ? cta_pairs_ == 1 : per_expert >= kCtaPairMinRows);
   const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
   const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
@@ -742,7 +742,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.max_tiles = max_tiles;
     g.mpair_prefix = s.mpair_prefix;
     g.mpairs = s.mpairs;
-    g.est_tiles = max_active * CeilDiv64(CeilDiv64(P, max_active), 128);
+    g.est_tiles = max_active * CeilDiv64(per_expert, 128);
     g.tile_rows = bm;
     g.order_n = order_n_;
     if (overlap) {

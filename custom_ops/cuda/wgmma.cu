@@ -988,11 +988,7 @@ int64_t ResidentPairs(Kernel kernel, int smem, int num_sms, std::atomic<int>* pe
   cfg.gridDim = dim3(static_cast<unsigned>(num_sms & ~1));
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[1] = {ClusterAttribute(2)};
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int n = 0;
@@ -1037,8 +1033,6 @@ cudaError_t Dispatch(DType t, int bn, bool pingpong, const TmaMaps& m,
                      const WgArgs& a, int64_t tiles_ub, int num_sms, cudaStream_t stream) {
   // the ping-pong epilogue's 16-byte stores (the tensor-core paths take only such sizes)
   if (pingpong && bn == 128 && (a.N % 8 != 0 || a.ldo % 8 != 0)) return cudaErrorInvalidValue;
-  if (a.cta_pairs && (pingpong || a.next_tile || !a.expert_major || a.g.dense_rows >= 0 || !a.g.mpairs))
-    return cudaErrorInvalidValue;
   return t == DType::kBF16 ? DispatchT<__nv_bfloat16>(bn, pingpong, m, a, tiles_ub, num_sms, stream)
                            : DispatchT<__half>(bn, pingpong, m, a, tiles_ub, num_sms, stream);
 }
