@@ -391,6 +391,30 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch, hang_guard):
     assert_pairs_change_nothing(attrs, inputs, f"bn {bn}, rows {rows}, overlap {overlap}", monkeypatch)
 
 
+@pytest.mark.parametrize("rows", ["0", "3"])
+@pytest.mark.parametrize("bn", ["128", "256"])
+def test_prefill_first_projection_counter(bn, rows, monkeypatch, hang_guard):
+    """Projection 1's tiles taken from a counter (experimental MOEFUSE_CUDA_P1_COUNTER=1): the
+    reference's output, bit for bit that of the static schedule."""
+    for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
+                       ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_CTA_PAIRS", "0")):
+        monkeypatch.setenv(key, value)
+    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
+    hidden, inter, experts = 200, 264, len(PAIR_COUNTS)
+    ids = np.repeat(np.arange(experts), PAIR_COUNTS)
+    tokens = ids.size // 2
+    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
+    inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
+    model = make_moeffn_model(attrs, inputs)
+    outs = {}
+    for counter in ("0", "1"):
+        monkeypatch.setenv("MOEFUSE_CUDA_P1_COUNTER", counter)
+        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
+        close(got, moeffn(attrs, **inputs), BF16, f"bn {bn}, rows {rows}, counter {counter}")
+        outs[counter] = f32(got)
+    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=f"bn {bn}, rows {rows}")
+
+
 def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
     """128 experts of one m-tile each (about 38 rows): every pair is one m-tile split in halves,
     most of them with no rows in the second."""
@@ -603,6 +627,7 @@ ONE_TOKEN = [
     ("sigmoid_norm_ungated", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh",
                                   routed_scaling_factor=1.5), dict(experts=64, hidden=200, inter=264)),
     ("k32_e256", dict(k=32), dict(experts=256, hidden=128, inter=64)),
+    ("k8_d2048_i768", dict(k=8), dict(experts=16, hidden=2048, inter=768)),  # Qwen3-30B-A3B's D and I
     ("one_kernel_decode", dict(k=8), dict(experts=128, hidden=256, inter=96, decode="fused")),
     ("groups_keep_passes", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
      dict(experts=128, hidden=128, inter=64)),
@@ -626,6 +651,9 @@ ONE_TOKEN_FORMS = {
     "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
     "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
+    # experimental: projection 1's loads all at once (D <= 2048), projection 2 staged (I % 64 == 0)
+    "wide": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "wide"},
+    "wide2": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "wide2"},
 }
 
 

@@ -162,6 +162,7 @@ struct Gemm1Params {
   bool rows_by_tma = true;  // wgmma path: A's rows by TMA where they are the sorted rows (no row_map)
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
+  int* next_tile = nullptr;  // wgmma: tiles taken from this zeroed counter (experimental)
 };
 
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
@@ -206,6 +207,7 @@ struct OneTokenParams {
   Gemm1Params p1;  // A = X [1, D]
   Gemm2Params p2;  // H = p1.H; out unused
   int weight_on_input = 0;
+  int wide = 0;  // 1: projection 1's weights requested at once a warp; 2: and projection 2's staged
   const void* shared = nullptr;  // [1, D] shared expert output or null
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null

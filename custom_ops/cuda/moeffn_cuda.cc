@@ -149,6 +149,11 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
+  bool p1_counter_ = false;        // MOEFUSE_CUDA_P1_COUNTER=1: projection 1's wgmma tiles taken
+                                   // from a counter (experimental)
+  int one_token_wide_ = 0;         // MOEFUSE_CUDA_ONE_TOKEN=wide: ... with each warp's weights of
+                                   // projection 1 requested at once; wide2: and projection 2's
+                                   // staged in shared memory (experimental)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
@@ -187,6 +192,9 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
+  k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "0")) == "1";
+  const std::string one_token = EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1");
+  k->one_token_wide_ = one_token == "wide" ? 1 : one_token == "wide2" ? 2 : 0;
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -464,7 +472,11 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                     SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
   // tile counter and per-expert counts
-  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap ? static_cast<int>(1 + E) : 0;
+  // (and, MOEFUSE_CUDA_P1_COUNTER=1, projection 1's tile counter after them)
+  const bool p1_counter = p1_counter_ && overlap && rpath == Path::kWgmma && !narrow && !pingpong_;
+  const int sync_count = fused_decode ? static_cast<int>(1 + max_active)
+                         : overlap    ? static_cast<int>(1 + E + (p1_counter ? 1 : 0))
+                                      : 0;
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
@@ -711,6 +723,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
+    op.wide = one_token_wide_;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
@@ -763,6 +776,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.H = at(o_h);
     g1.bn = bn_;
     g1.pingpong = pingpong_;
+    if (p1_counter) g1.next_tile = s.zero + 1 + E;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);

@@ -1167,6 +1167,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   a.bias2_es = p.w.bu_es;
   a.bias2_us = p.w.bu_us;
   a.ready_signal = p.g.ready;
+  a.next_tile = p.next_tile;
   if (p.g.ready && p.g.tile_rows == kBM && p.pingpong) return cudaErrorInvalidValue;
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? 0 : FirstProjBn(p, num_sms);
