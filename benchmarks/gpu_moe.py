@@ -329,7 +329,6 @@ VARIANTS = {
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0"},
-    "p1counter": {"MOEFUSE_CUDA_P1_COUNTER": "1"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -340,6 +339,7 @@ VARIANT_PREFIXES = [
     ("tmarows", "MOEFUSE_CUDA_TMA_ROWS", None),
     ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
     ("ctapairs", "MOEFUSE_CUDA_CTA_PAIRS", "1"),
+    ("p1counter", "MOEFUSE_CUDA_P1_COUNTER", "1"),
 ]
 
 
@@ -399,8 +399,8 @@ def main():
                     "ctapairs, ctapairs0 (MOEFUSE_CUDA_CTA_PAIRS=1 or 0: 128-row tiles on CTA pairs sharing the weight tile, or never; default automatic), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
-                    "onetokenwide, onetokenwide2 (experimental one-token loads), p1counter (MOEFUSE_CUDA_P1_COUNTER=1: "
-                    "projection 1's tiles from a counter, experimental), "
+                    "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
+                    "not taken from a counter), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

@@ -394,8 +394,8 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch, hang_guard):
 @pytest.mark.parametrize("rows", ["0", "3"])
 @pytest.mark.parametrize("bn", ["128", "256"])
 def test_prefill_first_projection_counter(bn, rows, monkeypatch, hang_guard):
-    """Projection 1's tiles taken from a counter (experimental MOEFUSE_CUDA_P1_COUNTER=1): the
-    reference's output, bit for bit that of the static schedule."""
+    """Projection 1's tiles taken from a counter (the default) and assigned statically
+    (MOEFUSE_CUDA_P1_COUNTER=0): the reference's output, bit for bit the same."""
     for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
                        ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_CTA_PAIRS", "0")):
         monkeypatch.setenv(key, value)
@@ -437,11 +437,13 @@ def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch, hang_guard):
     assert paired_grouped_gemms(600) == paired
 
 
-@pytest.mark.parametrize("tokens,paired", [(1024, 0), (2048, 1)])
-def test_prefill_cta_pairs_by_default(tokens, paired, monkeypatch, hang_guard):
-    """By default projection 1 runs on CTA pairs from 1024 routed rows an expert on average
-    (k = 8 of 16 experts: 512 and 1024 rows); projection 2, overlapping it, does not."""
+@pytest.mark.parametrize("counter,tokens,paired", [("0", 1024, 0), ("0", 2048, 1), ("1", 2048, 0)])
+def test_prefill_cta_pairs_by_default(counter, tokens, paired, monkeypatch, hang_guard):
+    """With projection 1's tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0) it runs on CTA
+    pairs from 1024 routed rows an expert on average (k = 8 of 16 experts: 512 and 1024 rows);
+    projection 2, overlapping it, does not. By default (tiles from a counter) neither does."""
     monkeypatch.delenv("MOEFUSE_CUDA_CTA_PAIRS", raising=False)
+    monkeypatch.setenv("MOEFUSE_CUDA_P1_COUNTER", counter)
     assert paired_grouped_gemms(tokens) == paired
 
 
@@ -627,7 +629,9 @@ ONE_TOKEN = [
     ("sigmoid_norm_ungated", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh",
                                   routed_scaling_factor=1.5), dict(experts=64, hidden=200, inter=264)),
     ("k32_e256", dict(k=32), dict(experts=256, hidden=128, inter=64)),
-    ("k8_d2048_i768", dict(k=8), dict(experts=16, hidden=2048, inter=768)),  # Qwen3-30B-A3B's D and I
+    # Qwen3-30B-A3B's D and I (projection 1's loads all at once, D <= 2048), and D past 2048 (in batches)
+    ("k8_d2048_i768", dict(k=8), dict(experts=16, hidden=2048, inter=768)),
+    ("k4_d2304_i128", dict(k=4), dict(experts=16, hidden=2304, inter=128)),
     ("one_kernel_decode", dict(k=8), dict(experts=128, hidden=256, inter=96, decode="fused")),
     ("groups_keep_passes", dict(k=8, routing="sigmoid_topk", n_group=8, topk_group=3),
      dict(experts=128, hidden=128, inter=64)),
@@ -651,9 +655,6 @@ ONE_TOKEN_FORMS = {
     "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
     "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
-    # experimental: projection 1's loads all at once (D <= 2048), projection 2 staged (I % 64 == 0)
-    "wide": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "wide"},
-    "wide2": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "wide2"},
 }
 
 

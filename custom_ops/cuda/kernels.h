@@ -207,7 +207,6 @@ struct OneTokenParams {
   Gemm1Params p1;  // A = X [1, D]
   Gemm2Params p2;  // H = p1.H; out unused
   int weight_on_input = 0;
-  int wide = 0;  // 1: projection 1's weights requested at once a warp; 2: and projection 2's staged
   const void* shared = nullptr;  // [1, D] shared expert output or null
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null

@@ -149,11 +149,8 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
-  bool p1_counter_ = false;        // MOEFUSE_CUDA_P1_COUNTER=1: projection 1's wgmma tiles taken
-                                   // from a counter (experimental)
-  int one_token_wide_ = 0;         // MOEFUSE_CUDA_ONE_TOKEN=wide: ... with each warp's weights of
-                                   // projection 1 requested at once; wide2: and projection 2's
-                                   // staged in shared memory (experimental)
+  bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
+                                   // assigned statically (else taken from a counter)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
                                    // on Hopper (experimental: not faster, docs/performance.md)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
@@ -192,9 +189,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
-  k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "0")) == "1";
-  const std::string one_token = EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1");
-  k->one_token_wide_ = one_token == "wide" ? 1 : one_token == "wide2" ? 2 : 0;
+  k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -457,11 +452,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                                        : 128;
   const int64_t max_tiles = P / bm + std::min<int64_t>(E, P);
   const size_t o_mt = cv.Add(static_cast<size_t>(max_tiles) * 16);
-  // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
-  const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
-                         (cta_pairs_ >= 0 ? cta_pairs_ == 1 : per_expert >= kCtaPairMinRows);
-  const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
-  const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // Projection 2 starts per expert as projection 1 finishes it: on the wgmma path (not with the
   // ping-pong schedule of 128-row tiles), and on the skinny path's two kernels where projection 2
   // is launched before projection 1 ends (programmatic dependent launch) and projection 1 takes
@@ -470,13 +460,19 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
       overlap_ && ((rpath == Path::kWgmma && (narrow || !pingpong_)) ||
                    (rpath == Path::kSkinny && !fused_decode && pdl &&
                     SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
+  // Projection 1's 128-row tiles taken from a counter, so that the CTAs sharing an expert's
+  // weight tile start it together (static strides drift apart: 1.38 GB of DRAM reads for its 805
+  // MB of weights at Qwen3 T = 4096); not on CTA pairs, whose clusters take their tiles statically.
+  const bool p1_counter = p1_counter_ && rpath == Path::kWgmma && !narrow && !pingpong_ && cta_pairs_ != 1;
+  // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
+  const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
+                         (cta_pairs_ == 1 || (cta_pairs_ < 0 && !p1_counter && per_expert >= kCtaPairMinRows));
+  const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
+  const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
-  // tile counter and per-expert counts
-  // (and, MOEFUSE_CUDA_P1_COUNTER=1, projection 1's tile counter after them)
-  const bool p1_counter = p1_counter_ && overlap && rpath == Path::kWgmma && !narrow && !pingpong_;
-  const int sync_count = fused_decode ? static_cast<int>(1 + max_active)
-                         : overlap    ? static_cast<int>(1 + E + (p1_counter ? 1 : 0))
-                                      : 0;
+  // tile counter and per-expert counts, then projection 1's tile counter
+  const int overlap_ints = overlap ? static_cast<int>(1 + E) : 0;
+  const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap_ints + (p1_counter ? 1 : 0);
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
@@ -723,7 +719,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
-    op.wide = one_token_wide_;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
@@ -776,7 +771,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g1.H = at(o_h);
     g1.bn = bn_;
     g1.pingpong = pingpong_;
-    if (p1_counter) g1.next_tile = s.zero + 1 + E;
+    if (p1_counter) g1.next_tile = s.zero + overlap_ints;
     Gemm2Params g2;
     g2.dtype = dt;
     g2.D = static_cast<int>(D);

@@ -427,10 +427,11 @@ struct AfterGrid {
   __device__ __forceinline__ void operator()() const { GridDepWait(); }
 };
 
-// One-token projection 1 with each warp's weights requested at once (Wide): its quarter of K,
-// at most kWideBatch k-blocks of its two weight rows (16 KiB a warp: the block's whole tile), the
-// token's values from shared memory. Every lane multiplies the token (MMA column g is token g, so
-// columns 1-7 repeat column 0 and are never stored).
+// One-token projection 1 with each warp's weights requested at once (Wide, where D <= 2048): its
+// quarter of K, at most kWideBatch k-blocks of its two weight rows (16 KiB a warp: the block's
+// whole tile; in batches of 8 k-blocks, a round trip each, Qwen3-30B-A3B's T = 1 took 1.07x
+// longer on an H100), the token's values from shared memory. The MMA's column 0 is the token; the
+// other columns get zeros, as in MainLoop.
 constexpr int kWideBatch = 16;
 constexpr int kWideMaxD = kWarps * kWideBatch * 32;
 
@@ -440,6 +441,7 @@ template <typename T>
 __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* wb, const T* xs, int K,
                                          int kb0, int kb1, int rows) {
   const int t = threadIdx.x & 3;
+  const bool token = (threadIdx.x & 31) < 4;  // MMA column 0: the token (g = 0)
   const bool has_a = wa != nullptr, has_b = wb != nullptr;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // one base address a row and immediate offsets, rather than a pointer a load
@@ -456,13 +458,14 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
 #pragma unroll
   for (int u = 0; u < kWideBatch; ++u) {
     const int k = (kb0 + u) * 32 + t * 8;
-    const uint4 x = kb0 + u < kb1 && k < K ? *reinterpret_cast<const uint4*>(xs + k) : zero;
+    const uint4 x = token && kb0 + u < kb1 && k < K ? *reinterpret_cast<const uint4*>(xs + k) : zero;
     MmaK32<T>(acc, a[u], b[u], x);
   }
 }
 
 // Projection 1: block (tile, j) takes pick j's expert. Wide: the token's row is copied to shared
-// memory as the block starts (before the routing) and each warp requests its weights at once.
+// memory as the block starts (before the routing) and each warp requests its weights at once
+// (WideLoop); else MainLoop's batches.
 template <typename T, int M, bool Wide>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
@@ -508,44 +511,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
 // Projection 2 and the combine: block `tile` computes output features tile*16 .. tile*16+15, warp
 // i for picks i, i + kOneTokenWarps, ...; a warp's first weight loads of a pick are in flight
 // before it waits for projection 1.
-//
-// Staged (MOEFUSE_CUDA_ONE_TOKEN=wide2, experimental): each warp copies its pick's 16 weight rows
-// into shared memory by cp.async as soon as it knows the pick (24 KiB at I = 768, all in flight at
-// once rather than in batches of 8 k-blocks, a round trip each), and after projection 1 its row of
-// H; the MMAs read both from there. A row's 16-byte chunks are swizzled (chunk c of row r at
-// c ^ (r & 7)) so that the fragment reads spread over the banks. Needs I % 64 == 0.
-__host__ __device__ constexpr int StagedSmem(int I) { return kOneTokenWarps * (16 + 1) * I * 2; }
-constexpr int kStagedMaxSmem = 200 * 1024;
-
-template <typename T>
-__device__ __forceinline__ void StagedPick(float (&acc)[4], const Gemm2Params& q, int e, int tile, int j,
-                                           T* ws, T* hs) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, I = q.I, chunks = I / 8;
-  for (int i = lane; i < 16 * chunks; i += 32) {
-    const int r = i / chunks, c = i - r * chunks;
-    const T* row = Tile2Row<T>(q, e, tile, r);
-    CpAsync16(ws + (r * chunks + (c ^ (r & 7))) * 8, row ? row + c * 8 : static_cast<const T*>(q.H), row ? 16 : 0);
-  }
-  asm volatile("cp.async.commit_group;" ::: "memory");
-  GridDepWait();  // H of projection 1 (cp.async.cg reads it through L2)
-  const T* h = static_cast<const T*>(q.H) + static_cast<int64_t>(j) * I;
-  for (int c = lane; c < chunks; c += 32) CpAsync16(hs + c * 8, h + c * 8, 16);
-  asm volatile("cp.async.commit_group;\n\tcp.async.wait_all;" ::: "memory");
-  __syncwarp();
-  const uint4* w4 = reinterpret_cast<const uint4*>(ws);
-  const uint4* h4 = reinterpret_cast<const uint4*>(hs);
-#pragma unroll 4
-  for (int kb = 0; kb < I / 32; ++kb) {
-    const int c = kb * 4 + t;
-    MmaK32<T>(acc, w4[g * chunks + (c ^ g)], w4[(g + 8) * chunks + (c ^ g)], h4[c]);
-  }
-  __syncwarp();  // the warp's buffers are refilled by its next pick
-}
-
-template <typename T, int M, bool Staged>
+template <typename T, int M>
 __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTokenParams p) {
   static_assert(sizeof(T) == 2, "16-bit types");
-  extern __shared__ __align__(16) uint8_t staged[];
   GridDepLaunch();
   __shared__ routing::RankScratch rank;
   __shared__ uint16_t logits[routing::kCachedMaxExperts], sel_bias[routing::kCachedMaxExperts];
@@ -575,16 +543,11 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
     const T* wa = Tile2Row<T>(q, s.e, tile, g);
     const T* wb = Tile2Row<T>(q, s.e, tile, g + 8);
     const float2 bias = Bias2<T>(q, s, 0, da, db);
+    const T* brow[kNT];
+    const int ntiles = s.rows;
+    HRows<T>(q, s, 0, ntiles, brow);
     float acc[kNT][4] = {};
-    if constexpr (Staged) {
-      T* ws = reinterpret_cast<T*>(staged) + (threadIdx.x >> 5) * 17 * q.I;
-      StagedPick<T>(acc[0], q, s.e, tile, j, ws, ws + 16 * q.I);
-    } else {
-      const T* brow[kNT];
-      const int ntiles = s.rows;
-      HRows<T>(q, s, 0, ntiles, brow);
-      MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32, AfterGrid{});
-    }
+    MainLoop<T, true, true, true>(acc, wa, wb, brow, ntiles, q.I, 0, (q.I + 31) / 32, AfterGrid{});
     if ((lane & 3) == 0) {  // the token is MMA column 0: c = 0 of rows g and g + 8
       part[j][g] = acc[0][0] + bias.x;
       part[j][g + 8] = acc[0][2] + bias.y;
@@ -918,19 +881,12 @@ cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
   const bool gated = p.p1.w.up != nullptr;
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
-  const bool wide = p.wide && p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 &&
-                    (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
+  const bool wide = p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
   cudaError_t e = wide
                       ? Launch(OneTokenGemm1Kernel<T, M, true>, grid1, dim3(kWarps * 32), 0, stream, p)
                       : Launch(OneTokenGemm1Kernel<T, M, false>, grid1, dim3(kWarps * 32), 0, stream, p);
   if (e) return e;
-  if (p.wide == 2 && p.p2.I % 64 == 0 && StagedSmem(p.p2.I) <= kStagedMaxSmem) {
-    static std::atomic<uint64_t> smem_set{0};
-    const int bytes = StagedSmem(p.p2.I);
-    if ((e = AllowDynamicSmem(OneTokenGemm2Kernel<T, M, true>, bytes, smem_set))) return e;
-    return Launch(OneTokenGemm2Kernel<T, M, true>, grid2, dim3(kOneTokenWarps * 32), bytes, stream, p);
-  }
-  return Launch(OneTokenGemm2Kernel<T, M, false>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
+  return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }
 
 template <typename T>
