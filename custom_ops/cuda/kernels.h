@@ -201,7 +201,8 @@ int SkinnyGemm2Splits(int64_t D, int64_t I, int64_t slots, int num_sms);
 // with D <= 3072 and projection 2 taken by a warp per weight tile (I < 1024, unsplit), in two
 // kernels where the skinny path runs four (routing, projections 1 and 2, combine): every block of
 // both ranks the token's experts itself, and projection 2 sums the picks' outputs into Y as the
-// combine does (bit for bit the four kernels' output). p1.H holds pick j's row at row j.
+// combine does (the four kernels' output; docs/runtime.md on bit for bit). p1.H holds pick j's
+// row at row j.
 struct OneTokenParams {
   RouteParams r;   // routing of the one token (outputs unused)
   Gemm1Params p1;  // A = X [1, D]

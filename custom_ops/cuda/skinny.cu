@@ -416,10 +416,11 @@ __global__ void __launch_bounds__(kWarps * 32) Gemm2WarpKernel(Gemm2Params p) {
 // (RouteTokenByRank; the logits are an input, so no block waits for another kernel to learn its
 // expert), and each block of projection 2 computes 16 output features for all k picks, then sums
 // them with the routing weights, and adds the shared expert's, as the combine does: the output is
-// bit for bit that of the four kernels. Pick j's row of H is row j. Projection 2 reads H after all
-// of projection 1 (griddepcontrol.wait), its warps' first weights already requested: starting each
-// pick once its blocks of projection 1 were done (counters, cleared by a memset first) was 5%
-// slower on an H100 at (2048, 768, 128, 8) (docs/performance.md).
+// that of the four kernels (bit for bit in the tests' small cases; docs/runtime.md). Pick j's row
+// of H is row j. Projection 2 reads H after all of projection 1 (griddepcontrol.wait), its warps'
+// first weights already requested: starting each pick once its blocks of projection 1 were done
+// (counters, cleared by a memset first) was 5% slower on an H100 at (2048, 768, 128, 8)
+// (docs/performance.md).
 constexpr int kOneTokenWarps = 8;  // projection 2's warps, a pick each at a time; 256 threads, as the combine
 
 // MainLoop's wait before the first row of H: all of projection 1.
