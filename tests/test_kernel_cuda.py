@@ -363,16 +363,28 @@ def hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
-def assert_pairs_change_nothing(attrs, inputs, name, monkeypatch):
-    """The output with CTA pairs and without: each against the reference, and bit for bit."""
+def assert_switch_changes_nothing(attrs, inputs, name, monkeypatch, switch="MOEFUSE_CUDA_CTA_PAIRS"):
+    """The output with `switch` at 0 and at 1 (CTA pairs, or projection 1's tile counter): each
+    against the reference, and bit for bit."""
     model = make_moeffn_model(attrs, inputs)
     outs = {}
-    for pairs in ("0", "1"):
-        monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
+    for value in ("0", "1"):
+        monkeypatch.setenv(switch, value)
         got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
-        close(got, moeffn(attrs, **inputs), BF16, f"{name}, CTA pairs {pairs}")
-        outs[pairs] = f32(got)
+        close(got, moeffn(attrs, **inputs), BF16, f"{name}, {switch}={value}")
+        outs[value] = f32(got)
     np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=name)
+
+
+def pair_count_inputs():
+    """A k = 2 call with precomputed picks whose experts get PAIR_COUNTS rows each."""
+    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
+    hidden, inter, experts = 200, 264, len(PAIR_COUNTS)
+    ids = np.repeat(np.arange(experts), PAIR_COUNTS)  # sorted: a token's two halves differ
+    tokens = ids.size // 2
+    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
+    inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
+    return attrs, inputs
 
 
 @pytest.mark.parametrize("overlap", ["0", "1"])
@@ -382,13 +394,8 @@ def test_prefill_cta_pairs(bn, rows, overlap, monkeypatch, hang_guard):
     for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
                        ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_OVERLAP", overlap)):
         monkeypatch.setenv(key, value)
-    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
-    hidden, inter, experts = 200, 264, len(PAIR_COUNTS)
-    ids = np.repeat(np.arange(experts), PAIR_COUNTS)  # sorted: a token's two halves differ
-    tokens = ids.size // 2
-    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
-    inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
-    assert_pairs_change_nothing(attrs, inputs, f"bn {bn}, rows {rows}, overlap {overlap}", monkeypatch)
+    attrs, inputs = pair_count_inputs()
+    assert_switch_changes_nothing(attrs, inputs, f"bn {bn}, rows {rows}, overlap {overlap}", monkeypatch)
 
 
 @pytest.mark.parametrize("rows", ["0", "3"])
@@ -399,20 +406,8 @@ def test_prefill_first_projection_counter(bn, rows, monkeypatch, hang_guard):
     for key, value in (("MOEFUSE_CUDA_NARROW", "0"), ("MOEFUSE_CUDA_BN", bn), ("MOEFUSE_CUDA_PATH", "prefill"),
                        ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_CTA_PAIRS", "0")):
         monkeypatch.setenv(key, value)
-    attrs, _, _ = case("precomputed", "swiglu_interleaved", k=2)
-    hidden, inter, experts = 200, 264, len(PAIR_COUNTS)
-    ids = np.repeat(np.arange(experts), PAIR_COUNTS)
-    tokens = ids.size // 2
-    inputs = random_inputs(attrs, tokens, hidden, inter, experts, biases=True, dtype=BF16, seed=8)
-    inputs["topk_ids"] = np.stack([ids[:tokens], ids[tokens:]], axis=1).astype(np.int64)
-    model = make_moeffn_model(attrs, inputs)
-    outs = {}
-    for counter in ("0", "1"):
-        monkeypatch.setenv("MOEFUSE_CUDA_P1_COUNTER", counter)
-        got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
-        close(got, moeffn(attrs, **inputs), BF16, f"bn {bn}, rows {rows}, counter {counter}")
-        outs[counter] = f32(got)
-    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=f"bn {bn}, rows {rows}")
+    attrs, inputs = pair_count_inputs()
+    assert_switch_changes_nothing(attrs, inputs, f"bn {bn}, rows {rows}", monkeypatch, "MOEFUSE_CUDA_P1_COUNTER")
 
 
 def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
@@ -423,7 +418,7 @@ def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", "0")
     attrs = MoEFFNAttrs(k=8)
     inputs = random_inputs(attrs, 600, 512, 768, 128, biases=True, dtype=BF16, seed=21)
-    assert_pairs_change_nothing(attrs, inputs, "128 one-tile experts", monkeypatch)
+    assert_switch_changes_nothing(attrs, inputs, "128 one-tile experts", monkeypatch)
 
 
 @pytest.mark.parametrize("overlap,paired", [("0", 2), ("1", 1)])
