@@ -624,6 +624,8 @@ ONE_TOKEN = [
     ("sigmoid_norm_ungated", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh",
                                   routed_scaling_factor=1.5), dict(experts=64, hidden=200, inter=264)),
     ("k32_e256", dict(k=32), dict(experts=256, hidden=128, inter=64)),
+    ("ungated_odd_tiles", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh"),
+     dict(experts=64, hidden=256, inter=264)),  # 17 tiles: two_tiles' last block has one
     # Qwen3-30B-A3B's D and I (projection 1's loads all at once, D <= 2048), and D past 2048 (in
     # batches). Each form matched the reference here on an H100, but not always each other bit for
     # bit: 1 output of 2048-2304 one 16-bit ulp apart (seed 13; k4_d2304 in both types, k8_d2048 in
@@ -655,6 +657,8 @@ ONE_TOKEN_FORMS = {
     "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
     "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
+    # experimental: projection 1 two weight tiles a block (where D <= 2048 and D % 64 == 0)
+    "two_tiles": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "twotiles"},
 }
 
 

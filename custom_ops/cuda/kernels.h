@@ -208,6 +208,7 @@ struct OneTokenParams {
   Gemm1Params p1;  // A = X [1, D]
   Gemm2Params p2;  // H = p1.H; out unused
   int weight_on_input = 0;
+  bool two_tiles = false;  // projection 1 two weight tiles a block (MOEFUSE_CUDA_ONE_TOKEN=twotiles)
   const void* shared = nullptr;  // [1, D] shared expert output or null
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null

@@ -149,6 +149,8 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
+  bool one_token_two_tiles_ = false;  // MOEFUSE_CUDA_ONE_TOKEN=twotiles: ... with two weight tiles
+                                      // a block of projection 1 (experimental)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
                                    // assigned statically (else taken from a counter)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
@@ -189,6 +191,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
+  k->one_token_two_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) == "twotiles";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
@@ -719,6 +722,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
+    op.two_tiles = one_token_two_tiles_;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {

@@ -442,7 +442,7 @@ template <typename T>
 __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* wb, const T* xs, int K,
                                          int kb0, int kb1, int rows) {
   const int t = threadIdx.x & 3;
-  const bool token = (threadIdx.x & 31) < 4;  // MMA column 0: the token (g = 0)
+  const unsigned token = (threadIdx.x & 31) < 4 ? ~0u : 0u;  // MMA column 0 is the token (g = 0)
   const bool has_a = wa != nullptr, has_b = wb != nullptr;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // one base address a row and immediate offsets, rather than a pointer a load
@@ -459,24 +459,81 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
 #pragma unroll
   for (int u = 0; u < kWideBatch; ++u) {
     const int k = (kb0 + u) * 32 + t * 8;
-    const uint4 x = token && kb0 + u < kb1 && k < K ? *reinterpret_cast<const uint4*>(xs + k) : zero;
+    uint4 x = kb0 + u < kb1 && k < K ? *reinterpret_cast<const uint4*>(xs + k) : zero;
+    x.x &= token;  // (a mask, not a test: the test's predicates cost registers)
+    x.y &= token;
+    x.z &= token;
+    x.w &= token;
     MmaK32<T>(acc, a[u], b[u], x);
   }
 }
 
-// Projection 1: block (tile, j) takes pick j's expert. Wide: the token's row is copied to shared
-// memory as the block starts (before the routing) and each warp requests its weights at once
-// (WideLoop); else MainLoop's batches.
-template <typename T, int M, bool Wide>
+// Projection 1's forms (OneTokenGemm1Kernel): MainLoop's batches; each warp's weights requested
+// at once (WideLoop, D <= 2048); or two weight tiles a block (experimental,
+// MOEFUSE_CUDA_ONE_TOKEN=twotiles; D <= 2048, D % 64 == 0): the second tile's 16 rows go to shared
+// memory by cp.async as the block starts (64 KiB at D = 2048) while the first is loaded and
+// multiplied as in WideLoop, so that a block routes once for two tiles and the grid is one wave of
+// three blocks an SM at (2048, 768, 128, 8) (384 blocks), each with 128 KiB requested at once.
+enum OneTokenForm { kBatched = 0, kWide = 1, kTwoTiles = 2 };
+
+// The second tile's rows in shared memory: 16-byte chunk c of row r at r * chunks + (c ^ (r & 7)),
+// so that a warp's fragment reads (rows g and g + 8, chunks 4 kb + t) fall in distinct banks.
+template <typename T>
+__device__ __forceinline__ void StageTile(T* wt, const Gemm1Params& p, int e, int tile, int D) {
+  const int chunks = D / 8;
+  for (int i = threadIdx.x; i < 16 * chunks; i += blockDim.x) {
+    const int r = i / chunks, c = i - r * chunks;
+    const T* row = Tile1Row<T>(p, e, tile, r);
+    CpAsync16(wt + (r * chunks + (c ^ (r & 7))) * 8, row ? row + c * 8 : static_cast<const T*>(p.A), row ? 16 : 0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void StagedLoop(float (&acc)[4], const T* wt, const T* xs, int D, int kb0, int kb1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, chunks = D / 8;
+  const uint4* w4 = reinterpret_cast<const uint4*>(wt);
+  const uint4* x4 = reinterpret_cast<const uint4*>(xs);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll 4
+  for (int kb = kb0; kb < kb1; ++kb) {
+    const int c = kb * 4 + t;
+    MmaK32<T>(acc, w4[g * chunks + (c ^ g)], w4[(g + 8) * chunks + (c ^ g)], g == 0 ? x4[c] : zero);
+  }
+}
+
+// Sums the warps' accumulators of token tile 0 (the token) into warp 0's `out` (one-token forms:
+// a quarter of Reduce's shared memory).
+__device__ __forceinline__ void ReduceToken(const float (&acc)[4], float* red, float (&out)[4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) red[(warp * 4 + c) * 32 + lane] = acc[c];
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += red[(w * 4 + c) * 32 + lane];
+    out[c] = s;
+  }
+}
+
+constexpr int kTwoTilesSmem = 16 * kWideMaxD * 2;
+
+// Projection 1: block (b, j) takes pick j's expert, weight tile b (two tiles 2b and 2b + 1 with
+// kTwoTiles). Wide and two tiles: the token's row is copied to shared memory as the block starts
+// (before the routing).
+template <typename T, int M, int Form>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
-  __shared__ float red[kWarps * kNT * 4 * 32];
+  constexpr bool kAtOnce = Form != kBatched;
+  __shared__ float red[(Form == kTwoTiles ? 1 : kNT) * kWarps * 4 * 32];
   __shared__ routing::RankScratch rank;
   __shared__ float w[32];
-  __shared__ alignas(16) T xs[Wide ? kWideMaxD : 8];
+  __shared__ alignas(16) T xs[kAtOnce ? kWideMaxD : 8];
+  extern __shared__ __align__(16) uint8_t second_tile[];  // kTwoTiles: kTwoTilesSmem bytes
   const int D = p.p1.D;
-  if constexpr (Wide) {
+  if constexpr (kAtOnce) {
     const T* x = static_cast<const T*>(p.p1.A);
     for (int k = threadIdx.x * 8; k < D; k += blockDim.x * 8) CpAsync16(xs + k, x + k, 16);
     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -485,16 +542,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   float wj;
   routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj);
   if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k)
-  if constexpr (Wide) asm volatile("cp.async.wait_all;" ::: "memory");
+  if constexpr (kAtOnce) asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
   // The slot's row count from the call (T, which is 1), not the constant 1: told the count, the
   // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
   const int j = blockIdx.y;
   const Slot s{rank.pick[j], j, p.r.T};
   const float* row_scale = p.weight_on_input ? w : nullptr;
-  if constexpr (!Wide) {
+  if constexpr (Form == kBatched) {
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
-  } else {
+  } else if constexpr (Form == kWide) {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
     const bool gated = p.p1.w.up != nullptr;
     const int ua = gated ? blockIdx.x * 8 + g : blockIdx.x * 16 + g;
@@ -506,6 +563,30 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p.p1, s, 0, 1, ua, ub, v, row_scale);
+  } else {
+    const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
+    const bool gated = p.p1.w.up != nullptr;
+    const int tile0 = 2 * blockIdx.x;
+    const bool second = tile0 + 1 < static_cast<int>(CeilDiv(p.p1.I, gated ? 8 : 16));
+    T* wt = reinterpret_cast<T*>(second_tile);
+    if (second) {
+      StageTile<T>(wt, p.p1, s.e, tile0 + 1, D);
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    const int nkb = D / 32, kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
+    float acc[4] = {}, v[4];
+    WideLoop<T>(acc, Tile1Row<T>(p.p1, s.e, tile0, g), Tile1Row<T>(p.p1, s.e, tile0, g + 8), xs, D, kb0, kb1, s.rows);
+    ReduceToken(acc, red, v);
+    StoreH<T>(p.p1, s, 0, 1, gated ? tile0 * 8 + g : tile0 * 16 + g, gated ? tile0 * 8 + g : tile0 * 16 + g + 8, v,
+              row_scale);
+    if (!second) return;  // block-uniform
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();  // every thread's chunks of the second tile (and red is free again)
+    float acc2[4] = {};
+    StagedLoop<T>(acc2, wt, xs, D, kb0, kb1);
+    ReduceToken(acc2, red, v);
+    const int u1 = gated ? (tile0 + 1) * 8 + g : (tile0 + 1) * 16 + g;
+    StoreH<T>(p.p1, s, 0, 1, u1, gated ? u1 : u1 + 8, v, row_scale);
   }
 }
 
@@ -883,9 +964,16 @@ cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
   const bool wide = p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
-  cudaError_t e = wide
-                      ? Launch(OneTokenGemm1Kernel<T, M, true>, grid1, dim3(kWarps * 32), 0, stream, p)
-                      : Launch(OneTokenGemm1Kernel<T, M, false>, grid1, dim3(kWarps * 32), 0, stream, p);
+  cudaError_t e = cudaSuccess;
+  if (wide && p.two_tiles && p.p1.D % 64 == 0) {
+    static std::atomic<uint64_t> smem_set{0};
+    const dim3 grid(static_cast<unsigned>(CeilDiv(grid1.x, 2)), grid1.y);
+    e = AllowDynamicSmem(OneTokenGemm1Kernel<T, M, kTwoTiles>, kTwoTilesSmem, smem_set);
+    if (!e) e = Launch(OneTokenGemm1Kernel<T, M, kTwoTiles>, grid, dim3(kWarps * 32), 16 * p.p1.D * 2, stream, p);
+  } else {
+    e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
+             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
+  }
   if (e) return e;
   return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }
