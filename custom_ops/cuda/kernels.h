@@ -162,7 +162,7 @@ struct Gemm1Params {
   bool rows_by_tma = true;  // wgmma path: A's rows by TMA where they are the sorted rows (no row_map)
   int bn = 0;         // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
-  int* next_tile = nullptr;  // wgmma: tiles taken from this zeroed counter (experimental)
+  int* next_tile = nullptr;  // wgmma 128-row tiles taken from this zeroed counter (else a static stride)
 };
 
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).

@@ -2,8 +2,10 @@
 //
 // One CTA per SM walks the output tiles of every expert (128 sorted rows x BN columns), expert by
 // expert, n-tile by n-tile, m-tiles innermost so that the CTAs working at the same time share the
-// expert's weight tile in L2. The schedule (tiles per expert) comes from the routing step in
-// device memory: the host never learns the per-expert token counts.
+// expert's weight tile in L2. By default the CTAs take their next 128-row tile from a counter (a
+// static stride let the CTAs sharing a weight tile drift apart, and DRAM served it again). The
+// schedule (tiles per expert) comes from the routing step in device memory: the host never learns
+// the per-expert token counts.
 //
 // Warpgroup 0 produces: the weight tile by TMA (128-byte swizzle), the activation rows by
 // cp.async, gathered through the sorted row list (tokens of the expert), written in the same
