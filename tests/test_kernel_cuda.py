@@ -338,7 +338,7 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
-# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; by default from 1024 rows an expert): the two CTAs of a
+# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; automatic with static tiles): the two CTAs of a
 # cluster take m-tiles 2j and 2j + 1 of one expert and n-tile, each loading half of the weight tile
 # into both (TMA multicast). Bit for bit the unpaired kernels' output, and the reference's: experts
 # of odd and even m-tile counts (an odd count's last m-tile split in halves of 64 rows, the second
@@ -352,7 +352,8 @@ PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640, 350, 200)  # m-tiles 2, 3, 2,
 def hang_guard():
     """CTA pairs wait on each other's barriers: a wrong count would hang the GPU and this process
     with it. Past the limit the process prints every thread's stack and exits instead. (Skips on
-    a GPU without the Hopper grouped GEMM, where no call pairs and a comparison would be empty.)"""
+    a GPU without the Hopper grouped GEMM, where neither CTA pairs nor projection 1's tile
+    counter exist and a comparison of the two settings would compare a path with itself.)"""
     import faulthandler
 
     if not cuda_build()["device"]["wgmma"]:
@@ -629,9 +630,8 @@ ONE_TOKEN = [
     # Qwen3-30B-A3B's D and I (projection 1's loads all at once, D <= 2048), and D past 2048 (in
     # batches). Each form matched the reference here on an H100, but not always each other bit for
     # bit: 1 output of 2048-2304 one 16-bit ulp apart (seed 13; k4_d2304 in both types, k8_d2048 in
-    # float16), with the batched loads as with the new ones. Why was not established (a
-    # different summation order for 16 experts is the first suspect), so these compare with the
-    # reference only.
+    # float16), with the batched loads as with the new ones. Why was not established, so these
+    # compare with the reference only.
     ("k8_d2048_i768", dict(k=8), dict(experts=16, hidden=2048, inter=768, exact=False)),
     ("k4_d2304_i128", dict(k=4), dict(experts=16, hidden=2304, inter=128, exact=False)),
     ("one_kernel_decode", dict(k=8), dict(experts=128, hidden=256, inter=96, decode="fused")),

@@ -54,8 +54,9 @@ constexpr int kDenseSkinnyRows = 16;
 constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
-// wgmma path, 128-row tiles: CTA pairs that share the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto)
-// from this many routed pairs per active expert on average (8 m-tiles). On an H100 (GPU time,
+// wgmma path, 128-row tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0): CTA pairs that share
+// the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto) from this many routed pairs per active expert on
+// average (8 m-tiles). On an H100 (GPU time,
 // pairs over unpaired; docs/performance.md, "H100, 2026-12-06 (CTA pairs)"): 1024 rows an expert
 // (Mixtral T = 4096) 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64
 // 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in the last run
@@ -190,8 +191,9 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
-  k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
-  k->one_token_two_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) == "twotiles";
+  const std::string one_token = EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1");
+  k->one_token_ = one_token != "0";
+  k->one_token_two_tiles_ = one_token == "twotiles";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
@@ -465,7 +467,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                     SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
   // Projection 1's 128-row tiles taken from a counter, so that the CTAs sharing an expert's
   // weight tile start it together (static strides drift apart: 1.38 GB of DRAM reads for its 805
-  // MB of weights at Qwen3 T = 4096); not on CTA pairs, whose clusters take their tiles statically.
+  // MB of weights at Qwen3 T = 4096 on an H200); not on CTA pairs, whose clusters take their tiles
+  // statically.
   const bool p1_counter = p1_counter_ && rpath == Path::kWgmma && !narrow && !pingpong_ && cta_pairs_ != 1;
   // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
   const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&

@@ -178,6 +178,13 @@ __device__ __forceinline__ void Reduce(float (&acc)[kNT][4], float* red, float (
   }
 }
 
+// The units of MMA rows g (x) and g + 8 (y) of projection 1's weight tile `tile`, as Tile1Row lays
+// them out: gated, the same unit (its gate and up rows); else units 16 tile + g and 16 tile + g + 8.
+__device__ __forceinline__ int2 Tile1Units(bool gated, int tile, int g) {
+  const int ua = gated ? tile * 8 + g : tile * 16 + g;
+  return make_int2(ua, gated ? ua : ua + 8);
+}
+
 // Row r of projection 1's weight tile `tile` of expert e, or null past I: gated, rows 0-7 are the
 // gate rows of units tile*8 .. tile*8+7 and rows 8-15 their up rows; else units tile*16 + r.
 template <typename T>
@@ -553,16 +560,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
   } else if constexpr (Form == kWide) {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
-    const bool gated = p.p1.w.up != nullptr;
-    const int ua = gated ? blockIdx.x * 8 + g : blockIdx.x * 16 + g;
-    const int ub = gated ? ua : ua + 8;
+    const int2 u = Tile1Units(p.p1.w.up != nullptr, blockIdx.x, g);
     const int nkb = (D + 31) / 32;
     float acc[kNT][4] = {};
     WideLoop<T>(acc[0], Tile1Row<T>(p.p1, s.e, blockIdx.x, g), Tile1Row<T>(p.p1, s.e, blockIdx.x, g + 8), xs, D,
                 warp * nkb / kWarps, (warp + 1) * nkb / kWarps, s.rows);
     float v[4];
     Reduce(acc, red, v);
-    StoreH<T>(p.p1, s, 0, 1, ua, ub, v, row_scale);
+    StoreH<T>(p.p1, s, 0, 1, u.x, u.y, v, row_scale);
   } else {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
     const bool gated = p.p1.w.up != nullptr;
@@ -577,16 +582,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     float acc[4] = {}, v[4];
     WideLoop<T>(acc, Tile1Row<T>(p.p1, s.e, tile0, g), Tile1Row<T>(p.p1, s.e, tile0, g + 8), xs, D, kb0, kb1, s.rows);
     ReduceToken(acc, red, v);
-    StoreH<T>(p.p1, s, 0, 1, gated ? tile0 * 8 + g : tile0 * 16 + g, gated ? tile0 * 8 + g : tile0 * 16 + g + 8, v,
-              row_scale);
+    const int2 u0 = Tile1Units(gated, tile0, g);
+    StoreH<T>(p.p1, s, 0, 1, u0.x, u0.y, v, row_scale);
     if (!second) return;  // block-uniform
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();  // every thread's chunks of the second tile (and red is free again)
     float acc2[4] = {};
     StagedLoop<T>(acc2, wt, xs, D, kb0, kb1);
     ReduceToken(acc2, red, v);
-    const int u1 = gated ? (tile0 + 1) * 8 + g : (tile0 + 1) * 16 + g;
-    StoreH<T>(p.p1, s, 0, 1, u1, gated ? u1 : u1 + 8, v, row_scale);
+    const int2 u1 = Tile1Units(gated, tile0 + 1, g);
+    StoreH<T>(p.p1, s, 0, 1, u1.x, u1.y, v, row_scale);
   }
 }
 

@@ -22,8 +22,8 @@
 //    warpgroup's epilogue runs while the other's main loop keeps the tensor cores busy; the main
 //    loops take turns (mma_done barriers). The epilogue writes the tile into the warpgroup's own
 //    shared-memory buffer and copies it out with 16-byte stores.
-// The cooperative schedule also runs on CTA pairs (WgKernel<..., Pairs>; by default from 1024
-// routed rows an expert): clusters of two CTAs take m-tiles 2j and 2j + 1 of one expert and n-tile
+// The cooperative schedule also runs on CTA pairs (WgKernel<..., Pairs>; where tiles are assigned
+// statically, MOEFUSE_CUDA_CTA_PAIRS in docs/runtime.md): clusters of two CTAs take m-tiles 2j and 2j + 1 of one expert and n-tile
 // and each loads half of the weight tile into both (TMA multicast); an odd count's last m-tile is
 // split in halves of 64 rows over the pair.
 //
