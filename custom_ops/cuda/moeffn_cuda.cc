@@ -136,8 +136,10 @@ class Kernel {
   OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
   std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, mma, simt
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
-  int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|256: wgmma tile width (tuning)
+  int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|192|256: wgmma tile width (tuning)
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
+  bool short_tiles_ = true;        // MOEFUSE_CUDA_SHORT_TILES=0: 128-row wgmma tiles of at most 64
+                                   // rows computed by both consumer warpgroups (Groups::short_tiles)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
   int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1: 128-row wgmma tiles on CTA
@@ -199,8 +201,9 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
+  k->short_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_SHORT_TILES", "1")) != "0";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
-  if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
+  if (k->bn_ != 128 && k->bn_ != 192 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
   const std::string pairs = EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "auto");
   k->cta_pairs_ = pairs == "1" ? 1 : pairs == "0" ? 0 : -1;
@@ -760,6 +763,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.est_tiles = max_active * CeilDiv64(per_expert, 128);
     g.tile_rows = bm;
     g.order_n = order_n_;
+    g.short_tiles = short_tiles_ ? 1 : 0;
     if (overlap) {
       g.next_tile = s.zero;
       g.ready = s.zero + 1;
