@@ -340,7 +340,6 @@ VARIANT_PREFIXES = [
     ("onetoken", "MOEFUSE_CUDA_ONE_TOKEN", None),
     ("ctapairs", "MOEFUSE_CUDA_CTA_PAIRS", "1"),
     ("p1counter", "MOEFUSE_CUDA_P1_COUNTER", "1"),
-    ("shorttiles", "MOEFUSE_CUDA_SHORT_TILES", "1"),
 ]
 
 
@@ -402,8 +401,6 @@ def main():
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
                     "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
                     "not taken from a counter), "
-                    "shorttiles0 (MOEFUSE_CUDA_SHORT_TILES=0: 128-row tiles of at most 64 rows computed by both "
-                    "consumer warpgroups), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

@@ -133,10 +133,6 @@ struct Groups {
   int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64
                                      // for the wgmma path's narrow tiles
   int order_n = 0;                   // wgmma tile order: 0 expert-major, 1 n-major (tuning)
-  // wgmma cooperative 128-row tiles of at most 64 rows (an expert's last m-tile) run on the first
-  // consumer warpgroup alone, which then has the tensor cores to itself; the second passes the
-  // stages on. 0: both compute (the second on rows it never stores).
-  int short_tiles = 1;
   // Routed experts: projection 2 starts while projection 1 finishes. Zeroed by the routing kernel.
   // Null: projection 2 waits for all of projection 1.
   // - wgmma path: ready[e] counts projection 1's finished (tile, consumer warpgroup) pairs of
@@ -212,7 +208,6 @@ struct OneTokenParams {
   Gemm1Params p1;  // A = X [1, D]
   Gemm2Params p2;  // H = p1.H; out unused
   int weight_on_input = 0;
-  bool two_tiles = false;  // projection 1 two weight tiles a block (MOEFUSE_CUDA_ONE_TOKEN=twotiles)
   const void* shared = nullptr;  // [1, D] shared expert output or null
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null

@@ -77,9 +77,8 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
     const int d = (blockIdx.y * kThreads + threadIdx.x) * 8;
     if (d >= D) return;
     // The pairs' rows are fetched kChunk at a time (one round trip for their positions, one for
-    // their rows) and summed in pair order, as the reference does. Eight: all of a k <= 8 token's
-    // rows in flight at once (the rows come from DRAM at large T).
-    constexpr int kChunk = 8;
+    // their rows) and summed in pair order, as the reference does.
+    constexpr int kChunk = 4;
     float acc[8] = {};
     for (int j0 = 0; j0 < K; j0 += kChunk) {
       int pos[kChunk];

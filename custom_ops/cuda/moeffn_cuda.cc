@@ -136,10 +136,8 @@ class Kernel {
   OrtAllocator* alloc_ = nullptr;  // the EP's device allocator
   std::string path_;               // MOEFUSE_CUDA_PATH: auto, decode, prefill, mma, simt
   bool check_ids_ = false;         // MOEFUSE_CUDA_CHECK_IDS=1: report bad topk_ids (synchronizes)
-  int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|192|256: wgmma tile width (tuning)
+  int bn_ = 0;                     // MOEFUSE_CUDA_BN=128|256: wgmma tile width (tuning)
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
-  bool short_tiles_ = true;        // MOEFUSE_CUDA_SHORT_TILES=0: 128-row wgmma tiles of at most 64
-                                   // rows computed by both consumer warpgroups (Groups::short_tiles)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
   int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1: 128-row wgmma tiles on CTA
@@ -152,8 +150,6 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
-  bool one_token_two_tiles_ = false;  // MOEFUSE_CUDA_ONE_TOKEN=twotiles: ... with two weight tiles
-                                      // a block of projection 1 (experimental)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
                                    // assigned statically (else taken from a counter)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
@@ -193,17 +189,14 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->exact_alloc_ = std::string(EnvOr("MOEFUSE_CUDA_EXACT_ALLOC", "0")) == "1";
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
-  const std::string one_token = EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1");
-  k->one_token_ = one_token != "0";
-  k->one_token_two_tiles_ = one_token == "twotiles";
+  k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
-  k->short_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_SHORT_TILES", "1")) != "0";
   k->bn_ = std::atoi(EnvOr("MOEFUSE_CUDA_BN", "0"));
-  if (k->bn_ != 128 && k->bn_ != 192 && k->bn_ != 256) k->bn_ = 0;
+  if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
   const std::string pairs = EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "auto");
   k->cta_pairs_ = pairs == "1" ? 1 : pairs == "0" ? 0 : -1;
@@ -728,7 +721,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
-    op.two_tiles = one_token_two_tiles_;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
@@ -763,7 +755,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g.est_tiles = max_active * CeilDiv64(per_expert, 128);
     g.tile_rows = bm;
     g.order_n = order_n_;
-    g.short_tiles = short_tiles_ ? 1 : 0;
     if (overlap) {
       g.next_tile = s.zero;
       g.ready = s.zero + 1;

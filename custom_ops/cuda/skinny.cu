@@ -475,70 +475,21 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
   }
 }
 
-// Projection 1's forms (OneTokenGemm1Kernel): MainLoop's batches; each warp's weights requested
-// at once (WideLoop, D <= 2048); or two weight tiles a block (experimental,
-// MOEFUSE_CUDA_ONE_TOKEN=twotiles; D <= 2048, D % 64 == 0): the second tile's 16 rows go to shared
-// memory by cp.async as the block starts (64 KiB at D = 2048) while the first is loaded and
-// multiplied as in WideLoop, so that a block routes once for two tiles and the grid is one wave of
-// three blocks an SM at (2048, 768, 128, 8) (384 blocks), each with 128 KiB requested at once.
-enum OneTokenForm { kBatched = 0, kWide = 1, kTwoTiles = 2 };
+// Projection 1's forms (OneTokenGemm1Kernel): MainLoop's batches, or each warp's weights
+// requested at once (WideLoop, D <= 2048).
+enum OneTokenForm { kBatched = 0, kWide = 1 };
 
-// The second tile's rows in shared memory: 16-byte chunk c of row r at r * chunks + (c ^ (r & 7)),
-// so that a warp's fragment reads (rows g and g + 8, chunks 4 kb + t) fall in distinct banks.
-template <typename T>
-__device__ __forceinline__ void StageTile(T* wt, const Gemm1Params& p, int e, int tile, int D) {
-  const int chunks = D / 8;
-  for (int i = threadIdx.x; i < 16 * chunks; i += blockDim.x) {
-    const int r = i / chunks, c = i - r * chunks;
-    const T* row = Tile1Row<T>(p, e, tile, r);
-    CpAsync16(wt + (r * chunks + (c ^ (r & 7))) * 8, row ? row + c * 8 : static_cast<const T*>(p.A), row ? 16 : 0);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void StagedLoop(float (&acc)[4], const T* wt, const T* xs, int D, int kb0, int kb1) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, chunks = D / 8;
-  const uint4* w4 = reinterpret_cast<const uint4*>(wt);
-  const uint4* x4 = reinterpret_cast<const uint4*>(xs);
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll 4
-  for (int kb = kb0; kb < kb1; ++kb) {
-    const int c = kb * 4 + t;
-    MmaK32<T>(acc, w4[g * chunks + (c ^ g)], w4[(g + 8) * chunks + (c ^ g)], g == 0 ? x4[c] : zero);
-  }
-}
-
-// Sums the warps' accumulators of token tile 0 (the token) into warp 0's `out` (one-token forms:
-// a quarter of Reduce's shared memory).
-__device__ __forceinline__ void ReduceToken(const float (&acc)[4], float* red, float (&out)[4]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int c = 0; c < 4; ++c) red[(warp * 4 + c) * 32 + lane] = acc[c];
-  __syncthreads();
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += red[(w * 4 + c) * 32 + lane];
-    out[c] = s;
-  }
-}
-
-constexpr int kTwoTilesSmem = 16 * kWideMaxD * 2;
-
-// Projection 1: block (b, j) takes pick j's expert, weight tile b (two tiles 2b and 2b + 1 with
-// kTwoTiles). Wide and two tiles: the token's row is copied to shared memory as the block starts
-// (before the routing).
+// Projection 1: block (b, j) takes pick j's expert, weight tile b. Wide: the token's row is
+// copied to shared memory as the block starts (before the routing).
 template <typename T, int M, int Form>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
-  constexpr bool kAtOnce = Form != kBatched;
-  __shared__ float red[(Form == kTwoTiles ? 1 : kNT) * kWarps * 4 * 32];
+  constexpr bool kAtOnce = Form == kWide;
+  __shared__ float red[kNT * kWarps * 4 * 32];
   __shared__ routing::RankScratch rank;
   __shared__ float w[32];
   __shared__ alignas(16) T xs[kAtOnce ? kWideMaxD : 8];
-  extern __shared__ __align__(16) uint8_t second_tile[];  // kTwoTiles: kTwoTilesSmem bytes
   const int D = p.p1.D;
   if constexpr (kAtOnce) {
     const T* x = static_cast<const T*>(p.p1.A);
@@ -558,7 +509,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   const float* row_scale = p.weight_on_input ? w : nullptr;
   if constexpr (Form == kBatched) {
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
-  } else if constexpr (Form == kWide) {
+  } else {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
     const int2 u = Tile1Units(p.p1.w.up != nullptr, blockIdx.x, g);
     const int nkb = (D + 31) / 32;
@@ -568,30 +519,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p.p1, s, 0, 1, u.x, u.y, v, row_scale);
-  } else {
-    const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
-    const bool gated = p.p1.w.up != nullptr;
-    const int tile0 = 2 * blockIdx.x;
-    const bool second = tile0 + 1 < static_cast<int>(CeilDiv(p.p1.I, gated ? 8 : 16));
-    T* wt = reinterpret_cast<T*>(second_tile);
-    if (second) {
-      StageTile<T>(wt, p.p1, s.e, tile0 + 1, D);
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-    const int nkb = D / 32, kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
-    float acc[4] = {}, v[4];
-    WideLoop<T>(acc, Tile1Row<T>(p.p1, s.e, tile0, g), Tile1Row<T>(p.p1, s.e, tile0, g + 8), xs, D, kb0, kb1, s.rows);
-    ReduceToken(acc, red, v);
-    const int2 u0 = Tile1Units(gated, tile0, g);
-    StoreH<T>(p.p1, s, 0, 1, u0.x, u0.y, v, row_scale);
-    if (!second) return;  // block-uniform
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();  // every thread's chunks of the second tile (and red is free again)
-    float acc2[4] = {};
-    StagedLoop<T>(acc2, wt, xs, D, kb0, kb1);
-    ReduceToken(acc2, red, v);
-    const int2 u1 = Tile1Units(gated, tile0 + 1, g);
-    StoreH<T>(p.p1, s, 0, 1, u1.x, u1.y, v, row_scale);
   }
 }
 
@@ -969,16 +896,8 @@ cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
   const bool wide = p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
-  cudaError_t e = cudaSuccess;
-  if (wide && p.two_tiles && p.p1.D % 64 == 0) {
-    static std::atomic<uint64_t> smem_set{0};
-    const dim3 grid(static_cast<unsigned>(CeilDiv(grid1.x, 2)), grid1.y);
-    e = AllowDynamicSmem(OneTokenGemm1Kernel<T, M, kTwoTiles>, kTwoTilesSmem, smem_set);
-    if (!e) e = Launch(OneTokenGemm1Kernel<T, M, kTwoTiles>, grid, dim3(kWarps * 32), 16 * p.p1.D * 2, stream, p);
-  } else {
-    e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
-             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
-  }
+  const cudaError_t e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
+                             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
   if (e) return e;
   return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }

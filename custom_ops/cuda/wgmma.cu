@@ -17,8 +17,6 @@
 //    64 rows each; the tensor cores idle during the epilogue. Keep the epilogue's executed code
 //    small: when it held every activation kind in each unrolled step, it ran out of the
 //    instruction cache and projection 1 kept the tensor pipe 38% busy (77.6% since; H200).
-//    A tile of at most 64 rows (an expert's last m-tile) runs on warpgroup 1 alone; warpgroup 2
-//    passes its stages on (Groups::short_tiles).
 //  - ping-pong (128 x 128 tiles; MOEFUSE_CUDA_SCHEDULE=pingpong, experimental): each consumer
 //    warpgroup owns every other tile of the CTA (all 128 rows, two m64n128k16 per k-step), so one
 //    warpgroup's epilogue runs while the other's main loop keeps the tensor cores busy; the main
@@ -95,7 +93,7 @@ template <int BN, bool PingPong>
 struct Cfg {
   static_assert(!PingPong || BN == 128, "ping-pong: 128 x 128 tiles (128 accumulators a thread)");
   static constexpr bool kPingPong = PingPong;
-  static constexpr int kStages = PingPong ? 5 : BN == 256 ? 4 : BN == 192 ? 5 : 6;
+  static constexpr int kStages = PingPong ? 5 : BN == 256 ? 4 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   // ping-pong: each consumer warpgroup stages its output tile here (a pipeline stage held through
@@ -173,23 +171,6 @@ __device__ __forceinline__ uint64_t Desc(const void* p) {
         MOEFUSE_D8(32), MOEFUSE_D8(40), MOEFUSE_D8(48), MOEFUSE_D8(56) \
       : "l"(da), "l"(db), "r"(scale_d))
 
-// m64n192k16, float32 accumulators d[0..95], A and B from shared memory (K-major).
-#define MOEFUSE_WGMMA_192(TY)                                                       \
-  asm volatile(                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"                                    \
-      "wgmma.mma_async.sync.aligned.m64n192k16.f32." TY "." TY " {"                \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
-      "}, %96, %97, p, 1, 1, 0, 0;\n}\n"                                     \
-      : MOEFUSE_D8(0), MOEFUSE_D8(8), MOEFUSE_D8(16), MOEFUSE_D8(24), \
-        MOEFUSE_D8(32), MOEFUSE_D8(40), MOEFUSE_D8(48), MOEFUSE_D8(56), \
-        MOEFUSE_D8(64), MOEFUSE_D8(72), MOEFUSE_D8(80), MOEFUSE_D8(88) \
-      : "l"(da), "l"(db), "r"(scale_d))
-
 // m64n256k16, float32 accumulators d[0..127], A and B from shared memory (K-major).
 #define MOEFUSE_WGMMA_256(TY)                                                       \
   asm volatile(                                                                   \
@@ -247,7 +228,6 @@ __device__ __forceinline__ void Wgmma(float* d, uint64_t da, uint64_t db, int sc
 MOEFUSE_WGMMA_SPECS(32)
 MOEFUSE_WGMMA_SPECS(64)
 MOEFUSE_WGMMA_SPECS(128)
-MOEFUSE_WGMMA_SPECS(192)
 MOEFUSE_WGMMA_SPECS(256)
 
 __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -743,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         MbarWait(full + stage, phase);  // the tile's first stage: its description came before
         const Tile t = ReadTile(tinfo[local % C::kInfo]);
         if (t.e < 0) break;  // the producer's end of a counted schedule
-        if (Pairs || p.g.short_tiles) {
+        if constexpr (Pairs) {
           if (t.rows <= 64 * cw) {  // no rows for this warpgroup: its stages go straight back
             for (int kb = 0; kb < nkb; ++kb) {
               MbarWait(full + stage, phase);
@@ -1047,7 +1027,6 @@ cudaError_t DispatchT(int bn, bool pingpong, const TmaMaps& m,
                      : Run<T, 128, false, true>(m, a, tiles_ub, num_sms, stream);
   }
   if (bn == 256) return Run<T, 256, false>(m, a, tiles_ub, num_sms, stream);
-  if (bn == 192) return Run<T, 192, false>(m, a, tiles_ub, num_sms, stream);
   if (pingpong) return Run<T, 128, true>(m, a, tiles_ub, num_sms, stream);
   return Run<T, 128, false>(m, a, tiles_ub, num_sms, stream);
 }
@@ -1131,11 +1110,10 @@ bool ActivationMap(DType t, int64_t rows, bool by_tma, int box_rows, WgArgs& a, 
 }
 
 // CTA pairs where the schedule offers them (Groups::mpairs) and the call's tiles are assigned
-// statically: 128-row tiles 128 or 256 wide, cooperative, grouped, expert-major, not taken from a
-// counter.
-bool TakesCtaPairs(const WgArgs& a, bool narrow, int bn, bool pingpong, int num_sms) {
-  return a.g.mpairs && a.g.mpair_prefix && !narrow && bn != 192 && !pingpong && !a.next_tile &&
-         a.expert_major && a.g.dense_rows < 0 && num_sms >= 2;
+// statically: 128-row tiles, cooperative, grouped, expert-major, not taken from a counter.
+bool TakesCtaPairs(const WgArgs& a, bool narrow, bool pingpong, int num_sms) {
+  return a.g.mpairs && a.g.mpair_prefix && !narrow && !pingpong && !a.next_tile && a.expert_major &&
+         a.g.dense_rows < 0 && num_sms >= 2;
 }
 
 // 128 x 256 tiles unless there would be fewer than half a wave of them (then 128 x 128 tiles put
@@ -1196,7 +1174,7 @@ cudaError_t LaunchWgmmaGemm1(const Gemm1Params& p, int num_sms, cudaStream_t str
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? 0 : FirstProjBn(p, num_sms);
   const int box = narrow ? NarrowCfg<32>::kUnits : gated ? bn / 2 : bn;
-  a.cta_pairs = TakesCtaPairs(a, narrow, bn, p.pingpong, num_sms);
+  a.cta_pairs = TakesCtaPairs(a, narrow, p.pingpong, num_sms);
   TmaMaps m;
   if (!FirstProjMaps(p, a.cta_pairs ? box / 2 : box, a, &m) ||
       !ActivationMap(p.dtype, p.rows, p.rows_by_tma, p.g.tile_rows, a, &m))
@@ -1233,7 +1211,7 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   a.b1_rpe = p.D;
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? NarrowCfg<32>::kUnits : p.bn ? p.bn : PickBn(p.g, p.D, num_sms);  // box rows
-  a.cta_pairs = TakesCtaPairs(a, narrow, bn, p.pingpong, num_sms);
+  a.cta_pairs = TakesCtaPairs(a, narrow, p.pingpong, num_sms);
   TmaMaps m;
   if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, a.cta_pairs ? bn / 2 : bn)) return cudaErrorInvalidValue;
   m.w2 = m.w1;
