@@ -329,6 +329,7 @@ VARIANTS = {
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0"},
+    "combinetiles": {"MOEFUSE_CUDA_COMBINE": "tiles"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -401,6 +402,7 @@ def main():
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
                     "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
                     "not taken from a counter), "
+                    "combinetiles (MOEFUSE_CUDA_COMBINE=tiles: projection 2's tiles do the combine, experimental), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

@@ -150,6 +150,8 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
+  bool combine_tiles_ = false;     // MOEFUSE_CUDA_COMBINE=tiles: projection 2's wgmma tiles do the
+                                   // combine (TileCombine; experimental)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
                                    // assigned statically (else taken from a counter)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
@@ -191,6 +193,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
+  k->combine_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_COMBINE", "kernel")) == "tiles";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -477,7 +480,15 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap_ints + (p1_counter ? 1 : 0);
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
-  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
+  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0, o_cc = 0;
+  // Projection 2's 128-row cooperative wgmma tiles do the combine (opt-in): where every pair has a
+  // row (computed routing, no zero experts) and no shared expert adds to Y. Counts per token and
+  // n-tile of the narrowest tiles (128 columns), zeroed before the routing.
+  const int comb_stride = static_cast<int>(CeilDiv64(D, 128));
+  const bool combine_tiles = combine_tiles_ && rpath == Path::kWgmma && !narrow && !pingpong_ && !has_shared &&
+                             a.zero_experts == 0 && a.routing_kind != Routing::kPrecomputed && D % 8 == 0 &&
+                             T * comb_stride < (int64_t{1} << 31);
+  if (combine_tiles) o_cc = cv.Add(static_cast<size_t>(T * comb_stride) * 4);
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
   // pipe went from 77.6% to 90.3% busy; docs/performance.md). Only where the tiles are full on
@@ -620,6 +631,8 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   one_p2.splits = ypair_planes;
   const bool one_token = one_token_ && !small && rpath == Path::kSkinny && !fused_decode &&
                          OneTokenDecodeServes(r, one_p2);
+  if (combine_tiles && (e = cudaMemsetAsync(at(o_cc), 0, static_cast<size_t>(T * comb_stride) * 4, stream)))
+    return CudaError(e, "combine counts");
   if (!one_token && (e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
   if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
     int mark = 0;
@@ -790,6 +803,15 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.plane = P * D;
     g2.rows = P;
     g2.rows_by_tma = tma_rows_ >= 1;
+    if (combine_tiles) {
+      g2.combine.token = s.sorted_row;
+      g2.combine.pos = s.pair_pos;
+      g2.combine.w = woi ? nullptr : r.w;
+      g2.combine.count = static_cast<int*>(at(o_cc));
+      g2.combine.stride = comb_stride;
+      g2.combine.K = static_cast<int>(K);
+      g2.combine.Y = ydata;
+    }
     if (overlap)
       g2.g.ready_need = rpath == Path::kWgmma ? WgmmaFirstProjSignals(g1, dev_.num_sms) : SkinnyFirstProjSignals(g1);
     switch (rpath) {
@@ -824,6 +846,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
           return CudaError(e, "experts (simt)");
     }
+    if (combine_tiles) return (e = cudaGetLastError()) ? CudaError(e, "kernel launch") : nullptr;
     CombineParams cp;
     cp.dtype = dt;
     cp.T = static_cast<int>(T);
