@@ -56,10 +56,9 @@ constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
 // wgmma path, 128-row tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0): CTA pairs that share
 // the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto) from this many routed pairs per active expert on
-// average (8 m-tiles). On an H100 (GPU time,
-// pairs over unpaired; docs/performance.md, "H100, 2026-12-06 (CTA pairs)"): 1024 rows an expert
-// (Mixtral T = 4096) 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64
-// 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in the last run
+// average (8 m-tiles). On an H100 (GPU time, pairs over unpaired; docs/performance.md, "H100,
+// 2026-12-06 (CTA pairs)"): 1024 rows an expert (Mixtral T = 4096) 0.92x-0.98x in three runs; 512
+// 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in the last run
 // (Qwen3 0.97x-0.98x in the one before); with 64 and 256 losing, not taken until it is understood.
 constexpr int kCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
@@ -486,8 +485,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // n-tile of the narrowest tiles (128 columns), zeroed before the routing.
   const int comb_stride = static_cast<int>(CeilDiv64(D, 128));
   const bool combine_tiles = combine_tiles_ && rpath == Path::kWgmma && !narrow && !pingpong_ && !has_shared &&
-                             a.zero_experts == 0 && a.routing_kind != Routing::kPrecomputed && D % 8 == 0 &&
-                             T * comb_stride < (int64_t{1} << 31);
+                             a.zero_experts == 0 && a.routing_kind != Routing::kPrecomputed && D % 8 == 0;
   if (combine_tiles) o_cc = cv.Add(static_cast<size_t>(T * comb_stride) * 4);
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
@@ -846,23 +844,24 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
           return CudaError(e, "experts (simt)");
     }
-    if (combine_tiles) return (e = cudaGetLastError()) ? CudaError(e, "kernel launch") : nullptr;
-    CombineParams cp;
-    cp.dtype = dt;
-    cp.T = static_cast<int>(T);
-    cp.D = static_cast<int>(D);
-    cp.K = static_cast<int>(K);
-    cp.X = in[kX].data;
-    cp.pair_pos = s.pair_pos;
-    cp.w = r.w;
-    cp.weight_on_input = woi;
-    cp.zero_experts = a.zero_experts > 0;
-    cp.ypair = at(o_y);
-    cp.ypair_f32 = ypair_f32;
-    cp.ypair_planes = ypair_planes;
-    cp.ypair_plane = P * D;
-    set_output(cp);
-    if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
+    if (!combine_tiles) {  // (else projection 2's tiles wrote Y)
+      CombineParams cp;
+      cp.dtype = dt;
+      cp.T = static_cast<int>(T);
+      cp.D = static_cast<int>(D);
+      cp.K = static_cast<int>(K);
+      cp.X = in[kX].data;
+      cp.pair_pos = s.pair_pos;
+      cp.w = r.w;
+      cp.weight_on_input = woi;
+      cp.zero_experts = a.zero_experts > 0;
+      cp.ypair = at(o_y);
+      cp.ypair_f32 = ypair_f32;
+      cp.ypair_planes = ypair_planes;
+      cp.ypair_plane = P * D;
+      set_output(cp);
+      if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
+    }
   }
   if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
   return nullptr;

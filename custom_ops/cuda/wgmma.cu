@@ -23,9 +23,9 @@
 //    loops take turns (mma_done barriers). The epilogue writes the tile into the warpgroup's own
 //    shared-memory buffer and copies it out with 16-byte stores.
 // The cooperative schedule also runs on CTA pairs (WgKernel<..., Pairs>; where tiles are assigned
-// statically, MOEFUSE_CUDA_CTA_PAIRS in docs/runtime.md): clusters of two CTAs take m-tiles 2j and 2j + 1 of one expert and n-tile
-// and each loads half of the weight tile into both (TMA multicast); an odd count's last m-tile is
-// split in halves of 64 rows over the pair.
+// statically, MOEFUSE_CUDA_CTA_PAIRS in docs/runtime.md): clusters of two CTAs take m-tiles 2j and
+// 2j + 1 of one expert and n-tile and each loads half of the weight tile into both (TMA
+// multicast); an odd count's last m-tile is split in halves of 64 rows over the pair.
 //
 // Gate and up columns: every gate/up layout (halves, interleaved, separate) arrives as two TMA boxes
 // of BN/2 rows, read through "unit maps" (views that take every rpu-th weight row, so interleaved
