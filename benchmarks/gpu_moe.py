@@ -400,6 +400,8 @@ def main():
                     "ctapairs, ctapairs0 (MOEFUSE_CUDA_CTA_PAIRS=1 or 0: 128-row tiles on CTA pairs sharing the weight tile, or never; default automatic), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
+                    "onetokenloop (MOEFUSE_CUDA_ONE_TOKEN=loop: their projection 1 in one wave of blocks that loop "
+                    "over its tiles, experimental), "
                     "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
                     "not taken from a counter), "
                     "combinetiles (MOEFUSE_CUDA_COMBINE=tiles: projection 2's tiles do the combine, experimental), "

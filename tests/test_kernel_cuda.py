@@ -693,6 +693,9 @@ ONE_TOKEN = [
 # Each form sets both switches, so that it does not inherit the one before.
 ONE_TOKEN_FORMS = {
     "two_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
+    # projection 1's blocks looping over its tiles (experimental; k8_d2048_i768's 768 tiles take
+    # more than one wave of blocks on an H100)
+    "two_kernels_loop": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "loop"},
     "rank_four_kernels": {"MOEFUSE_CUDA_RANK_ROUTE": "1", "MOEFUSE_CUDA_ONE_TOKEN": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0", "MOEFUSE_CUDA_ONE_TOKEN": "1"},
 }
@@ -723,6 +726,9 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
         for seed in (12, 13, 14):
             np.testing.assert_array_equal(outs[form, seed], outs["passes", seed],
                                           err_msg=f"{name} seed {seed}: {form} against the passes")
+    for seed in (12, 13, 14):  # the same arithmetic in the same order, wherever the tiles run
+        np.testing.assert_array_equal(outs["two_kernels_loop", seed], outs["two_kernels", seed],
+                                      err_msg=f"{name} seed {seed}: projection 1's blocks looping")
 
 
 def test_one_token_routing_kernels(monkeypatch):

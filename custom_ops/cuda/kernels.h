@@ -228,6 +228,8 @@ struct OneTokenParams {
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null
   void* Y = nullptr;
+  int loop_sms = 0;  // > 0: projection 1's blocks, as many as fit on this many SMs, loop over its
+                     // tiles, routing once (MOEFUSE_CUDA_ONE_TOKEN=loop, experimental)
 };
 bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2);
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream);

@@ -149,6 +149,8 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
+  bool one_token_loop_ = false;    // MOEFUSE_CUDA_ONE_TOKEN=loop: their projection 1 in one wave of
+                                   // blocks that loop over its tiles (experimental)
   bool combine_tiles_ = false;     // MOEFUSE_CUDA_COMBINE=tiles: projection 2's wgmma tiles do the
                                    // combine (TileCombine; experimental)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
@@ -191,6 +193,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
+  k->one_token_loop_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) == "loop";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
   k->combine_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_COMBINE", "kernel")) == "tiles";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
@@ -732,6 +735,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
+    op.loop_sms = one_token_loop_ ? dev_.num_sms : 0;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
