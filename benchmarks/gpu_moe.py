@@ -329,7 +329,6 @@ VARIANTS = {
     "fused": {"MOEFUSE_CUDA_DECODE": "fused"},
     "nooverlap": {"MOEFUSE_CUDA_OVERLAP": "0"},
     "passes": {"MOEFUSE_CUDA_RANK_ROUTE": "0"},
-    "combinetiles": {"MOEFUSE_CUDA_COMBINE": "tiles"},
     "graph": {},  # a session option (uses_graph), not a kernel knob
 }
 VARIANT_PREFIXES = [
@@ -400,11 +399,8 @@ def main():
                     "ctapairs, ctapairs0 (MOEFUSE_CUDA_CTA_PAIRS=1 or 0: 128-row tiles on CTA pairs sharing the weight tile, or never; default automatic), "
                     "passes (MOEFUSE_CUDA_RANK_ROUTE=0: one-token calls routed by the selection passes), "
                     "onetoken0 (MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls by the routing, skinny and combine kernels), "
-                    "onetokenloop (MOEFUSE_CUDA_ONE_TOKEN=loop: their projection 1 in one wave of blocks that loop "
-                    "over its tiles, experimental), "
                     "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
                     "not taken from a counter), "
-                    "combinetiles (MOEFUSE_CUDA_COMBINE=tiles: projection 2's tiles do the combine, experimental), "
                     "graph (the call captured and replayed as a CUDA graph: "
                     "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
                     "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "

@@ -165,21 +165,6 @@ struct Gemm1Params {
   int* next_tile = nullptr;  // wgmma 128-row tiles taken from this zeroed counter (else a static stride)
 };
 
-// Projection 2 that also combines (wgmma 128-row cooperative tiles; experimental,
-// MOEFUSE_CUDA_COMBINE=tiles): each stored row adds one to its token's count for the tile's n-tile;
-// the tile that brings a count to K sums the token's K rows of those columns in pick order, as
-// LaunchCombine does, into Y. Every pair must have a row (computed routing, no zero experts) and no
-// shared expert. Null count: off.
-struct TileCombine {
-  const int* token = nullptr;  // [P] token of each sorted row
-  const int* pos = nullptr;    // [T*K] sorted row of pair (t, j)
-  const float* w = nullptr;    // [T*K] routing weights; null: weight on input (1)
-  int* count = nullptr;        // [T * stride], zeroed before the call
-  int stride = 0;              // counts a token apart: at least projection 2's n-tiles
-  int K = 0;
-  void* Y = nullptr;  // [T, D]
-};
-
 // Projection 2: Out[r, d] = H[r] . w2(e, d) + b2(e, d).
 struct Gemm2Params {
   DType dtype = DType::kF16;
@@ -194,7 +179,6 @@ struct Gemm2Params {
   bool out_f32 = true;  // float32 output (else dtype)
   int bn = 0;           // wgmma tile width: 0 = automatic, 128 or 256
   bool pingpong = false;  // wgmma, 128-wide tiles: ping-pong consumer warpgroups (experimental)
-  TileCombine combine;    // wgmma 128-row cooperative tiles: the combine done by the tiles
   // Skinny path only: K split in `splits` parts, part z writing float32 partial sums to plane z
   // (out + z * plane elements); the combine adds the planes in order (deterministic).
   int splits = 1;
@@ -228,8 +212,6 @@ struct OneTokenParams {
   bool shared_f32 = true;
   const void* shared_gate = nullptr;  // [D] or null
   void* Y = nullptr;
-  int loop_sms = 0;  // > 0: projection 1's blocks, as many as fit on this many SMs, loop over its
-                     // tiles, routing once (MOEFUSE_CUDA_ONE_TOKEN=loop, experimental)
 };
 bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2);
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream);

@@ -58,8 +58,9 @@ constexpr int kGatherMinI = 2048;
 // the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto) from this many routed pairs per active expert on
 // average (8 m-tiles). On an H100 (GPU time, pairs over unpaired; docs/performance.md, "H100,
 // 2026-12-06 (CTA pairs)"): 1024 rows an expert (Mixtral T = 4096) 0.92x-0.98x in three runs; 512
-// 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave 0.94x-0.96x in the last run
-// (Qwen3 0.97x-0.98x in the one before); with 64 and 256 losing, not taken until it is understood.
+// 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave
+// 0.94x-0.96x in the last run (Qwen3 0.97x-0.98x in the one before); with 64 and 256 losing, not
+// taken until it is understood.
 constexpr int kCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
@@ -149,10 +150,6 @@ class Kernel {
                                    // selection passes (else by rank, in parallel)
   bool one_token_ = true;          // MOEFUSE_CUDA_ONE_TOKEN=0: one-token calls run the routing,
                                    // skinny and combine kernels (else two kernels where they serve)
-  bool one_token_loop_ = false;    // MOEFUSE_CUDA_ONE_TOKEN=loop: their projection 1 in one wave of
-                                   // blocks that loop over its tiles (experimental)
-  bool combine_tiles_ = false;     // MOEFUSE_CUDA_COMBINE=tiles: projection 2's wgmma tiles do the
-                                   // combine (TileCombine; experimental)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
                                    // assigned statically (else taken from a counter)
   bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
@@ -193,9 +190,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->use_pdl_ = std::string(EnvOr("MOEFUSE_CUDA_PDL", "1")) != "0";
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
-  k->one_token_loop_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) == "loop";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
-  k->combine_tiles_ = std::string(EnvOr("MOEFUSE_CUDA_COMBINE", "kernel")) == "tiles";
   k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
@@ -482,14 +477,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap_ints + (p1_counter ? 1 : 0);
   // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
   const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
-  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0, o_cc = 0;
-  // Projection 2's 128-row cooperative wgmma tiles do the combine (opt-in): where every pair has a
-  // row (computed routing, no zero experts) and no shared expert adds to Y. Counts per token and
-  // n-tile of the narrowest tiles (128 columns), zeroed before the routing.
-  const int comb_stride = static_cast<int>(CeilDiv64(D, 128));
-  const bool combine_tiles = combine_tiles_ && rpath == Path::kWgmma && !narrow && !pingpong_ && !has_shared &&
-                             a.zero_experts == 0 && a.routing_kind != Routing::kPrecomputed && D % 8 == 0;
-  if (combine_tiles) o_cc = cv.Add(static_cast<size_t>(T * comb_stride) * 4);
+  size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
   // pipe went from 77.6% to 90.3% busy; docs/performance.md). Only where the tiles are full on
@@ -632,8 +620,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   one_p2.splits = ypair_planes;
   const bool one_token = one_token_ && !small && rpath == Path::kSkinny && !fused_decode &&
                          OneTokenDecodeServes(r, one_p2);
-  if (combine_tiles && (e = cudaMemsetAsync(at(o_cc), 0, static_cast<size_t>(T * comb_stride) * 4, stream)))
-    return CudaError(e, "combine counts");
   if (!one_token && (e = LaunchRouteAndSort(r, s, stream))) return CudaError(e, "routing");
   if (check_ids_ && a.routing_kind == Routing::kPrecomputed) {
     int mark = 0;
@@ -735,7 +721,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     op.p2.b2 = in[kB2].data;
     op.p2.rows = K;
     op.weight_on_input = woi;
-    op.loop_sms = one_token_loop_ ? dev_.num_sms : 0;
     set_output(op);
     if ((e = LaunchOneTokenDecode(op, stream))) return CudaError(e, "experts (one-token decode)");
   } else if (small) {
@@ -805,15 +790,6 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
     g2.plane = P * D;
     g2.rows = P;
     g2.rows_by_tma = tma_rows_ >= 1;
-    if (combine_tiles) {
-      g2.combine.token = s.sorted_row;
-      g2.combine.pos = s.pair_pos;
-      g2.combine.w = woi ? nullptr : r.w;
-      g2.combine.count = static_cast<int*>(at(o_cc));
-      g2.combine.stride = comb_stride;
-      g2.combine.K = static_cast<int>(K);
-      g2.combine.Y = ydata;
-    }
     if (overlap)
       g2.g.ready_need = rpath == Path::kWgmma ? WgmmaFirstProjSignals(g1, dev_.num_sms) : SkinnyFirstProjSignals(g1);
     switch (rpath) {
@@ -848,24 +824,22 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
         if ((e = LaunchSimtGemm1(g1, stream)) || (e = LaunchSimtGemm2(g2, stream)))
           return CudaError(e, "experts (simt)");
     }
-    if (!combine_tiles) {  // (else projection 2's tiles wrote Y)
-      CombineParams cp;
-      cp.dtype = dt;
-      cp.T = static_cast<int>(T);
-      cp.D = static_cast<int>(D);
-      cp.K = static_cast<int>(K);
-      cp.X = in[kX].data;
-      cp.pair_pos = s.pair_pos;
-      cp.w = r.w;
-      cp.weight_on_input = woi;
-      cp.zero_experts = a.zero_experts > 0;
-      cp.ypair = at(o_y);
-      cp.ypair_f32 = ypair_f32;
-      cp.ypair_planes = ypair_planes;
-      cp.ypair_plane = P * D;
-      set_output(cp);
-      if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
-    }
+    CombineParams cp;
+    cp.dtype = dt;
+    cp.T = static_cast<int>(T);
+    cp.D = static_cast<int>(D);
+    cp.K = static_cast<int>(K);
+    cp.X = in[kX].data;
+    cp.pair_pos = s.pair_pos;
+    cp.w = r.w;
+    cp.weight_on_input = woi;
+    cp.zero_experts = a.zero_experts > 0;
+    cp.ypair = at(o_y);
+    cp.ypair_f32 = ypair_f32;
+    cp.ypair_planes = ypair_planes;
+    cp.ypair_plane = P * D;
+    set_output(cp);
+    if ((e = LaunchCombine(cp, stream))) return CudaError(e, "combine");
   }
   if ((e = cudaGetLastError())) return CudaError(e, "kernel launch");
   return nullptr;

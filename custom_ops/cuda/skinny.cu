@@ -443,32 +443,26 @@ struct AfterGrid {
 constexpr int kWideBatch = 16;
 constexpr int kWideMaxD = kWarps * kWideBatch * 32;
 
-// WideLoop's two halves: the loads of a warp's weights (in `a`, `b`), then their MMAs with the token.
-// The loop form (kWideLoop) issues the next tile's loads between the two, before the block's
-// reduction of the tile just multiplied.
+// `rows` is the call's token count (1) from the call: with the MMAs behind a test of it, the compiler
+// keeps the loads together rather than moving each down to its MMA (a round trip per k-block).
 template <typename T>
-__device__ __forceinline__ void WideLoad(uint4 (&a)[kWideBatch], uint4 (&b)[kWideBatch], const T* wa, const T* wb,
-                                         const T* xs, int K, int kb0, int kb1) {
+__device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* wb, const T* xs, int K,
+                                         int kb0, int kb1, int rows) {
   const int t = threadIdx.x & 3;
+  const unsigned token = (threadIdx.x & 31) < 4 ? ~0u : 0u;  // MMA column 0 is the token (g = 0)
   const bool has_a = wa != nullptr, has_b = wb != nullptr;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // one base address a row and immediate offsets, rather than a pointer a load
   const uint4* pa = reinterpret_cast<const uint4*>((has_a ? wa : xs) + kb0 * 32 + t * 8);
   const uint4* pb = reinterpret_cast<const uint4*>((has_b ? wb : xs) + kb0 * 32 + t * 8);
+  uint4 a[kWideBatch], b[kWideBatch];
 #pragma unroll
   for (int u = 0; u < kWideBatch; ++u) {
     const bool in = kb0 + u < kb1 && (kb0 + u) * 32 + t * 8 < K;
     a[u] = in && has_a ? __ldcs(pa + 4 * u) : zero;
     b[u] = in && has_b ? __ldcs(pb + 4 * u) : zero;
   }
-}
-
-template <typename T>
-__device__ __forceinline__ void WideMma(float (&acc)[4], const uint4 (&a)[kWideBatch], const uint4 (&b)[kWideBatch],
-                                        const T* xs, int K, int kb0, int kb1) {
-  const int t = threadIdx.x & 3;
-  const unsigned token = (threadIdx.x & 31) < 4 ? ~0u : 0u;  // MMA column 0 is the token (g = 0)
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+  if (rows <= 0) return;
 #pragma unroll
   for (int u = 0; u < kWideBatch; ++u) {
     const int k = (kb0 + u) * 32 + t * 8;
@@ -481,21 +475,9 @@ __device__ __forceinline__ void WideMma(float (&acc)[4], const uint4 (&a)[kWideB
   }
 }
 
-// `rows` is the call's token count (1) from the call: with the MMAs behind a test of it, the compiler
-// keeps the loads together rather than moving each down to its MMA (a round trip per k-block).
-template <typename T>
-__device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* wb, const T* xs, int K,
-                                         int kb0, int kb1, int rows) {
-  uint4 a[kWideBatch], b[kWideBatch];
-  WideLoad<T>(a, b, wa, wb, xs, K, kb0, kb1);
-  if (rows <= 0) return;
-  WideMma<T>(acc, a, b, xs, K, kb0, kb1);
-}
-
 // Projection 1's forms (OneTokenGemm1Kernel): MainLoop's batches, or each warp's weights
-// requested at once (WideLoop, D <= 2048), or that with each block looping over tiles (kWideLoop:
-// one wave of blocks that route once; experimental).
-enum OneTokenForm { kBatched = 0, kWide = 1, kWideLoop = 2 };
+// requested at once (WideLoop, D <= 2048).
+enum OneTokenForm { kBatched = 0, kWide = 1 };
 
 // Projection 1: block (b, j) takes pick j's expert, weight tile b. Wide: the token's row is
 // copied to shared memory as the block starts (before the routing).
@@ -503,7 +485,7 @@ template <typename T, int M, int Form>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
-  constexpr bool kAtOnce = Form != kBatched;
+  constexpr bool kAtOnce = Form == kWide;
   __shared__ float red[kNT * kWarps * 4 * 32];
   __shared__ routing::RankScratch rank;
   __shared__ float w[32];
@@ -527,7 +509,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   const float* row_scale = p.weight_on_input ? w : nullptr;
   if constexpr (Form == kBatched) {
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
-  } else if constexpr (Form == kWide) {
+  } else {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
     const int2 u = Tile1Units(p.p1.w.up != nullptr, blockIdx.x, g);
     const int nkb = (D + 31) / 32;
@@ -537,29 +519,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p.p1, s, 0, 1, u.x, u.y, v, row_scale);
-  } else {
-    // tile q of the call is pick q / per_pick's weight tile q % per_pick; block b takes b, b + grid, ...
-    const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
-    const bool gated = p.p1.w.up != nullptr;
-    const int per_pick = CeilDiv(p.p1.I, gated ? 8 : 16), tiles = per_pick * p.r.K;
-    const int nkb = (D + 31) / 32, kb0 = warp * nkb / kWarps, kb1 = (warp + 1) * nkb / kWarps;
-    auto row = [&](int q, int r) { return Tile1Row<T>(p.p1, rank.pick[q / per_pick], q % per_pick, r); };
-    uint4 a[kWideBatch], b[kWideBatch];
-    int q = blockIdx.x;
-    if (q < tiles) WideLoad<T>(a, b, row(q, g), row(q, g + 8), xs, D, kb0, kb1);
-    for (; q < tiles; q += gridDim.x) {
-      float acc[kNT][4] = {};
-      WideMma<T>(acc[0], a, b, xs, D, kb0, kb1);
-      const int next = q + gridDim.x;
-      if (next < tiles) WideLoad<T>(a, b, row(next, g), row(next, g + 8), xs, D, kb0, kb1);
-      const int j = q / per_pick;
-      const Slot sq{rank.pick[j], j, s.rows};
-      const int2 u = Tile1Units(gated, q % per_pick, g);
-      float v[4];
-      Reduce(acc, red, v);
-      StoreH<T>(p.p1, sq, 0, 1, u.x, u.y, v, row_scale);
-      __syncthreads();  // red is reused by the next tile
-    }
   }
 }
 
@@ -931,31 +890,14 @@ cudaError_t Gemm2T(const Gemm2Params& p, cudaStream_t stream) {
              : Launch(Gemm2Kernel<T, false, false>, grid, dim3(kWarps * 32), 0, stream, p);
 }
 
-// Blocks of a skinny kernel (kWarps warps, static shared memory only) resident per SM on the
-// current device; 1 where the occupancy query fails.
-template <typename Kernel>
-int ResidentPerSm(Kernel kernel) {
-  int n = 0;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) == cudaSuccess && n > 0 ? n : 1;
-}
-
 template <typename T, int M>
 cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
   const bool gated = p.p1.w.up != nullptr;
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
   const bool wide = p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
-  cudaError_t e;
-  if (wide && p.loop_sms > 0) {
-    static const int per_sm = ResidentPerSm(OneTokenGemm1Kernel<T, M, kWideLoop>);
-    const int64_t tiles = static_cast<int64_t>(grid1.x) * grid1.y;
-    const int64_t blocks = std::min<int64_t>(tiles, static_cast<int64_t>(per_sm) * p.loop_sms);
-    e = Launch(OneTokenGemm1Kernel<T, M, kWideLoop>, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), 0,
-               stream, p);
-  } else {
-    e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
-             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
-  }
+  const cudaError_t e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
+                             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
   if (e) return e;
   return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }
@@ -993,6 +935,14 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
   const int blocks = num_sms * std::max(1, std::min(per_sm, kFzBlocksPerSm));
   return Launch(FusedDecodeKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3((kWarps + 1) * 32), smem,
                 stream, f);
+}
+
+// Blocks of a skinny kernel (kWarps warps, static shared memory only) resident per SM on the
+// current device; 1 where the occupancy query fails.
+template <typename Kernel>
+int ResidentPerSm(Kernel kernel) {
+  int n = 0;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) == cudaSuccess && n > 0 ? n : 1;
 }
 
 }  // namespace

@@ -76,8 +76,6 @@ struct WgArgs {
   // Clusters of two CTAs share each weight tile (Groups::mpairs; the weight maps' boxes are half
   // a tile's rows): the cooperative kernel's WgKernel<..., true>.
   int cta_pairs = 0;
-  // Projection 2, cooperative schedule: the combine done by the tiles (TileCombine; null count: off)
-  TileCombine comb;
 };
 
 // The kernels' TMA maps: weight boxes (gate and up views, or one view twice) and, with
@@ -611,55 +609,6 @@ __device__ __forceinline__ void SignalReady(const WgArgs& p, const Tile& t, int 
   if ((threadIdx.x & 127) == 0) atomicAdd(p.ready_signal + t.e, 1);
 }
 
-// Projection 2 with WgArgs::comb (TileCombine): consumer warpgroup cw's rows of tile t are stored
-// in p.out. Each row adds one to its token's count for the tile's n-tile (a token has at most one
-// row in an expert's tile); then, for every token whose count this made K, the warpgroup sums the
-// token's K rows of the n-tile's columns in pick order (the combine kernel's arithmetic, so the
-// output is bit for bit its) and writes them to Y. The rows of other CTAs' tiles are read from L2:
-// each writer fenced its stores before its count.
-template <typename T, int BN>
-__device__ __forceinline__ void CombineInTile(const WgArgs& p, const Tile& t, int cw, int* done, int* ndone) {
-  static_assert(sizeof(T) == 2, "16-bit rows");
-  const TileCombine& c = p.comb;
-  const int tid = threadIdx.x & 127;
-  __threadfence();
-  if (tid == 0) *ndone = 0;
-  WarpgroupSync(1 + cw);
-  if (tid < 64) {
-    const int row = cw * 64 + tid;
-    if (row < t.rows) {
-      const int tok = c.token[t.r0 + row];
-      if (atomicAdd(c.count + static_cast<int64_t>(tok) * c.stride + t.n, 1) == c.K - 1)
-        done[atomicAdd(ndone, 1)] = tok;
-    }
-  }
-  __threadfence();
-  WarpgroupSync(1 + cw);
-  constexpr int kChunks = BN / 8;  // 16-byte chunks of the n-tile's columns
-  const int n = *ndone;
-  for (int i = tid; i < n * kChunks; i += 128) {
-    const int tok = done[i / kChunks];
-    const int col = t.n * BN + (i % kChunks) * 8;
-    if (col >= p.N) continue;
-    const int64_t pair0 = static_cast<int64_t>(tok) * c.K;
-    float acc[8] = {};
-    for (int j = 0; j < c.K; ++j) {
-      const int64_t row = c.pos[pair0 + j];
-      const float w = c.w ? c.w[pair0 + j] : 1.0f;
-      const uint4 u = __ldcg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + row * p.ldo + col));
-      const T* h = reinterpret_cast<const T*>(&u);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] += w * ToF(h[k]);
-    }
-    T out[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) out[k] = FromF<T>(acc[k]);
-    *reinterpret_cast<uint4*>(static_cast<T*>(c.Y) + static_cast<int64_t>(tok) * p.N + col) =
-        *reinterpret_cast<const uint4*>(out);
-  }
-  WarpgroupSync(1 + cw);  // done and *ndone are read by all before the next tile writes them
-}
-
 // One tile's epilogue for this thread's accumulators (rows 64 cw .. 64 cw + 63 of the tile), mode
 // and activation fixed at compile time (Epilogue dispatches), so that the unrolled body holds the
 // code of one case only.
@@ -768,7 +717,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       int stage = 0;
       uint32_t phase = 0;
       float acc[BN / 2] = {};
-      __shared__ int comb_done[2][64], comb_n[2];  // CombineInTile's tokens, per consumer warpgroup
       const int64_t step = Pairs ? gridDim.x / 2 : gridDim.x;  // (static schedule, as Produce's)
       int64_t tile = Pairs ? blockIdx.x / 2 : blockIdx.x;
       for (int local = 0; p.next_tile || tile < total; ++local, tile += step) {
@@ -802,7 +750,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (prev >= 0 && lane == 0) ReleaseStage(empty + prev, partner);
         Epilogue<T, BN>(p, t, acc, cw, ToGlobal<T>{static_cast<T*>(p.out), p.ldo, t.r0});
         SignalReady(p, t, cw);
-        if (p.comb.count) CombineInTile<T, BN>(p, t, cw, comb_done[cw], &comb_n[cw]);
       }
     } else {
       // Ping-pong: tiles cw, cw + 2, ... of this CTA, all 128 rows (accumulators [0, 64): rows
@@ -1265,10 +1212,6 @@ cudaError_t LaunchWgmmaGemm2(const Gemm2Params& p, int num_sms, cudaStream_t str
   const bool narrow = p.g.tile_rows != kBM;
   const int bn = narrow ? NarrowCfg<32>::kUnits : p.bn ? p.bn : PickBn(p.g, p.D, num_sms);  // box rows
   a.cta_pairs = TakesCtaPairs(a, narrow, p.pingpong, num_sms);
-  if (p.combine.count) {  // 128-row cooperative tiles, 16-byte column chunks within each n-tile
-    if (narrow || p.pingpong || p.D % 8 != 0 || p.combine.stride < CeilDiv(p.D, bn)) return cudaErrorInvalidValue;
-    a.comb = p.combine;
-  }
   TmaMaps m;
   if (!MakeMap(&m.w1, p.w2, p.dtype, groups * p.D, p.I, a.cta_pairs ? bn / 2 : bn)) return cudaErrorInvalidValue;
   m.w2 = m.w1;
