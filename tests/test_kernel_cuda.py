@@ -338,13 +338,14 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
     assert_same_as_waiting(attrs, size, counts, name, monkeypatch, seed=300)
 
 
-# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1; automatic with static tiles): the two CTAs of a
-# cluster take m-tiles 2j and 2j + 1 of one expert and n-tile, each loading half of the weight tile
-# into both (TMA multicast). Bit for bit the unpaired kernels' output, and the reference's: experts
-# of odd and even m-tile counts (an odd count's last m-tile split in halves of 64 rows, the second
-# half empty, partial or full; a pair's second m-tile of 64 rows or fewer) and one of none, both
-# tile widths, rows gathered by cp.async (0) or X copied first and read by TMA (3), projection 2
-# paired (waiting for projection 1) or unpaired (overlapping it: its tiles come from a counter).
+# CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1, or =counter with projection 1's tiles from its counter;
+# automatic with static tiles): the two CTAs of a cluster take m-tiles 2j and 2j + 1 of one expert
+# and n-tile, each loading half of the weight tile into both (TMA multicast). Bit for bit the
+# unpaired kernels' output, and the reference's: experts of odd and even m-tile counts (an odd
+# count's last m-tile split in halves of 64 rows, the second half empty, partial or full; a pair's
+# second m-tile of 64 rows or fewer) and one of none, both tile widths, rows gathered by cp.async
+# (0) or X copied first and read by TMA (3), projection 2 waiting for projection 1 (static tiles)
+# or overlapping it (its tiles from a counter, rank 0 of a cluster taking them for both).
 PAIR_COUNTS = (256, 257, 129, 2, 0, 384, 128, 640, 350, 200)  # m-tiles 2, 3, 2, 1, 0, 3, 1, 5, 3, 2
 
 
@@ -364,17 +365,20 @@ def hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
-def assert_switch_changes_nothing(attrs, inputs, name, monkeypatch, switch="MOEFUSE_CUDA_CTA_PAIRS"):
-    """The output with `switch` at 0 and at 1 (CTA pairs, or projection 1's tile counter): each
-    against the reference, and bit for bit."""
+def assert_switch_changes_nothing(attrs, inputs, name, monkeypatch, switch="MOEFUSE_CUDA_CTA_PAIRS",
+                                  values=("0", "1", "counter")):
+    """The output with `switch` at each of `values` (CTA pairs off, with static tiles and with
+    projection 1's counter; or projection 1's tile counter off and on): each against the
+    reference, and bit for bit."""
     model = make_moeffn_model(attrs, inputs)
     outs = {}
-    for value in ("0", "1"):
+    for value in values:
         monkeypatch.setenv(switch, value)
         got = run(cuda_session(model), feeds(inputs), {"Y": inputs["X"].shape})[0]
         close(got, moeffn(attrs, **inputs), BF16, f"{name}, {switch}={value}")
         outs[value] = f32(got)
-    np.testing.assert_array_equal(outs["1"], outs["0"], err_msg=name)
+    for value in values[1:]:
+        np.testing.assert_array_equal(outs[value], outs[values[0]], err_msg=f"{name}, {switch}={value}")
 
 
 def pair_count_inputs():
@@ -408,7 +412,8 @@ def test_prefill_first_projection_counter(bn, rows, monkeypatch, hang_guard):
                        ("MOEFUSE_CUDA_TMA_ROWS", rows), ("MOEFUSE_CUDA_CTA_PAIRS", "0")):
         monkeypatch.setenv(key, value)
     attrs, inputs = pair_count_inputs()
-    assert_switch_changes_nothing(attrs, inputs, f"bn {bn}, rows {rows}", monkeypatch, "MOEFUSE_CUDA_P1_COUNTER")
+    assert_switch_changes_nothing(attrs, inputs, f"bn {bn}, rows {rows}", monkeypatch, "MOEFUSE_CUDA_P1_COUNTER",
+                                  ("0", "1"))
 
 
 def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
@@ -422,22 +427,23 @@ def test_prefill_cta_pairs_one_tile_experts(monkeypatch, hang_guard):
     assert_switch_changes_nothing(attrs, inputs, "128 one-tile experts", monkeypatch)
 
 
-@pytest.mark.parametrize("overlap,paired", [("0", 2), ("1", 1)])
-def test_prefill_cta_pairs_kernels(overlap, paired, monkeypatch, hang_guard):
-    """Which grouped GEMMs run on CTA pairs: both projections, or projection 1 alone where
-    projection 2 takes its tiles from a counter (overlapping projection 1)."""
+@pytest.mark.parametrize("pairs", ["1", "counter"])
+@pytest.mark.parametrize("overlap", ["0", "1"])
+def test_prefill_cta_pairs_kernels(overlap, pairs, monkeypatch, hang_guard):
+    """Both grouped GEMMs run on CTA pairs, whether projection 2 waits for projection 1 or
+    overlaps it (its tiles from a counter), and projection 1's tiles static or from its counter."""
     monkeypatch.setenv("MOEFUSE_CUDA_NARROW", "0")
     monkeypatch.setenv("MOEFUSE_CUDA_PATH", "prefill")
     monkeypatch.setenv("MOEFUSE_CUDA_OVERLAP", overlap)
-    monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", "1")
-    assert paired_grouped_gemms(600) == paired
+    monkeypatch.setenv("MOEFUSE_CUDA_CTA_PAIRS", pairs)
+    assert paired_grouped_gemms(600) == 2
 
 
-@pytest.mark.parametrize("counter,tokens,paired", [("0", 1024, 0), ("0", 2048, 1), ("1", 2048, 0)])
+@pytest.mark.parametrize("counter,tokens,paired", [("0", 1024, 0), ("0", 2048, 2), ("1", 2048, 0)])
 def test_prefill_cta_pairs_by_default(counter, tokens, paired, monkeypatch, hang_guard):
-    """With projection 1's tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0) it runs on CTA
-    pairs from 1024 routed rows an expert on average (k = 8 of 16 experts: 512 and 1024 rows);
-    projection 2, overlapping it, does not. By default (tiles from a counter) neither does."""
+    """With projection 1's tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0) both projections
+    run on CTA pairs from 1024 routed rows an expert on average (k = 8 of 16 experts: 512 and 1024
+    rows). By default (projection 1's tiles from a counter) neither does."""
     monkeypatch.delenv("MOEFUSE_CUDA_CTA_PAIRS", raising=False)
     monkeypatch.setenv("MOEFUSE_CUDA_P1_COUNTER", counter)
     assert paired_grouped_gemms(tokens) == paired

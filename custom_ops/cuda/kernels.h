@@ -126,8 +126,8 @@ struct Groups {
   // Non-null (SortParams::mpairs): the wgmma path's 128-row tiles run on clusters of two CTAs that
   // take m-tiles 2j and 2j + 1 of one expert and n-tile, each loading half of the weight tile into
   // both (TMA multicast); where an expert's m-tile count is odd, its last pair is that m-tile split
-  // in halves of 64 rows. Only where tiles are assigned statically (not Groups::next_tile), grouped,
-  // expert-major.
+  // in halves of 64 rows. Grouped, expert-major; tiles assigned statically or, with next_tile, taken
+  // from the counter by rank 0 of the cluster, which hands each to rank 1.
   const int* mpair_prefix = nullptr;
   const int4* mpairs = nullptr;
   int tile_rows = 128;               // rows of an m-tile (grouped; the sort's bm): 128, or 32 / 64

@@ -140,8 +140,9 @@ class Kernel {
   int order_n_ = 0;                // MOEFUSE_CUDA_ORDER=n: n-major wgmma tile order (tuning)
   bool pingpong_ = false;          // MOEFUSE_CUDA_SCHEDULE=pingpong: 128-wide wgmma tiles on
                                    // ping-pong consumers (experimental)
-  int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1: 128-row wgmma tiles on CTA
-                                   // pairs that share the weight tile (Groups::mpairs; -1 auto)
+  int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1|counter: 128-row wgmma tiles on
+                                   // CTA pairs that share the weight tile (Groups::mpairs; -1 auto;
+                                   // 2, counter: with projection 1's tiles still from its counter)
   int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
@@ -199,7 +200,7 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   if (k->bn_ != 128 && k->bn_ != 256) k->bn_ = 0;
   k->pingpong_ = std::string(EnvOr("MOEFUSE_CUDA_SCHEDULE", "cooperative")) == "pingpong";
   const std::string pairs = EnvOr("MOEFUSE_CUDA_CTA_PAIRS", "auto");
-  k->cta_pairs_ = pairs == "1" ? 1 : pairs == "0" ? 0 : -1;
+  k->cta_pairs_ = pairs == "1" ? 1 : pairs == "0" ? 0 : pairs == "counter" ? 2 : -1;
   const std::string narrow = EnvOr("MOEFUSE_CUDA_NARROW", "auto");
   k->narrow_ = narrow == "32" ? 32 : narrow == "64" ? 64 : narrow == "0" ? 0 : -1;
   const std::string splitk = EnvOr("MOEFUSE_CUDA_SPLITK", "1");
@@ -463,12 +464,12 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
                     SkinnyPerExpertStartPays(I, a.gated != 0, max_active, dev_.num_sms)));
   // Projection 1's 128-row tiles taken from a counter, so that the CTAs sharing an expert's
   // weight tile start it together (static strides drift apart: 1.38 GB of DRAM reads for its 805
-  // MB of weights at Qwen3 T = 4096 on an H200); not on CTA pairs, whose clusters take their tiles
-  // statically.
+  // MB of weights at Qwen3 T = 4096 on an H200); not with MOEFUSE_CUDA_CTA_PAIRS=1, whose clusters
+  // take projection 1's tiles statically (=counter: from the counter, rank 0 of each cluster).
   const bool p1_counter = p1_counter_ && rpath == Path::kWgmma && !narrow && !pingpong_ && cta_pairs_ != 1;
   // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
   const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
-                         (cta_pairs_ == 1 || (cta_pairs_ < 0 && !p1_counter && per_expert >= kCtaPairMinRows));
+                         (cta_pairs_ >= 1 || (cta_pairs_ < 0 && !p1_counter && per_expert >= kCtaPairMinRows));
   const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
   const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's

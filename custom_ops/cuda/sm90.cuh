@@ -55,6 +55,37 @@ __device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t cta) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
+// The address of `p`'s shared-memory offset in CTA `cta` of the cluster.
+__device__ __forceinline__ uint32_t ClusterSmemAddr(const void* p, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(SmemAddr(p)), "r"(cta));
+  return remote;
+}
+
+// A 32-bit store into another CTA's shared memory (ClusterSmemAddr), then an arrival on its
+// mbarrier that releases the store at cluster scope; the waiter acquires it (MbarWaitCluster).
+__device__ __forceinline__ void StoreAndArriveRemote(uint32_t value_addr, int value, uint32_t bar_addr) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(value_addr), "r"(value) : "memory");
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
+}
+
+__device__ __forceinline__ void MbarArriveRemoteRelease(uint32_t bar_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
+}
+
+__device__ __forceinline__ void MbarWaitCluster(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = SmemAddr(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
 __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }

@@ -408,10 +408,30 @@ __device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 3, 128;"
 // that start first take more; the end is then published as a tile of expert -1 on the next stage.
 // With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
 // are ready.
+// CTA pairs with tiles from a counter: rank 0 takes each tile and hands it to rank 1 through two
+// slots in rank 1's shared memory; `full` completes on rank 1 as a slot is written, `empty` on rank
+// 0 as rank 1 has read it (so that rank 0 writes a slot again only after). Initialised before the
+// kernel's first cluster barrier (InitPairTickets).
+struct PairTickets {
+  uint64_t full[2];
+  uint64_t empty[2];
+  int value[2];
+};
+
+__device__ __forceinline__ void InitPairTickets(PairTickets& pt) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      MbarInit(pt.full + i, 1);
+      MbarInit(pt.empty + i, 1);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+
 template <typename T, int BM, int S, bool Pairs = false>
 __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
                                         const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
-                                        int nkb) {
+                                        int nkb, PairTickets* pt = nullptr) {
   constexpr int kRows = BM / 16;  // rows per thread
   const int tid = threadIdx.x & 127;
   const int chunk = tid & 7, rbase = tid >> 3;  // rows rbase + 16 j, 16-byte chunk `chunk`
@@ -429,8 +449,21 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
   __shared__ int taken[2];
   int fetches = 0;
   auto take = [&]() -> int64_t {
+    const int use = fetches >> 1;  // earlier uses of this slot
     const int slot = fetches++ & 1;
-    if (tid == 0) taken[slot] = atomicAdd(p.next_tile, 1);
+    if (tid == 0) {
+      if (!Pairs) {
+        taken[slot] = atomicAdd(p.next_tile, 1);
+      } else if (rank == 0) {
+        if (use > 0) MbarWaitCluster(pt->empty + slot, (use - 1) & 1);
+        taken[slot] = atomicAdd(p.next_tile, 1);
+        StoreAndArriveRemote(ClusterSmemAddr(pt->value + slot, 1), taken[slot], ClusterSmemAddr(pt->full + slot, 1));
+      } else {
+        MbarWaitCluster(pt->full + slot, use & 1);
+        taken[slot] = pt->value[slot];
+        MbarArriveRemoteRelease(ClusterSmemAddr(pt->empty + slot, 0));
+      }
+    }
     ProducerSync();
     return taken[slot];
   };
@@ -688,6 +721,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const Ring ring = SetUpRing<S>(smem_raw, C::kABytes, C::kBBytes, C::kInfo,
                                  C::kPingPong ? 4 : Pairs ? 16 : 8, C::kEpiBytes);
+  __shared__ PairTickets tickets;  // (pairs with tiles from a counter)
+  if constexpr (Pairs) InitPairTickets(tickets);
   // the partner's barriers are initialised before this CTA arrives on them or multicasts to them
   if constexpr (Pairs) ClusterSync();
   const int partner = Pairs ? static_cast<int>(ClusterRank() ^ 1) : -1;
@@ -706,7 +741,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    Produce<T, kBM, S, Pairs>(maps, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb);
+    Produce<T, kBM, S, Pairs>(maps, p, ring, p.mode == 2 ? BN / 2 : BN, total, mtiles, nkb, &tickets);
   } else {
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -1109,11 +1144,11 @@ bool ActivationMap(DType t, int64_t rows, bool by_tma, int box_rows, WgArgs& a, 
   return a.lda % 8 == 0 && rows * (a.lda / 8) < 0xFFFFFFFFll;
 }
 
-// CTA pairs where the schedule offers them (Groups::mpairs) and the call's tiles are assigned
-// statically: 128-row tiles, cooperative, grouped, expert-major, not taken from a counter.
+// CTA pairs where the schedule offers them (Groups::mpairs): 128-row tiles, cooperative, grouped,
+// expert-major; assigned statically or taken from a counter (rank 0 takes, PairTickets).
 bool TakesCtaPairs(const WgArgs& a, bool narrow, bool pingpong, int num_sms) {
-  return a.g.mpairs && a.g.mpair_prefix && !narrow && !pingpong && !a.next_tile && a.expert_major &&
-         a.g.dense_rows < 0 && num_sms >= 2;
+  return a.g.mpairs && a.g.mpair_prefix && !narrow && !pingpong && a.expert_major && a.g.dense_rows < 0 &&
+         num_sms >= 2;
 }
 
 // 128 x 256 tiles unless there would be fewer than half a wave of them (then 128 x 128 tiles put
