@@ -339,7 +339,7 @@ def test_projection_overlap(name, changes, size, narrow_counts, counts, rows, mo
 
 
 # CTA pairs (MOEFUSE_CUDA_CTA_PAIRS=1, or =counter with projection 1's tiles from its counter;
-# automatic with static tiles): the two CTAs of a cluster take m-tiles 2j and 2j + 1 of one expert
+# automatic from 128 rows an expert): the two CTAs of a cluster take m-tiles 2j and 2j + 1 of one expert
 # and n-tile, each loading half of the weight tile into both (TMA multicast). Bit for bit the
 # unpaired kernels' output, and the reference's: experts of odd and even m-tile counts (an odd
 # count's last m-tile split in halves of 64 rows, the second half empty, partial or full; a pair's
@@ -439,11 +439,11 @@ def test_prefill_cta_pairs_kernels(overlap, pairs, monkeypatch, hang_guard):
     assert paired_grouped_gemms(600) == 2
 
 
-@pytest.mark.parametrize("counter,tokens,paired", [("0", 1024, 0), ("0", 2048, 2), ("1", 2048, 0)])
+@pytest.mark.parametrize("counter,tokens,paired", [("1", 128, 0), ("1", 256, 2), ("0", 1024, 0), ("0", 2048, 2)])
 def test_prefill_cta_pairs_by_default(counter, tokens, paired, monkeypatch, hang_guard):
-    """With projection 1's tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0) both projections
-    run on CTA pairs from 1024 routed rows an expert on average (k = 8 of 16 experts: 512 and 1024
-    rows). By default (projection 1's tiles from a counter) neither does."""
+    """Both projections run on CTA pairs from 128 routed rows an expert on average with their
+    tiles from counters (the default), from 1024 with projection 1's tiles assigned statically
+    (MOEFUSE_CUDA_P1_COUNTER=0); k = 8 of 16 experts: 64, 128, 512 and 1024 rows."""
     monkeypatch.delenv("MOEFUSE_CUDA_CTA_PAIRS", raising=False)
     monkeypatch.setenv("MOEFUSE_CUDA_P1_COUNTER", counter)
     assert paired_grouped_gemms(tokens) == paired

@@ -54,14 +54,17 @@ constexpr int kDenseSkinnyRows = 16;
 constexpr int kNarrow32Rows = 16;
 constexpr int kNarrow64Rows = 40;
 constexpr int kGatherMinI = 2048;
-// wgmma path, 128-row tiles assigned statically (MOEFUSE_CUDA_P1_COUNTER=0): CTA pairs that share
-// the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto) from this many routed pairs per active expert on
-// average (8 m-tiles). On an H100 (GPU time, pairs over unpaired; docs/performance.md, "H100,
-// 2026-12-06 (CTA pairs)"): 1024 rows an expert (Mixtral T = 4096) 0.92x-0.98x in three runs; 512
-// 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x. About 128 (Mixtral T = 512, Qwen3 T = 2048) gave
-// 0.94x-0.96x in the last run (Qwen3 0.97x-0.98x in the one before); with 64 and 256 losing, not
-// taken until it is understood.
-constexpr int kCtaPairMinRows = 1024;
+// wgmma path, 128-row tiles: CTA pairs that share the weight tile (MOEFUSE_CUDA_CTA_PAIRS=auto)
+// from this many routed pairs per active expert on average. Tiles from counters (the default):
+// from one m-tile an expert. On an H100 (bfloat16, GPU time, pairs over unpaired, two runs;
+// docs/performance.md, "H100, 2026-12-06 (evening)"): GPT-OSS T = 4096 (512 rows an expert)
+// 0.97x-0.98x, Mixtral T = 512 (128) 0.95x-0.96x, T = 4096 (1024) 0.91x-0.97x, Qwen3 T = 4096
+// (256) 0.99x; GPT-OSS T = 512 (64 rows: each pair one m-tile split in halves) 1.06x. Wall time
+// 0.97x-1.03x at the paired points. Projection 1's tiles assigned statically
+// (MOEFUSE_CUDA_P1_COUNTER=0): from 1024 rows ("H100, 2026-12-06 (CTA pairs)": 1024 rows
+// 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x).
+constexpr int kCtaPairMinRows = 128;
+constexpr int kStaticCtaPairMinRows = 1024;
 // Without the Hopper kernels: skinny while the routed pairs average fewer than 32 rows per active
 // expert, the mma grouped GEMM from there (the skinny kernel reads an expert's weights again for
 // every 32 rows). On an H200 running the compute_80 code, bfloat16 (docs/performance.md,
@@ -142,7 +145,7 @@ class Kernel {
                                    // ping-pong consumers (experimental)
   int cta_pairs_ = -1;             // MOEFUSE_CUDA_CTA_PAIRS=auto|0|1|counter: 128-row wgmma tiles on
                                    // CTA pairs that share the weight tile (Groups::mpairs; -1 auto;
-                                   // 2, counter: with projection 1's tiles still from its counter)
+                                   // 1 forced, projection 1's tiles static; 2 forced, from its counter)
   int narrow_ = -1;                // MOEFUSE_CUDA_NARROW=auto|0|32|64: narrow wgmma tiles (-1 auto)
   int splitk_ = 1;                 // MOEFUSE_CUDA_SPLITK=auto|1..4: skinny projection 2 K split
                                    // (experimental; 0 = auto)
@@ -465,11 +468,12 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // Projection 1's 128-row tiles taken from a counter, so that the CTAs sharing an expert's
   // weight tile start it together (static strides drift apart: 1.38 GB of DRAM reads for its 805
   // MB of weights at Qwen3 T = 4096 on an H200); not with MOEFUSE_CUDA_CTA_PAIRS=1, whose clusters
-  // take projection 1's tiles statically (=counter: from the counter, rank 0 of each cluster).
+  // take projection 1's tiles statically (with pairs, rank 0 of each cluster takes them).
   const bool p1_counter = p1_counter_ && rpath == Path::kWgmma && !narrow && !pingpong_ && cta_pairs_ != 1;
   // the m-tiles two by two for CTA pairs (wgmma, 128-row cooperative tiles)
-  const bool cta_pairs = rpath == Path::kWgmma && !narrow && !pingpong_ &&
-                         (cta_pairs_ >= 1 || (cta_pairs_ < 0 && !p1_counter && per_expert >= kCtaPairMinRows));
+  const bool cta_pairs =
+      rpath == Path::kWgmma && !narrow && !pingpong_ &&
+      (cta_pairs_ >= 1 || (cta_pairs_ < 0 && per_expert >= (p1_counter ? kCtaPairMinRows : kStaticCtaPairMinRows)));
   const size_t o_mpp = cta_pairs ? cv.Add((E + 1) * 4) : 0;
   const size_t o_mp = cta_pairs ? cv.Add(static_cast<size_t>(max_tiles) * 16) : 0;
   // ints the routing kernel zeroes: the one-kernel decode's tickets and counts, or the overlap's
