@@ -58,9 +58,9 @@ constexpr int kGatherMinI = 2048;
 // from this many routed pairs per active expert on average. Tiles from counters (the default):
 // from one m-tile an expert. On an H100 (bfloat16, GPU time, pairs over unpaired, two runs;
 // docs/performance.md, "H100, 2026-12-06 (evening)"): GPT-OSS T = 4096 (512 rows an expert)
-// 0.97x-0.98x, Mixtral T = 512 (128) 0.95x-0.96x, T = 4096 (1024) 0.91x-0.97x, Qwen3 T = 4096
+// 0.97x-0.98x, Mixtral T = 512 (128) 0.95x-0.96x, T = 4096 (1024) 0.91x-0.95x, Qwen3 T = 4096
 // (256) 0.99x; GPT-OSS T = 512 (64 rows: each pair one m-tile split in halves) 1.06x. Wall time
-// 0.97x-1.03x at the paired points. Projection 1's tiles assigned statically
+// 0.99x-1.03x at the paired points. Projection 1's tiles assigned statically
 // (MOEFUSE_CUDA_P1_COUNTER=0): from 1024 rows ("H100, 2026-12-06 (CTA pairs)": 1024 rows
 // 0.92x-0.98x in three runs; 512 0.99x-1.05x, 256 1.01x-1.03x, 64 1.07x-1.08x).
 constexpr int kCtaPairMinRows = 128;
