@@ -20,16 +20,27 @@ __device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
 }
 
+// Waits for the phase of `bar` with this parity to complete. kCluster: with acquire at cluster
+// scope, where the arrival came from another CTA of the cluster with a release at that scope.
+template <bool kCluster = false>
 __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = SmemAddr(bar);
   uint32_t done = 0;
   do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
+    if constexpr (kCluster)
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
   } while (!done);
 }
 
@@ -63,7 +74,7 @@ __device__ __forceinline__ uint32_t ClusterSmemAddr(const void* p, uint32_t cta)
 }
 
 // A 32-bit store into another CTA's shared memory (ClusterSmemAddr), then an arrival on its
-// mbarrier that releases the store at cluster scope; the waiter acquires it (MbarWaitCluster).
+// mbarrier that releases the store at cluster scope; the waiter acquires it (MbarWait<true>).
 __device__ __forceinline__ void StoreAndArriveRemote(uint32_t value_addr, int value, uint32_t bar_addr) {
   asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(value_addr), "r"(value) : "memory");
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
@@ -71,19 +82,6 @@ __device__ __forceinline__ void StoreAndArriveRemote(uint32_t value_addr, int va
 
 __device__ __forceinline__ void MbarArriveRemoteRelease(uint32_t bar_addr) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
-}
-
-__device__ __forceinline__ void MbarWaitCluster(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = SmemAddr(bar);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 __device__ __forceinline__ void ClusterSync() {

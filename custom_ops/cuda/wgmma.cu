@@ -455,11 +455,11 @@ __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
       if (!Pairs) {
         taken[slot] = atomicAdd(p.next_tile, 1);
       } else if (rank == 0) {
-        if (use > 0) MbarWaitCluster(pt->empty + slot, (use - 1) & 1);
+        if (use > 0) MbarWait<true>(pt->empty + slot, (use - 1) & 1);
         taken[slot] = atomicAdd(p.next_tile, 1);
         StoreAndArriveRemote(ClusterSmemAddr(pt->value + slot, 1), taken[slot], ClusterSmemAddr(pt->full + slot, 1));
       } else {
-        MbarWaitCluster(pt->full + slot, use & 1);
+        MbarWait<true>(pt->full + slot, use & 1);
         taken[slot] = pt->value[slot];
         MbarArriveRemoteRelease(ClusterSmemAddr(pt->empty + slot, 0));
       }
