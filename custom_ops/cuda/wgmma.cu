@@ -22,10 +22,11 @@
 //    warpgroup's epilogue runs while the other's main loop keeps the tensor cores busy; the main
 //    loops take turns (mma_done barriers). The epilogue writes the tile into the warpgroup's own
 //    shared-memory buffer and copies it out with 16-byte stores.
-// The cooperative schedule also runs on CTA pairs (WgKernel<..., Pairs>; where tiles are assigned
-// statically, MOEFUSE_CUDA_CTA_PAIRS in docs/runtime.md): clusters of two CTAs take m-tiles 2j and
-// 2j + 1 of one expert and n-tile and each loads half of the weight tile into both (TMA
-// multicast); an odd count's last m-tile is split in halves of 64 rows over the pair.
+// The cooperative schedule also runs on CTA pairs (WgKernel<..., Pairs>; MOEFUSE_CUDA_CTA_PAIRS in
+// docs/runtime.md): clusters of two CTAs take m-tiles 2j and 2j + 1 of one expert and n-tile and
+// each loads half of the weight tile into both (TMA multicast); an odd count's last m-tile is split
+// in halves of 64 rows over the pair. Tiles from a counter are taken by rank 0 for both
+// (PairTickets).
 //
 // Gate and up columns: every gate/up layout (halves, interleaved, separate) arrives as two TMA boxes
 // of BN/2 rows, read through "unit maps" (views that take every rpu-th weight row, so interleaved
@@ -398,16 +399,6 @@ __device__ __forceinline__ Ring SetUpRing(uint8_t* raw, int a_bytes, int b_bytes
 
 __device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 3, 128;" ::: "memory"); }
 
-// Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
-// weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
-// box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
-// activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
-// swizzle wgmma reads, zero-filled past the tile's rows and past K.
-//
-// Tiles are blockIdx.x + i * gridDim.x, or (p.next_tile) taken from a counter, so that the CTAs
-// that start first take more; the end is then published as a tile of expert -1 on the next stage.
-// With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
-// are ready.
 // CTA pairs with tiles from a counter: rank 0 takes each tile and hands it to rank 1 through two
 // slots in rank 1's shared memory; `full` completes on rank 1 as a slot is written, `empty` on rank
 // 0 as rank 1 has read it (so that rank 0 writes a slot again only after). Initialised before the
@@ -428,6 +419,17 @@ __device__ __forceinline__ void InitPairTickets(PairTickets& pt) {
   }
 }
 
+// Warpgroup 0 of the tile kernels: walks this CTA's tiles and fills the ring, stage by stage. The
+// weight tile is one TMA box of box_rows rows, or (mode 2: gate and up views) two, the second
+// box_rows * 128 bytes after the first; tile n starts at row n * box_rows of each view. The BM
+// activation rows are gathered through the sorted row list, 16-byte chunks in the 128-byte
+// swizzle wgmma reads, zero-filled past the tile's rows and past K.
+//
+// Tiles are blockIdx.x + i * gridDim.x, or (p.next_tile) taken from a counter, so that the CTAs
+// that start first take more (CTA pairs: by rank 0 for both, through `pt`); the end is then
+// published as a tile of expert -1 on the next stage.
+// With p.ready_wait, a tile's weights are requested at once and its rows once the expert's rows
+// are ready.
 template <typename T, int BM, int S, bool Pairs = false>
 __device__ __forceinline__ void Produce(const TmaMaps& maps, const WgArgs& p,
                                         const Ring& ring, int box_rows, int64_t total, int64_t mtiles,
