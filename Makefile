@@ -88,7 +88,9 @@ gpu-test:
 # MEMCHECK_K=EXPR only the tests pytest's -k EXPR selects (e.g. test_one_token_routing).
 # Each test is named as it ends (-v), so that a run cut short says how far it got, and a test
 # still running after MEMCHECK_STACKS seconds has every thread's Python stack printed (it goes on):
-# test_concurrent_runs ran for more than 480 s under memcheck on an H200 without finishing.
+# test_concurrent_runs ran for more than 480 s under memcheck on an H200 without finishing, and
+# for more than 300 s on an H100 with MOEFUSE_CUDA_OVERLAP=0 MOEFUSE_CUDA_PDL=0 (no kernel waiting
+# on another; docs/performance.md, "H100, 2026-12-06 (evening)").
 MEMCHECK_SHARD ?=
 MEMCHECK_K ?=
 MEMCHECK_STACKS ?= 240
