@@ -293,7 +293,8 @@ __device__ __forceinline__ void Gemm1Block(const Gemm1Params& p, const Slot& s, 
                                            const float* row_scale, float* red) {
   const int g = (threadIdx.x & 31) >> 2, D = p.D;
   const bool gated = p.w.up != nullptr;
-  // this thread's two weight rows
+  // this thread's two weight rows (Tile1Units written out: through it, ptxas allocated this
+  // kernel's registers differently, 160 -> 162, and the kernel was timed as it is)
   const int ua = gated ? blockIdx.x * 8 + g : blockIdx.x * 16 + g;
   const int ub = gated ? ua : ua + 8;
   const T* wa = Tile1Row<T>(p, s.e, blockIdx.x, g);
@@ -475,23 +476,19 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
   }
 }
 
-// Projection 1's forms (OneTokenGemm1Kernel): MainLoop's batches, or each warp's weights
-// requested at once (WideLoop, D <= 2048).
-enum OneTokenForm { kBatched = 0, kWide = 1 };
-
-// Projection 1: block (b, j) takes pick j's expert, weight tile b. Wide: the token's row is
-// copied to shared memory as the block starts (before the routing).
-template <typename T, int M, int Form>
+// Projection 1: block (b, j) takes pick j's expert, weight tile b. MainLoop's batches, or (Wide,
+// D <= 2048) each warp's weights requested at once (WideLoop), the token's row copied to shared
+// memory as the block starts (before the routing).
+template <typename T, int M, bool Wide>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
   GridDepWait();
   GridDepLaunch();
-  constexpr bool kAtOnce = Form == kWide;
   __shared__ float red[kNT * kWarps * 4 * 32];
   __shared__ routing::RankScratch rank;
   __shared__ float w[32];
-  __shared__ alignas(16) T xs[kAtOnce ? kWideMaxD : 8];
+  __shared__ alignas(16) T xs[Wide ? kWideMaxD : 8];
   const int D = p.p1.D;
-  if constexpr (kAtOnce) {
+  if constexpr (Wide) {
     const T* x = static_cast<const T*>(p.p1.A);
     for (int k = threadIdx.x * 8; k < D; k += blockDim.x * 8) CpAsync16(xs + k, x + k, 16);
     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -500,14 +497,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   float wj;
   routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj);
   if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k)
-  if constexpr (kAtOnce) asm volatile("cp.async.wait_all;" ::: "memory");
+  if constexpr (Wide) asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
   // The slot's row count from the call (T, which is 1), not the constant 1: told the count, the
   // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
   const int j = blockIdx.y;
   const Slot s{rank.pick[j], j, p.r.T};
   const float* row_scale = p.weight_on_input ? w : nullptr;
-  if constexpr (Form == kBatched) {
+  if constexpr (!Wide) {
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
   } else {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
@@ -785,7 +782,8 @@ __device__ __forceinline__ void FzConsume(const FusedDecodeParams& f, FzShared& 
     }
     const int K = it.first ? f.p1.D : f.p2.I;
     // MMA rows g and g + 8 of the tile: valid unless past I (projection 1) or D (projection 2)
-    const int ua = f.p1.w.up ? it.tile * 8 + g : it.tile * 16 + g, ub = f.p1.w.up ? ua : ua + 8;
+    const int2 u1 = Tile1Units(f.p1.w.up != nullptr, it.tile, g);
+    const int ua = u1.x, ub = u1.y;
     const int da = it.tile * 16 + g, db = da + 8;
     const bool va = it.first ? ua < f.p1.I : da < f.p2.D, vb = it.first ? ub < f.p1.I : db < f.p2.D;
     float acc[kNT][4] = {};
@@ -896,8 +894,8 @@ cudaError_t OneTokenT(const OneTokenParams& p, cudaStream_t stream) {
   const dim3 grid1(static_cast<unsigned>(CeilDiv(p.p1.I, gated ? 8 : 16)), static_cast<unsigned>(p.r.K));
   const dim3 grid2(static_cast<unsigned>(CeilDiv(p.p2.D, 16)));
   const bool wide = p.p1.D <= kWideMaxD && p.p1.D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.p1.A) & 15) == 0;
-  const cudaError_t e = wide ? Launch(OneTokenGemm1Kernel<T, M, kWide>, grid1, dim3(kWarps * 32), 0, stream, p)
-                             : Launch(OneTokenGemm1Kernel<T, M, kBatched>, grid1, dim3(kWarps * 32), 0, stream, p);
+  const cudaError_t e = wide ? Launch(OneTokenGemm1Kernel<T, M, true>, grid1, dim3(kWarps * 32), 0, stream, p)
+                             : Launch(OneTokenGemm1Kernel<T, M, false>, grid1, dim3(kWarps * 32), 0, stream, p);
   if (e) return e;
   return Launch(OneTokenGemm2Kernel<T, M>, grid2, dim3(kOneTokenWarps * 32), 0, stream, p);
 }

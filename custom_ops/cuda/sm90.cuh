@@ -73,15 +73,16 @@ __device__ __forceinline__ uint32_t ClusterSmemAddr(const void* p, uint32_t cta)
   return remote;
 }
 
-// A 32-bit store into another CTA's shared memory (ClusterSmemAddr), then an arrival on its
-// mbarrier that releases the store at cluster scope; the waiter acquires it (MbarWait<true>).
-__device__ __forceinline__ void StoreAndArriveRemote(uint32_t value_addr, int value, uint32_t bar_addr) {
-  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(value_addr), "r"(value) : "memory");
+// An arrival on another CTA's mbarrier (ClusterSmemAddr) that releases this thread's earlier
+// writes at cluster scope; the waiter acquires them (MbarWait<true>).
+__device__ __forceinline__ void MbarArriveRemoteRelease(uint32_t bar_addr) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
 }
 
-__device__ __forceinline__ void MbarArriveRemoteRelease(uint32_t bar_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar_addr) : "memory");
+// A 32-bit store into another CTA's shared memory, then such an arrival on its mbarrier.
+__device__ __forceinline__ void StoreAndArriveRemote(uint32_t value_addr, int value, uint32_t bar_addr) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(value_addr), "r"(value) : "memory");
+  MbarArriveRemoteRelease(bar_addr);
 }
 
 __device__ __forceinline__ void ClusterSync() {
