@@ -735,10 +735,11 @@ def test_concurrent_runs():
     from concurrent.futures import ThreadPoolExecutor
 
     attrs = MoEFFNAttrs(k=2)
-    hidden, inter, experts = 512, 768, 16
+    # under memcheck (700 tokens of these sizes ran past 120 s there, and 400 past 300 s): smaller
+    # layers; 400 tokens still take 128-row tiles (50 rows an expert)
+    hidden, inter, experts = (512, 768, 16) if not MEMCHECK else (128, 256, 16)
     base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, dtype=BF16, seed=9)
     sess = cuda_session(make_moeffn_model(attrs, base))
-    # under memcheck (700 tokens ran past 120 s there): 400 tokens still take 128-row tiles
     counts = (1, 40, 700, 2000) * 2 if not MEMCHECK else (1, 400)
     calls = [feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16, seed=600 + i))
              for i, t in enumerate(counts)]
@@ -791,6 +792,21 @@ def test_precomputed_ids_out_of_range(tokens, zero, monkeypatch):
     with pytest.raises(Exception) as info:
         checked.run(None, feeds(inputs))
     assert f"'topk_ids' (#9) holds an expert id outside [0, {E + zero}): 7 for token 1" in str(info.value)
+
+
+# The routing of several kernels (T > 32), whose counters lie a 128-byte line apart and are
+# gathered by the grouping kernel: every mode's selection at 16 experts (zero experts too), from
+# 33 to 5000 tokens, against the reference.
+@pytest.mark.parametrize("routing,experts", [("softmax_topk_norm", "swiglu_halves"),
+                                             ("topk_softmax", "gptoss_clamp"),
+                                             ("sigmoid_grouped", "geglu_separate"),
+                                             ("precomputed", "swiglu_interleaved"),
+                                             ("sparsemixer", "swiglu_halves"),
+                                             ("softmax_zero_experts", "swiglu_halves")])
+def test_multi_kernel_routing(routing, experts):
+    attrs, opts, inter = case(routing, experts)
+    tokens = (33, 512, 513, 2049, 5000) if not MEMCHECK else (513, 2500)
+    check(attrs, opts, inter, False, False, BF16, tokens, experts=16)
 
 
 def test_nan_stays_in_its_token():

@@ -48,8 +48,8 @@ struct RouteParams {
   int* ids = nullptr;     // [T*K]; -1 for an id outside [0, E), kZeroExpertPick for a zero expert
   float* w = nullptr;     // [T*K] routing weights (scaled)
   int* rank = nullptr;    // [T*K] arrival rank of the pair within its expert
-  // counts, bad and SortParams::zero lie back to back in one buffer, which the launcher clears
-  // (one memset where several kernels route; LaunchRouteAndSort checks the layout).
+  // SortParams::counts, counts, bad and SortParams::zero lie back to back in one buffer, which the
+  // launcher clears (one memset where several kernels route; LaunchRouteAndSort checks the layout).
   int* counts = nullptr;  // [E] pairs per expert
   int* bad = nullptr;     // [1] kBadPairBase - index of the first invalid pair, or 0 when all are valid
   // One-token calls routed by a block in parallel (a thread per expert ranks it; the same picks as
@@ -72,6 +72,8 @@ struct SortParams {
   const int* ids = nullptr;
   const float* w = nullptr;
   const int* rank = nullptr;
+  // [RouteCountLineInts(E)] where several kernels route: expert e's counter at e * 32 (a 128-byte
+  // line each, 128-byte aligned), right before RouteParams::counts
   const int* counts = nullptr;
   int* offsets = nullptr;      // [E+1] first sorted row of each expert
   int* tile_prefix = nullptr;  // [E+1] m-tiles of the experts before e
@@ -90,6 +92,9 @@ struct SortParams {
                                // counters), right after RouteParams::bad
   int zero_count = 0;
 };
+
+// Ints of SortParams::counts for E experts.
+int64_t RouteCountLineInts(int64_t E);
 
 // Routing for T tokens plus grouping (scan, scatter). Small T uses one fused block.
 cudaError_t LaunchRouteAndSort(const RouteParams& r, const SortParams& s, cudaStream_t stream);

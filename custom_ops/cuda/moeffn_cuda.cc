@@ -127,6 +127,7 @@ class Kernel {
     return api_->CreateStatus(code, msg.c_str());
   }
   OrtStatus* CudaError(cudaError_t e, const char* what) const {
+    cudaGetLastError();  // a failed launch's error would otherwise fail this thread's next call
     return Error(ORT_RUNTIME_EXCEPTION, Who(node_name_) + ": CUDA error in " + what + ": " +
                                             cudaGetErrorString(e));
   }
@@ -480,8 +481,9 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   // tile counter and per-expert counts, then projection 1's tile counter
   const int overlap_ints = overlap ? static_cast<int>(1 + E) : 0;
   const int sync_count = fused_decode ? static_cast<int>(1 + max_active) : overlap_ints + (p1_counter ? 1 : 0);
-  // counts [E], the invalid-pair mark, then the counters: cleared together (RouteParams)
-  const size_t o_counts = cv.Add(static_cast<size_t>(E + 1 + sync_count) * 4);
+  // the routing kernel's counters (a line an expert), counts [E], the invalid-pair mark, then the
+  // counters: cleared together (RouteParams)
+  const size_t o_counts = cv.Add(static_cast<size_t>(RouteCountLineInts(E) + E + 1 + sync_count) * 4);
   size_t o_h = 0, o_y = 0, o_hs = 0, o_s = 0, o_xs = 0;
   // wgmma path, 128-row tiles: X's rows copied in sorted order first, so that projection 1 reads
   // them by TMA rather than gathering them by cp.async (at the Mixtral shape, T = 4096, its tensor
@@ -589,7 +591,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   r.ids = static_cast<int*>(at(o_ids));
   r.w = static_cast<float*>(at(o_w));
   r.rank = static_cast<int*>(at(o_rank));
-  r.counts = static_cast<int*>(at(o_counts));
+  r.counts = static_cast<int*>(at(o_counts)) + RouteCountLineInts(E);
   r.bad = r.counts + E;
   r.rank_one = rank_one_;
   SortParams s;
@@ -606,7 +608,7 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   s.ids = r.ids;
   s.w = r.w;
   s.rank = r.rank;
-  s.counts = r.counts;
+  s.counts = static_cast<int*>(at(o_counts));
   s.offsets = static_cast<int*>(at(o_offsets));
   s.tile_prefix = static_cast<int*>(at(o_prefix));
   s.active = static_cast<int*>(at(o_active));
