@@ -83,20 +83,20 @@ gpu-test:
 
 # The CUDA kernel tests under compute-sanitizer's memcheck (a reduced matrix that still takes
 # every kernel path; scratch buffers allocated one by one so that overruns are caught); fails on
-# any memory error found in the process. 172 of its 187 tests took 19 minutes on an H100:
+# any memory error found in the process. Its 216 not-slow tests took about 3 minutes on an H100.
+# Host backtraces are off (--show-backtrace device): to take one the checker holds the driver's
+# lock at each kernel launch while it waits for Python's GIL, and a thread holding the GIL in
+# onnxruntime's bindings (a stream's creation) waits for that lock, so test_concurrent_runs hung.
 # MEMCHECK_SHARD=i/n runs the i-th of n parts (every n-th test), so that n runs cover it;
 # MEMCHECK_K=EXPR only the tests pytest's -k EXPR selects (e.g. test_one_token_routing).
 # Each test is named as it ends (-v), so that a run cut short says how far it got, and a test
-# still running after MEMCHECK_STACKS seconds has every thread's Python stack printed (it goes on):
-# test_concurrent_runs ran for more than 480 s under memcheck on an H200 without finishing, and
-# for more than 300 s on an H100 with MOEFUSE_CUDA_OVERLAP=0 MOEFUSE_CUDA_PDL=0 (no kernel waiting
-# on another; docs/performance.md, "H100, 2026-12-06 (evening)").
+# still running after MEMCHECK_STACKS seconds has every thread's Python stack printed (it goes on).
 MEMCHECK_SHARD ?=
 MEMCHECK_K ?=
 MEMCHECK_STACKS ?= 240
 gpu-memcheck:
 	MOEFUSE_TEST_SHARD=$(MEMCHECK_SHARD) MOEFUSE_GPU_MEMCHECK=1 MOEFUSE_CUDA_EXACT_ALLOC=1 compute-sanitizer --tool memcheck --error-exitcode 1 --report-api-errors no \
-	  --print-limit 20 $(GPU_PYTHON) -m pytest -v -p no:cacheprovider -o faulthandler_timeout=$(MEMCHECK_STACKS) \
+	  --show-backtrace device --print-limit 20 $(GPU_PYTHON) -m pytest -v -p no:cacheprovider -o faulthandler_timeout=$(MEMCHECK_STACKS) \
 	  -m "not slow" tests/test_kernel_cuda.py $(if $(MEMCHECK_K),-k "$(MEMCHECK_K)")
 
 # Two builds of the library against each other (BASE=path/to/a.so NEW=path/to/b.so): outputs bit

@@ -735,12 +735,10 @@ def test_concurrent_runs():
     from concurrent.futures import ThreadPoolExecutor
 
     attrs = MoEFFNAttrs(k=2)
-    # under memcheck (700 tokens of these sizes ran past 120 s there, and 400 past 300 s): smaller
-    # layers; 400 tokens still take 128-row tiles (50 rows an expert)
-    hidden, inter, experts = (512, 768, 16) if not MEMCHECK else (128, 256, 16)
+    hidden, inter, experts = 512, 768, 16
     base = random_inputs(attrs, 2, hidden, inter, experts, biases=True, dtype=BF16, seed=9)
     sess = cuda_session(make_moeffn_model(attrs, base))
-    counts = (1, 40, 700, 2000) * 2 if not MEMCHECK else (1, 400)
+    counts = (1, 40, 700, 2000) * 2
     calls = [feeds(random_inputs(attrs, t, hidden, inter, experts, dtype=BF16, seed=600 + i))
              for i, t in enumerate(counts)]
 
@@ -749,7 +747,7 @@ def test_concurrent_runs():
 
     alone = [call(c) for c in calls]
     with ThreadPoolExecutor(4) as pool:
-        for round_ in range(3 if not MEMCHECK else 1):
+        for round_ in range(3):
             for i, (got, want) in enumerate(zip(pool.map(call, calls), alone)):
                 np.testing.assert_array_equal(got, want, err_msg=f"round {round_}, call {i}")
 

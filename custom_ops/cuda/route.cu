@@ -31,10 +31,10 @@ constexpr int kScanThreads = 1024;
 
 // Expert e's counter is r.counts[e * kStride]: 1 where the counters are in shared memory (one
 // block routes), kCountLine in global memory (several kernels), so that each expert's counter has
-// a 128-byte line of its own. Atomics on one line queue behind each other at L2: with the counters
-// side by side the routing kernel took 16.2 us for 32768 picks on 128 experts (4 lines), 12.3 for
-// 16384 on 32 (one line), 7.7 for 8192 on 8, against 6.8, 4.6 and 3.8 for an eighth of the
-// picks (H100, T = 4096 and 512).
+// a 128-byte line of its own: atomics on one line queue behind each other at L2. H100, T = 4096,
+// the routing kernel with the counters side by side / a line apart: 16.1 / 11.1 us at 128 experts
+// and k = 8 (32768 picks on 4 lines), 12.1 / 7.0 at 32 experts and k = 4 (16384 on one line),
+// 7.7 / 7.6 at 8 experts and k = 2 (docs/performance.md).
 constexpr int kCountLine = 32;
 
 // A pick's arrival rank within its expert. A zero expert's pick (an id past the experts) is not
