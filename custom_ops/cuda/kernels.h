@@ -73,7 +73,8 @@ struct SortParams {
   const float* w = nullptr;
   const int* rank = nullptr;
   // [RouteCountLineInts(E)] where several kernels route: expert e's counter at e * 32 (a 128-byte
-  // line each, 128-byte aligned), right before RouteParams::counts
+  // line each where the buffer is 128-byte aligned, as the scratch carver's 256-byte parts are),
+  // right before RouteParams::counts
   const int* counts = nullptr;
   int* offsets = nullptr;      // [E+1] first sorted row of each expert
   int* tile_prefix = nullptr;  // [E+1] m-tiles of the experts before e

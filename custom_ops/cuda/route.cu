@@ -468,7 +468,7 @@ cudaError_t RouteT(const RouteParams& r, const SortParams& s, cudaStream_t strea
   const int experts = r.E - r.zero_experts;  // counted: not the zero experts
   int* const lines = r.counts - static_cast<int64_t>(kCountLine) * experts;
   if (r.bad != r.counts + experts || s.E != experts || (s.zero_count > 0 && s.zero != r.bad + 1) ||
-      s.counts != lines || (reinterpret_cast<uintptr_t>(lines) & 127))
+      s.counts != lines)
     return cudaErrorInvalidValue;
   if (cudaError_t e = cudaMemsetAsync(lines, 0, sizeof(int) * (kCountLine * experts + experts + 1 + s.zero_count),
                                       stream))
