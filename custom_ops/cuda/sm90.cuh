@@ -57,20 +57,18 @@ __device__ __forceinline__ uint32_t ClusterRank() {
   return r;
 }
 
-// (Default semantics, release at CTA scope, as CUTLASS's cluster barrier arrives: what it orders is
-// this CTA's wgmma reads of a stage before the partner's TMA writes it. The cluster-scope release
-// made paired CTAs 1.26x-1.62x slower on an H200, docs/performance.md "H200, 2026-12-04 (night)".)
-__device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t cta) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(SmemAddr(bar)), "r"(cta));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
 // The address of `p`'s shared-memory offset in CTA `cta` of the cluster.
 __device__ __forceinline__ uint32_t ClusterSmemAddr(const void* p, uint32_t cta) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(SmemAddr(p)), "r"(cta));
   return remote;
+}
+
+// (Default semantics, release at CTA scope, as CUTLASS's cluster barrier arrives: what it orders is
+// this CTA's wgmma reads of a stage before the partner's TMA writes it. The cluster-scope release
+// made paired CTAs 1.26x-1.62x slower on an H200, docs/performance.md "H200, 2026-12-04 (night)".)
+__device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t cta) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(ClusterSmemAddr(bar, cta)) : "memory");
 }
 
 // An arrival on another CTA's mbarrier (ClusterSmemAddr) that releases this thread's earlier
