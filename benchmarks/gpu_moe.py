@@ -403,8 +403,9 @@ def main():
                     "p1counter0 (MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row tiles assigned statically, "
                     "not taken from a counter), "
                     "graph (the call captured and replayed as a CUDA graph: "
-                    "onnxruntime's enable_cuda_graph, a session per T), fused (MOEFUSE_CUDA_DECODE=fused: decode "
-                    "projections in one kernel on Hopper, experimental), lib=PATH (another build of the "
+                    "onnxruntime's enable_cuda_graph, a session per T), fused / split (MOEFUSE_CUDA_DECODE: decode "
+                    "projections in one kernel on Hopper wherever it serves / never; default from 512 MiB of "
+                    "routed weights), lib=PATH (another build of the "
                     "library, MOEFUSE_LIBRARY); "
                     "a+b combines two, e.g. pingpong+bn128")
     ap.add_argument("--timeline", action="store_true",

@@ -496,9 +496,9 @@ def test_decode_split_k(splits, monkeypatch):
     check(attrs, {}, 1032, True, False, BF16, (1, 5), experts=8, hidden=328)
 
 
-def kernel_names(tokens, inter, experts):
-    """The CUDA kernels of one call (after a first one) of a k = 8 layer with hidden 128, through
-    torch's profiler; skips where it cannot see them."""
+def kernel_names(tokens, inter, experts, hidden=128, k=8):
+    """The CUDA kernels of one call (after a first one) of a layer (k = 8 and hidden 128 unless
+    given), through torch's profiler; skips where it cannot see them."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
@@ -506,8 +506,8 @@ def kernel_names(tokens, inter, experts):
         pytest.skip("under compute-sanitizer the profiler reports no kernels")
     from torch.profiler import ProfilerActivity, profile
 
-    attrs = MoEFFNAttrs(k=8)
-    inputs = random_inputs(attrs, tokens, 128, inter, experts, dtype=BF16, seed=4)
+    attrs = MoEFFNAttrs(k=k)
+    inputs = random_inputs(attrs, tokens, hidden, inter, experts, dtype=BF16, seed=4)
     sess = cuda_session(make_moeffn_model(attrs, inputs))
     run(sess, feeds(inputs), {"Y": inputs["X"].shape})
     torch.cuda.synchronize()
@@ -597,6 +597,23 @@ def test_decode_one_kernel(name, changes, size, counts, decode, monkeypatch):
     opts = {"selection_bias": attrs.routing == "sigmoid_topk", "shared_gate": True}
     check(attrs, opts, size["inter"], True, True, BF16, counts if not MEMCHECK else counts[:1],
           experts=size["experts"], hidden=size["hidden"], shared_inter=64)
+
+
+def test_decode_one_kernel_by_default(monkeypatch):
+    """Decode calls whose routed weights reach 512 MiB run the one-kernel decode by default on
+    Hopper (MOEFUSE_CUDA_DECODE=split: the two skinny kernels); smaller ones the two kernels."""
+    build = cuda_build()
+    if not build["device"]["fused_decode"]:
+        pytest.skip("no sm_90a code for this GPU")
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "auto")
+    # two experts of 3 x 2048 x 22016 bfloat16 weights: 2 x 270 MB (a Mixtral-sized call)
+    big = " ".join(kernel_names(1, 22016, 2, hidden=2048, k=2))
+    assert "FusedDecodeKernel" in big and "Gemm1Kernel" not in big, big
+    small = " ".join(kernel_names(1, 2048, 4, hidden=2048, k=2))
+    assert "FusedDecodeKernel" not in small and "Gemm1Kernel" in small, small
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")
+    split = " ".join(kernel_names(1, 22016, 2, hidden=2048, k=2))
+    assert "FusedDecodeKernel" not in split and "Gemm1Kernel" in split, split
 
 
 def test_device_code():

@@ -220,6 +220,8 @@ struct OneTokenParams {
   void* Y = nullptr;
 };
 bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2);
+// The layer-shape part of OneTokenDecodeServes: hidden size D and projection 2's K (I).
+bool OneTokenDecodeShapeServes(int64_t D, int64_t I);
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream);
 
 // Decode on Hopper (sm_90a, opt-in): projections 1 and 2 of the routed experts in one persistent
@@ -235,6 +237,12 @@ struct FusedDecodeParams {
                         // projection-1 tiles
 };
 bool SkinnyFusedAvailable();  // the current device runs the kernel's sm_90a code (DeviceCode)
+// The one-kernel decode by default from this many bytes of routed expert weights a call (where the
+// one-token kernels do not serve). On an H100 (docs/performance.md, "H100, 2026-12-06 (late)"),
+// against the two skinny kernels: 1.01x-1.03x faster from 705 MB (Mixtral-8x7B T = 1, 2, 4;
+// GPT-OSS-20B T = 4, 8), level at 398 MB (GPT-OSS T = 2), 1.01x-1.05x slower at 151-302 MB
+// (Qwen3-30B-A3B T = 2, 4; GPT-OSS T = 1).
+constexpr int64_t kSkinnyFusedMinBytes = int64_t{512} << 20;
 int SkinnyFusedSplits(int64_t I);
 cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStream_t stream);
 

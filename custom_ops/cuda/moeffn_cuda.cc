@@ -157,8 +157,9 @@ class Kernel {
                                    // skinny and combine kernels (else two kernels where they serve)
   bool p1_counter_ = true;         // MOEFUSE_CUDA_P1_COUNTER=0: projection 1's 128-row wgmma tiles
                                    // assigned statically (else taken from a counter)
-  bool fused_decode_ = false;      // MOEFUSE_CUDA_DECODE=fused: decode projections in one kernel
-                                   // on Hopper (experimental: not faster, docs/performance.md)
+  int decode_ = 0;                 // MOEFUSE_CUDA_DECODE=auto|fused|split: the decode projections
+                                   // in one kernel on Hopper from kSkinnyFusedMinBytes (0), always
+                                   // where it serves (1), or never (-1)
   int tma_rows_ = 2;               // MOEFUSE_CUDA_TMA_ROWS: the wgmma path's activation rows by
                                    // cp.async (0), by TMA where already in order (1), and X's rows
                                    // gathered in order first where it pays (2, auto) or always (3)
@@ -196,7 +197,8 @@ OrtStatus* Kernel::Create(const OrtApi* api, const OrtKernelInfo* info, Kernel**
   k->rank_one_ = std::string(EnvOr("MOEFUSE_CUDA_RANK_ROUTE", "1")) != "0";
   k->one_token_ = std::string(EnvOr("MOEFUSE_CUDA_ONE_TOKEN", "1")) != "0";
   k->p1_counter_ = std::string(EnvOr("MOEFUSE_CUDA_P1_COUNTER", "1")) != "0";
-  k->fused_decode_ = std::string(EnvOr("MOEFUSE_CUDA_DECODE", "split")) == "fused";
+  const std::string decode = EnvOr("MOEFUSE_CUDA_DECODE", "auto");
+  k->decode_ = decode == "fused" ? 1 : decode == "split" ? -1 : 0;
   k->overlap_ = std::string(EnvOr("MOEFUSE_CUDA_OVERLAP", "1")) != "0";
   k->tma_rows_ = std::min(3, std::max(0, std::atoi(EnvOr("MOEFUSE_CUDA_TMA_ROWS", "2"))));
   k->order_n_ = std::string(EnvOr("MOEFUSE_CUDA_ORDER", "expert")) == "n";
@@ -430,10 +432,14 @@ OrtStatus* Kernel::Compute(OrtKernelContext* ctx) {
   const int64_t per_expert = CeilDiv64(P, max_active);  // routed rows per active expert, on average
   const Path rpath = small ? Path::kSimt : pick(I, P, max_active, false);
   const Path spath = has_shared ? pick(Is, T, 1, true) : Path::kSimt;
-  // decode on Hopper, opt-in: both projections in one kernel (calls of few pairs: one pass of tokens)
-  // (not with zero experts: it takes every pair for a row)
-  const bool fused_decode = rpath == Path::kSkinny && fused_decode_ && dev_.code.fused_decode &&
-                            P <= kSkinnyFusedMaxPairs && a.zero_experts == 0;
+  // decode on Hopper: both projections in one kernel (calls of few pairs: one pass of tokens; not
+  // with zero experts: it takes every pair for a row), by default where the call's routed weights
+  // are large and the one-token kernels would not take it
+  const int64_t routed_bytes = max_active * (a.gated ? 3 : 2) * D * I * static_cast<int64_t>(ts);
+  const bool one_token_shape = one_token_ && T == 1 && OneTokenDecodeShapeServes(D, I);
+  const bool fused_decode = rpath == Path::kSkinny && dev_.code.fused_decode && P <= kSkinnyFusedMaxPairs &&
+                            a.zero_experts == 0 &&
+                            (decode_ > 0 || (decode_ == 0 && !one_token_shape && routed_bytes >= kSkinnyFusedMinBytes));
   const bool ypair_f32 = rpath != Path::kWgmma;
   const int ypair_planes = rpath != Path::kSkinny ? 1
                            : fused_decode ? SkinnyFusedSplits(I)

@@ -597,8 +597,9 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
 // fixed split keep this deadlock-free on a shared GPU: an item waits only for items with smaller
 // tickets, each held by a block that is running.
 //
-// Measured on an H200 it matches the two kernels at T = 1 and is a few percent slower at T = 4
-// (docs/performance.md), so it is off by default (MOEFUSE_CUDA_DECODE=fused). One block per SM
+// Measured on an H200 it matched the two kernels at T = 1 and was a few percent slower at T = 4; on
+// an H100 it is faster where a call's routed weights are large (kSkinnyFusedMinBytes, the default
+// from there; docs/performance.md). One block per SM
 // (4 stages of 1024) was 1.14x-1.32x slower at T = 1 than three (3 stages of 512): a block's
 // stream stalls on each item's own latency (reduction, epilogue, counters), which other blocks
 // hide.
@@ -995,12 +996,15 @@ cudaError_t LaunchSkinnyGemm2(const Gemm2Params& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2) {
-  const bool half = p2.dtype == DType::kBF16 || p2.dtype == DType::kF16;
+bool OneTokenDecodeShapeServes(int64_t D, int64_t I) {
   // projection 1 with its token loads early (the other form spills here: D > 3072 is left to the
   // skinny kernels), projection 2 as Gemm2WarpKernel takes it
-  return half && routing::RoutesOneByRank(r) && p2.splits == 1 && p2.D > 0 && p2.I > 0 && TokensEarly(p2.D) &&
-         CeilDiv(p2.I, 32) < kWarps * kBatch;
+  return D > 0 && I > 0 && TokensEarly(D) && CeilDiv(I, 32) < kWarps * kBatch;
+}
+
+bool OneTokenDecodeServes(const RouteParams& r, const Gemm2Params& p2) {
+  const bool half = p2.dtype == DType::kBF16 || p2.dtype == DType::kF16;
+  return half && routing::RoutesOneByRank(r) && p2.splits == 1 && OneTokenDecodeShapeServes(p2.D, p2.I);
 }
 
 cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream) {
