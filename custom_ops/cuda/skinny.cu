@@ -584,7 +584,7 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
   static_cast<T*>(p.Y)[d] = FromF<T>(y);
 }
 
-// ---- decode on Hopper: both projections in one persistent kernel (opt-in) ---------------------
+// ---- decode on Hopper: both projections in one persistent kernel (large calls) ---------------
 //
 // Three blocks per SM. A producer warp streams weight rows into a ring of shared-memory stages
 // with bulk copies (the TMA unit, so the bytes in flight are not bounded by registers); four
