@@ -226,8 +226,9 @@ cudaError_t LaunchOneTokenDecode(const OneTokenParams& p, cudaStream_t stream);
 
 // Decode on Hopper (sm_90a; by default from kSkinnyFusedMinBytes): projections 1 and 2 of the
 // routed experts in one persistent kernel, weights streamed into shared memory by bulk copies;
-// projection 2's weights stream in while projection 1 finishes. For calls of at most kSkinnyFusedMaxPairs (token, expert) pairs;
-// projection 2 writes p2.splits float32 planes (SkinnyFusedSplits) for the combine.
+// projection 2's weights stream in while projection 1 finishes. For calls of at most
+// kSkinnyFusedMaxPairs (token, expert) pairs; projection 2 writes p2.splits float32 planes
+// (SkinnyFusedSplits) for the combine.
 constexpr int kSkinnyFusedMaxPairs = 32;
 struct FusedDecodeParams {
   Gemm1Params p1;
