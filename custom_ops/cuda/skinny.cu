@@ -916,6 +916,24 @@ cudaError_t OneTokenModeT(const OneTokenParams& p, cudaStream_t stream) {
   }
 }
 
+// The one-kernel decode's shared-memory attribute and blocks resident per SM, set and asked once
+// per device (the first 64; past those, on every call): both are the device's, not the call's.
+template <typename T>
+cudaError_t FusedBlocksPerSm(size_t smem, int* per_sm) {
+  static std::atomic<uint64_t> smem_set{0};
+  static std::atomic<int> cached[64];
+  if (cudaError_t e = AllowDynamicSmem(FusedDecodeKernel<T>, static_cast<int>(smem), smem_set)) return e;
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device)) return e;
+  std::atomic<int>* slot = device >= 0 && device < 64 ? &cached[device] : nullptr;
+  if (slot && (*per_sm = slot->load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, FusedDecodeKernel<T>,
+                                                                    (kWarps + 1) * 32, smem))
+    return e;
+  if (slot && *per_sm > 0) slot->store(*per_sm, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream) {
   const int nst2 = static_cast<int>(CeilDiv(f.p2.I, kFzKC));
@@ -924,13 +942,8 @@ cudaError_t FusedT(const FusedDecodeParams& f, int num_sms, cudaStream_t stream)
     return cudaErrorInvalidValue;
   if (f.pairs == 0 || f.p1.I <= 0 || f.p1.D <= 0) return cudaSuccess;
   const size_t smem = sizeof(FzShared);
-  if (cudaError_t e = cudaFuncSetAttribute(FusedDecodeKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem)))
-    return e;
   int per_sm = 0;
-  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, FusedDecodeKernel<T>,
-                                                                    (kWarps + 1) * 32, smem))
-    return e;
+  if (cudaError_t e = FusedBlocksPerSm<T>(smem, &per_sm)) return e;
   const int blocks = num_sms * std::max(1, std::min(per_sm, kFzBlocksPerSm));
   return Launch(FusedDecodeKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3((kWarps + 1) * 32), smem,
                 stream, f);
