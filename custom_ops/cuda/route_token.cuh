@@ -202,10 +202,12 @@ struct RankScratch {
 // picks and weights of the k selection passes above, bit for bit, but in parallel: a thread per
 // expert finds its expert's rank among all, and the expert of rank j is pick j. Lane j < K of
 // every warp gets pick j's expert and final weight; the other lanes get -1 and 0. Two barriers;
-// every thread of the block must call it.
+// every thread of the block must call it. weights = false: the picks only (sm.pick), every weight
+// 0, for a caller that needs no weight (the weights' sums in pick order are a chain of
+// shared-memory reads).
 template <typename T, int M>
 __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, RankScratch& sm, int* id,
-                                                 float* w) {
+                                                 float* w, bool weights = true) {
   static_assert(HasRankKernel(M), "precomputed picks are copied; sparsemixer's are direct; groups need a pass");
   const int lane = threadIdx.x & 31, E = r.E, K = r.K;
   const Token<T, M> tok = MakeToken<T, M>(r, t);  // every warp: the same statistics
@@ -244,6 +246,11 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
     if (rank < K) sm.pick[rank] = e;
   }
   __syncthreads();
+  if (!weights) {
+    *id = lane < K ? sm.pick[lane] : -1;
+    *w = 0.0f;
+    return;
+  }
   // the sums in pick order, as the passes add them
   PickSums sums;
   for (int j = 0; j < K; ++j) {

@@ -495,8 +495,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   }
   int id;
   float wj;
-  routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj);
-  if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k)
+  // The routing weights only where they scale the input: a block's routing comes before its
+  // first weight load (3.7 us of each block in a trace on an H100; docs/performance.md).
+  routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj, p.weight_on_input != 0);
+  if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k, or unused)
   if constexpr (Wide) asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
   // The slot's row count from the call (T, which is 1), not the constant 1: told the count, the
