@@ -919,16 +919,18 @@ cudaError_t OneTokenModeT(const OneTokenParams& p, cudaStream_t stream) {
 }
 
 // The one-kernel decode's shared-memory attribute and blocks resident per SM, set and asked once
-// per device (the first 64; past those, on every call): both are the device's, not the call's.
+// per device (the first 64; past those, on every call): both are the device's, not the call's. A
+// cached count means the attribute was set before it.
 template <typename T>
 cudaError_t FusedBlocksPerSm(size_t smem, int* per_sm) {
-  static std::atomic<uint64_t> smem_set{0};
   static std::atomic<int> cached[64];
-  if (cudaError_t e = AllowDynamicSmem(FusedDecodeKernel<T>, static_cast<int>(smem), smem_set)) return e;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
   std::atomic<int>* slot = device >= 0 && device < 64 ? &cached[device] : nullptr;
   if (slot && (*per_sm = slot->load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  if (cudaError_t e = cudaFuncSetAttribute(FusedDecodeKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)))
+    return e;
   if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, FusedDecodeKernel<T>,
                                                                     (kWarps + 1) * 32, smem))
     return e;
