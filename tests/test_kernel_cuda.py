@@ -708,6 +708,44 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
                                           err_msg=f"{name} seed {seed}: {form} against the passes")
 
 
+@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_topk"])
+def test_one_token_ties(routing, monkeypatch):
+    """Logits from four values, so that most experts tie, with +inf and NaN among them: the rank
+    forms pick as the selection passes do (of equal keys the lower expert), bit for bit, and as the
+    reference. Ties split the rank's comparisons by the expert's index (route_token.cuh)."""
+    monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")
+    attrs = MoEFFNAttrs().replace(k=8, routing=routing)
+    size = dict(hidden=128, inter=64, experts=128)
+    rng = np.random.default_rng(5)
+    base = random_inputs(attrs, 1, size["hidden"], size["inter"], size["experts"], dtype=np.float16, seed=20)
+    cases = []
+    for c in range(4):
+        inputs = dict(base, **feeds(random_inputs(attrs, 1, size["hidden"], size["inter"], size["experts"],
+                                                  dtype=np.float16, seed=21 + c)))
+        lg = rng.choice(np.array([-1.0, 0.0, 0.5, 2.0], np.float32), size=(1, size["experts"]))
+        if c == 1:
+            lg[0, rng.choice(size["experts"], 6, replace=False)] = np.inf
+        if c == 2:
+            lg[0, [3, 70]] = np.nan
+        if c == 3:
+            lg[0, :] = 1.0  # every expert tied: picks 0..7
+        inputs["router_logits"] = lg.astype(np.float16)
+        cases.append(inputs)
+    model = make_moeffn_model(attrs, cases[0])
+    outs = {}
+    for form, env in ONE_TOKEN_FORMS.items():
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        sess = cuda_session(model)
+        for c, inputs in enumerate(cases):
+            outs[form, c] = f32(run(sess, feeds(inputs), {"Y": inputs["X"].shape})[0])
+    for c, inputs in enumerate(cases):
+        if c in (0, 3):  # (infinite and NaN logits make NaN weights)
+            close(outs["passes", c], moeffn(attrs, **inputs), np.float16, f"{routing} ties case {c}")
+        for form in ONE_TOKEN_FORMS.keys() - {"passes"}:
+            np.testing.assert_array_equal(outs[form, c], outs["passes", c], err_msg=f"{routing} case {c}: {form}")
+
+
 def test_one_token_routing_kernels(monkeypatch):
     """The kernels a call runs (through the profiler): for one token, the two one-token kernels
     (no routing or combine kernel), or with MOEFUSE_CUDA_ONE_TOKEN=0 the routing kernel that ranks;

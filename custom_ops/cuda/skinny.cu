@@ -44,9 +44,18 @@ __device__ __forceinline__ uint4 LdL2(const void* p) {
   return p ? __ldcg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-// Weights are read once: streamed (evict first).
+// Weights are read once: streamed (evict first), each miss filling 256 bytes of L2 (a warp's rows
+// run on past its 64-byte pieces). The hint took Qwen3-30B-A3B's T = 1 from 32.63 to 31.99 us on an
+// H100 and left T = 32 level (docs/performance.md).
+__device__ __forceinline__ uint4 LdWeights(const uint4* p) {
+  uint4 r;
+  asm("ld.global.cs.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
 __device__ __forceinline__ uint4 LdStream(const void* p) {
-  return p ? __ldcs(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+  return p ? LdWeights(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
 // The group (expert) of this block and its sorted rows.
@@ -460,8 +469,8 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
 #pragma unroll
   for (int u = 0; u < kWideBatch; ++u) {
     const bool in = kb0 + u < kb1 && (kb0 + u) * 32 + t * 8 < K;
-    a[u] = in && has_a ? __ldcs(pa + 4 * u) : zero;
-    b[u] = in && has_b ? __ldcs(pb + 4 * u) : zero;
+    a[u] = in && has_a ? LdWeights(pa + 4 * u) : zero;
+    b[u] = in && has_b ? LdWeights(pb + 4 * u) : zero;
   }
   if (rows <= 0) return;
 #pragma unroll
