@@ -245,7 +245,8 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
     // with a larger one (k' >= k + 1; real keys lie in [1, 0xff800000], so no overflow). The keys
     // of experts below (above) all of this warp's experts compare in one instruction; only the
     // warp's own 32 need the expert's index (blockDim.x is a multiple of 32, so each warp's
-    // experts are 32 in a row). On an H100 the test of both, on every key, took 1.5 us.
+    // experts are 32 in a row). Testing both on every key, a block's ranking took 1.49 us on an
+    // H100, this 1.25 (docs/performance.md).
     const unsigned k = sm.key[e], k1 = k + 1u;
     const int own = (e & ~31) / 4, own_end = min(own + 8, E4);  // this warp's 8 chunks of 4 keys
     int r0 = 0, r1 = 0, r2 = 0, r3 = 0;  // independent sums: the loads pipeline

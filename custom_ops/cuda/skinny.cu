@@ -44,14 +44,14 @@ __device__ __forceinline__ uint4 LdL2(const void* p) {
   return p ? __ldcg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-// Weights are read once: streamed (evict first), each miss filling 256 bytes of L2 (a warp's rows
-// run on past its 64-byte pieces). The hint took Qwen3-30B-A3B's T = 1 from 32.63 to 31.99 us on an
-// H100 and left T = 32 level (docs/performance.md).
+// Weights are read once: streamed (evict first), each miss filling 256 bytes of L2, since a warp
+// reads a weight row on, 64 bytes a load. The hint took Qwen3-30B-A3B's T = 1 from 32.63 to 31.99
+// us on an H100 and left T = 32 level (docs/performance.md).
 __device__ __forceinline__ uint4 LdWeights(const uint4* p) {
   uint4 r;
   asm("ld.global.cs.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
   return r;
 }
 __device__ __forceinline__ uint4 LdStream(const void* p) {
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   int id;
   float wj;
   // The routing weights only where they scale the input: a block's routing comes before its
-  // first weight load (3.7 us of each block in a trace on an H100; docs/performance.md).
+  // first weight load (2.9 us of each first-wave block in a trace on an H100; docs/performance.md).
   routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj, p.weight_on_input != 0);
   if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k, or unused)
   if constexpr (Wide) asm volatile("cp.async.wait_all;" ::: "memory");
