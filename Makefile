@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moefuse-installed
 
-.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-build gpu-test gpu-memcheck gpu-compare gpu-bench
+.PHONY: setup test test-fast demo clean asan test-ort-versions bench gpu-build gpu-test gpu-memcheck gpu-compare gpu-trace gpu-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,17 @@ gpu-memcheck:
 COMPARE_DIR ?= build/gpu-compare
 gpu-compare:
 	PYTHON=$(GPU_PYTHON) benchmarks/gpu_compare_builds.sh "$(BASE)" "$(NEW)" $(COMPARE_DIR)
+
+# Where a one-token call's time goes, block by block: the library built apart with per-block
+# stamps in the one-token kernels (MOEFUSE_CUDA_TRACE, into build/gpu-trace), then
+# benchmarks/gpu_trace.py on it (TRACE_ARGS, e.g. "--shape GPT-OSS-20B --dtype float16 --out t.json").
+GPU_TRACE_BUILD := build/gpu-trace
+TRACE_ARGS ?=
+gpu-trace:
+	cmake -S . -B $(GPU_TRACE_BUILD) -DMOEFUSE_CUDA=ON -DMOEFUSE_CUDA_ARCHS="$(GPU_ARCHS)" -DMOEFUSE_CUDA_TRACE=ON \
+	  -DPython_EXECUTABLE="$$($(GPU_PYTHON) -c 'import sys; print(sys.executable)')" > /dev/null
+	cmake --build $(GPU_TRACE_BUILD) -j
+	MOEFUSE_LIBRARY=$(abspath $(GPU_TRACE_BUILD))/custom_ops/libmoefuse_ops.so $(GPU_PYTHON) benchmarks/gpu_trace.py $(TRACE_ARGS)
 
 # MoEFFN vs com.microsoft.MoE on the CUDA EP (writes benchmarks/results/gpu_moe.{json,md,png}).
 gpu-bench:

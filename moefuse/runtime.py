@@ -7,6 +7,7 @@ registered, so that MoEFFN nodes run on its kernels instead of their embedded fa
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -79,6 +80,13 @@ def _load_blas() -> None:
         pass  # the library's RUNPATH may still find it
 
 
+def load_library():
+    """The library loaded into this process through ctypes (after its BLAS), to ask it what it was
+    built with."""
+    _load_blas()
+    return ctypes.CDLL(library_path())
+
+
 def session_options(**options) -> ort.SessionOptions:
     """``onnxruntime.SessionOptions`` with the moefuse library registered.
 
@@ -107,10 +115,7 @@ def cuda_build() -> Optional[dict]:
     Hopper GPU runs none of the sm_90a code with a build without sm_90a, and a GPU newer than the
     build runs the compute_80 PTX, compiled for it by the driver.
     """
-    import ctypes
-
-    _load_blas()
-    lib = ctypes.CDLL(library_path())
+    lib = load_library()
     if not hasattr(lib, "MoefuseCudaBuilt"):
         return None
     lib.MoefuseCudaArchs.restype = ctypes.c_char_p
@@ -134,10 +139,7 @@ def cpu_kernels() -> Optional[dict]:
     and bfloat16 weights, and float32 ones whose values are all bfloat16 (or float16) values
     (not with ``blas``, nor with ``MOEFUSE_CPU_WEIGHTS=float32``). None for a library from
     before these were reported."""
-    import ctypes
-
-    _load_blas()
-    lib = ctypes.CDLL(library_path())
+    lib = load_library()
     if not hasattr(lib, "MoefuseCpuKernels"):
         return None
     lib.MoefuseCpuKernels.restype = ctypes.c_char_p

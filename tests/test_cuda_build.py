@@ -117,6 +117,24 @@ def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
     assert not spilling, f"kernels that spill registers (bytes stored + loaded): {spilling}"
 
 
+@pytest.mark.skipif(NVCC is None or shutil.which("nm") is None, reason="needs nvcc and nm")
+def test_the_trace_build_compiles(tmp_path):
+    """The one-token kernels with per-block stamps (MOEFUSE_CUDA_TRACE, `make gpu-trace`) compile
+    without spills, and the object exports the stamps' reader."""
+    obj = tmp_path / "skinny.o"
+    cmd = [NVCC, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-c", "-Xcompiler=-fPIC",
+           "-Xptxas", "-v", "-DMOEFUSE_CUDA_TRACE", "-I", str(ROOT / "custom_ops"), "-o", str(obj),
+           str(CUDA_DIR / "skinny.cu")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    kernels, _ = ptxas_report(done.stdout + done.stderr)
+    one_token = {k: v for k, v in kernels.items() if "OneTokenGemm" in k}
+    assert one_token, kernels
+    assert not {k: spill for k, (_, spill) in one_token.items() if spill}, one_token
+    symbols = subprocess.run([shutil.which("nm"), str(obj)], capture_output=True, text=True).stdout
+    assert re.search(r" T moefuse_trace_read$", symbols, re.M)
+
+
 def test_the_sources_are_found():
     # the check above would pass vacuously if no source matched
     assert {"wgmma.cu", "skinny.cu", "mma_grouped.cu", "route.cu"} <= set(SOURCES)

@@ -7,6 +7,7 @@
 #include <climits>
 
 #include "common.cuh"
+#include "trace.cuh"
 
 namespace moefuse {
 namespace cuda {
@@ -213,13 +214,14 @@ struct RankScratch {
 // every warp gets pick j's expert and final weight; the other lanes get -1 and 0. Two barriers;
 // every thread of the block must call it. weights = false: the picks only (sm.pick), every weight
 // 0, for a caller that needs no weight (the weights' sums in pick order are a chain of
-// shared-memory reads).
+// shared-memory reads). ts: the caller's stamps (MOEFUSE_CUDA_TRACE), or null.
 template <typename T, int M>
 __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, RankScratch& sm, int* id,
-                                                 float* w, bool weights = true) {
+                                                 float* w, bool weights = true, trace::Stamps* ts = nullptr) {
   static_assert(HasRankKernel(M), "precomputed picks are copied; sparsemixer's are direct; groups need a pass");
   const int lane = threadIdx.x & 31, E = r.E, K = r.K;
   const Token<T, M> tok = MakeToken<T, M>(r, t);  // every warp: the same statistics
+  if (ts) ts->At(trace::kToken);
   const int E4 = (E + 3) / 4;  // keys read four at a time; the padding's key 0 outranks none
   for (int e = threadIdx.x; e < 4 * E4; e += blockDim.x) {
     if (e >= E) {
@@ -239,6 +241,7 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
     }
   }
   __syncthreads();
+  if (ts) ts->At(trace::kKeys);
   const uint4* key4 = reinterpret_cast<const uint4*>(sm.key);
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     // An expert below e outranks it with an equal key or a larger one (k' >= k), one above only
@@ -278,6 +281,7 @@ __device__ __forceinline__ void RouteTokenByRank(const RouteParams& r, int t, Ra
     if (rank < K) sm.pick[rank] = e;
   }
   __syncthreads();
+  if (ts) ts->At(trace::kRanked);
   if (!weights) {
     *id = lane < K ? sm.pick[lane] : -1;
     *w = 0.0f;

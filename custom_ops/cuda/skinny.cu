@@ -490,8 +490,11 @@ __device__ __forceinline__ void WideLoop(float (&acc)[4], const T* wa, const T* 
 // memory as the block starts (before the routing).
 template <typename T, int M, bool Wide>
 __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenParams p) {
+  trace::Stamps ts(0, blockIdx.y * gridDim.x + blockIdx.x);
+  ts.Start();
   GridDepWait();
   GridDepLaunch();
+  ts.At(trace::kWaited);
   __shared__ float red[kNT * kWarps * 4 * 32];
   __shared__ routing::RankScratch rank;
   __shared__ float w[32];
@@ -504,12 +507,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   }
   int id;
   float wj;
+  ts.At(trace::kRouting);
   // The routing weights only where they scale the input: a block's routing comes before its
   // first weight load (2.9 us of each first-wave block in a trace on an H100; docs/performance.md).
-  routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj, p.weight_on_input != 0);
+  routing::RouteTokenByRank<T, M>(p.r, 0, rank, &id, &wj, p.weight_on_input != 0, &ts);
   if (threadIdx.x < 32) w[threadIdx.x] = wj;  // pick j's weight at j (0 past k, or unused)
   if constexpr (Wide) asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
+  ts.At(trace::kRouted);
   // The slot's row count from the call (T, which is 1), not the constant 1: told the count, the
   // compiler moves each k-block's loads down to its MMAs, a round trip per k-block.
   const int j = blockIdx.y;
@@ -517,6 +522,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
   const float* row_scale = p.weight_on_input ? w : nullptr;
   if constexpr (!Wide) {
     Gemm1Block<T, true>(p.p1, s, [](int) { return 0; }, row_scale, red);
+    ts.At(trace::kMultiplied);  // (and stored)
+    ts.End();
   } else {
     const int g = (threadIdx.x & 31) >> 2, warp = threadIdx.x >> 5;
     const int2 u = Tile1Units(p.p1.w.up != nullptr, blockIdx.x, g);
@@ -524,9 +531,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
     float acc[kNT][4] = {};
     WideLoop<T>(acc[0], Tile1Row<T>(p.p1, s.e, blockIdx.x, g), Tile1Row<T>(p.p1, s.e, blockIdx.x, g + 8), xs, D,
                 warp * nkb / kWarps, (warp + 1) * nkb / kWarps, s.rows);
+    ts.At(trace::kMultiplied);
     float v[4];
     Reduce(acc, red, v);
     StoreH<T>(p.p1, s, 0, 1, u.x, u.y, v, row_scale);
+    ts.End();
   }
 }
 
@@ -536,7 +545,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) OneTokenGemm1Kernel(OneTokenPa
 template <typename T, int M>
 __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTokenParams p) {
   static_assert(sizeof(T) == 2, "16-bit types");
+  trace::Stamps ts(1, blockIdx.x);
+  ts.Start();
   GridDepLaunch();
+  ts.At(trace::kWaited);
   __shared__ routing::RankScratch rank;
   __shared__ uint16_t logits[routing::kCachedMaxExperts], sel_bias[routing::kCachedMaxExperts];
   __shared__ float w[32];
@@ -555,7 +567,9 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
   r.sel_bias = p.r.sel_bias ? sel_bias : nullptr;
   int id;
   float wj;
-  routing::RouteTokenByRank<T, M>(r, 0, rank, &id, &wj);
+  ts.At(trace::kRouting);
+  routing::RouteTokenByRank<T, M>(r, 0, rank, &id, &wj, true, &ts);
+  ts.At(trace::kRouted);
   if (threadIdx.x < 32) w[threadIdx.x] = wj;
   const Gemm2Params& q = p.p2;
   const int lane = threadIdx.x & 31, g = lane >> 2;
@@ -582,7 +596,9 @@ __global__ void __launch_bounds__(kOneTokenWarps * 32) OneTokenGemm2Kernel(OneTo
     GridDepWait();
     if (p.shared_gate) sg = SharedGate<T>(static_cast<const T*>(p.p1.A), p.shared_gate, q.D, smem);
   }
+  ts.At(trace::kMultiplied);
   __syncthreads();
+  ts.End();
   const int d = tile * 16 + threadIdx.x;
   if (threadIdx.x >= 16 || d >= q.D) return;
   // the combine's sum: the picks in order, then the shared expert
@@ -1057,3 +1073,12 @@ cudaError_t LaunchSkinnyFused(const FusedDecodeParams& f, int num_sms, cudaStrea
 
 }  // namespace cuda
 }  // namespace moefuse
+
+#ifdef MOEFUSE_CUDA_TRACE
+// The one-token kernels' stamps of the last call (trace.cuh), [kernel][block][slot], into `host`
+// (kKernels * kBlocks * kSlots 64-bit words); a CUDA error code, 0 on success.
+extern "C" __attribute__((visibility("default"))) int moefuse_trace_read(void* host) {
+  using moefuse::cuda::trace::g_stamps;
+  return static_cast<int>(cudaMemcpyFromSymbol(host, g_stamps, sizeof(g_stamps)));
+}
+#endif
