@@ -711,8 +711,9 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
 @pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_topk"])
 def test_one_token_ties(routing, monkeypatch):
     """Logits from four values, so that most experts tie, with +inf and NaN among them: the rank
-    forms pick as the selection passes do (of equal keys the lower expert), bit for bit, and as the
-    reference. Ties split the rank's comparisons by the expert's index (route_token.cuh)."""
+    forms pick as the selection passes do (of equal keys the lower expert), bit for bit, and, where
+    the logits are finite, as the reference. Ties split the rank's comparisons by the expert's
+    index (route_token.cuh)."""
     monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")
     attrs = MoEFFNAttrs().replace(k=8, routing=routing)
     size = dict(hidden=128, inter=64, experts=128)

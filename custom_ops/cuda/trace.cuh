@@ -9,8 +9,9 @@ namespace moefuse {
 namespace cuda {
 namespace trace {
 
-// A block's stamps: the SM, %globaltimer (ns) at its start and end, %clock64 at the others. Not
-// every kernel stamps every slot (projection 2 has no row copy to wait for).
+// A block's stamps: the SM, %globaltimer (ns) at its start and end, %clock64 at the others.
+// Projection 2 passes griddepcontrol without waiting (its wait for projection 1 is within
+// kRouted..kMultiplied).
 enum Slot {
   kSm = 0,
   kStartNs = 1,
