@@ -648,6 +648,9 @@ ONE_TOKEN = [
     ("sigmoid_norm_ungated", dict(k=6, routing="sigmoid_topk", gated=0, activation="gelu_tanh",
                                   routed_scaling_factor=1.5), dict(experts=64, hidden=200, inter=264)),
     ("k32_e256", dict(k=32), dict(experts=256, hidden=128, inter=64)),
+    # two experts a thread of projection 1's ranking; a last warp of 4 experts
+    ("k8_e256", dict(k=8), dict(experts=256, hidden=128, inter=64)),
+    ("k4_e100", dict(k=4, normalize_topk=0), dict(experts=100, hidden=128, inter=64)),
     # Qwen3-30B-A3B's D and I (projection 1's loads all at once, D <= 2048), and D past 2048 (in
     # batches). Each form matched the reference here on an H100, but not always each other bit for
     # bit: 1 output of 2048-2304 one 16-bit ulp apart (seed 13; k4_d2304 in both types, k8_d2048 in
@@ -708,15 +711,16 @@ def test_one_token_routing(name, changes, size, dtype, monkeypatch):
                                           err_msg=f"{name} seed {seed}: {form} against the passes")
 
 
+@pytest.mark.parametrize("experts", [128, 256])
 @pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_topk"])
-def test_one_token_ties(routing, monkeypatch):
+def test_one_token_ties(routing, experts, monkeypatch):
     """Logits from four values, so that most experts tie, with +inf and NaN among them: the rank
     forms pick as the selection passes do (of equal keys the lower expert), bit for bit, and, where
     the logits are finite, as the reference. Ties split the rank's comparisons by the expert's
-    index (route_token.cuh)."""
+    index (route_token.cuh); at 256 experts a thread of projection 1 ranks two."""
     monkeypatch.setenv("MOEFUSE_CUDA_DECODE", "split")
     attrs = MoEFFNAttrs().replace(k=8, routing=routing)
-    size = dict(hidden=128, inter=64, experts=128)
+    size = dict(hidden=128, inter=64, experts=experts)
     rng = np.random.default_rng(5)
     base = random_inputs(attrs, 1, size["hidden"], size["inter"], size["experts"], dtype=np.float16, seed=20)
     cases = []
