@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -233,6 +234,26 @@ class Copies(Runner):
 def failure(exc: Exception) -> str:
     """How a failed session, call or measurement is recorded."""
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def short_failure(msg: str) -> str:
+    """A recorded failure in a few words for the report (the JSON keeps the message)."""
+    alloc = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", msg)
+    if alloc:
+        return f"out of GPU memory (a buffer of {int(alloc.group(1)) / 2**30:.2f} GiB)"
+    return msg.splitlines()[0][:120] if msg else "failed"
+
+
+def memory_warning(name: str, dtype: str, sessions: int, per_session: int, free: int) -> str:
+    """A line for the console where `sessions` more sessions, each taking what the first took of
+    the GPU's memory (its weights, in onnxruntime's arena: more than their bytes), would not fit
+    the memory still free (those past it fail, and their rows read 'error'), or ''."""
+    need = sessions * per_session
+    if need <= free:
+        return ""
+    return (f"{name} {dtype}: {sessions} more sessions of {per_session / 2**30:.1f} GiB each "
+            f"({need / 2**30:.1f} GiB) exceed the GPU's {free / 2**30:.1f} GiB free: the last ones will "
+            "fail; time fewer --paths (or --copies) at this shape")
 
 
 def interleaved_gpu_us(runners: dict, calls=10, rounds=3, errors=None) -> dict:
@@ -481,11 +502,18 @@ def main():
                             made = [Runner(ort, torch, path, so, stream, dtype, graph=graph)
                                     for _ in range(args.copies)]
                             return made[0] if len(made) == 1 else Copies(made)
+                        free = torch.cuda.mem_get_info()[0]
                         try:
                             # graph variants: a fresh session per T (made with the variant's environment)
                             runners[vname] = ((make, env) if vname in graphs else make())
                         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
                             runners[vname] = failure(exc)
+                    if vname == "MoEFFN":  # what one session takes, so as to warn before the rest fail
+                        left = torch.cuda.mem_get_info()[0]
+                        warning = memory_warning(name, dtype, (len(variants) - 1) * args.copies,
+                                                 (free - left) // args.copies, left)
+                        if warning:
+                            print(warning, flush=True)
                 print(f"{name} {dtype}: sessions ready after {time.time() - t0:.1f}s", flush=True)
                 for T in tokens:
                     x, logits = x_all[:T].contiguous(), l_all[:T].contiguous()
@@ -631,6 +659,10 @@ def table(records, meta) -> str:
             diff = f"{r['max_rel_diff_vs_ms']:.2g}" if "max_rel_diff_vs_ms" in r else "—"
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['variant']} | {cell(r)} | "
                          f"{rel['gpu_us']} | {rel['wall_us']} | {diff} |")
+    failed = [r for r in records if "error" in r]
+    if failed:
+        lines += ["", "Failed (the JSON has each message): " + "; ".join(
+            f"{r['shape']} {r['dtype']} T = {r['T']} {r['variant']}: {short_failure(r['error'])}" for r in failed) + "."]
     lines += targets(records)
     timed = [r for r in records if r.get("timeline", {}).get("kernels")]
     if timed:

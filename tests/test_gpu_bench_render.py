@@ -62,6 +62,34 @@ def test_render_variant_table(tmp_path):
     assert "| MoEFFN[narrow0] | 1000.0 / 1000.0 | 0.80x | 0.80x | 0.0078 |" in table
 
 
+def test_render_names_what_failed(tmp_path):
+    """A variant whose session failed reads 'error' in the tables, and the report says why in a
+    few words: onnxruntime's allocation failure as the GPU memory it lacked."""
+    oom = {k: v for k, v in _record("MoEFFN[nooverlap]", 0.0).items() if k not in ("gpu_us", "wall_us")}
+    oom["error"] = ("Fail: [ONNXRuntimeError] : 1 : FAIL : Exception during initialization: bfc_arena.cc:360 "
+                    "Failed to allocate memory for requested buffer of size 1879048192\n")
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": {"gpu": "NVIDIA H100 80GB HBM3", "onnxruntime": "1.31.1"},
+                               "records": [_record("MoEFFN", 800.0), _record("com.microsoft.MoE", 900.0), oom]}))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, SCRIPT, "--render", str(src), "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    table = (out / "gpu_moe.md").read_text()
+    assert "| MoEFFN[nooverlap] | error | — | — | — |" in table
+    assert ("Mixtral-8x7B bfloat16 T = 32 MoEFFN[nooverlap]: out of GPU memory (a buffer of 1.75 GiB)"
+            in table), table
+    assert _gpu_moe().short_failure("RuntimeError: launch failed\nmore") == "RuntimeError: launch failed"
+
+
+def test_memory_warning_before_sessions_fail():
+    """Thirteen more sessions of 6 GiB do not fit 60 GiB free: a warning that names the numbers;
+    nine do, and nothing is said."""
+    gib = 2**30
+    warning = _gpu_moe().memory_warning("Mixtral-8x7B", "bfloat16", 13, 6 * gib, 60 * gib)
+    assert "13 more sessions of 6.0 GiB each (78.0 GiB) exceed the GPU's 60.0 GiB free" in warning
+    assert _gpu_moe().memory_warning("Mixtral-8x7B", "bfloat16", 9, 6 * gib, 60 * gib) == ""
+
+
 def test_render_timeline_table(tmp_path):
     """A record's kernel timeline is listed under it, kernel names shortened, with the union of
     the kernels' intervals (busy) beside the call's span."""
