@@ -11,8 +11,10 @@ Two ways a kernel slows down without failing the build or any GPU test:
   spilled and took 4-8% longer), the wgmma kernels run at one block per SM with setmaxnreg.
 
 The test compiles each CUDA source for each architecture alone, with ptxas's per-kernel report
-(about a minute on 2 cores, most of it wgmma.cu for sm_90a; for sm_80 its kernels are stand-ins
-that trap). Skipped where nvcc is missing (the library is then built without CUDA kernels).
+(for sm_80 the wgmma kernels are stand-ins that trap). The compiles run as many at a time as there
+are cores, the longest first (wgmma.cu for sm_90a: about two of the five minutes they take one by
+one on 2 cores); each test waits for its own. Skipped where nvcc is missing (the library is then
+built without CUDA kernels).
 
 Also: CMake refuses plain sm_90 (its code would be those stand-ins), and the built library
 reports the architectures it was compiled for and, where no GPU is usable, no device code.
@@ -28,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -96,14 +99,49 @@ def test_only_the_known_spill_is_allowed():
     assert allowed_spill("sm_80", "route.cu", "Gemm1Kernel") == 0
 
 
+TRACE = "skinny.cu with MOEFUSE_CUDA_TRACE"
+
+
+def compile_commands(out):
+    """{(source, arch) or TRACE: the nvcc command}, the longest compile first."""
+    cmds = {(source, arch): [NVCC, "-std=c++17", "-O3", f"-gencode=arch={ARCHS[arch]},code={arch}", "-cubin",
+                             "-Xptxas", "-v", "-I", str(ROOT / "custom_ops"),
+                             "-o", str(out / f"{source}.{arch}.cubin"), str(CUDA_DIR / source)]
+            for source in SOURCES for arch in ARCHS}
+    cmds[TRACE] = [NVCC, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-c", "-Xcompiler=-fPIC",
+                   "-Xptxas", "-v", "-DMOEFUSE_CUDA_TRACE", "-I", str(ROOT / "custom_ops"),
+                   "-o", str(out / "skinny_trace.o"), str(CUDA_DIR / "skinny.cu")]
+    return dict(sorted(cmds.items(), key=lambda kv: kv[0] != ("wgmma.cu", "sm_90a")))
+
+
+@pytest.fixture(scope="module")
+def compiles(tmp_path_factory):
+    """{key: (future of the finished nvcc run, its output path)}; compiles not yet started when
+    the module's tests end (a -k that picks a few) are dropped."""
+    if NVCC is None:
+        yield {}
+        return
+    out = tmp_path_factory.mktemp("ptxas")
+    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=1200)  # noqa: E731
+    yield {key: (pool.submit(run, cmd), Path(cmd[cmd.index("-o") + 1]))
+           for key, cmd in compile_commands(out).items()}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_compile_commands_put_the_longest_first_and_name_their_outputs(tmp_path):
+    cmds = compile_commands(tmp_path)
+    assert next(iter(cmds)) == ("wgmma.cu", "sm_90a")
+    assert len(cmds) == len(SOURCES) * len(ARCHS) + 1
+    outputs = [cmd[cmd.index("-o") + 1] for cmd in cmds.values()]
+    assert len(set(outputs)) == len(outputs)
+
+
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (the library is built without CUDA kernels)")
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("source", SOURCES)
-def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
-    cmd = [NVCC, "-std=c++17", "-O3", f"-gencode=arch={ARCHS[arch]},code={arch}", "-cubin",
-           "-Xptxas", "-v", "-I", str(ROOT / "custom_ops"), "-o", str(tmp_path / "k.cubin"),
-           str(CUDA_DIR / source)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+def test_kernels_are_not_serialized_and_do_not_spill(source, arch, compiles):
+    done = compiles[source, arch][0].result()
     assert done.returncode == 0, done.stderr[-4000:]
     kernels, serialized = ptxas_report(done.stdout + done.stderr)
     assert kernels, f"ptxas compiled no kernel of {source}"
@@ -118,14 +156,11 @@ def test_kernels_are_not_serialized_and_do_not_spill(source, arch, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("nm") is None, reason="needs nvcc and nm")
-def test_the_trace_build_compiles(tmp_path):
+def test_the_trace_build_compiles(compiles):
     """The one-token kernels with per-block stamps (MOEFUSE_CUDA_TRACE, `make gpu-trace`) compile
     without spills, and the object exports the stamps' reader."""
-    obj = tmp_path / "skinny.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-c", "-Xcompiler=-fPIC",
-           "-Xptxas", "-v", "-DMOEFUSE_CUDA_TRACE", "-I", str(ROOT / "custom_ops"), "-o", str(obj),
-           str(CUDA_DIR / "skinny.cu")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    future, obj = compiles[TRACE]
+    done = future.result()
     assert done.returncode == 0, done.stderr[-4000:]
     kernels, _ = ptxas_report(done.stdout + done.stderr)
     one_token = {k: v for k, v in kernels.items() if "OneTokenGemm" in k}
