@@ -491,9 +491,8 @@ def main():
                 tmax = max(tokens)
                 x_all = torch.randn(tmax, H, generator=gen, device="cuda").to(tdt)
                 l_all = (torch.randn(tmax, E, generator=gen, device="cuda") * 2).to(tdt)
-                runners = bound = r = None  # the last shape's sessions go before this one's are made
+                runners, bound, r = {}, None, None  # the last shape's sessions go before this one's are made
                 gc.collect()
-                runners = {}
                 for vname, path, env in variants:
                     with variant_environment(env or {}):  # read by the kernel at session creation
                         if env is not None:

@@ -25,6 +25,7 @@ paths cannot (sizes not a multiple of 8); whether more registers and fewer block
 faster there is not measured.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -123,7 +124,7 @@ def compiles(tmp_path_factory):
         return
     out = tmp_path_factory.mktemp("ptxas")
     pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
-    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=1200)  # noqa: E731
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=1200)
     yield {key: (pool.submit(run, cmd), Path(cmd[cmd.index("-o") + 1]))
            for key, cmd in compile_commands(out).items()}
     pool.shutdown(wait=True, cancel_futures=True)
